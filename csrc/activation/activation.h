@@ -1,0 +1,18 @@
+// Gated activations (SwiGLU and GPT-OSS's clamped variant): internal entry points of the CPU
+// reference and the CUDA kernels, called after tm_swiglu_* has validated its arguments.
+#pragma once
+
+#include "common/tensor.h"
+
+namespace turbomoe::activation {
+
+void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& gate, const Arg& up, const Arg& out);
+void swiglu_backward_cpu(const tm_swiglu_params& p, const Arg& grad_out, const Arg& gate,
+                         const Arg& up, const Arg& grad_gate, const Arg& grad_up);
+
+void swiglu_forward_cuda(const tm_swiglu_params& p, const Arg& gate, const Arg& up, const Arg& out,
+                         void* stream);
+void swiglu_backward_cuda(const tm_swiglu_params& p, const Arg& grad_out, const Arg& gate,
+                          const Arg& up, const Arg& grad_gate, const Arg& grad_up, void* stream);
+
+}  // namespace turbomoe::activation

@@ -1,0 +1,292 @@
+/*
+ * turbomoe C ABI.
+ *
+ * The only boundary between the engine (C++20/CUDA) and its users (the Python layer through ctypes,
+ * or C/C++ programs). Nothing here depends on Python or libtorch.
+ *
+ * Conventions
+ * - Every function returns a tm_status. On failure, tm_last_error() returns a thread-local,
+ *   human-readable message naming the offending argument; it stays valid until the next call
+ *   into the library from the same thread.
+ * - Tensors cross the boundary as tm_tensor descriptors: data pointer, dtype, device, rank, sizes
+ *   and strides (in elements). Memory is always owned by the caller, outputs included. Functions
+ *   that need scratch memory take (workspace, workspace_bytes) and have a *_workspace_size query.
+ * - Every call takes the CUDA stream it runs on (a cudaStream_t passed as void*; NULL is the
+ *   legacy default stream). CPU calls ignore it. CUDA calls never synchronise the host.
+ * - All tensors of one call live on the same device. Floating tensors are float32 or bfloat16
+ *   (float16 where stated); arithmetic accumulates in float32.
+ * - Parameter structs start with struct_size (set it to sizeof the struct) so that the library
+ *   can reject a caller compiled against a different layout.
+ * - Optional tensor arguments may be NULL.
+ */
+#ifndef TURBOMOE_TURBOMOE_H_
+#define TURBOMOE_TURBOMOE_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define TM_API __declspec(dllexport)
+#else
+#define TM_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped whenever a signature, enum value or struct layout below changes. */
+#define TM_ABI_VERSION 1
+
+typedef enum tm_status {
+  TM_OK = 0,
+  TM_ERR_INVALID_ARGUMENT = 1, /* null pointer, wrong dtype, shape mismatch, bad value */
+  TM_ERR_UNSUPPORTED = 2,      /* valid request this build or device cannot run */
+  TM_ERR_CUDA = 3,             /* a CUDA runtime call or kernel launch failed */
+  TM_ERR_OUT_OF_MEMORY = 4,    /* host allocation failed or workspace too small */
+  TM_ERR_INTERNAL = 5          /* a bug in turbomoe: please report the message */
+} tm_status;
+
+typedef enum tm_dtype {
+  TM_DTYPE_FLOAT32 = 1,
+  TM_DTYPE_BFLOAT16 = 2,
+  TM_DTYPE_FLOAT16 = 3,
+  TM_DTYPE_INT32 = 4,
+  TM_DTYPE_INT64 = 5
+} tm_dtype;
+
+typedef enum tm_device_type { TM_DEVICE_CPU = 1, TM_DEVICE_CUDA = 2 } tm_device_type;
+
+#define TM_MAX_DIMS 6
+
+typedef struct tm_tensor {
+  void* data;           /* may be NULL only when the tensor has no element */
+  int32_t dtype;        /* tm_dtype */
+  int32_t device_type;  /* tm_device_type */
+  int32_t device_index; /* CUDA ordinal; 0 for CPU */
+  int32_t ndim;         /* 0 .. TM_MAX_DIMS */
+  int64_t sizes[TM_MAX_DIMS];
+  int64_t strides[TM_MAX_DIMS]; /* in elements, not bytes */
+} tm_tensor;
+
+/* ---------------------------------------------------------------- library */
+
+TM_API const char* tm_last_error(void);
+TM_API int32_t tm_abi_version(void);
+TM_API const char* tm_version_string(void);
+/* 1 when this build contains CUDA kernels, else 0. */
+TM_API int32_t tm_built_with_cuda(void);
+/* One line describing the build: version, compiler, CUDA version and architectures. */
+TM_API const char* tm_build_info(void);
+
+/* ---------------------------------------------------------------- routing
+ * Router logits [T, E] -> per-token top-k expert ids and weights.
+ *
+ * TM_ROUTING_SOFTMAX_TOPK (Qwen, Mixtral, OLMoE): p = softmax(logits); ids = top-k of p;
+ *   w = p[ids], divided by their sum when renormalize != 0.
+ * TM_ROUTING_SIGMOID_GROUP_TOPK (DeepSeek-V3, GLM-4.5): s = sigmoid(logits); choice = s + bias;
+ *   experts form n_group equal groups scored by the sum of their top-2 choice values; only the
+ *   best topk_group groups compete; ids = top-k of choice among them; w = s[ids], divided by
+ *   (sum + renorm_epsilon) when renormalize != 0; finally w *= routed_scaling_factor.
+ * TM_ROUTING_TOPK_SOFTMAX (GPT-OSS, Granite): ids = top-k of logits; w = softmax over those k.
+ *
+ * Ties are broken toward the lower expert id; ids are ordered by descending selection value.
+ * scores [T, E] float32 is written for the backward: softmax probabilities, sigmoid scores, or
+ * the logits themselves (TOPK_SOFTMAX).
+ */
+typedef enum tm_routing_kind {
+  TM_ROUTING_SOFTMAX_TOPK = 1,
+  TM_ROUTING_SIGMOID_GROUP_TOPK = 2,
+  TM_ROUTING_TOPK_SOFTMAX = 3
+} tm_routing_kind;
+
+typedef struct tm_routing_params {
+  uint32_t struct_size;
+  int32_t kind;        /* tm_routing_kind */
+  int32_t top_k;       /* 1 .. E */
+  int32_t renormalize; /* 0 or 1 */
+  int32_t n_group;     /* SIGMOID_GROUP_TOPK: groups (E % n_group == 0); 1 = no grouping */
+  int32_t topk_group;  /* SIGMOID_GROUP_TOPK: groups kept, 1 .. n_group */
+  float routed_scaling_factor; /* SIGMOID_GROUP_TOPK; 1 elsewhere */
+  float renorm_epsilon;        /* added to the denominator of the renormalisation */
+} tm_routing_params;
+
+/* logits [T,E] f32/bf16; correction_bias [E] f32 or NULL (SIGMOID only);
+ * topk_weights [T,K] f32; topk_ids [T,K] int32/int64; scores [T,E] f32. */
+TM_API tm_status tm_routing_forward(const tm_routing_params* params, const tm_tensor* logits,
+                                    const tm_tensor* correction_bias, tm_tensor* topk_weights,
+                                    tm_tensor* topk_ids, tm_tensor* scores, void* stream);
+
+/* grad_topk_weights [T,K] f32; scores, topk_ids from the forward; grad_logits [T,E] f32/bf16
+ * (overwritten). The ids are not differentiable; the bias receives no gradient. */
+TM_API tm_status tm_routing_backward(const tm_routing_params* params,
+                                     const tm_tensor* grad_topk_weights, const tm_tensor* scores,
+                                     const tm_tensor* topk_ids, tm_tensor* grad_logits,
+                                     void* stream);
+
+/* ---------------------------------------------------------------- permute
+ * The T*K (token, slot) pairs, pair p = t*K + k, are sorted by expert id with a stable counting
+ * sort. An id equal to num_experts is the "dropped" sentinel (Hugging Face's expert-parallel
+ * contract: a slot owned by another rank); its pair gets no row. Ids < 0 or > num_experts are
+ * rejected.
+ *
+ * sorted_pairs [T*K] int32: row r holds pair sorted_pairs[r]; rows >= expert_offsets[E] are -1.
+ * pair_to_row [T*K] int32: inverse permutation; -1 for dropped pairs.
+ * expert_offsets [E+1] int32: expert e owns rows [offsets[e], offsets[e+1]); offsets[0] = 0.
+ */
+TM_API tm_status tm_permute_plan_workspace_size(int64_t num_pairs, int64_t num_experts,
+                                                int32_t device_type, size_t* bytes);
+TM_API tm_status tm_permute_plan(const tm_tensor* topk_ids, int64_t num_experts,
+                                 tm_tensor* sorted_pairs, tm_tensor* pair_to_row,
+                                 tm_tensor* expert_offsets, void* workspace,
+                                 size_t workspace_bytes, void* stream);
+
+/* dst[r] = src[sorted_pairs[r] / top_k] for r < offsets[E]; rows >= offsets[E] are zeroed.
+ * src [T,H], dst [M,H] with M = T*top_k, same float dtype, rows contiguous. */
+TM_API tm_status tm_gather_rows(const tm_tensor* src, const tm_tensor* sorted_pairs,
+                                const tm_tensor* expert_offsets, int64_t top_k, tm_tensor* dst,
+                                void* stream);
+
+/* out[t] = sum_k weights[t,k] * rows[pair_to_row[t*K+k]], k ascending, dropped pairs skipped.
+ * weights NULL means all ones (this is the backward of tm_gather_rows). Deterministic.
+ * rows [M,H], pair_to_row [T*K], weights [T,K] f32/bf16 or NULL, out [T,H]. */
+TM_API tm_status tm_combine_forward(const tm_tensor* rows, const tm_tensor* pair_to_row,
+                                    const tm_tensor* weights, tm_tensor* out, void* stream);
+
+/* grad_rows[pair_to_row[t*K+k]] = weights[t,k] * grad_out[t] (rows no pair maps to are zeroed);
+ * grad_weights[t,k] = <grad_out[t], rows[pair_to_row[t*K+k]]> (0 for dropped pairs).
+ * weights NULL means all ones; grad_weights may be NULL (then rows may be NULL). */
+TM_API tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor* rows,
+                                     const tm_tensor* pair_to_row, const tm_tensor* weights,
+                                     tm_tensor* grad_rows, tm_tensor* grad_weights, void* stream);
+
+/* ---------------------------------------------------------------- grouped GEMM
+ * x [M,K] rows grouped by expert through expert_offsets [E+1] (from tm_permute_plan);
+ * w [E,N,K] (the nn.Linear convention: y = x w^T). Rows >= offsets[E] of every M-sized output
+ * are zeroed. w may be any strided view (e.g. a transposed [E,K,N] parameter seen as [E,N,K]);
+ * CUDA kernels may return TM_ERR_UNSUPPORTED for layouts they do not cover.
+ */
+typedef enum tm_gemm_pass {
+  TM_GEMM_FORWARD = 1,      /* y = x w^T */
+  TM_GEMM_GRAD_INPUT = 2,   /* dx = dy w */
+  TM_GEMM_GRAD_WEIGHT = 3   /* dw[e] = dy_e^T x_e */
+} tm_gemm_pass;
+
+TM_API tm_status tm_grouped_gemm_workspace_size(int32_t pass, int64_t m, int64_t n, int64_t k,
+                                                int64_t num_experts, int32_t device_type,
+                                                size_t* bytes);
+
+/* y [M,N] = x [M,K] . w[e]^T per expert. */
+TM_API tm_status tm_grouped_gemm_forward(const tm_tensor* x, const tm_tensor* w,
+                                         const tm_tensor* expert_offsets, tm_tensor* y,
+                                         void* workspace, size_t workspace_bytes, void* stream);
+/* dx [M,K] = dy [M,N] . w[e]. */
+TM_API tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w,
+                                                const tm_tensor* expert_offsets, tm_tensor* dx,
+                                                void* workspace, size_t workspace_bytes,
+                                                void* stream);
+/* dw [E,N,K] = dy_e^T . x_e (overwritten; zero for experts without rows); f32 or the dtype of x. */
+TM_API tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* x,
+                                                 const tm_tensor* expert_offsets, tm_tensor* dw,
+                                                 void* workspace, size_t workspace_bytes,
+                                                 void* stream);
+
+/* ---------------------------------------------------------------- gated activations
+ * out = act(gate) * up, element-wise over [M,I]; every tensor may be a strided 2-D view (so that
+ * the halves of a fused [M,2I] gate/up buffer, concatenated or interleaved, need no copy).
+ * TM_SWIGLU_SILU: silu(gate) * up.
+ * TM_SWIGLU_CLAMPED (GPT-OSS): g = min(gate, limit); u = clamp(up, -limit, limit);
+ *   out = (u + 1) * g * sigmoid(alpha * g).
+ */
+typedef enum tm_swiglu_variant { TM_SWIGLU_SILU = 1, TM_SWIGLU_CLAMPED = 2 } tm_swiglu_variant;
+
+typedef struct tm_swiglu_params {
+  uint32_t struct_size;
+  int32_t variant; /* tm_swiglu_variant */
+  float alpha;     /* CLAMPED only */
+  float limit;     /* CLAMPED only */
+} tm_swiglu_params;
+
+TM_API tm_status tm_swiglu_forward(const tm_swiglu_params* params, const tm_tensor* gate,
+                                   const tm_tensor* up, tm_tensor* out, void* stream);
+TM_API tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_tensor* grad_out,
+                                    const tm_tensor* gate, const tm_tensor* up,
+                                    tm_tensor* grad_gate, tm_tensor* grad_up, void* stream);
+
+/* ---------------------------------------------------------------- RMSNorm
+ * y = weight * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) in float32, over the last dim.
+ * x, y [R,H] rows contiguous; weight [H] or NULL; rstd [R] f32 or NULL (saved for backward).
+ */
+TM_API tm_status tm_rmsnorm_forward(const tm_tensor* x, const tm_tensor* weight, float eps,
+                                    tm_tensor* y, tm_tensor* rstd, void* stream);
+TM_API tm_status tm_rmsnorm_backward_workspace_size(int64_t rows, int64_t hidden,
+                                                    int32_t device_type, size_t* bytes);
+/* grad_x [R,H]; grad_weight [H] f32 or NULL (overwritten, deterministic reduction). */
+TM_API tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x,
+                                     const tm_tensor* weight, const tm_tensor* rstd,
+                                     tm_tensor* grad_x, tm_tensor* grad_weight, void* workspace,
+                                     size_t workspace_bytes, void* stream);
+
+/* ---------------------------------------------------------------- RoPE
+ * x [B,NH,S,D] (any strides), cos/sin [B,S,R] with R <= D even: the first R dims of each head
+ * are rotated, the rest pass through. Non-interleaved (rotate_half) form:
+ *   out[i] = x[i] cos[i] - x[i+R/2] sin[i],  out[i+R/2] = x[i+R/2] cos[i+R/2] + x[i] sin[i+R/2].
+ * With interleaved = 1 the rotated dims of x are read as pairs (2j, 2j+1) and the result is
+ * written in the de-interleaved order that Hugging Face's DeepSeek-V3 apply_rotary_pos_emb_interleave
+ * produces.
+ */
+typedef struct tm_rope_params {
+  uint32_t struct_size;
+  int32_t interleaved; /* 0 or 1 */
+} tm_rope_params;
+
+TM_API tm_status tm_rope_forward(const tm_rope_params* params, const tm_tensor* x,
+                                 const tm_tensor* cos, const tm_tensor* sin, tm_tensor* out,
+                                 void* stream);
+TM_API tm_status tm_rope_backward(const tm_rope_params* params, const tm_tensor* grad_out,
+                                  const tm_tensor* cos, const tm_tensor* sin, tm_tensor* grad_x,
+                                  void* stream);
+
+/* ---------------------------------------------------------------- cross-entropy
+ * Per-row cross-entropy over logits [N,V]; labels [N] int64; rows whose label equals
+ * ignore_index get loss 0 and gradient 0. Labels outside [0,V) otherwise are rejected.
+ * loss [N] f32, lse [N] f32 (log-sum-exp, saved for the backward).
+ */
+TM_API tm_status tm_cross_entropy_forward(const tm_tensor* logits, const tm_tensor* labels,
+                                          int64_t ignore_index, tm_tensor* loss, tm_tensor* lse,
+                                          void* stream);
+/* grad_logits [N,V] = grad_loss[n] * (softmax - onehot); may alias logits. grad_loss [N] f32. */
+TM_API tm_status tm_cross_entropy_backward(const tm_tensor* grad_loss, const tm_tensor* logits,
+                                           const tm_tensor* labels, const tm_tensor* lse,
+                                           int64_t ignore_index, tm_tensor* grad_logits,
+                                           void* stream);
+
+/* Fused linear cross-entropy: logits = hidden [N,H] . weight [V,H]^T never exist beyond one
+ * chunk of chunk_rows rows at a time. */
+typedef struct tm_linear_ce_params {
+  uint32_t struct_size;
+  int64_t ignore_index;
+  int64_t chunk_rows; /* rows per chunk; > 0 */
+} tm_linear_ce_params;
+
+TM_API tm_status tm_linear_cross_entropy_workspace_size(const tm_linear_ce_params* params,
+                                                        int64_t n, int64_t hidden, int64_t vocab,
+                                                        int32_t device_type, size_t* bytes);
+/* loss [N] f32 (0 where ignored), lse [N] f32. */
+TM_API tm_status tm_linear_cross_entropy_forward(const tm_linear_ce_params* params,
+                                                 const tm_tensor* hidden, const tm_tensor* weight,
+                                                 const tm_tensor* labels, tm_tensor* loss,
+                                                 tm_tensor* lse, void* workspace,
+                                                 size_t workspace_bytes, void* stream);
+/* grad_hidden [N,H] (overwritten); grad_weight [V,H] f32 or the dtype of weight (overwritten),
+ * or NULL. grad_loss [N] f32. */
+TM_API tm_status tm_linear_cross_entropy_backward(
+    const tm_linear_ce_params* params, const tm_tensor* grad_loss, const tm_tensor* hidden,
+    const tm_tensor* weight, const tm_tensor* labels, const tm_tensor* lse, tm_tensor* grad_hidden,
+    tm_tensor* grad_weight, void* workspace, size_t workspace_bytes, void* stream);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* TURBOMOE_TURBOMOE_H_ */
