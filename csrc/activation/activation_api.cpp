@@ -13,7 +13,7 @@ const tm_swiglu_params& check_swiglu_params(const tm_swiglu_params* params) {
   const auto& p = turbomoe::check_params(params, "params");
   if (p.variant != TM_SWIGLU_SILU && p.variant != TM_SWIGLU_CLAMPED) {
     turbomoe::invalid("params.variant is " + std::to_string(p.variant) +
-                ", expected TM_SWIGLU_SILU (1) or TM_SWIGLU_CLAMPED (2)");
+                      ", expected TM_SWIGLU_SILU (1) or TM_SWIGLU_CLAMPED (2)");
   }
   if (p.variant == TM_SWIGLU_CLAMPED && !(p.limit > 0.0f && std::isfinite(p.alpha))) {
     turbomoe::invalid("params.limit must be > 0 and params.alpha finite for TM_SWIGLU_CLAMPED");

@@ -13,8 +13,7 @@ T& at(const Arg& a, int64_t r, int64_t c) {
 
 }  // namespace
 
-void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& gate, const Arg& up,
-                        const Arg& out) {
+void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& gate, const Arg& up, const Arg& out) {
   dispatch_floating(gate.dtype(), [&](auto in_tag) {
     using In = decltype(in_tag);
     dispatch_floating(out.dtype(), [&](auto out_tag) {

@@ -92,7 +92,8 @@ TEST(Swiglu, ReadsStridedHalvesOfAFusedBuffer) {
   TM_ASSERT_OK(tm_swiglu_forward(&p, &gate, &up, out.desc(), nullptr));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < inter; ++c) {
-      const double ref = reference(p, fused.get(r * 2 * inter + c), fused.get(r * 2 * inter + inter + c));
+      const double ref =
+          reference(p, fused.get(r * 2 * inter + c), fused.get(r * 2 * inter + inter + c));
       EXPECT_NEAR(out.get(r * inter + c), ref, 1e-6);
     }
   }
@@ -134,9 +135,8 @@ TEST(Swiglu, RejectsBadArguments) {
   TM_EXPECT_ERROR(tm_swiglu_forward(&p, g.desc(), u.desc(), o.desc(), nullptr),
                   TM_ERR_INVALID_ARGUMENT, "variant");
   p = params(TM_SWIGLU_SILU);
-  TM_EXPECT_ERROR(
-      tm_swiglu_backward(&p, g.desc(), g.desc(), u.desc(), o.desc(), nullptr, nullptr),
-      TM_ERR_INVALID_ARGUMENT, "grad_up");
+  TM_EXPECT_ERROR(tm_swiglu_backward(&p, g.desc(), g.desc(), u.desc(), o.desc(), nullptr, nullptr),
+                  TM_ERR_INVALID_ARGUMENT, "grad_up");
 }
 
 TEST(Swiglu, ZeroRowsIsANoOp) {

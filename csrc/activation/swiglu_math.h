@@ -27,8 +27,8 @@ TM_HOST_DEVICE float swiglu_value(int variant, float alpha, float limit, float g
 
 // d out / d gate and d out / d up at (g, u); clamped inputs get zero gradient past the limit,
 // matching torch.clamp's gradient.
-TM_HOST_DEVICE void swiglu_grads(int variant, float alpha, float limit, float g, float u,
-                                 float* dg, float* du) {
+TM_HOST_DEVICE void swiglu_grads(int variant, float alpha, float limit, float g, float u, float* dg,
+                                 float* du) {
   if (variant == TM_SWIGLU_CLAMPED) {
     const float gc = fminf(g, limit);
     const float uc = fminf(fmaxf(u, -limit), limit);

@@ -1,5 +1,5 @@
-// CUDA helpers shared by the kernels: status checks that become turbomoe::Error, a device guard, and
-// the bf16/f32 load/store conversions every kernel uses.
+// CUDA helpers shared by the kernels: status checks that become turbomoe::Error, a device guard,
+// and the bf16/f32 load/store conversions every kernel uses.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,8 +15,7 @@ namespace turbomoe::cuda {
 
 inline void check(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return;
-  const tm_status status =
-      err == cudaErrorMemoryAllocation ? TM_ERR_OUT_OF_MEMORY : TM_ERR_CUDA;
+  const tm_status status = err == cudaErrorMemoryAllocation ? TM_ERR_OUT_OF_MEMORY : TM_ERR_CUDA;
   fail(status, std::string(what) + ": " + cudaGetErrorString(err));
 }
 

@@ -20,9 +20,9 @@ const char* tm_version_string(void) { return TM_VERSION; }
 int32_t tm_built_with_cuda(void) { return turbomoe::kBuiltWithCuda ? 1 : 0; }
 
 const char* tm_build_info(void) {
-  static const std::string info = std::string("turbomoe ") + TM_VERSION + "; compiler " +
-                                  __VERSION__ + "; cuda " +
-                                  (turbomoe::kBuiltWithCuda ? "yes" : "no") + "; archs " + TM_CUDA_ARCHS;
+  static const std::string info =
+      std::string("turbomoe ") + TM_VERSION + "; compiler " + __VERSION__ + "; cuda " +
+      (turbomoe::kBuiltWithCuda ? "yes" : "no") + "; archs " + TM_CUDA_ARCHS;
   return info.c_str();
 }
 

@@ -75,8 +75,7 @@ Arg::Arg(const tm_tensor* t, const char* name) : t_(t), name_(name) {
     if (t->strides[i] < 0) invalid(n + " has a negative stride (flipped views are unsupported)");
   }
   if (t->data == nullptr && numel() > 0) invalid(n + " has a NULL data pointer");
-  if (t->data != nullptr &&
-      reinterpret_cast<uintptr_t>(t->data) % dtype_size(t->dtype) != 0) {
+  if (t->data != nullptr && reinterpret_cast<uintptr_t>(t->data) % dtype_size(t->dtype) != 0) {
     invalid(n + " data pointer is not aligned to its " + dtype_name(t->dtype) + " element size");
   }
 }
@@ -166,8 +165,8 @@ int32_t common_device(std::initializer_list<const Arg*> args) {
         a->t().device_index != first->t().device_index) {
       invalid(std::string(a->name()) + " is on " + device_name(a->device_type()) + ":" +
               std::to_string(a->t().device_index) + " but " + first->name() + " is on " +
-              device_name(first->device_type()) + ":" +
-              std::to_string(first->t().device_index) + "; all tensors must share one device");
+              device_name(first->device_type()) + ":" + std::to_string(first->t().device_index) +
+              "; all tensors must share one device");
     }
   }
   return first == nullptr ? TM_DEVICE_CPU : first->device_type();

@@ -45,8 +45,8 @@ class Arg {
   const Arg& index() const;     // int32 / int64
   const Arg& ndim_is(int n) const;
   const Arg& size_is(int dim, int64_t expected, const char* what) const;
-  const Arg& contiguous() const;      // row-major, dense
-  const Arg& rows_contiguous() const; // last-dim stride 1 (rows may be padded)
+  const Arg& contiguous() const;       // row-major, dense
+  const Arg& rows_contiguous() const;  // last-dim stride 1 (rows may be padded)
   const Arg& same_dtype(const Arg& other) const;
   const Arg& same_shape(const Arg& other) const;
 

@@ -175,13 +175,13 @@ inline std::mt19937_64 rng_for_test() {
 }
 
 // Expects `status` to equal `expected` and the last error to mention `fragment`.
-#define TM_EXPECT_ERROR(call, expected, fragment)                                      \
-  do {                                                                                 \
-    const tm_status tm_status_ = (call);                                               \
-    EXPECT_EQ(tm_status_, (expected)) << "call: " #call;                               \
-    const std::string tm_msg_ = tm_last_error();                                       \
-    EXPECT_NE(tm_msg_.find(fragment), std::string::npos)                               \
-        << "message '" << tm_msg_ << "' does not mention '" << (fragment) << "'";      \
+#define TM_EXPECT_ERROR(call, expected, fragment)                                 \
+  do {                                                                            \
+    const tm_status tm_status_ = (call);                                          \
+    EXPECT_EQ(tm_status_, (expected)) << "call: " #call;                          \
+    const std::string tm_msg_ = tm_last_error();                                  \
+    EXPECT_NE(tm_msg_.find(fragment), std::string::npos)                          \
+        << "message '" << tm_msg_ << "' does not mention '" << (fragment) << "'"; \
   } while (0)
 
 #define TM_ASSERT_OK(call) ASSERT_EQ((call), TM_OK) << tm_last_error()

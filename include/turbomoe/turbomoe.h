@@ -102,11 +102,11 @@ typedef enum tm_routing_kind {
 
 typedef struct tm_routing_params {
   uint32_t struct_size;
-  int32_t kind;        /* tm_routing_kind */
-  int32_t top_k;       /* 1 .. E */
-  int32_t renormalize; /* 0 or 1 */
-  int32_t n_group;     /* SIGMOID_GROUP_TOPK: groups (E % n_group == 0); 1 = no grouping */
-  int32_t topk_group;  /* SIGMOID_GROUP_TOPK: groups kept, 1 .. n_group */
+  int32_t kind;                /* tm_routing_kind */
+  int32_t top_k;               /* 1 .. E */
+  int32_t renormalize;         /* 0 or 1 */
+  int32_t n_group;             /* SIGMOID_GROUP_TOPK: groups (E % n_group == 0); 1 = no grouping */
+  int32_t topk_group;          /* SIGMOID_GROUP_TOPK: groups kept, 1 .. n_group */
   float routed_scaling_factor; /* SIGMOID_GROUP_TOPK; 1 elsewhere */
   float renorm_epsilon;        /* added to the denominator of the renormalisation */
 } tm_routing_params;
@@ -138,8 +138,8 @@ TM_API tm_status tm_permute_plan_workspace_size(int64_t num_pairs, int64_t num_e
                                                 int32_t device_type, size_t* bytes);
 TM_API tm_status tm_permute_plan(const tm_tensor* topk_ids, int64_t num_experts,
                                  tm_tensor* sorted_pairs, tm_tensor* pair_to_row,
-                                 tm_tensor* expert_offsets, void* workspace,
-                                 size_t workspace_bytes, void* stream);
+                                 tm_tensor* expert_offsets, void* workspace, size_t workspace_bytes,
+                                 void* stream);
 
 /* dst[r] = src[sorted_pairs[r] / top_k] for r < offsets[E]; rows >= offsets[E] are zeroed.
  * src [T,H], dst [M,H] with M = T*top_k, same float dtype, rows contiguous. */
@@ -167,9 +167,9 @@ TM_API tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor*
  * CUDA kernels may return TM_ERR_UNSUPPORTED for layouts they do not cover.
  */
 typedef enum tm_gemm_pass {
-  TM_GEMM_FORWARD = 1,      /* y = x w^T */
-  TM_GEMM_GRAD_INPUT = 2,   /* dx = dy w */
-  TM_GEMM_GRAD_WEIGHT = 3   /* dw[e] = dy_e^T x_e */
+  TM_GEMM_FORWARD = 1,    /* y = x w^T */
+  TM_GEMM_GRAD_INPUT = 2, /* dx = dy w */
+  TM_GEMM_GRAD_WEIGHT = 3 /* dw[e] = dy_e^T x_e */
 } tm_gemm_pass;
 
 TM_API tm_status tm_grouped_gemm_workspace_size(int32_t pass, int64_t m, int64_t n, int64_t k,
@@ -232,8 +232,8 @@ TM_API tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x
  * are rotated, the rest pass through. Non-interleaved (rotate_half) form:
  *   out[i] = x[i] cos[i] - x[i+R/2] sin[i],  out[i+R/2] = x[i+R/2] cos[i+R/2] + x[i] sin[i+R/2].
  * With interleaved = 1 the rotated dims of x are read as pairs (2j, 2j+1) and the result is
- * written in the de-interleaved order that Hugging Face's DeepSeek-V3 apply_rotary_pos_emb_interleave
- * produces.
+ * written in the de-interleaved order that Hugging Face's DeepSeek-V3
+ * apply_rotary_pos_emb_interleave produces.
  */
 typedef struct tm_rope_params {
   uint32_t struct_size;
