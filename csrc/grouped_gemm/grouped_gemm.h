@@ -1,0 +1,22 @@
+// Grouped GEMM over expert-contiguous rows: internal entry points of the CPU reference and the
+// CUDA dispatcher, called after tm_grouped_gemm_* has validated their arguments.
+#pragma once
+
+#include "common/tensor.h"
+
+namespace turbomoe::grouped_gemm {
+
+// y [M,N] = x [M,K] . w[e]^T; rows >= offsets[E] zeroed.
+void forward_cpu(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y);
+// dx [M,K] = dy [M,N] . w[e]; rows >= offsets[E] zeroed.
+void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx);
+// dw [E,N,K] = dy_e^T . x_e; zero for experts without rows.
+void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw);
+
+void forward_cuda(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y, void* stream);
+void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
+                         void* stream);
+void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
+                          void* stream);
+
+}  // namespace turbomoe::grouped_gemm

@@ -1,0 +1,132 @@
+// C ABI of the grouped GEMM: validation, then the CPU reference or the CUDA dispatcher.
+#include <string>
+
+#include "common/device.h"
+#include "grouped_gemm/grouped_gemm.h"
+#include "permute/expert_offsets.h"
+
+namespace {
+
+using turbomoe::Arg;
+using turbomoe::invalid;
+
+// Rows-contiguous [rows, cols] matrix of float32 or bfloat16.
+void check_matrix(const Arg& a) {
+  a.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(2).rows_contiguous();
+}
+
+// Outputs are float32 or the input dtype.
+void check_output_dtype(const Arg& out, const Arg& in) {
+  if (out.dtype() != TM_DTYPE_FLOAT32 && out.dtype() != in.dtype()) {
+    invalid(std::string(out.name()) + " has dtype " + turbomoe::dtype_name(out.dtype()) +
+            ", expected float32 or " + turbomoe::dtype_name(in.dtype()) + " (the dtype of " +
+            in.name() + ")");
+  }
+}
+
+// w [E, N, K] of the dtype of `in`, whose last dimension is `k`; returns E.
+int64_t check_weight(const Arg& w, const Arg& in, int64_t k, const char* what) {
+  w.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3).same_dtype(in);
+  w.size_is(2, k, what);
+  return w.size(0);
+}
+
+template <typename Cpu, typename Cuda>
+void run(const char* op, std::initializer_list<const Arg*> args, const Arg& offsets, int64_t rows,
+         const Arg& out, Cpu&& cpu, Cuda&& cuda) {
+  const int32_t device = turbomoe::common_device(args);
+  turbomoe::require_cuda_build(device, op);
+  if (device == TM_DEVICE_CPU) turbomoe::check_expert_offsets_values(offsets, rows);
+  if (out.numel() == 0) return;
+  if (device == TM_DEVICE_CPU) {
+    cpu();
+  } else {
+    cuda();
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+tm_status tm_grouped_gemm_workspace_size(int32_t pass, int64_t m, int64_t n, int64_t k,
+                                         int64_t num_experts, int32_t device_type, size_t* bytes) {
+  return turbomoe::guard(__func__, [&] {
+    if (bytes == nullptr) invalid("bytes is NULL");
+    if (pass != TM_GEMM_FORWARD && pass != TM_GEMM_GRAD_INPUT && pass != TM_GEMM_GRAD_WEIGHT) {
+      invalid("pass is " + std::to_string(pass) +
+              ", expected TM_GEMM_FORWARD (1), TM_GEMM_GRAD_INPUT (2) or TM_GEMM_GRAD_WEIGHT (3)");
+    }
+    if (m < 0 || n < 0 || k < 0) invalid("m, n and k must be >= 0");
+    if (num_experts < 0) invalid("num_experts must be >= 0");
+    if (device_type != TM_DEVICE_CPU && device_type != TM_DEVICE_CUDA) {
+      invalid("device_type is " + std::to_string(device_type) +
+              ", expected TM_DEVICE_CPU or TM_DEVICE_CUDA");
+    }
+    *bytes = 0;  // every kernel derives its tile schedule on the device, without scratch
+  });
+}
+
+tm_status tm_grouped_gemm_forward(const tm_tensor* x, const tm_tensor* w,
+                                  const tm_tensor* expert_offsets, tm_tensor* y, void* workspace,
+                                  size_t workspace_bytes, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg xa(x, "x"), wa(w, "w"), off(expert_offsets, "expert_offsets"), ya(y, "y");
+    check_matrix(xa);
+    const int64_t experts = check_weight(wa, xa, xa.size(1), "K, the columns of x");
+    off.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, experts + 1, "E + 1, E from w");
+    turbomoe::check_expert_offsets_shape(off);
+    check_matrix(ya);
+    check_output_dtype(ya, xa);
+    ya.size_is(0, xa.size(0), "M, the rows of x").size_is(1, wa.size(1), "N, from w");
+    run(
+        "tm_grouped_gemm_forward", {&xa, &wa, &off, &ya}, off, xa.size(0), ya,
+        [&] { turbomoe::grouped_gemm::forward_cpu(xa, wa, off, ya); },
+        [&] { turbomoe::grouped_gemm::forward_cuda(xa, wa, off, ya, stream); });
+  });
+}
+
+tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w,
+                                         const tm_tensor* expert_offsets, tm_tensor* dx,
+                                         void* workspace, size_t workspace_bytes, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg dya(dy, "dy"), wa(w, "w"), off(expert_offsets, "expert_offsets"), dxa(dx, "dx");
+    check_matrix(dya);
+    wa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3).same_dtype(dya);
+    wa.size_is(1, dya.size(1), "N, the columns of dy");
+    const int64_t experts = wa.size(0);
+    off.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, experts + 1, "E + 1, E from w");
+    turbomoe::check_expert_offsets_shape(off);
+    check_matrix(dxa);
+    check_output_dtype(dxa, dya);
+    dxa.size_is(0, dya.size(0), "M, the rows of dy").size_is(1, wa.size(2), "K, from w");
+    run(
+        "tm_grouped_gemm_backward_input", {&dya, &wa, &off, &dxa}, off, dya.size(0), dxa,
+        [&] { turbomoe::grouped_gemm::backward_input_cpu(dya, wa, off, dxa); },
+        [&] { turbomoe::grouped_gemm::backward_input_cuda(dya, wa, off, dxa, stream); });
+  });
+}
+
+tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* x,
+                                          const tm_tensor* expert_offsets, tm_tensor* dw,
+                                          void* workspace, size_t workspace_bytes, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg dya(dy, "dy"), xa(x, "x"), off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
+    check_matrix(dya);
+    check_matrix(xa);
+    xa.same_dtype(dya).size_is(0, dya.size(0), "M, the rows of dy");
+    dwa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
+    check_output_dtype(dwa, xa);
+    dwa.size_is(1, dya.size(1), "N, the columns of dy")
+        .size_is(2, xa.size(1), "K, the columns of x");
+    const int64_t experts = dwa.size(0);
+    off.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, experts + 1, "E + 1, E from dw");
+    turbomoe::check_expert_offsets_shape(off);
+    run(
+        "tm_grouped_gemm_backward_weight", {&dya, &xa, &off, &dwa}, off, dya.size(0), dwa,
+        [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
+        [&] { turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa, stream); });
+  });
+}
+
+}  // extern "C"

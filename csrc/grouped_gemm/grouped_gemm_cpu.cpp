@@ -1,0 +1,135 @@
+// CPU reference of the grouped GEMM. Each expert's weight is first converted to a dense float
+// matrix laid out so that the innermost loop runs over contiguous floats (a vectorisable
+// multiply-add into a row accumulator), whatever the strides of w.
+#include <algorithm>
+#include <vector>
+
+#include "common/numeric.h"
+#include "grouped_gemm/grouped_gemm.h"
+
+namespace turbomoe::grouped_gemm {
+namespace {
+
+// Reads row r of a rows-contiguous [M, cols] matrix into floats.
+template <typename T>
+void read_row(const Arg& a, int64_t r, float* out) {
+  const T* p = a.ptr<const T>() + r * a.stride(0);
+  for (int64_t c = 0; c < a.size(1); ++c) out[c] = to_float(p[c]);
+}
+
+template <typename T>
+void write_row(const Arg& a, int64_t r, const float* in) {
+  T* p = a.ptr<T>() + r * a.stride(0);
+  for (int64_t c = 0; c < a.size(1); ++c) p[c] = from_float<T>(in[c]);
+}
+
+template <typename T>
+void zero_rows_from(const Arg& a, int64_t first) {
+  const std::vector<float> zeros(static_cast<size_t>(a.size(1)), 0.0f);
+  for (int64_t r = first; r < a.size(0); ++r) write_row<T>(a, r, zeros.data());
+}
+
+// w[e] as floats, [N][K] (transpose = false) or [K][N] (transpose = true), from any strides.
+template <typename T>
+void expert_weight(const Arg& w, int64_t e, bool transpose, std::vector<float>& out) {
+  const int64_t n = w.size(1), k = w.size(2);
+  out.resize(static_cast<size_t>(n * k));
+  const T* base = w.ptr<const T>() + e * w.stride(0);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      const float v = to_float(base[i * w.stride(1) + j * w.stride(2)]);
+      out[transpose ? j * n + i : i * k + j] = v;
+    }
+  }
+}
+
+// out_row[c] = sum_i in_row[i] * mat[i][c] for each row in [begin, end): a row of `in` times a
+// dense [inner][cols] float matrix.
+template <typename In, typename Out>
+void rows_times(const Arg& in, const std::vector<float>& mat, int64_t begin, int64_t end,
+                const Arg& out) {
+  const int64_t inner = in.size(1), cols = out.size(1);
+  std::vector<float> a(static_cast<size_t>(inner)), acc(static_cast<size_t>(cols));
+  for (int64_t r = begin; r < end; ++r) {
+    read_row<In>(in, r, a.data());
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t i = 0; i < inner; ++i) {
+      const float av = a[i];
+      const float* m = mat.data() + i * cols;
+      for (int64_t c = 0; c < cols; ++c) acc[c] += av * m[c];
+    }
+    write_row<Out>(out, r, acc.data());
+  }
+}
+
+template <typename Fn>
+void dispatch_in_out(int32_t in_dtype, int32_t out_dtype, Fn&& fn) {
+  dispatch_floating(in_dtype, [&](auto in_tag) {
+    dispatch_floating(out_dtype, [&](auto out_tag) { fn(in_tag, out_tag); });
+  });
+}
+
+}  // namespace
+
+void forward_cpu(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y) {
+  const int32_t* off = offsets.ptr<const int32_t>();
+  const int64_t experts = w.size(0);
+  dispatch_in_out(x.dtype(), y.dtype(), [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    std::vector<float> wt;
+    for (int64_t e = 0; e < experts; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      expert_weight<In>(w, e, /*transpose=*/true, wt);  // [K][N]
+      rows_times<In, Out>(x, wt, off[e], off[e + 1], y);
+    }
+    zero_rows_from<Out>(y, off[experts]);
+  });
+}
+
+void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx) {
+  const int32_t* off = offsets.ptr<const int32_t>();
+  const int64_t experts = w.size(0);
+  dispatch_in_out(dy.dtype(), dx.dtype(), [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    std::vector<float> wf;
+    for (int64_t e = 0; e < experts; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      expert_weight<In>(w, e, /*transpose=*/false, wf);  // [N][K]
+      rows_times<In, Out>(dy, wf, off[e], off[e + 1], dx);
+    }
+    zero_rows_from<Out>(dx, off[experts]);
+  });
+}
+
+void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw) {
+  const int32_t* off = offsets.ptr<const int32_t>();
+  const int64_t experts = dw.size(0), n = dw.size(1), k = dw.size(2);
+  dispatch_in_out(x.dtype(), dw.dtype(), [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    std::vector<float> acc(static_cast<size_t>(n * k)), xr(static_cast<size_t>(k));
+    std::vector<float> g(static_cast<size_t>(n));
+    for (int64_t e = 0; e < experts; ++e) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+        read_row<In>(x, r, xr.data());
+        read_row<In>(dy, r, g.data());
+        for (int64_t i = 0; i < n; ++i) {
+          const float gv = g[i];
+          float* a = acc.data() + i * k;
+          for (int64_t j = 0; j < k; ++j) a[j] += gv * xr[j];
+        }
+      }
+      Out* base = dw.ptr<Out>() + e * dw.stride(0);
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < k; ++j) {
+          base[i * dw.stride(1) + j * dw.stride(2)] = from_float<Out>(acc[i * k + j]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace turbomoe::grouped_gemm

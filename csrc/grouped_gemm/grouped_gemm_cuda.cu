@@ -1,0 +1,60 @@
+// CUDA dispatch of the grouped GEMM: the Hopper TMA/WGMMA kernel where it covers the call, else
+// the generic tiled kernel.
+#include <string>
+
+#include "common/cuda_utils.cuh"
+#include "grouped_gemm/grouped_gemm.h"
+#include "grouped_gemm/hopper_gemm.h"
+#include "grouped_gemm/tiled_gemm.h"
+
+namespace turbomoe::grouped_gemm {
+namespace {
+
+void require_unit_last_stride(const Arg& a) {
+  const int last = a.ndim() - 1;
+  if (a.size(last) > 1 && a.stride(last) != 1) {
+    std::string strides;
+    for (int i = 0; i < a.ndim(); ++i) strides += (i ? ", " : "") + std::to_string(a.stride(i));
+    unsupported(std::string(a.name()) + " has strides [" + strides +
+                "]; the CUDA grouped GEMM needs a contiguous last dimension (make the "
+                "weight contiguous in the [E, N, K] layout)");
+  }
+}
+
+int32_t expert_count(const Arg& offsets) { return static_cast<int32_t>(offsets.size(0) - 1); }
+
+}  // namespace
+
+void forward_cuda(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y, void* stream) {
+  require_unit_last_stride(w);
+  cuda::DeviceGuard device(x.t().device_index);
+  if (hopper_grouped_gemm_forward(x.t(), w.t(), offsets.t(), y.t(), stream)) return;
+  launch_tiled({TM_GEMM_FORWARD, x.dtype(), y.dtype(), x.data(), x.stride(0), w.data(), w.stride(1),
+                w.stride(0), y.data(), y.stride(0), 0, offsets.ptr<const int32_t>(),
+                expert_count(offsets), x.size(0), y.size(1), x.size(1), 0},
+               stream);
+}
+
+void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
+                         void* stream) {
+  require_unit_last_stride(w);
+  cuda::DeviceGuard device(dy.t().device_index);
+  if (hopper_grouped_gemm_backward_input(dy.t(), w.t(), offsets.t(), dx.t(), stream)) return;
+  launch_tiled({TM_GEMM_GRAD_INPUT, dy.dtype(), dx.dtype(), dy.data(), dy.stride(0), w.data(),
+                w.stride(1), w.stride(0), dx.data(), dx.stride(0), 0, offsets.ptr<const int32_t>(),
+                expert_count(offsets), dy.size(0), dx.size(1), dy.size(1), 0},
+               stream);
+}
+
+void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
+                          void* stream) {
+  require_unit_last_stride(dw);
+  cuda::DeviceGuard device(dy.t().device_index);
+  if (hopper_grouped_gemm_backward_weight(dy.t(), x.t(), offsets.t(), dw.t(), stream)) return;
+  launch_tiled({TM_GEMM_GRAD_WEIGHT, x.dtype(), dw.dtype(), dy.data(), dy.stride(0), x.data(),
+                x.stride(0), 0, dw.data(), dw.stride(1), dw.stride(0), offsets.ptr<const int32_t>(),
+                expert_count(offsets), dy.size(0), dw.size(2), 0, dw.size(1)},
+               stream);
+}
+
+}  // namespace turbomoe::grouped_gemm

@@ -1,0 +1,306 @@
+// Host side of the Hopper grouped GEMM: coverage checks, TMA descriptors, launch.
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (a type; the symbol comes from the runtime)
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "common/cuda_utils.cuh"
+#include "grouped_gemm/hopper_gemm.h"
+#include "grouped_gemm/hopper_gemm_kernel.cuh"
+
+namespace turbomoe {
+namespace {
+
+using hopper_gemm::Params;
+using hopper_gemm::Pass;
+
+bool disabled_by_env() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("TURBOMOE_DISABLE_HOPPER_GEMM");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return disabled;
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point, so that the library needs no
+// link against libcuda. Null when the driver does not provide it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult query{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                             cudaEnableDefault, &query);
+    if (err != cudaSuccess || query != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // do not leave the failure for the next launch check to find
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+bool aligned(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
+}
+
+// A CUDA bf16 tensor of rank `ndim` that TMA can read: unit last-dim stride, 16-byte aligned
+// base and 16-byte multiple strides.
+bool tma_operand(const tm_tensor& t, int ndim) {
+  if (t.device_type != TM_DEVICE_CUDA || t.dtype != TM_DTYPE_BFLOAT16 || t.ndim != ndim) {
+    return false;
+  }
+  if (t.strides[ndim - 1] != 1 || !aligned(t.data, 16)) return false;
+  for (int d = 0; d < ndim; ++d) {
+    if (t.sizes[d] <= 0 || t.sizes[d] >= (int64_t{1} << 31)) return false;
+  }
+  for (int d = 0; d + 1 < ndim; ++d) {
+    if (t.strides[d] <= 0 || t.strides[d] % 8 != 0) return false;
+  }
+  return true;
+}
+
+// An output the epilogue can write with paired (2-element) stores.
+bool pair_store_output(const tm_tensor& t, int ndim) {
+  if (t.device_type != TM_DEVICE_CUDA || t.ndim != ndim) return false;
+  if (t.dtype != TM_DTYPE_BFLOAT16 && t.dtype != TM_DTYPE_FLOAT32) return false;
+  const size_t elem = t.dtype == TM_DTYPE_FLOAT32 ? 4 : 2;
+  if (t.strides[ndim - 1] != 1 || !aligned(t.data, 2 * elem)) return false;
+  if (t.sizes[ndim - 1] % 2 != 0) return false;
+  for (int d = 0; d + 1 < ndim; ++d) {
+    if (t.strides[d] % 2 != 0) return false;
+  }
+  return true;
+}
+
+bool offsets_ok(const tm_tensor& o, int64_t* num_experts) {
+  if (o.device_type != TM_DEVICE_CUDA || o.dtype != TM_DTYPE_INT32 || o.ndim != 1) return false;
+  if (o.sizes[0] < 2 || (o.sizes[0] > 1 && o.strides[0] != 1)) return false;
+  *num_experts = o.sizes[0] - 1;
+  return *num_experts <= hopper_gemm::kMaxExperts;
+}
+
+// Device checks: Hopper (the kernels are built for sm_90a only) and the caller's device.
+bool device_ok(int device, int* sm_count) {
+  int major = 0;
+  cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+              "cudaDeviceGetAttribute");
+  if (major != 9) return false;
+  cuda::check(cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device),
+              "cudaDeviceGetAttribute");
+  return true;
+}
+
+// A row-major bf16 tensor of rank 2 or 3 (dims innermost first, strides in elements of the
+// outer dims) as a TMA map with the 128-byte swizzle.
+CUtensorMap make_map(const void* data, int rank, const uint64_t* dims, const uint64_t* strides,
+                     const uint32_t* box) {
+  CUtensorMap map{};
+  cuuint64_t global_dims[3];
+  cuuint64_t global_strides[2];
+  cuuint32_t box_dims[3];
+  cuuint32_t element_strides[3] = {1, 1, 1};
+  for (int d = 0; d < rank; ++d) {
+    global_dims[d] = dims[d];
+    box_dims[d] = box[d];
+  }
+  for (int d = 0; d + 1 < rank; ++d) global_strides[d] = strides[d] * 2;  // bytes
+  const CUresult res = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank),
+      const_cast<void*>(data), global_dims, global_strides, box_dims, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    fail(TM_ERR_CUDA, "cuTensorMapEncodeTiled failed with CUresult " + std::to_string(res));
+  }
+  return map;
+}
+
+// Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct   (see hopper_gemm_kernel.cuh)
+//   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == value;
+}
+
+template <Pass P, typename OutT, int kEpi>
+void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
+            int grid, cudaStream_t stream) {
+  auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
+  const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
+  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+              "cudaFuncSetAttribute");
+  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
+  cuda::check_launch("hopper grouped_gemm_kernel");
+}
+
+// out_map is null when the output cannot be written by TMA (fp32, or misaligned rows).
+template <Pass P>
+void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
+                const CUtensorMap* out_map, Params p, int grid, cudaStream_t stream) {
+  p.skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
+  if (out_dtype == TM_DTYPE_FLOAT32) {
+    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, stream);
+  } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, stream);
+  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
+             p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, stream);
+  } else {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, stream);
+  }
+}
+
+// A bf16 output that TMA can store into: 16-byte aligned base and row strides.
+bool tma_storable(const tm_tensor& t) {
+  if (t.dtype != TM_DTYPE_BFLOAT16 || !aligned(t.data, 16)) return false;
+  for (int d = 0; d + 1 < t.ndim; ++d) {
+    if (t.strides[d] % 8 != 0) return false;
+  }
+  return true;
+}
+
+// Shared by forward and grad-input: a = [M, R] activations (R the reduction), w [E, N, K],
+// out [M, C]. The grid never exceeds the largest possible tile count.
+template <Pass P>
+bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offsets,
+                  const tm_tensor& out, void* stream) {
+  if (disabled_by_env()) return false;
+  int64_t num_experts = 0;
+  if (!tma_operand(a, 2) || !tma_operand(w, 3) || !pair_store_output(out, 2) ||
+      !offsets_ok(offsets, &num_experts) || w.sizes[0] != num_experts) {
+    return false;
+  }
+  const int64_t m = a.sizes[0];
+  const int64_t n = w.sizes[1];
+  const int64_t k = w.sizes[2];
+  const int64_t reduce = P == Pass::kForward ? k : n;
+  const int64_t cols = P == Pass::kForward ? n : k;
+  if (a.sizes[1] != reduce || out.sizes[0] != m || out.sizes[1] != cols) return false;
+  if (a.device_index != w.device_index || a.device_index != out.device_index ||
+      a.device_index != offsets.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(a.device_index);
+  int sm_count = 0;
+  if (!device_ok(a.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  const uint64_t a_dims[2] = {static_cast<uint64_t>(reduce), static_cast<uint64_t>(m)};
+  const uint64_t a_strides[1] = {static_cast<uint64_t>(a.strides[0])};
+  const uint32_t a_box[2] = {64, hopper_gemm::kBlockM};
+  const uint64_t w_dims[3] = {static_cast<uint64_t>(k), static_cast<uint64_t>(n),
+                              static_cast<uint64_t>(num_experts)};
+  const uint64_t w_strides[2] = {static_cast<uint64_t>(w.strides[1]),
+                                 static_cast<uint64_t>(w.strides[0])};
+  // Forward reads w[e] as 256 rows of 64 K values; grad-input as four 64 x 64 boxes, 64 output
+  // columns (K) by 64 reduction rows (N) each.
+  const uint32_t w_box_fwd[3] = {64, hopper_gemm::kBlockN, 1};
+  const uint32_t w_box_dx[3] = {64, 64, 1};
+  const CUtensorMap map_a = make_map(a.data, 2, a_dims, a_strides, a_box);
+  const CUtensorMap map_b =
+      make_map(w.data, 3, w_dims, w_strides, P == Pass::kForward ? w_box_fwd : w_box_dx);
+
+  Params p{};
+  p.offsets = static_cast<const int32_t*>(offsets.data);
+  p.out = out.data;
+  p.out_row_stride = out.strides[0];
+  p.out_expert_stride = 0;
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.m = static_cast<int32_t>(m);
+  p.reduce = static_cast<int32_t>(reduce);
+  p.out_rows = static_cast<int32_t>(m);
+  p.out_cols = static_cast<int32_t>(cols);
+  const int64_t n_blocks = hopper_gemm::ceil_div(static_cast<int>(cols), hopper_gemm::kBlockN);
+  const int64_t max_tiles = (m / hopper_gemm::kBlockM + num_experts + 1) * n_blocks;
+  const int grid = static_cast<int>(max_tiles < sm_count ? max_tiles : sm_count);
+  // Stored as 64 x 64 boxes: 64 columns by one consumer's 64 rows.
+  CUtensorMap map_out{};
+  const bool tma_out = tma_storable(out);
+  if (tma_out) {
+    const uint64_t dims[2] = {static_cast<uint64_t>(cols), static_cast<uint64_t>(m)};
+    const uint64_t strides[1] = {static_cast<uint64_t>(out.strides[0])};
+    const uint32_t box[2] = {64, 64};
+    map_out = make_map(out.data, 2, dims, strides, box);
+  }
+  launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
+                cuda::as_stream(stream));
+  return true;
+}
+
+}  // namespace
+
+bool hopper_grouped_gemm_forward(const tm_tensor& x, const tm_tensor& w,
+                                 const tm_tensor& expert_offsets, const tm_tensor& y,
+                                 void* stream) {
+  return run_row_pass<Pass::kForward>(x, w, expert_offsets, y, stream);
+}
+
+bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,
+                                        const tm_tensor& expert_offsets, const tm_tensor& dx,
+                                        void* stream) {
+  return run_row_pass<Pass::kGradInput>(dy, w, expert_offsets, dx, stream);
+}
+
+bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
+                                         const tm_tensor& expert_offsets, const tm_tensor& dw,
+                                         void* stream) {
+  if (disabled_by_env()) return false;
+  int64_t num_experts = 0;
+  if (!tma_operand(dy, 2) || !tma_operand(x, 2) || !pair_store_output(dw, 3) ||
+      !offsets_ok(expert_offsets, &num_experts)) {
+    return false;
+  }
+  const int64_t m = dy.sizes[0];
+  const int64_t n = dy.sizes[1];
+  const int64_t k = x.sizes[1];
+  if (x.sizes[0] != m || dw.sizes[0] != num_experts || dw.sizes[1] != n || dw.sizes[2] != k) {
+    return false;
+  }
+  if (dy.device_index != x.device_index || dy.device_index != dw.device_index ||
+      dy.device_index != expert_offsets.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(dy.device_index);
+  int sm_count = 0;
+  if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  // Both operands are read as 64 x 64 boxes: 64 output indices (N of dy, K of x) by 64 rows.
+  const uint64_t dy_dims[2] = {static_cast<uint64_t>(n), static_cast<uint64_t>(m)};
+  const uint64_t dy_strides[1] = {static_cast<uint64_t>(dy.strides[0])};
+  const uint64_t x_dims[2] = {static_cast<uint64_t>(k), static_cast<uint64_t>(m)};
+  const uint64_t x_strides[1] = {static_cast<uint64_t>(x.strides[0])};
+  const uint32_t box[2] = {64, 64};
+  const CUtensorMap map_a = make_map(dy.data, 2, dy_dims, dy_strides, box);
+  const CUtensorMap map_b = make_map(x.data, 2, x_dims, x_strides, box);
+
+  Params p{};
+  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
+  p.out = dw.data;
+  p.out_row_stride = dw.strides[1];
+  p.out_expert_stride = dw.strides[0];
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.m = static_cast<int32_t>(m);
+  p.reduce = 0;
+  p.out_rows = static_cast<int32_t>(n);
+  p.out_cols = static_cast<int32_t>(k);
+  const int64_t tiles = num_experts *
+                        hopper_gemm::ceil_div(static_cast<int>(n), hopper_gemm::kBlockM) *
+                        hopper_gemm::ceil_div(static_cast<int>(k), hopper_gemm::kBlockN);
+  const int grid = static_cast<int>(tiles < sm_count ? tiles : sm_count);
+  CUtensorMap map_out{};
+  const bool tma_out = tma_storable(dw);
+  if (tma_out) {
+    const uint64_t dims[3] = {static_cast<uint64_t>(k), static_cast<uint64_t>(n),
+                              static_cast<uint64_t>(num_experts)};
+    const uint64_t strides[2] = {static_cast<uint64_t>(dw.strides[1]),
+                                 static_cast<uint64_t>(dw.strides[0])};
+    const uint32_t box[3] = {64, 64, 1};
+    map_out = make_map(dw.data, 3, dims, strides, box);
+  }
+  launch_out<Pass::kGradWeight>(dw.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
+                                cuda::as_stream(stream));
+  return true;
+}
+
+}  // namespace turbomoe

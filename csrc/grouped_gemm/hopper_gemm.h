@@ -1,0 +1,36 @@
+// Internal entry points of the Hopper (sm_90a) grouped GEMM: TMA + WGMMA, persistent CTAs that
+// derive their tile schedule on the device from expert_offsets (no host read of the counts).
+//
+// Each function either runs the whole pass on `stream` and returns true, or launches nothing and
+// returns false when the call is outside what the kernel covers (device not sm_90, dtypes,
+// layouts, alignment, too many experts), so that the caller can run its generic kernel instead.
+// CUDA failures throw turbomoe::Error. Shapes are assumed consistent (the API layer validated
+// them); only what this kernel additionally needs is checked here.
+//
+// Covered: x / w / dy bfloat16, outputs bfloat16 or float32 with unit last-dim stride;
+// expert_offsets int32 [E+1], E <= 1024; every bf16 operand with unit last-dim stride, 16-byte
+// aligned data and row strides that are multiples of 8 elements; output column count even.
+// Environment: TURBOMOE_DISABLE_HOPPER_GEMM=1 makes every function return false;
+// TURBOMOE_HOPPER_GEMM_EPILOGUE=tma|split|direct and TURBOMOE_HOPPER_GEMM_SKIP_HALVES=0|1 pick
+// kernel variants for A/B timing (hopper_gemm.cu; docs/perf-notes-gemm.md has the numbers).
+#pragma once
+
+#include "turbomoe/turbomoe.h"
+
+namespace turbomoe {
+
+// y [M,N] = x [M,K] . w[e]^T, w [E,N,K] with K contiguous. Rows >= offsets[E] of y are zeroed.
+bool hopper_grouped_gemm_forward(const tm_tensor& x, const tm_tensor& w,
+                                 const tm_tensor& expert_offsets, const tm_tensor& y, void* stream);
+
+// dx [M,K] = dy [M,N] . w[e], w [E,N,K] with K contiguous. Rows >= offsets[E] of dx are zeroed.
+bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,
+                                        const tm_tensor& expert_offsets, const tm_tensor& dx,
+                                        void* stream);
+
+// dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows).
+bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
+                                         const tm_tensor& expert_offsets, const tm_tensor& dw,
+                                         void* stream);
+
+}  // namespace turbomoe

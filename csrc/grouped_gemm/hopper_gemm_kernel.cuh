@@ -1,0 +1,637 @@
+// Device side of the Hopper grouped GEMM (see hopper_gemm.h for the contract).
+//
+// One persistent CTA per SM, three warpgroups: warpgroup 0 is the producer (one thread issues
+// TMA copies into a ring of shared-memory stages guarded by mbarriers), warpgroups 1 and 2 are
+// consumers that each own 64 rows of the 128 x 256 output tile and run m64n256k16 WGMMAs out of
+// the stages. Every CTA walks the same tile list, derived in shared memory from expert_offsets,
+// taking tiles blockIdx.x, blockIdx.x + gridDim.x, ...
+//
+// Operands in shared memory are 64-element (128-byte) wide TMA boxes with the 128-byte swizzle,
+// the canonical layout WGMMA reads. Per pass (A = the m64 operand, B = the n256 operand):
+//   forward    D = x . w^T   A = x rows      K-major,  B = w[e] rows   K-major
+//   grad-input D = dy . w    A = dy rows     K-major,  B = w[e]        N(output)-major
+//   grad-weight D = dy^T . x A = dy^T        MN-major, B = x           MN-major
+// The reduction of the grad-weight pass runs over an expert's rows; its last 64-row chunk may
+// reach into the next expert, whose rows are cleared in shared memory before the WGMMA.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (the type only: the library never links libcuda)
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace turbomoe::hopper_gemm {
+
+inline constexpr int kBlockM = 128;  // output rows of a CTA tile (2 consumer warpgroups x 64)
+inline constexpr int kBlockN = 256;  // output columns of a CTA tile (one n256 WGMMA)
+inline constexpr int kBlockK = 64;   // reduction depth of a stage: one 128-byte swizzle row
+inline constexpr int kConsumers = 2;
+inline constexpr int kThreads = 128 * (1 + kConsumers);
+inline constexpr int kBoxBytes = 64 * 64 * 2;                  // one 64 x 64 bf16 TMA box
+inline constexpr int kTileABytes = kBlockM * kBlockK * 2;      // 16 KiB
+inline constexpr int kTileBBytes = kBlockN * kBlockK * 2;      // 32 KiB
+inline constexpr int kStageBytes = kTileABytes + kTileBBytes;  // 48 KiB
+inline constexpr int kMaxExperts = 1024;
+
+// Epilogue modes. kEpiDirect: fragments stored straight to global memory, 4 stages.
+// kEpiTma: bf16 tiles staged in shared memory (one 64 x 256 half-tile per consumer, as four
+// swizzled 64 x 64 boxes) and written by TMA bulk stores that drain while the next tile
+// computes; the 64 KiB buffer costs a stage: 3 stages. kEpiTmaSplit: the same through a buffer
+// half as big, filled and drained in two 128-column pieces, keeping 4 stages (fits only when the
+// schedule tables are small: E <= kMaxExpertsSplit).
+inline constexpr int kEpiDirect = 0;
+inline constexpr int kEpiTma = 1;
+inline constexpr int kEpiTmaSplit = 2;
+inline constexpr int kMaxExpertsSplit = 200;
+
+// Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
+// staging buffer, the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
+template <int kEpi>
+struct Layout {
+  static constexpr int kStages = kEpi == kEpiTma ? 3 : 4;
+  static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : 1;
+  static constexpr int kEpiOffset = kStages * kStageBytes;
+  static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
+  static constexpr int kBarOffset = kEpiOffset + kEpiBytes;
+  static constexpr int kSchedOffset = kBarOffset + 2 * kStages * 8;
+  static constexpr int smem_bytes(int num_experts) {
+    return kSchedOffset + 2 * (num_experts + 2) * 4 + 1024;  // + alignment slack
+  }
+};
+inline constexpr int kSmemLimit = 227 * 1024;
+static_assert(Layout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
+static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
+static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
+
+enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2 };
+
+struct Params {
+  const int32_t* offsets;  // [E+1]
+  void* out;
+  int64_t out_row_stride;     // elements
+  int64_t out_expert_stride;  // grad-weight only
+  int32_t num_experts;
+  int32_t m;         // rows of x / dy
+  int32_t reduce;    // reduction length: K (forward), N (grad-input); unused by grad-weight
+  int32_t out_rows;  // grad-weight: N (rows of dw[e])
+  int32_t out_cols;  // forward: N; grad-input: K; grad-weight: K
+  // Forward / grad-input: a consumer whose 64 rows of the tile all lie past the expert's end
+  // skips its WGMMAs (the other one then has the tensor cores to itself).
+  int32_t skip_empty_halves;
+};
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+__device__ __forceinline__ void tma_load_2d(const CUtensorMap* map, uint32_t dst, uint32_t bar,
+                                            int32_t c0, int32_t c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(const CUtensorMap* map, uint32_t dst, uint32_t bar,
+                                            int32_t c0, int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int32_t c0,
+                                             int32_t c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t src, int32_t c0,
+                                             int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// Waits until the committed bulk stores have read their shared-memory source.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+
+// Waits until the committed bulk stores are complete (their writes performed).
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// WGMMA shared-memory matrix descriptor with the 128-byte swizzle. lbo/sbo in bytes:
+//   K-major:  sbo = 1024 (next group of 8 rows), lbo unused (16)
+//   MN-major: lbo = byte distance between 64-element blocks along M/N, sbo = 1024 (next group
+//             of 8 reduction rows)
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t desc = (addr & 0x3FFFFu) >> 4;
+  desc |= static_cast<uint64_t>((lbo >> 4) & 0x3FFFu) << 16;
+  desc |= static_cast<uint64_t>((sbo >> 4) & 0x3FFFu) << 32;
+  desc |= 1ull << 62;  // 128-byte swizzle
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving accumulator accesses across an asynchronous WGMMA.
+__device__ __forceinline__ void fence_acc(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64 x 256] (+)= A[64 x 16] . B[16 x 256], bf16 in, f32 accumulate. scale_d = 0 overwrites.
+template <int TransA, int TransB>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                                 int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, "
+      "%8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, "
+      "%40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, "
+      "%88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, "
+      "%104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, "
+      "%120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, %131, %132;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA), "n"(TransB));
+}
+
+// One output tile of the schedule.
+struct Tile {
+  int expert;
+  int row0;      // forward / grad-input: first output row; grad-weight: first row of the expert
+  int row_end;   // rows [row0, row_end) belong to this tile's expert
+  int out_row0;  // grad-weight: first row of dw[e] (an N index)
+  int col0;      // first output column
+  int k_iters;   // stages to reduce over (0: the tile is written as zeros)
+};
+
+// Largest e in [0, hi] with table[e] <= t (table non-decreasing, table[0] = 0 <= t).
+__device__ __forceinline__ int upper_index(const int32_t* table, int hi, int t) {
+  int lo = 0;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (table[mid] <= t) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+template <Pass P>
+__device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_t* tile_begin,
+                                            const int32_t* row_begin) {
+  Tile tile{};
+  const int num_experts = p.num_experts;
+  if constexpr (P == Pass::kGradWeight) {
+    const int n_blocks = ceil_div(p.out_rows, kBlockM);
+    const int k_blocks = ceil_div(p.out_cols, kBlockN);
+    const int per_expert = n_blocks * k_blocks;
+    const int e = t / per_expert;
+    const int local = t - e * per_expert;
+    const int nb = local / k_blocks;
+    tile.expert = e;
+    tile.row0 = row_begin[e];
+    tile.row_end = row_begin[e + 1];
+    tile.out_row0 = nb * kBlockM;
+    tile.col0 = (local - nb * k_blocks) * kBlockN;
+    tile.k_iters = ceil_div(tile.row_end - tile.row0, kBlockK);
+  } else {
+    // Entry num_experts is the virtual expert owning rows [offsets[E], M): written as zeros.
+    const int e = upper_index(tile_begin, num_experts, t);
+    const int m_blocks = ceil_div(row_begin[e + 1] - row_begin[e], kBlockM);
+    const int local = t - tile_begin[e];
+    const int nb = local / m_blocks;
+    tile.expert = e;
+    tile.row0 = row_begin[e] + (local - nb * m_blocks) * kBlockM;
+    tile.row_end = row_begin[e + 1];
+    tile.out_row0 = 0;
+    tile.col0 = nb * kBlockN;
+    tile.k_iters = e < num_experts ? ceil_div(p.reduce, kBlockK) : 0;
+  }
+  return tile;
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_pair(OutT* dst, float a, float b) {
+  if constexpr (sizeof(OutT) == 4) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+  }
+}
+
+// Boxes of a stage: A is two 64-row boxes (grad-weight: 64 output rows each), B four 64-wide
+// boxes (forward: one 256-row box). Boxes wholly past the output's edge are skipped: they would
+// only feed outputs that the epilogue drops. (A box partly outside is loaded whole; TMA fills
+// zeros and counts the whole box in the transaction bytes.)
+template <Pass P>
+__device__ __forceinline__ int a_boxes(const Tile& tile, const Params& p) {
+  return P == Pass::kGradWeight ? min(2, ceil_div(p.out_rows - tile.out_row0, 64)) : 2;
+}
+template <Pass P>
+__device__ __forceinline__ int b_boxes(const Tile& tile, const Params& p) {
+  return P == Pass::kForward ? 4 : min(4, ceil_div(p.out_cols - tile.col0, 64));
+}
+
+// Loads reduction chunk k of a tile into a stage.
+template <Pass P>
+__device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
+                                            const Tile& tile, int k, int na, int nb, uint32_t a_dst,
+                                            uint32_t b_dst, uint32_t bar) {
+  const int kk = k * kBlockK;
+  if constexpr (P == Pass::kForward) {
+    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
+    tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
+  } else if constexpr (P == Pass::kGradInput) {
+    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
+    for (int i = 0; i < nb; ++i) {
+      tma_load_3d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, kk, tile.expert);
+    }
+  } else {
+    const int row = tile.row0 + kk;
+    for (int i = 0; i < na; ++i) {
+      tma_load_2d(map_a, a_dst + i * kBoxBytes, bar, tile.out_row0 + 64 * i, row);
+    }
+    for (int i = 0; i < nb; ++i) {
+      tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row);
+    }
+  }
+}
+
+#endif  // sm_90a device code
+
+// TMA epilogues (bf16 outputs only): a consumer writes its accumulators into a swizzled staging
+// buffer and one thread hands it to TMA bulk stores, which drain while the consumer already runs
+// the next tile's WGMMAs. Otherwise, and for the 64-row halves that straddle an expert's end
+// (TMA cannot drop rows inside a box), fragments are stored straight to global memory.
+template <Pass P, typename OutT, int kEpi>
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
+                        const __grid_constant__ CUtensorMap map_b,
+                        const __grid_constant__ CUtensorMap map_out, const Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Layout<kEpi>;
+  constexpr int kStages = L::kStages;
+  constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
+  static_assert(!kTmaEpilogue || sizeof(OutT) == 2, "the TMA epilogue stages bf16 tiles");
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  const uint32_t base = (raw_addr + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw_addr);
+  const uint32_t full_bar = base + L::kBarOffset;
+  const uint32_t empty_bar = full_bar + 8 * kStages;
+  int32_t* tile_begin = reinterpret_cast<int32_t*>(smem + L::kSchedOffset);
+  int32_t* row_begin = tile_begin + (p.num_experts + 2);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  const int num_experts = p.num_experts;
+
+  // Expert row ranges, clamped to [0, M] so that malformed offsets cannot send a store out of
+  // bounds; row_begin[E+1] = M closes the virtual expert of unrouted rows.
+  for (int e = tid; e <= num_experts; e += kThreads) {
+    row_begin[e] = min(max(p.offsets[e], 0), p.m);
+  }
+  if (tid == 0) {
+    row_begin[num_experts + 1] = p.m;
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_bar + 8 * s, 1);
+      mbar_init(empty_bar + 8 * s, kConsumers * 4);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    prefetch_tensor_map(&map_a);
+    prefetch_tensor_map(&map_b);
+    if constexpr (kTmaEpilogue) prefetch_tensor_map(&map_out);
+  }
+  __syncthreads();
+
+  int total_tiles;
+  if constexpr (P == Pass::kGradWeight) {
+    total_tiles = num_experts * ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
+  } else {
+    // tile_begin[e] = tiles of experts before e (m-blocks x n-blocks each): a warp-wide scan.
+    if (tid < 32) {
+      const int n_blocks = ceil_div(p.out_cols, kBlockN);
+      int carry = 0;
+      for (int first = 0; first <= num_experts; first += 32) {
+        const int e = first + lane;
+        int v = 0;
+        if (e <= num_experts) {
+          const int rows = row_begin[e + 1] - row_begin[e];
+          v = rows > 0 ? ceil_div(rows, kBlockM) * n_blocks : 0;
+        }
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const int up = __shfl_up_sync(0xffffffffu, v, d);
+          if (lane >= d) v += up;
+        }
+        if (e <= num_experts) tile_begin[e + 1] = carry + v;
+        carry += __shfl_sync(0xffffffffu, v, 31);
+      }
+      if (lane == 0) tile_begin[0] = 0;
+    }
+    __syncthreads();
+    total_tiles = tile_begin[num_experts + 1];
+  }
+
+  const int warpgroup = tid / 128;
+  if (warpgroup == 0) {
+    // Producer: one thread streams both operands of every stage.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (tid == 0) {
+      uint32_t it = 0;
+      for (int t = static_cast<int>(blockIdx.x); t < total_tiles;
+           t += static_cast<int>(gridDim.x)) {
+        const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
+        const int na = a_boxes<P>(tile, p);
+        const int nb = b_boxes<P>(tile, p);
+        const uint32_t stage_bytes = static_cast<uint32_t>((na + nb) * kBoxBytes);
+        for (int k = 0; k < tile.k_iters; ++k, ++it) {
+          const uint32_t s = it % kStages;
+          const uint32_t phase = (it / kStages) & 1u;
+          mbar_wait(empty_bar + 8 * s, phase ^ 1u);
+          const uint32_t bar = full_bar + 8 * s;
+          const uint32_t a_dst = base + s * kStageBytes;
+          mbar_arrive_expect_tx(bar, stage_bytes);
+          issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar);
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int consumer = warpgroup - 1;  // which 64-row half of the tile
+    const int ctid = tid - 128;          // 0..255 over both consumers
+    const int wg_tid = tid & 127;
+    const int warp_in_wg = wg_tid / 32;
+    constexpr bool kTransA = P == Pass::kGradWeight;
+    constexpr bool kTransB = P != Pass::kForward;
+    // Byte step of the descriptors per 16-deep WGMMA: along the 128-byte row when K-major,
+    // two 8-row swizzle groups when MN-major.
+    constexpr uint32_t kStepA = kTransA ? 2048 : 32;
+    constexpr uint32_t kStepB = kTransB ? 2048 : 32;
+    constexpr uint32_t kLboA = kTransA ? kBoxBytes : 16;
+    constexpr uint32_t kLboB = kTransB ? kBoxBytes : 16;
+    const uint32_t epi = base + L::kEpiOffset + consumer * (L::kEpiBytes / kConsumers);
+
+    float acc[128];
+    uint32_t it = 0;
+    for (int t = static_cast<int>(blockIdx.x); t < total_tiles; t += static_cast<int>(gridDim.x)) {
+      const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
+      // First output row of this consumer's half and the rows it may write.
+      int half_row0;
+      int row_limit;
+      if constexpr (P == Pass::kGradWeight) {
+        half_row0 = tile.out_row0 + consumer * 64;
+        row_limit = p.out_rows;
+      } else {
+        half_row0 = tile.row0 + consumer * 64;
+        row_limit = tile.row_end;
+      }
+      const bool idle =
+          P != Pass::kGradWeight && p.skip_empty_halves != 0 && half_row0 >= row_limit;
+      if (idle) {
+        // Nothing of ours to compute, but every stage still needs our release.
+        for (int k = 0; k < tile.k_iters; ++k, ++it) {
+          const uint32_t s = it % kStages;
+          mbar_wait(full_bar + 8 * s, (it / kStages) & 1u);
+          if (lane == 0) mbar_arrive(empty_bar + 8 * s);
+        }
+        continue;
+      }
+      if (tile.k_iters == 0) {
+#pragma unroll
+        for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+      }
+      uint32_t prev_stage = 0;
+      for (int k = 0; k < tile.k_iters; ++k, ++it) {
+        const uint32_t s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1u;
+        mbar_wait(full_bar + 8 * s, phase);
+        const uint32_t a_base = base + s * kStageBytes + consumer * kBoxBytes;
+        const uint32_t b_base = base + s * kStageBytes + kTileABytes;
+        if constexpr (P == Pass::kGradWeight) {
+          // The last chunk of an expert may hold rows of the next one (or rows past M): clear
+          // them in both operands so they add nothing (0 * garbage could still be NaN).
+          const int valid = tile.row_end - (tile.row0 + k * kBlockK);
+          if (valid < kBlockK) {
+            const int clear_rows = kBlockK - valid;
+            const int chunks = 6 * clear_rows * 8;  // 6 boxes x rows x 16-byte chunks
+            uint8_t* stage = smem + s * kStageBytes;
+            for (int i = ctid; i < chunks; i += 256) {
+              const int box = i / (clear_rows * 8);
+              const int rem = i - box * clear_rows * 8;
+              const int row = valid + (rem >> 3);
+              *reinterpret_cast<uint4*>(stage + box * kBoxBytes + row * 128 + (rem & 7) * 16) =
+                  make_uint4(0, 0, 0, 0);
+            }
+            // Generic-proxy stores must be visible to the WGMMA (async proxy) of both consumers.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            named_barrier(1, 256);
+          }
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockK / 16; ++kk) {
+          const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
+          const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
+          wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db,
+                                                             (k > 0 || kk > 0) ? 1 : 0);
+        }
+        wgmma_commit();
+        // Keep one stage of WGMMAs in flight; the one before it is done, so its stage is free.
+        wgmma_wait<1>();
+        fence_acc(acc);
+        if (k > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
+        prev_stage = s;
+      }
+      wgmma_wait<0>();
+      fence_acc(acc);
+      if (tile.k_iters > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
+
+      // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
+      // 8*(i/4) + 2*(lane%4) + i%2.
+      const int frag_row = warp_in_wg * 16 + (lane >> 2);
+      // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
+      // expert's end is stored row by row.
+      bool staged = false;
+      if constexpr (kTmaEpilogue) staged = half_row0 + 64 <= row_limit || P == Pass::kGradWeight;
+      if (staged) {
+        if constexpr (kTmaEpilogue) {
+          constexpr int kPieces = L::kEpiPieces;
+          constexpr int kBoxesPerPiece = 4 / kPieces;
+#pragma unroll
+          for (int piece = 0; piece < kPieces; ++piece) {
+            // The previous bulk stores must have read the buffer before it is rewritten.
+            if (wg_tid == 0) bulk_wait_read();
+            named_barrier(2 + consumer, 128);
+#pragma unroll
+            for (int jj = 0; jj < 8 * kBoxesPerPiece; ++jj) {
+              // 8-column chunk j of the half-tile: box jj/8 of the piece; its 16-byte chunk
+              // j%8 of each 128-byte row sits at (j%8) ^ (row%8) (the 128-byte swizzle, which
+              // also keeps the eight rows of one store on distinct banks).
+              const int j = piece * 8 * kBoxesPerPiece + jj;
+#pragma unroll
+              for (int half = 0; half < 2; ++half) {
+                const int r = frag_row + 8 * half;
+                const uint32_t addr = epi + (jj >> 3) * kBoxBytes + r * 128 +
+                                      (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
+                st_shared_u32(addr, pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]));
+              }
+            }
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            named_barrier(2 + consumer, 128);
+            if (wg_tid == 0) {
+              for (int cb = 0; cb < kBoxesPerPiece; ++cb) {
+                const int c = tile.col0 + 64 * (piece * kBoxesPerPiece + cb);
+                if (c >= p.out_cols) break;
+                if constexpr (P == Pass::kGradWeight) {
+                  tma_store_3d(&map_out, epi + cb * kBoxBytes, c, half_row0, tile.expert);
+                } else {
+                  tma_store_2d(&map_out, epi + cb * kBoxBytes, c, half_row0);
+                }
+              }
+              bulk_commit();
+            }
+          }
+        }
+      } else {
+        OutT* out = static_cast<OutT*>(p.out);
+        if constexpr (P == Pass::kGradWeight) {
+          out += static_cast<int64_t>(tile.expert) * p.out_expert_stride;
+        }
+        const int c0 = tile.col0 + 2 * (lane & 3);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = half_row0 + frag_row + 8 * half;
+          if (r < row_limit) {
+            OutT* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) {
+              const int c = c0 + 8 * j;
+              if (c < p.out_cols) {
+                store_pair(row_ptr + c, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+              }
+            }
+          }
+        }
+      }
+    }
+    if constexpr (kTmaEpilogue) {
+      // Shared memory must outlive the bulk stores that read it.
+      if (wg_tid == 0) bulk_wait_all();
+    }
+  }
+#else
+  // Built for another architecture: the host never launches this (it checks for sm_90 first).
+  __trap();
+#endif
+}
+
+}  // namespace turbomoe::hopper_gemm
