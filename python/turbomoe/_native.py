@@ -38,7 +38,7 @@ DEVICE_CUDA = 2
 
 
 class TmTensor(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012 - ctypes requires a plain class attribute
+    _fields_ = [
         ("data", ctypes.c_void_p),
         ("dtype", ctypes.c_int32),
         ("device_type", ctypes.c_int32),
@@ -50,7 +50,7 @@ class TmTensor(ctypes.Structure):
 
 
 class RoutingParams(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("kind", ctypes.c_int32),
         ("top_k", ctypes.c_int32),
@@ -63,7 +63,7 @@ class RoutingParams(ctypes.Structure):
 
 
 class SwigluParams(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("variant", ctypes.c_int32),
         ("alpha", ctypes.c_float),
@@ -72,14 +72,14 @@ class SwigluParams(ctypes.Structure):
 
 
 class RopeParams(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("interleaved", ctypes.c_int32),
     ]
 
 
 class LinearCeParams(ctypes.Structure):
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("struct_size", ctypes.c_uint32),
         ("ignore_index", ctypes.c_int64),
         ("chunk_rows", ctypes.c_int64),

@@ -2,5 +2,26 @@
 implementation so they appear by name in the profiler and trace under ``torch.compile``."""
 
 from turbomoe.ops.activation import clamped_swiglu, silu_mul, swiglu
+from turbomoe.ops.grouped_gemm import grouped_gemm
+from turbomoe.ops.loss import cross_entropy, linear_cross_entropy
+from turbomoe.ops.moe import moe_experts
+from turbomoe.ops.norm import rms_norm
+from turbomoe.ops.permute import combine, gather_rows, permute_plan
+from turbomoe.ops.rope import apply_rope
+from turbomoe.ops.routing import route
 
-__all__ = ["clamped_swiglu", "silu_mul", "swiglu"]
+__all__ = [
+    "apply_rope",
+    "clamped_swiglu",
+    "combine",
+    "cross_entropy",
+    "gather_rows",
+    "grouped_gemm",
+    "linear_cross_entropy",
+    "moe_experts",
+    "permute_plan",
+    "rms_norm",
+    "route",
+    "silu_mul",
+    "swiglu",
+]

@@ -35,7 +35,9 @@ def swiglu(
 
 
 @swiglu.register_fake
-def _(gate: torch.Tensor, up: torch.Tensor, variant: int, alpha: float, limit: float) -> torch.Tensor:
+def _(
+    gate: torch.Tensor, up: torch.Tensor, variant: int, alpha: float, limit: float
+) -> torch.Tensor:
     return gate.new_empty(gate.shape)
 
 

@@ -1,0 +1,155 @@
+"""Grouped GEMM over experts, as a torch custom op: y[rows of e] = x[rows of e] · w[e]ᵀ.
+
+All experts run in one call (no Python loop over experts, no per-expert launch), with the rows
+grouped by the offsets of ``permute_plan``. w follows nn.Linear's [E, N, K] convention; a
+transposed parameter (GPT-OSS stores [E, K, N]) is passed as a strided view without a copy
+where the backend can read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from turbomoe import _native
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t in row-major layout; an empty tensor gets fresh dense strides (autograd hands zero-size
+    gradients with stride 0, which ``contiguous()`` keeps and the C ABI's layout checks reject)."""
+    return t.contiguous() if t.numel() > 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+FORWARD = 1
+GRAD_INPUT = 2
+GRAD_WEIGHT = 3
+
+
+def _weight_operand(w: torch.Tensor) -> torch.Tensor:
+    """w as the backend reads it.
+
+    The CPU reference takes any strides; the CUDA kernels want the reduction (last) dimension
+    contiguous, so only there a view with another layout is copied once per call. Deciding up
+    front keeps the CUDA path free of a failed call and a retry.
+    """
+    if w.device.type == "cuda" and w.stride(-1) != 1:
+        return _dense(w)
+    return w
+
+
+def _workspace(
+    pass_: int, m: int, n: int, k: int, num_experts: int, like: torch.Tensor
+) -> torch.Tensor:
+    nbytes = _native.workspace_size(
+        "tm_grouped_gemm_workspace_size", pass_, m, n, k, num_experts, _native.device_code(like)
+    )
+    return _native.workspace(nbytes, like)
+
+
+@torch.library.custom_op("turbomoe::grouped_gemm", mutates_args=())
+def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    rows, n, k, experts = x.shape[0], w.shape[1], w.shape[2], w.shape[0]
+    w = _weight_operand(w)
+    y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    workspace = _workspace(FORWARD, rows, n, k, experts, x)
+    _native.call(
+        "tm_grouped_gemm_forward",
+        _native.describe(x),
+        _native.describe(w),
+        _native.describe(expert_offsets),
+        _native.describe(y),
+        workspace.data_ptr(),
+        workspace.numel(),
+        _native.stream_for(x),
+    )
+    return y
+
+
+@_grouped_gemm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[1]))
+
+
+@torch.library.custom_op("turbomoe::grouped_gemm_backward_input", mutates_args=())
+def _grouped_gemm_backward_input(
+    dy: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor
+) -> torch.Tensor:
+    """dx [M,K] = dy [M,N] · w[e] per expert."""
+    rows, n, k, experts = dy.shape[0], w.shape[1], w.shape[2], w.shape[0]
+    w = _weight_operand(w)
+    dx = torch.empty((rows, k), dtype=dy.dtype, device=dy.device)
+    workspace = _workspace(GRAD_INPUT, rows, n, k, experts, dy)
+    _native.call(
+        "tm_grouped_gemm_backward_input",
+        _native.describe(dy),
+        _native.describe(w),
+        _native.describe(expert_offsets),
+        _native.describe(dx),
+        workspace.data_ptr(),
+        workspace.numel(),
+        _native.stream_for(dy),
+    )
+    return dx
+
+
+@_grouped_gemm_backward_input.register_fake
+def _(dy: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    return dy.new_empty((dy.shape[0], w.shape[2]))
+
+
+@torch.library.custom_op("turbomoe::grouped_gemm_backward_weight", mutates_args=())
+def _grouped_gemm_backward_weight(
+    dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, w_dtype: torch.dtype
+) -> torch.Tensor:
+    """dw [E,N,K] = dy_eᵀ · x_e per expert (zero for experts without rows), in w's dtype."""
+    rows, n, k, experts = x.shape[0], dy.shape[1], x.shape[1], expert_offsets.shape[0] - 1
+    dw = torch.empty((experts, n, k), dtype=w_dtype, device=x.device)
+    workspace = _workspace(GRAD_WEIGHT, rows, n, k, experts, x)
+    _native.call(
+        "tm_grouped_gemm_backward_weight",
+        _native.describe(dy),
+        _native.describe(x),
+        _native.describe(expert_offsets),
+        _native.describe(dw),
+        workspace.data_ptr(),
+        workspace.numel(),
+        _native.stream_for(x),
+    )
+    return dw
+
+
+@_grouped_gemm_backward_weight.register_fake
+def _(
+    dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, w_dtype: torch.dtype
+) -> torch.Tensor:
+    return x.new_empty((expert_offsets.shape[0] - 1, dy.shape[1], x.shape[1]), dtype=w_dtype)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, w, expert_offsets = inputs
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # dx needs w, dw needs x: keep each alive only when its gradient is wanted.
+    ctx.save_for_backward(x if need_w else None, w if need_x else None, expert_offsets)
+    ctx.need_x, ctx.need_w = need_x, need_w
+    ctx.w_dtype = w.dtype
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    x, w, expert_offsets = ctx.saved_tensors
+    dy = _dense(dy)
+    dx = _grouped_gemm_backward_input(dy, w, expert_offsets) if ctx.need_x else None
+    dw = _grouped_gemm_backward_weight(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
+    return dx, dw, None
+
+
+_grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """y [M,N] = x [M,K] · w[e]ᵀ for the rows [offsets[e], offsets[e+1]) of each expert e.
+
+    w is [E,N,K] and may be a strided view; rows past offsets[E] come out zero. Differentiable
+    with respect to x and w.
+    """
+    return _grouped_gemm(_dense(x), w, _dense(expert_offsets))

@@ -1,0 +1,123 @@
+"""RMSNorm as a torch custom op: one read and one write of x instead of HF's five element-wise ops.
+
+The forward saves the per-row float32 rstd so that the backward neither recomputes the reduction
+nor keeps a float32 copy of x; the weight's gradient is reduced deterministically in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from turbomoe import _native
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t in row-major layout; an empty tensor gets fresh dense strides (autograd hands zero-size
+    gradients with stride 0, which ``contiguous()`` keeps and the C ABI's layout checks reject)."""
+    return t.contiguous() if t.numel() > 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("turbomoe::rms_norm", mutates_args=())
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [R,H] in x's dtype, rstd [R] float32) for x [R,H]."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty((x.shape[0],), dtype=torch.float32, device=x.device)
+    _native.call(
+        "tm_rmsnorm_forward",
+        _native.describe(x),
+        _native.describe(weight),
+        eps,
+        _native.describe(y),
+        _native.describe(rstd),
+        _native.stream_for(x),
+    )
+    return y, rstd
+
+
+@_rms_norm.register_fake
+def _(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("turbomoe::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [R,H], grad_weight [H] float32, or an empty tensor when not wanted)."""
+    rows, hidden = x.shape[0], x.shape[1]
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_weight = torch.empty(
+        (hidden if need_weight_grad else 0,), dtype=torch.float32, device=x.device
+    )
+    nbytes = _native.workspace_size(
+        "tm_rmsnorm_backward_workspace_size", rows, hidden, _native.device_code(x)
+    )
+    workspace = _native.workspace(nbytes, x)
+    _native.call(
+        "tm_rmsnorm_backward",
+        _native.describe(grad_y),
+        _native.describe(x),
+        _native.describe(weight),
+        _native.describe(rstd),
+        _native.describe(grad_x),
+        _native.describe(grad_weight) if need_weight_grad else None,
+        workspace.data_ptr(),
+        workspace.numel(),
+        _native.stream_for(x),
+    )
+    return grad_x, grad_weight
+
+
+@_rms_norm_backward.register_fake
+def _(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = x.shape[1] if need_weight_grad else 0
+    return x.new_empty(x.shape), x.new_empty((hidden,), dtype=torch.float32)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weight, _eps = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.need_weight_grad = weight is not None and ctx.needs_input_grad[1]
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward(ctx: Any, grad_y: torch.Tensor, _grad_rstd: Any) -> tuple[Any, ...]:
+    x, weight, rstd = ctx.saved_tensors
+    grad_x, grad_weight = _rms_norm_backward(_dense(grad_y), x, weight, rstd, ctx.need_weight_grad)
+    return grad_x, grad_weight.to(weight.dtype) if ctx.need_weight_grad else None, None
+
+
+_rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """weight · (x / sqrt(mean(x², -1) + eps)) over the last dim, statistics in float32.
+
+    Same shape and dtype as x (any leading dims); weight [H] or None. Differentiable with respect
+    to x and weight; weight's gradient is reduced in float32 and returned in weight's dtype.
+    """
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalised one)")
+    shape = x.shape
+    rows_view = x.reshape(-1, shape[-1])
+    if rows_view.numel() == 0 or rows_view.stride(-1) != 1:
+        rows_view = _dense(rows_view)
+    y, _rstd = _rms_norm(rows_view, weight, float(eps))
+    return y.view(shape)
