@@ -41,7 +41,7 @@ tm_status tm_swiglu_forward(const tm_swiglu_params* params, const tm_tensor* gat
     if (device == TM_DEVICE_CPU) {
       turbomoe::activation::swiglu_forward_cpu(p, g, u, o);
     } else {
-      turbomoe::activation::swiglu_forward_cuda(p, g, u, o, stream);
+      TM_CUDA_ONLY(turbomoe::activation::swiglu_forward_cuda(p, g, u, o, stream));
     }
   });
 }
@@ -64,7 +64,7 @@ tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_tensor* gr
     if (device == TM_DEVICE_CPU) {
       turbomoe::activation::swiglu_backward_cpu(p, go, g, u, gg, gu);
     } else {
-      turbomoe::activation::swiglu_backward_cuda(p, go, g, u, gg, gu, stream);
+      TM_CUDA_ONLY(turbomoe::activation::swiglu_backward_cuda(p, go, g, u, gg, gu, stream));
     }
   });
 }

@@ -22,3 +22,12 @@ inline void require_cuda_build(int32_t device_type, const char* op) {
 }
 
 }  // namespace turbomoe
+
+// Wraps a call into the CUDA kernels. Without CUDA the kernels do not exist, so the call is not
+// compiled at all (the library must still link); require_cuda_build has rejected CUDA tensors
+// before any such call is reached.
+#ifdef TM_WITH_CUDA
+#define TM_CUDA_ONLY(...) __VA_ARGS__
+#else
+#define TM_CUDA_ONLY(...) ::turbomoe::unsupported("this libturbomoe was built without CUDA")
+#endif

@@ -82,7 +82,7 @@ tm_status tm_grouped_gemm_forward(const tm_tensor* x, const tm_tensor* w,
     run(
         "tm_grouped_gemm_forward", {&xa, &wa, &off, &ya}, off, xa.size(0), ya,
         [&] { turbomoe::grouped_gemm::forward_cpu(xa, wa, off, ya); },
-        [&] { turbomoe::grouped_gemm::forward_cuda(xa, wa, off, ya, stream); });
+        [&] { TM_CUDA_ONLY(turbomoe::grouped_gemm::forward_cuda(xa, wa, off, ya, stream)); });
   });
 }
 
@@ -103,7 +103,9 @@ tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w
     run(
         "tm_grouped_gemm_backward_input", {&dya, &wa, &off, &dxa}, off, dya.size(0), dxa,
         [&] { turbomoe::grouped_gemm::backward_input_cpu(dya, wa, off, dxa); },
-        [&] { turbomoe::grouped_gemm::backward_input_cuda(dya, wa, off, dxa, stream); });
+        [&] {
+          TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_input_cuda(dya, wa, off, dxa, stream));
+        });
   });
 }
 
@@ -125,7 +127,9 @@ tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* 
     run(
         "tm_grouped_gemm_backward_weight", {&dya, &xa, &off, &dwa}, off, dya.size(0), dwa,
         [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
-        [&] { turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa, stream); });
+        [&] {
+          TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa, stream));
+        });
   });
 }
 

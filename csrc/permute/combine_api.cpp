@@ -56,7 +56,7 @@ tm_status tm_combine_forward(const tm_tensor* rows, const tm_tensor* pair_to_row
     if (device == TM_DEVICE_CPU) {
       turbomoe::permute::combine_forward_cpu(r, p2r, w, top_k, o);
     } else {
-      turbomoe::permute::combine_forward_cuda(r, p2r, w, top_k, o, stream);
+      TM_CUDA_ONLY(turbomoe::permute::combine_forward_cuda(r, p2r, w, top_k, o, stream));
     }
   });
 }
@@ -86,7 +86,7 @@ tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor* rows,
     if (device == TM_DEVICE_CPU) {
       turbomoe::permute::combine_backward_cpu(go, r, p2r, w, top_k, gr, gw);
     } else {
-      turbomoe::permute::combine_backward_cuda(go, r, p2r, w, top_k, gr, gw, stream);
+      TM_CUDA_ONLY(turbomoe::permute::combine_backward_cuda(go, r, p2r, w, top_k, gr, gw, stream));
     }
   });
 }

@@ -49,9 +49,10 @@ tm_status tm_permute_plan_workspace_size(int64_t num_pairs, int64_t num_experts,
       invalid("device_type is " + std::to_string(device_type) +
               ", expected TM_DEVICE_CPU or TM_DEVICE_CUDA");
     }
-    *bytes = device_type == TM_DEVICE_CUDA
-                 ? turbomoe::permute::plan_workspace_bytes_cuda(num_pairs, num_experts)
-                 : 0;
+    *bytes = 0;
+    if (device_type == TM_DEVICE_CUDA) {
+      TM_CUDA_ONLY(*bytes = turbomoe::permute::plan_workspace_bytes_cuda(num_pairs, num_experts));
+    }
   });
 }
 
@@ -83,9 +84,11 @@ tm_status tm_permute_plan(const tm_tensor* topk_ids, int64_t num_experts, tm_ten
                             std::to_string(turbomoe::permute::kCudaMaxExperts) +
                             " experts, got num_experts " + std::to_string(num_experts));
     }
-    check_workspace(workspace, workspace_bytes,
-                    turbomoe::permute::plan_workspace_bytes_cuda(pairs, num_experts));
-    turbomoe::permute::plan_cuda(ids, num_experts, sp, p2r, off, workspace, stream);
+    TM_CUDA_ONLY({
+      check_workspace(workspace, workspace_bytes,
+                      turbomoe::permute::plan_workspace_bytes_cuda(pairs, num_experts));
+      turbomoe::permute::plan_cuda(ids, num_experts, sp, p2r, off, workspace, stream);
+    });
   });
 }
 
@@ -110,7 +113,7 @@ tm_status tm_gather_rows(const tm_tensor* src, const tm_tensor* sorted_pairs,
     if (device == TM_DEVICE_CPU) {
       turbomoe::permute::gather_cpu(s, sp, off, top_k, d);
     } else {
-      turbomoe::permute::gather_cuda(s, sp, off, top_k, d, stream);
+      TM_CUDA_ONLY(turbomoe::permute::gather_cuda(s, sp, off, top_k, d, stream));
     }
   });
 }

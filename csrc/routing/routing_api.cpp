@@ -93,7 +93,7 @@ tm_status tm_routing_forward(const tm_routing_params* params, const tm_tensor* l
     if (device == TM_DEVICE_CPU) {
       turbomoe::routing::forward_cpu(p, l, bias, w, ids, s);
     } else {
-      turbomoe::routing::forward_cuda(p, l, bias, w, ids, s, stream);
+      TM_CUDA_ONLY(turbomoe::routing::forward_cuda(p, l, bias, w, ids, s, stream));
     }
   });
 }
@@ -122,7 +122,7 @@ tm_status tm_routing_backward(const tm_routing_params* params, const tm_tensor* 
     if (device == TM_DEVICE_CPU) {
       turbomoe::routing::backward_cpu(p, gw, s, ids, gl);
     } else {
-      turbomoe::routing::backward_cuda(p, gw, s, ids, gl, stream);
+      TM_CUDA_ONLY(turbomoe::routing::backward_cuda(p, gw, s, ids, gl, stream));
     }
   });
 }

@@ -1,0 +1,140 @@
+// C ABI of RMSNorm: validation, then the CPU reference or the CUDA kernels.
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common/device.h"
+#include "rmsnorm/rmsnorm.h"
+
+namespace {
+
+using turbomoe::Arg;
+
+constexpr size_t kWorkspaceAlignment = 16;
+
+void check_device_type(int32_t device_type) {
+  if (device_type != TM_DEVICE_CPU && device_type != TM_DEVICE_CUDA) {
+    turbomoe::invalid("device_type is " + std::to_string(device_type) +
+                      ", expected TM_DEVICE_CPU (1) or TM_DEVICE_CUDA (2)");
+  }
+}
+
+// Bounds the sizes so that no product below overflows.
+constexpr int64_t kMaxHidden = int64_t{1} << 31;
+
+size_t workspace_bytes_for(int64_t rows, int64_t hidden, int32_t device_type) {
+  if (device_type == TM_DEVICE_CPU) return 0;  // the CPU accumulates straight into grad_weight
+  return static_cast<size_t>(turbomoe::rmsnorm::backward_plan(rows, hidden).workspace_floats) *
+         sizeof(float);
+}
+
+// x-like [R,H]: float32/bfloat16, last dim contiguous, H > 0 (the mean over no element is
+// undefined).
+void check_rows(const Arg& a) {
+  a.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(2).rows_contiguous();
+  if (a.size(1) == 0) turbomoe::invalid(std::string(a.name()) + " has an empty last dimension");
+  if (a.size(1) > kMaxHidden) {
+    turbomoe::invalid(std::string(a.name()) + " has a last dimension above 2^31");
+  }
+}
+
+void check_weight(const std::optional<Arg>& w, int64_t hidden) {
+  if (!w) return;
+  w->dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16})
+      .ndim_is(1)
+      .size_is(0, hidden, "the hidden size of x")
+      .contiguous();
+}
+
+void check_rstd(const Arg& r, int64_t rows) {
+  r.dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, rows, "the rows of x");
+}
+
+}  // namespace
+
+extern "C" {
+
+tm_status tm_rmsnorm_forward(const tm_tensor* x, const tm_tensor* weight, float eps, tm_tensor* y,
+                             tm_tensor* rstd, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg xa(x, "x"), ya(y, "y");
+    const auto wa = turbomoe::optional_arg(weight, "weight");
+    const auto ra = turbomoe::optional_arg(rstd, "rstd");
+    check_rows(xa);
+    check_rows(ya);
+    ya.same_shape(xa);
+    check_weight(wa, xa.size(1));
+    if (ra) check_rstd(*ra, xa.size(0));
+    if (!(std::isfinite(eps) && eps >= 0.0f)) {
+      turbomoe::invalid("eps is " + std::to_string(eps) + ", expected a finite value >= 0");
+    }
+    const int32_t device =
+        turbomoe::common_device({&xa, &ya, wa ? &*wa : nullptr, ra ? &*ra : nullptr});
+    turbomoe::require_cuda_build(device, "tm_rmsnorm_forward");
+    if (xa.size(0) == 0) return;
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::rmsnorm::forward_cpu(xa, wa, eps, ya, ra);
+    } else {
+      TM_CUDA_ONLY(turbomoe::rmsnorm::forward_cuda(xa, wa, eps, ya, ra, stream));
+    }
+  });
+}
+
+tm_status tm_rmsnorm_backward_workspace_size(int64_t rows, int64_t hidden, int32_t device_type,
+                                             size_t* bytes) {
+  return turbomoe::guard(__func__, [&] {
+    if (bytes == nullptr) turbomoe::invalid("bytes is NULL");
+    if (rows < 0) turbomoe::invalid("rows is " + std::to_string(rows) + ", expected >= 0");
+    if (hidden < 0 || hidden > kMaxHidden) {
+      turbomoe::invalid("hidden is " + std::to_string(hidden) + ", expected 0 .. 2^31");
+    }
+    check_device_type(device_type);
+    *bytes = workspace_bytes_for(rows, hidden, device_type);
+  });
+}
+
+tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x, const tm_tensor* weight,
+                              const tm_tensor* rstd, tm_tensor* grad_x, tm_tensor* grad_weight,
+                              void* workspace, size_t workspace_bytes, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg gy(grad_y, "grad_y"), xa(x, "x"), ra(rstd, "rstd"), gx(grad_x, "grad_x");
+    const auto wa = turbomoe::optional_arg(weight, "weight");
+    const auto gw = turbomoe::optional_arg(grad_weight, "grad_weight");
+    check_rows(xa);
+    check_rows(gy);
+    gy.same_shape(xa);
+    check_rows(gx);
+    gx.same_shape(xa);
+    check_weight(wa, xa.size(1));
+    check_rstd(ra, xa.size(0));
+    if (gw) {
+      if (!wa) turbomoe::invalid("grad_weight must be NULL when weight is NULL");
+      gw->dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, xa.size(1), "the hidden size of x");
+      gw->contiguous();
+    }
+    const int32_t device =
+        turbomoe::common_device({&gy, &xa, wa ? &*wa : nullptr, &ra, &gx, gw ? &*gw : nullptr});
+    const size_t needed = gw ? workspace_bytes_for(xa.size(0), xa.size(1), device) : 0;
+    if (workspace_bytes < needed) {
+      turbomoe::fail(TM_ERR_OUT_OF_MEMORY, "workspace_bytes is " + std::to_string(workspace_bytes) +
+                                               ", need " + std::to_string(needed) +
+                                               " (see tm_rmsnorm_backward_workspace_size)");
+    }
+    if (needed > 0 && workspace == nullptr) turbomoe::invalid("workspace is NULL");
+    if (needed > 0 && reinterpret_cast<uintptr_t>(workspace) % kWorkspaceAlignment != 0) {
+      turbomoe::invalid("workspace must be " + std::to_string(kWorkspaceAlignment) +
+                        "-byte aligned");
+    }
+    turbomoe::require_cuda_build(device, "tm_rmsnorm_backward");
+    // Zero rows still overwrite grad_weight (with zeros), so only an empty grad_x without a
+    // grad_weight is a no-op.
+    if (xa.size(0) == 0 && !gw) return;
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::rmsnorm::backward_cpu(gy, xa, wa, ra, gx, gw);
+    } else {
+      TM_CUDA_ONLY(turbomoe::rmsnorm::backward_cuda(gy, xa, wa, ra, gx, gw, workspace, stream));
+    }
+  });
+}
+
+}  // extern "C"
