@@ -1,0 +1,84 @@
+"""Per-kernel time breakdown with torch.profiler, rendered as markdown (``--profile``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.autograd import DeviceType
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    name: str
+    calls_per_step: float
+    ms_per_step: float
+    share: float  # of all kernel (or, on CPU, operator self) time
+
+
+@dataclass(frozen=True)
+class Profile:
+    device: str
+    steps: int
+    total_ms_per_step: float
+    rows: list[KernelRow]
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, steps: int, top: int) -> Profile:
+    """Run ``step`` ``steps`` times under the profiler; return the ``top`` entries by self time:
+    CUDA kernels on a GPU, operators on CPU (where there are no kernels)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    if device.type == "cuda":
+        chosen = [
+            (e.key, e.count, e.self_device_time_total)
+            for e in events
+            if e.device_type == DeviceType.CUDA
+        ]
+    else:
+        chosen = [(e.key, e.count, e.self_cpu_time_total) for e in events]
+    total_us = sum(us for _, _, us in chosen) or 1.0
+    chosen.sort(key=lambda c: c[2], reverse=True)
+    rows = [
+        KernelRow(name, count / steps, us / 1e3 / steps, us / total_us)
+        for name, count, us in chosen[:top]
+    ]
+    return Profile(device.type, steps, total_us / 1e3 / steps, rows)
+
+
+def _cell(text: str, width: int = 110) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_markdown(profiles: dict[str, Profile], header: str) -> str:
+    """One section per run: rank, kernel, calls/step, ms/step, share, µs/call."""
+    lines = [header, ""]
+    for label, prof in profiles.items():
+        what = "CUDA kernels" if prof.device == "cuda" else "CPU operators"
+        lines += [
+            f"## {label}",
+            "",
+            f"Top {len(prof.rows)} {what} by self time, averaged over {prof.steps} profiled "
+            f"step(s) of forward + loss + backward; all {what} together: "
+            f"{prof.total_ms_per_step:.2f} ms/step.",
+            "",
+            "| # | name | calls/step | ms/step | share | µs/call |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        for i, row in enumerate(prof.rows, 1):
+            per_call = row.ms_per_step * 1e3 / row.calls_per_step if row.calls_per_step else 0.0
+            lines.append(
+                f"| {i} | `{_cell(row.name)}` | {row.calls_per_step:g} | {row.ms_per_step:.3f} "
+                f"| {row.share:.1%} | {per_call:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""One benchmark run: build the model, train ``warmup + steps`` steps, measure (DESIGN §6).
+
+Protocol: random token ids with labels = inputs, the model's own loss (``labels=``), AdamW. Each
+step synchronises, times forward + loss and backward, then runs the optimizer outside the timed
+window (its states still count in memory). Peak memory is reset after warm-up, so it is the peak
+of the steady-state timed steps: weights + gradients + optimizer states + activations.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from turbomoe.bench.models import build_model, experts_backend_of, weights_fingerprint
+from turbomoe.bench.patching import patch_state
+from turbomoe.bench.profiling import Profile, profile_steps
+from turbomoe.bench.timing import StepTimer, synchronize
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    seq: int
+    batch: int
+    warmup: int
+    steps: int
+    seed: int = 0
+    lr: float = 1e-5
+    attn_implementation: str = "sdpa"
+    profile_steps: int = 0  # 0: no profile
+    profile_top: int = 25
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq * self.batch
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str  # key in the JSON: "hf" or "turbomoe"
+    label: str  # for humans
+    patched: bool  # turbomoe patches on during this run
+    experts_implementation: str | None  # None: whatever is registered as the default
+
+
+@dataclass
+class RunResult:
+    name: str
+    label: str
+    patched: bool
+    patch_in_effect: bool
+    experts_implementation: str = "unknown"
+    attn_implementation: str = "sdpa"
+    optimizer: str = ""
+    tps_per_gpu: float = 0.0
+    tflops_per_gpu: float = 0.0
+    mfu: float | None = None
+    peak_gib: float | None = None
+    first_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)
+    step_ms_mean: float = 0.0
+    step_ms_std: float = 0.0
+    step_ms_min: float = 0.0
+    step_ms_max: float = 0.0
+    fwd_ms_mean: float = 0.0
+    bwd_ms_mean: float = 0.0
+    weights_fingerprint: float = 0.0
+    error: str | None = None
+    profile: Profile | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "profile"}
+        out["profile_ms_per_step"] = self.profile.total_ms_per_step if self.profile else None
+        return out
+
+
+def make_batches(vocab_size: int, settings: Settings) -> list[torch.Tensor]:
+    """One batch of random token ids per step, drawn on CPU from a seeded generator so both runs
+    (and any device) see the same data."""
+    gen = torch.Generator().manual_seed(settings.seed + 1)
+    shape = (settings.warmup + settings.steps, settings.batch, settings.seq)
+    ids = torch.randint(0, vocab_size, shape, generator=gen, dtype=torch.long)
+    return list(ids.to(settings.device).unbind(0))
+
+
+def make_optimizer(model: torch.nn.Module, settings: Settings) -> tuple[torch.optim.Optimizer, str]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.device.type == "cuda":
+        # Fused: one launch, no multi-tensor temporaries; it is outside the timed window anyway.
+        return torch.optim.AdamW(params, lr=settings.lr, fused=True), "AdamW(fused)"
+    return torch.optim.AdamW(params, lr=settings.lr, foreach=False), "AdamW(foreach=False)"
+
+
+def release_memory(device: torch.device) -> None:
+    """Free everything the previous run left so the next run starts from an empty allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _forward_backward(
+    model: torch.nn.Module, batch: torch.Tensor, timer: StepTimer | None
+) -> torch.Tensor:
+    """Forward + loss + backward. A function so that the output (with its logits) and the graph
+    are released on return, before the optimizer step and the next forward."""
+    if timer is not None:
+        timer.start()
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    if timer is not None:
+        timer.forward_done()
+    loss.backward()
+    if timer is not None:
+        timer.backward_done()
+    return loss.detach()
+
+
+def _train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[torch.Tensor],
+    settings: Settings,
+    result: RunResult,
+) -> tuple[list[float], list[float]]:
+    device = settings.device
+    fwd_ms: list[float] = []
+    bwd_ms: list[float] = []
+    for i, batch in enumerate(batches):
+        if i == settings.warmup:
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)  # the previous optimizer step stays out of the window
+        timer = StepTimer(device)
+        loss = _forward_backward(model, batch, timer)
+        fwd, bwd = timer.elapsed_ms()
+        result.losses.append(float(loss))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= settings.warmup:
+            fwd_ms.append(fwd)
+            bwd_ms.append(bwd)
+    synchronize(device)
+    if device.type == "cuda":
+        result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return fwd_ms, bwd_ms
+
+
+def _profile(model: torch.nn.Module, batch: torch.Tensor, settings: Settings) -> Profile:
+    def step() -> None:
+        _forward_backward(model, batch, None)
+        model.zero_grad(set_to_none=True)
+
+    step()  # the profiler's own first-step overheads stay out of the table
+    return profile_steps(step, settings.device, settings.profile_steps, settings.profile_top)
+
+
+def _summarise(
+    result: RunResult, fwd_ms: list[float], bwd_ms: list[float], settings: Settings
+) -> None:
+    step_ms = [f + b for f, b in zip(fwd_ms, bwd_ms, strict=True)]
+    if not step_ms:
+        return
+    # Mean of the per-step TPS, as in the published protocol.
+    result.tps_per_gpu = statistics.fmean(settings.tokens_per_step / (ms / 1e3) for ms in step_ms)
+    result.step_ms_mean = statistics.fmean(step_ms)
+    result.step_ms_std = statistics.pstdev(step_ms)
+    result.step_ms_min = min(step_ms)
+    result.step_ms_max = max(step_ms)
+    result.fwd_ms_mean = statistics.fmean(fwd_ms)
+    result.bwd_ms_mean = statistics.fmean(bwd_ms)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def run_one(
+    spec: RunSpec,
+    config: Any,
+    settings: Settings,
+    batches: list[torch.Tensor],
+    flops_per_token: float,
+    peak_tflops: float | None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Build, train and measure one model under ``spec``; frees it before returning."""
+    release_memory(settings.device)
+    with patch_state(spec.patched) as in_effect:
+        result = RunResult(spec.name, spec.label, spec.patched, in_effect)
+        result.attn_implementation = settings.attn_implementation
+        log(f"[{spec.name}] building model (patched={spec.patched}) ...")
+        try:
+            model = build_model(
+                config,
+                device=settings.device,
+                dtype=settings.dtype,
+                seed=settings.seed,
+                experts_implementation=spec.experts_implementation,
+                attn_implementation=settings.attn_implementation,
+            )
+            result.experts_implementation = experts_backend_of(model)
+            result.weights_fingerprint = weights_fingerprint(model)
+            optimizer, result.optimizer = make_optimizer(model, settings)
+            log(
+                f"[{spec.name}] experts={result.experts_implementation} "
+                f"attn={settings.attn_implementation}; {settings.warmup} warm-up + "
+                f"{settings.steps} timed steps ..."
+            )
+            fwd_ms, bwd_ms = _train(model, optimizer, batches, settings, result)
+            _summarise(result, fwd_ms, bwd_ms, settings)
+            if settings.profile_steps > 0:
+                log(f"[{spec.name}] profiling {settings.profile_steps} step(s) ...")
+                result.profile = _profile(model, batches[-1], settings)
+        except torch.OutOfMemoryError as exc:
+            # An OOM is a result (stock HF does OOM on large shapes), not a crash of the bench.
+            result.error = f"out of memory: {_first_line(exc)}"
+        except Exception as exc:
+            # A crash in one run must not lose the other run's numbers: report it as a failed
+            # run (exit status 1) with the traceback on stderr.
+            log(traceback.format_exc())
+            result.error = f"{type(exc).__name__}: {_first_line(exc)}"
+        finally:
+            # Drop the model and optimizer before the next run is built (names may be unbound
+            # when construction itself failed).
+            model = optimizer = None
+        if result.losses:
+            result.first_loss = result.losses[0]
+        result.tflops_per_gpu = result.tps_per_gpu * flops_per_token / 1e12
+        if peak_tflops:
+            result.mfu = result.tflops_per_gpu / peak_tflops
+    release_memory(settings.device)
+    return result

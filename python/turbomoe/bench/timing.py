@@ -1,0 +1,86 @@
+"""Timing primitives: per-step fwd/bwd timers (CUDA events or wall clock) and the bf16 GEMM peak
+that MFU is measured against."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+class StepTimer:
+    """Times forward(+loss) and backward of one step.
+
+    On CUDA it brackets the phases with events and synchronises at the end of the step, so the
+    figures are GPU time from the first forward kernel to the last backward kernel, launch gaps
+    included. The caller synchronises before ``start`` so that earlier work (the optimizer step)
+    is not in the window. On CPU it uses the wall clock.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        self._times = [0.0, 0.0, 0.0]
+
+    def _mark(self, index: int) -> None:
+        if self.cuda:
+            self._events[index].record()
+        else:
+            self._times[index] = time.perf_counter()
+
+    def start(self) -> None:
+        self._mark(0)
+
+    def forward_done(self) -> None:
+        self._mark(1)
+
+    def backward_done(self) -> None:
+        self._mark(2)
+
+    def elapsed_ms(self) -> tuple[float, float]:
+        """(forward ms, backward ms); synchronises on CUDA."""
+        if self.cuda:
+            self._events[2].synchronize()
+            return (
+                self._events[0].elapsed_time(self._events[1]),
+                self._events[1].elapsed_time(self._events[2]),
+            )
+        return (
+            (self._times[1] - self._times[0]) * 1e3,
+            (self._times[2] - self._times[1]) * 1e3,
+        )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak_tflops(
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    size: int = 8192,
+    iters: int = 10,
+    warmup: int = 3,
+) -> float:
+    """Median TFLOP/s of a square ``size``³ matmul: the practical peak MFU is quoted against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(warmup):
+        torch.matmul(a, b, out=out)
+    synchronize(device)
+    samples: list[float] = []
+    for _ in range(iters):
+        timer = StepTimer(device)
+        timer.start()
+        torch.matmul(a, b, out=out)
+        timer.forward_done()
+        timer.backward_done()
+        ms, _ = timer.elapsed_ms()
+        samples.append(ms)
+    seconds = max(statistics.median(samples), 1e-9) / 1e3
+    del a, b, out
+    return 2.0 * size**3 / seconds / 1e12

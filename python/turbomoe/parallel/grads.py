@@ -1,0 +1,257 @@
+"""Gradient reduction for a parallelized model.
+
+Convention: after a backward, every gradient is the *average over all ranks* of the gradient of
+each rank's own loss (the DDP/FSDP convention). So a loss that is a mean over the tokens of the
+local batch gives the gradient of the mean over the global batch when every rank has the same
+number of tokens; with uneven counts, divide each rank's summed loss by the global count and
+multiply by the world size (what HF Trainer does with ``num_items_in_batch``).
+
+- Dense parameters under FSDP2: FSDP's reduce-scatter (average over the world) does it.
+- Dense parameters left replicated: all-reduce, average over the world.
+- Expert parameters (sharded over ep, replicated over dp): the token exchange's backward already
+  *sums* every ep peer's contribution on the owner. A hook on each expert parameter scales its
+  incoming gradient by 1/ep_size as it accumulates, and the sync averages over dp; the result is
+  Σ_all ranks / world. Because the scaling happens per backward and the sync is an average of
+  values that are already equal across the group, :func:`sync_grads` is idempotent and
+  gradient accumulation over several backwards stays exact whether it syncs after each
+  backward or once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed tensors
+    DTensor = ()  # type: ignore[assignment,misc]
+
+STATE_ATTR = "_turbomoe_parallel"
+
+# Gradients are reduced in flat buckets of at most this many elements (one collective each).
+_BUCKET_ELEMENTS = 1 << 25
+
+
+@dataclass
+class ParallelState:
+    """What a parallelized model needs to reduce its gradients and save its checkpoint."""
+
+    mesh: DeviceMesh  # ("dp", "ep")
+    ep_size: int
+    fsdp: bool
+    expert_params: list[nn.Parameter] = field(default_factory=list)
+    sync_queued: bool = False
+
+    @property
+    def world_group(self) -> ProcessGroup:
+        return dist.group.WORLD  # type: ignore[return-value]
+
+    @property
+    def dp_group(self) -> ProcessGroup:
+        return self.mesh.get_group("dp")
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.size(0)
+
+
+def parallel_state(model: nn.Module) -> ParallelState:
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, ParallelState):
+        raise ValueError("the model was not parallelized with turbomoe.parallel.parallelize")
+    return state
+
+
+def _average(params: list[nn.Parameter], group: ProcessGroup) -> None:
+    """Average the gradients of params over group, in flat buckets.
+
+    Each bucket carries one flag per parameter (1 where this rank has a gradient) so that a
+    gradient that is None on every rank stays None, and None on some ranks counts as zeros.
+    """
+    size = dist.get_world_size(group)
+    if size == 1 or not params:
+        return
+    buckets: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for p in params:
+        buckets.setdefault((p.dtype, p.device), []).append(p)
+    for (dtype, device), members in buckets.items():
+        start = 0
+        while start < len(members):
+            chunk: list[nn.Parameter] = []
+            elements = 0
+            while start < len(members) and (not chunk or elements < _BUCKET_ELEMENTS):
+                chunk.append(members[start])
+                elements += members[start].numel()
+                start += 1
+            _average_bucket(chunk, group, size, dtype, device)
+
+
+def _average_bucket(
+    chunk: list[nn.Parameter],
+    group: ProcessGroup,
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    parts = [
+        p.grad.reshape(-1)
+        if p.grad is not None
+        else torch.zeros(p.numel(), dtype=dtype, device=device)
+        for p in chunk
+    ]
+    flags = torch.tensor([p.grad is not None for p in chunk], dtype=dtype, device=device)
+    flat = torch.cat([*parts, flags])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat[: flat.numel() - len(chunk)].div_(size)
+    present = flat[flat.numel() - len(chunk) :].tolist()
+    offset = 0
+    for p, has in zip(chunk, present, strict=True):
+        n = p.numel()
+        if has:
+            reduced = flat[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = reduced.clone()
+            else:
+                p.grad.copy_(reduced)
+        offset += n
+
+
+def _replicated_dense(model: nn.Module, experts: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """Trainable parameters that are neither expert shards nor FSDP-managed (DTensors)."""
+    skip = {id(p) for p in experts}
+    return [
+        p
+        for p in model.parameters()
+        if p.requires_grad and id(p) not in skip and not isinstance(p, DTensor)
+    ]
+
+
+def sync_grads(model: nn.Module) -> None:
+    """Reduce the gradients FSDP does not: replicated dense ones over the world, expert shards
+    over dp. A collective: every rank calls it, after backward and before clipping/stepping.
+
+    With ``parallelize(..., grad_sync="auto")`` (the default) it runs by itself at the end of
+    every backward that reaches the model's output; calling it again is harmless (idempotent).
+    """
+    state = parallel_state(model)
+    _average(_replicated_dense(model, state.expert_params), state.world_group)
+    if state.dp_size > 1:
+        _average([p for p in state.expert_params if p.requires_grad], state.dp_group)
+
+
+# The brief's name for the dense half; sync_grads does both halves.
+sync_dense_grads = sync_grads
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) for a parallelized model; returns the norm.
+
+    The stock function cannot be used as is: it rejects a mix of DTensors (FSDP) and plain
+    tensors, and on expert shards each rank would see a different local norm and clip its
+    (replicated) dense gradients by a different factor. Here the squared norms are summed per
+    kind (replicated dense: local; FSDP shards: over all ranks; expert shards: over ep, as
+    they are replicated over dp), so every rank gets the norm of the full gradient. Call it
+    after the gradients are synced (automatic with grad_sync="auto"). A collective.
+    """
+    state = parallel_state(model)
+    experts = {id(p) for p in state.expert_params}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if _on_nccl() else torch.device("cpu")
+    )
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    fsdp = torch.zeros((), dtype=torch.float32, device=device)
+    expert = torch.zeros((), dtype=torch.float32, device=device)
+    for p in model.parameters():
+        grad = p.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            fsdp += grad.to_local().float().pow(2).sum()
+        elif id(p) in experts:
+            expert += grad.float().pow(2).sum()
+        else:
+            replicated += grad.float().pow(2).sum()
+    if state.fsdp:
+        dist.all_reduce(fsdp, group=state.world_group)
+    if state.ep_size > 1:
+        dist.all_reduce(expert, group=state.mesh.get_group("ep"))
+    norm = (replicated + fsdp + expert).sqrt()
+    # One host sync for the factor: DTensor gradients take a Python scalar, not a plain tensor.
+    coef = float(max_norm / (norm + eps))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
+def _on_nccl() -> bool:
+    return dist.get_backend() == "nccl"
+
+
+def scale_expert_grads(params: list[nn.Parameter], ep_size: int) -> None:
+    """Register the 1/ep_size scaling on each expert parameter's incoming gradients."""
+    if ep_size == 1:
+        return
+    factor = 1.0 / ep_size
+    for p in params:
+        # Frozen experts (e.g. LoRA on attention only) take no hook; unfreezing them after
+        # parallelize would skip the scaling, so freeze/unfreeze before calling it.
+        if p.requires_grad:
+            p.register_hook(lambda grad: grad * factor)
+
+
+def install_auto_sync(model: nn.Module) -> None:
+    """Run :func:`sync_grads` at the end of every backward that reaches the model's output.
+
+    A forward hook puts a gradient hook on the output (the loss when labels were given, else the
+    logits); when the gradient reaches it, the hook queues ``sync_grads`` on the autograd
+    engine, which runs queued callbacks once the whole backward has finished (how DDP and FSDP
+    schedule their final reductions).
+    """
+    state = parallel_state(model)
+
+    def on_grad(grad: torch.Tensor) -> torch.Tensor:
+        if not state.sync_queued:
+            state.sync_queued = True
+
+            def run() -> None:
+                state.sync_queued = False
+                sync_grads(model)
+
+            torch.autograd.Variable._execution_engine.queue_callback(run)  # type: ignore[attr-defined]
+        return grad
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if not torch.is_grad_enabled():
+            return
+        anchor = _output_anchor(output)
+        if anchor is not None:
+            anchor.register_hook(on_grad)
+
+    model.register_forward_hook(hook)
+
+
+def _output_anchor(output: object) -> torch.Tensor | None:
+    """The tensor of a model output that the backward reaches: loss first, then logits."""
+    candidates: list[object] = []
+    for name in ("loss", "logits"):
+        value = getattr(output, name, None)
+        if value is None and isinstance(output, dict):
+            value = output.get(name)
+        candidates.append(value)
+    if isinstance(output, (tuple, list)):
+        candidates.extend(output)
+    elif isinstance(output, torch.Tensor):
+        candidates.append(output)
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return value
+    return None

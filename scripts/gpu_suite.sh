@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# The GPU suite: the one script to run on the GPU machine. Everything it writes goes under
+# ${OUT:-out}: one log per stage, gpu_pytest.xml, bench.json / bench.png / bench.txt, env.txt.
+#
+# Stages: build (cmake + ninja, CUDA required, sm_90a) -> ctest -> compute-sanitizer memcheck on
+# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark. Each stage's
+# exit status is recorded and a failing stage does not stop the later ones (except that nothing
+# runs without a library); the summary table is printed last, and the script exits non-zero if
+# any stage failed.
+#
+# Knobs (environment):
+#   OUT=out                 output folder
+#   SKIP_TESTS=1            skip ctest, sanitizer and pytest (the build still runs)
+#   SKIP_BENCH=1            skip the benchmark
+#   BENCH_ARGS="..."        extra `python -m turbomoe.bench` flags (word-split; later flags win,
+#                           e.g. BENCH_ARGS="--layers 4 --profile --record")
+#   SANITIZER_K="..."       pytest -k expression for the memcheck subset of test_gpu_ops.py
+#   PYTEST_ARGS="..."       extra pytest flags for the GPU suite
+#   JOBS=16  BUILD_DIR=build/gpu  CUDA_ARCHS=90a-real  PYTHON=python3
+#   *_TIMEOUT               per-stage limits in seconds (BUILD, CTEST, SANITIZER, PYTEST, BENCH)
+#   SUITE_BUDGET=560        seconds for all stages together: a stage is cut to what is left, so
+#                           the summary always prints within ~9.5 minutes
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUILD_DIR=${BUILD_DIR:-build/gpu}
+JOBS=${JOBS:-16}
+CUDA_ARCHS=${CUDA_ARCHS:-90a-real}
+PYTHON=${PYTHON:-python3}
+SKIP_TESTS=${SKIP_TESTS:-0}
+SKIP_BENCH=${SKIP_BENCH:-0}
+BENCH_ARGS=${BENCH_ARGS:-}
+PYTEST_ARGS=${PYTEST_ARGS:-}
+# bf16 cases without the largest shapes: memcheck slows every kernel (torch's included) 10-100x.
+SANITIZER_K=${SANITIZER_K:-bf16 and not 4096 and not 151936 and not 131072}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
+CTEST_TIMEOUT=${CTEST_TIMEOUT:-120}
+SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150}
+PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+# Whole-suite budget: a stage gets at most what is left of it, so the summary is always printed
+# before an outer limit (10 minutes per command on the device) kills the script.
+SUITE_BUDGET=${SUITE_BUDGET:-560}
+
+LIB=$ROOT/$BUILD_DIR/libturbomoe.so
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+# The package is used from the source tree, with the library just built.
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+export TURBOMOE_LIBRARY=$LIB
+
+declare -A STATUS DETAIL
+ORDER=(build ctest sanitizer pytest bench)
+for s in "${ORDER[@]}"; do STATUS[$s]=skipped; DETAIL[$s]=""; done
+
+# run_stage NAME TIMEOUT_S CMD... : runs CMD with its output in $OUT/NAME.log; sets RC.
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS left=$((SUITE_BUDGET - SECONDS - 10))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: not run, the suite budget (${SUITE_BUDGET} s) is spent"
+    echo "not run: suite budget spent" >"$OUT/$name.log"
+    RC=124
+    return
+  fi
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  echo "== $name (limit ${limit} s): $*"
+  if timeout --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1; then RC=0; else RC=$?; fi
+  local took=$((SECONDS - start))
+  if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then
+    echo "   $name: TIMED OUT after ${limit} s (rc $RC)"
+  else
+    echo "   $name: rc $RC (${took} s)"
+  fi
+  if [ "$RC" -ne 0 ]; then
+    echo "   --- last lines of $OUT/$name.log ---"
+    tail -n 25 "$OUT/$name.log" | sed 's/^/   | /'
+  fi
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+  "$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)' 2>&1 || true
+} >"$OUT/env.txt"
+
+# ---- build -------------------------------------------------------------------------------
+configure() {
+  cmake -S "$ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA=ON \
+    -DTM_CUDA_ARCHITECTURES="$CUDA_ARCHS" "$@"
+}
+build() {
+  set -euo pipefail
+  local tests=ON
+  if ! configure -DTM_BUILD_TESTS=ON; then
+    # The C++ tests need GoogleTest; without it build the library alone and say so.
+    echo "configure with tests failed; retrying without the GoogleTest suite"
+    configure -DTM_BUILD_TESTS=OFF
+    tests=OFF
+  fi
+  echo "TM_BUILD_TESTS=$tests"
+  cmake --build "$BUILD_DIR" -j "$JOBS"
+}
+# `timeout` runs programs, not shell functions: hand the functions to a child bash.
+export -f configure build
+export ROOT BUILD_DIR CUDA_ARCHS JOBS
+run_stage build "$BUILD_TIMEOUT" bash -c build
+if [ "$RC" -eq 0 ] && [ -f "$LIB" ]; then
+  STATUS[build]=ok
+  DETAIL[build]="$BUILD_DIR ($CUDA_ARCHS)"
+  if grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
+    DETAIL[build]+="; no GoogleTest: C++ tests not built"
+  fi
+else
+  STATUS[build]=FAILED
+  DETAIL[build]="rc $RC; see build.log"
+fi
+
+# ---- tests -------------------------------------------------------------------------------
+if [ "${STATUS[build]}" != ok ]; then
+  for s in ctest sanitizer pytest bench; do DETAIL[$s]="no library"; done
+elif [ "$SKIP_TESTS" = 1 ]; then
+  for s in ctest sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
+else
+  # ctest
+  if grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
+    DETAIL[ctest]="GoogleTest missing"
+  else
+    run_stage ctest "$CTEST_TIMEOUT" ctest --test-dir "$BUILD_DIR" --output-on-failure -j 8 --timeout 100
+    # "100% tests passed out of 233" or "97% tests passed, 7 tests failed out of 233"
+    line=$(grep -E "% tests passed.* out of [0-9]+" "$OUT/ctest.log" | tail -n 1 || true)
+    if [[ $line =~ out\ of\ ([0-9]+) ]]; then
+      total=${BASH_REMATCH[1]} failed=0
+      if [[ $line =~ ([0-9]+)\ tests?\ failed ]]; then failed=${BASH_REMATCH[1]}; fi
+      DETAIL[ctest]="$((total - failed))/$total passed"
+    else
+      DETAIL[ctest]="no result line (rc $RC)"
+    fi
+    if [ "$RC" -eq 0 ]; then STATUS[ctest]=ok; else STATUS[ctest]=FAILED; fi
+  fi
+
+  # compute-sanitizer memcheck on a subset of the GPU op tests. Without the caching allocator
+  # every torch tensor is its own cudaMalloc, so memcheck sees the true bounds of each buffer.
+  ops_tests=tests/python/gpu/test_gpu_ops.py
+  if ! command -v compute-sanitizer >/dev/null 2>&1; then
+    DETAIL[sanitizer]="compute-sanitizer not found"
+    STATUS[sanitizer]=FAILED
+  elif [ ! -f "$ops_tests" ]; then
+    DETAIL[sanitizer]="$ops_tests missing"
+  else
+    san_opts=(--tool memcheck --error-exitcode 86)
+    san_help=$(compute-sanitizer --help 2>&1 || true)
+    # Only memory errors count: torch makes CUDA API calls that fail on purpose (probing), and
+    # pytest's children (if any) are checked too. Options the installed version lacks are left out.
+    for opt in "--report-api-errors no" "--leak-check no" "--target-processes all"; do
+      if grep -q -- "${opt% *}" <<<"$san_help"; then read -r -a kv <<<"$opt"; san_opts+=("${kv[@]}"); fi
+    done
+    run_stage sanitizer "$SANITIZER_TIMEOUT" env TURBOMOE_GPU_TESTS=1 \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer "${san_opts[@]}" \
+      "$PYTHON" -m pytest "$ops_tests" -q -p no:cacheprovider -k "$SANITIZER_K"
+    errors=$(grep -Eo "ERROR SUMMARY: [0-9]+" "$OUT/sanitizer.log" | tail -n 1 | grep -Eo "[0-9]+" || true)
+    summary=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed|no tests ran" "$OUT/sanitizer.log" | tail -n 1 || true)
+    case $RC in
+      0) STATUS[sanitizer]=ok; DETAIL[sanitizer]="clean; ${summary:-?}" ;;
+      86) STATUS[sanitizer]=FAILED; DETAIL[sanitizer]="memcheck found ${errors:-some} error(s)" ;;
+      5) STATUS[sanitizer]=FAILED; DETAIL[sanitizer]="no test matched -k '$SANITIZER_K'" ;;
+      124 | 137) STATUS[sanitizer]=FAILED; DETAIL[sanitizer]="timed out after ${SANITIZER_TIMEOUT} s" ;;
+      *)
+        STATUS[sanitizer]=FAILED
+        DETAIL[sanitizer]="tests failed under memcheck (rc $RC, ${errors:-?} memcheck errors); ${summary:-?}"
+        ;;
+    esac
+  fi
+
+  # The GPU pytest suite (marker gpu; the conftest runs it only with TURBOMOE_GPU_TESTS=1).
+  read -r -a pytest_extra <<<"$PYTEST_ARGS"
+  run_stage pytest "$PYTEST_TIMEOUT" env TURBOMOE_GPU_TESTS=1 \
+    "$PYTHON" -m pytest tests/python/gpu -q -rfE -p no:cacheprovider \
+    --junitxml="$OUT/gpu_pytest.xml" "${pytest_extra[@]}"
+  DETAIL[pytest]=$("$PYTHON" - "$OUT/gpu_pytest.xml" <<'PY' 2>/dev/null || echo "no junit report (rc $RC)"
+import sys
+import xml.etree.ElementTree as ET
+
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+print(f"{passed} passed, {n['failures'] + n['errors']} failed, {n['skipped']} skipped, "
+      f"{n['tests']} total")
+PY
+  )
+  if [ "$RC" -eq 0 ]; then STATUS[pytest]=ok; else
+    STATUS[pytest]=FAILED
+    DETAIL[pytest]+=" (pytest rc $RC)"
+  fi
+fi
+
+# ---- bench -------------------------------------------------------------------------------
+if [ "${STATUS[build]}" = ok ] && [ "$SKIP_BENCH" = 1 ]; then
+  DETAIL[bench]="SKIP_BENCH=1"
+elif [ "${STATUS[build]}" = ok ]; then
+  read -r -a bench_extra <<<"$BENCH_ARGS"
+  rm -f "$OUT/bench.json"
+  # The table goes to bench.txt, progress and errors to bench.log.
+  # shellcheck disable=SC2016 # $1 and $@ belong to the inner shell
+  run_stage bench "$BENCH_TIMEOUT" bash -c '
+    out=$1; shift
+    "$@" >"$out/bench.txt"' _ "$OUT" \
+    "$PYTHON" -m turbomoe.bench --layers 12 --json "$OUT/bench.json" --png "$OUT/bench.png" \
+    "${bench_extra[@]}"
+  DETAIL[bench]=$("$PYTHON" - "$OUT/bench.json" <<'PY' 2>/dev/null || echo "no bench.json (rc $RC)"
+import json
+import sys
+
+p = json.load(open(sys.argv[1]))
+runs, ratios = p["runs"], p.get("ratios") or {}
+def run(name):
+    r = runs.get(name)
+    if r is None:
+        return None
+    if r["error"]:
+        return f"{name} FAILED ({r['error'][:60]})"
+    gib = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+    return f"{name} {r['tps_per_gpu']:,.0f} TPS {gib} GiB"
+parts = [s for s in (run("hf"), run("turbomoe")) if s]
+if ratios.get("speedup"):
+    check = ratios["loss_check"]
+    mem = "n/a" if ratios["peak_mem"] is None else f"{ratios['peak_mem']:.2f}x"
+    parts.append(f"speedup {ratios['speedup']:.2f}x, memory {mem}, "
+                 f"loss rel diff {check['rel_diff']:.1e} {'ok' if check['ok'] else 'MISMATCH'}")
+print(f"{p['config']['layers']} layers: " + "; ".join(parts))
+PY
+  )
+  if [ "$RC" -eq 0 ]; then STATUS[bench]=ok; else
+    STATUS[bench]=FAILED
+    DETAIL[bench]+=" (bench rc $RC)"
+  fi
+fi
+
+# ---- summary (printed last) ----------------------------------------------------------------
+if [ -s "$OUT/bench.txt" ]; then
+  echo
+  cat "$OUT/bench.txt"
+fi
+failed=()
+echo
+echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="
+printf '%-10s %-8s %s\n' stage status detail
+for s in "${ORDER[@]}"; do
+  printf '%-10s %-8s %s\n' "$s" "${STATUS[$s]}" "${DETAIL[$s]}"
+  if [ "${STATUS[$s]}" = FAILED ]; then failed+=("$s"); fi
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "overall: FAILED (${failed[*]}); logs in $OUT"
+  exit 1
+fi
+echo "overall: ok; logs in $OUT"

@@ -1,0 +1,379 @@
+"""Multi-process helpers for the expert-parallel tests (test_parallel*.py).
+
+``run_ranks`` forks one process per rank from the test process and joins a gloo process group
+through a file. Forking (not spawning) matters on the small CPU machines the suite runs on:
+the children share the parent's already imported torch/transformers/turbomoe instead of paying
+~10 s of imports each, and they inherit the exact model the parent built, so every rank starts
+from the same weights without relying on seeds. Each child runs one scenario function and
+leaves its result (``torch.save``) or its traceback in the test's temporary directory.
+
+The scenario functions below run inside the children.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
+
+import turbomoe.parallel as tp
+from turbomoe.parallel.dispatch import expert_shard
+from turbomoe.parallel.grads import DTensor
+from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts, shard_experts
+
+VOCAB = 128
+HIDDEN = 64
+EXPERTS = 8
+
+# ------------------------------------------------------------------------------ tiny models
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """hidden 64, 8 experts top-2, 2 MoE layers, vocab 128."""
+    common: dict[str, Any] = {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "initializer_range": 0.1,  # a decisive router: top-k never hinges on a rounding error
+        "num_experts_per_tok": 2,
+        "attn_implementation": "eager",
+    }
+    if family == "qwen3_moe":
+        fields = {
+            **common,
+            "intermediate_size": 64,
+            "moe_intermediate_size": 32,
+            "num_experts": EXPERTS,
+            "norm_topk_prob": True,
+            "head_dim": 16,
+        }
+        config: Any = Qwen3MoeConfig(**{**fields, **overrides})
+    elif family == "mixtral":
+        fields = {**common, "intermediate_size": 32, "num_local_experts": EXPERTS}
+        config = MixtralConfig(**{**fields, **overrides})
+    elif family == "deepseek_v3":
+        fields = {
+            **common,
+            "num_key_value_heads": 4,
+            "intermediate_size": 64,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": EXPERTS,
+            "n_group": 1,
+            "topk_group": 1,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 0,
+            "routed_scaling_factor": 2.5,
+            "q_lora_rank": 24,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "head_dim": 8,
+        }
+        config = DeepseekV3Config(**{**fields, **overrides})
+    else:
+        raise ValueError(family)
+    return config
+
+
+def build(family: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A float32 tiny model in train mode. DeepSeek-V3's correction bias shuts experts 6 and 7
+    out entirely (no token ever reaches them), so expert-parallel rank 3 of 4 receives nothing."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.linspace(-0.05, 0.05, bias.numel()))
+                bias[6:] = -100.0
+    model.train()
+    return model
+
+
+def make_batch(seed: int, batch: int = 2, seq: int = 8, pad: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens; the last ``pad`` positions of row 0 are padding and one more label of
+    the last row is ignored, so ranks hold different numbers of labelled tokens."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    if pad:
+        mask[0, seq - pad :] = 0
+        labels[0, seq - pad :] = -100
+    labels[-1, 1 + seed % (seq - 1)] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the causal-LM loss counts (labels are shifted by one)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------- launcher
+
+
+def _child(
+    fn: Callable[..., Any],
+    rank: int,
+    world: int,
+    workdir: Path,
+    pg_timeout_s: float,
+    args: tuple[Any, ...],
+) -> None:
+    code = 1
+    try:
+        torch.set_num_threads(1)  # 8 ranks share 2 cores
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{workdir / 'pg_init'}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=pg_timeout_s),
+        )
+        result = fn(rank, world, *args)
+        torch.save(result, workdir / f"result{rank}.pt")
+        code = 0
+        dist.destroy_process_group()
+    except BaseException:
+        (workdir / f"error{rank}.txt").write_text(traceback.format_exc())
+    finally:
+        os._exit(code)  # never run the parent's (pytest's) exit handlers in a fork
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int,
+    workdir: Path,
+    *args: Any,
+    timeout_s: float = 55.0,
+    pg_timeout_s: float = 45.0,
+    wait_for: list[int] | None = None,
+) -> list[Any]:
+    """Run fn(rank, world, *args) on ``world`` forked gloo ranks; returns each rank's result.
+
+    ``wait_for``: ranks whose end is awaited (the rest are killed then; default all). Raises
+    AssertionError with the failing ranks' tracebacks, or when a rank outlives timeout_s.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("fork")
+    procs = [
+        ctx.Process(target=_child, args=(fn, rank, world, workdir, pg_timeout_s, args))
+        for rank in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout_s
+    awaited = range(world) if wait_for is None else wait_for
+    for rank in awaited:
+        procs[rank].join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank in awaited if procs[rank].is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    errors = {
+        rank: (workdir / f"error{rank}.txt").read_text()
+        for rank in range(world)
+        if (workdir / f"error{rank}.txt").exists()
+    }
+    if errors or hung:
+        detail = "\n".join(f"--- rank {rank}:\n{text}" for rank, text in sorted(errors.items()))
+        raise AssertionError(f"ranks {sorted(errors)} failed, ranks {hung} hung:\n{detail}")
+    return [
+        torch.load(workdir / f"result{rank}.pt", weights_only=False)
+        if (workdir / f"result{rank}.pt").exists()
+        else None
+        for rank in range(world)
+    ]
+
+
+# ------------------------------------------------------------------------------ collection
+
+
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Every parameter's gradient, unsharded (FSDP shards and expert shards gathered)."""
+    sharded = {
+        f"{name}.{weight}": expert_shard(module)
+        for name, module in find_experts(model)
+        for weight in EXPERT_WEIGHTS
+    }
+    out: dict[str, torch.Tensor | None] = {}
+    for name, p in model.named_parameters():
+        grad = p.grad
+        shard = sharded.get(name)
+        if isinstance(grad, DTensor):
+            grad = grad.full_tensor()
+        elif shard is not None and shard.ep_size > 1:
+            local = grad if grad is not None else torch.zeros_like(p)
+            parts = [torch.empty_like(local) for _ in range(shard.ep_size)]
+            dist.all_gather(parts, local.contiguous(), group=shard.group)
+            grad = torch.cat(parts)
+        out[name] = None if grad is None else grad.detach().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------- scenarios
+
+
+def parity_worker(
+    rank: int,
+    world: int,
+    base: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    ep_size: int,
+    fsdp: bool | None,
+    grad_sync: str,
+    checkpointing: bool = False,
+) -> dict[str, Any]:
+    """One forward/backward of this rank's batch; the loss is normalised by the global label
+    count and scaled by the world size, because gradients are averaged over ranks. Also the
+    gradient norm clip_grad_norm_ finds (with a bound that clips nothing)."""
+    model = copy.deepcopy(base)
+    if checkpointing:  # the layer forwards, token exchanges included, rerun inside backward
+        model.gradient_checkpointing_enable()
+    tp.parallelize(model, ep_size=ep_size, fsdp=fsdp, grad_sync=grad_sync)  # type: ignore[arg-type]
+    total = sum(label_count(b) for b in batches)
+    out = model(**batches[rank], num_items_in_batch=total)
+    (out.loss * world).backward()
+    if grad_sync == "manual":
+        tp.sync_grads(model)
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    norm = tp.clip_grad_norm_(model, 1e9)
+    return {"loss": loss, "grads": full_grads(model), "norm": norm}
+
+
+def dispatch_worker(
+    rank: int,
+    world: int,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    rounds: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]],
+) -> list[dict[str, torch.Tensor]]:
+    """ep_experts_forward on hand-made routing; each round gives every rank (hidden, ids,
+    weights, output projection). Returns the outputs and gradients of each round."""
+    holder = nn.Module()
+    holder.experts = nn.Module()
+    holder.experts.gate_up_proj = nn.Parameter(gate_up.clone())
+    holder.experts.down_proj = nn.Parameter(down.clone())
+    shard_experts(holder, tp.build_mesh(world))
+    results = []
+    for per_rank in rounds:
+        hidden, ids, weights, proj = per_rank[rank]
+        hidden = hidden.clone().requires_grad_()
+        weights = weights.clone().requires_grad_()
+        holder.zero_grad(set_to_none=True)
+        out = tp.ep_experts_forward(holder.experts, hidden, ids, weights)
+        (out * proj).sum().backward()
+        grads = full_grads(holder)
+        results.append(
+            {
+                "out": out.detach(),
+                "hidden": hidden.grad,
+                "weights": weights.grad,
+                "gate_up": grads["experts.gate_up_proj"],
+                "down": grads["experts.down_proj"],
+            }
+        )
+    # An expert id out of range on rank 0 only: every rank raises (none waits for the others).
+    hidden, ids, weights, _ = rounds[0][rank]
+    bad = ids.clone()
+    if rank == 0:
+        bad[0, 0] = gate_up.shape[0] + 3
+    try:
+        tp.ep_experts_forward(holder.experts, hidden, bad, weights)
+    except ValueError as exc:
+        results.append({"error": str(exc)})
+    return results
+
+
+def save_worker(
+    rank: int,
+    world: int,
+    base: nn.Module,
+    odd: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    path: Path,
+) -> dict[str, Any]:
+    """Bad ep sizes raise; then train one step (ep = 2, FSDP), save, reload with turbomoe's
+    loader, and report both models' logits on this rank's batch."""
+    errors: dict[str, str] = {}
+    for key, model_, ep in (("world", base, 3), ("experts", odd, 2), ("zero", base, 0)):
+        try:
+            tp.parallelize(copy.deepcopy(model_), ep_size=ep)
+        except ValueError as exc:
+            errors[key] = str(exc)
+    model = copy.deepcopy(base)
+    tp.parallelize(model, ep_size=2, fsdp=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = batches[rank]
+    model(**batch).loss.backward()
+    optimizer.step()
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    model.save_pretrained(path)
+    loaded = tp.AutoModelForCausalLM.from_pretrained(path, ep_size=2)
+    with torch.no_grad():
+        reloaded = loaded(**inputs).logits
+    return {"errors": errors, "logits": logits, "reloaded": reloaded}
+
+
+def load_worker(
+    rank: int, world: int, paths: list[Path], batches: list[dict[str, torch.Tensor]]
+) -> list[torch.Tensor]:
+    """Load each checkpoint with ep = world and return the logits on this rank's batch."""
+    inputs = {k: v for k, v in batches[rank].items() if k != "labels"}
+    out = []
+    for path in paths:
+        model = tp.AutoModelForCausalLM.from_pretrained(path, ep_size=world)
+        local = {
+            tuple(expert_shard(m).expert_range) for _, m in find_experts(model) if expert_shard(m)
+        }
+        assert local == {(rank * EXPERTS // world, (rank + 1) * EXPERTS // world)}, local
+        with torch.no_grad():
+            out.append(model(**inputs).logits)
+    return out
+
+
+def timeout_worker(
+    rank: int, world: int, base: nn.Module, batch: dict[str, torch.Tensor]
+) -> dict[str, Any] | None:
+    """Rank 1 never joins the forward; rank 0 must get an error, not hang."""
+    model = copy.deepcopy(base)
+    tp.parallelize(model, ep_size=world)
+    dist.barrier()
+    if rank != 0:
+        time.sleep(120)
+        return None
+    start = time.monotonic()
+    try:
+        model(**batch)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}

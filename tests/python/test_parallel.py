@@ -1,0 +1,238 @@
+"""Expert parallelism on CPU: gloo ranks (forked by parallel_worker.run_ranks) against one process.
+
+Each rank feeds its own batch; the reference is one process over the concatenated batch. The
+loss is normalised by the global label count (ranks hold different counts), so the summed rank
+losses equal the reference's mean loss, and gradients (averaged over ranks by turbomoe.parallel)
+equal the reference's; expert gradients are compared after gathering the shards.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from hf_models import capture_routing
+from parallel_worker import (
+    EXPERTS,
+    build,
+    concat,
+    dispatch_worker,
+    load_worker,
+    make_batch,
+    parity_worker,
+    rel_err,
+    run_ranks,
+    save_worker,
+    timeout_worker,
+)
+
+import turbomoe
+import turbomoe.parallel as tp
+from turbomoe import ops
+
+
+@pytest.fixture(autouse=True)
+def _patched() -> None:
+    turbomoe.patch()
+
+
+def _reference(base: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    model = copy.deepcopy(base)
+    with capture_routing(model) as routing:
+        out = model(**concat(batches))
+    out.loss.backward()
+    counts = [torch.bincount(ids.reshape(-1), minlength=EXPERTS) for ids in routing]
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    norm = torch.nn.utils.get_total_norm([g for g in grads.values() if g is not None])
+    return {"loss": out.loss.detach(), "grads": grads, "counts": counts, "norm": norm}
+
+
+def _check_parity(results: list[dict[str, Any]], ref: dict[str, Any]) -> None:
+    for rank, result in enumerate(results):
+        assert rel_err(result["loss"], ref["loss"]) <= 1e-5, (rank, result["loss"], ref["loss"])
+        assert rel_err(result["norm"], ref["norm"]) <= 1e-5, (rank, result["norm"], ref["norm"])
+        assert result["grads"].keys() == ref["grads"].keys()
+        for name, want in ref["grads"].items():
+            got = result["grads"][name]
+            assert (got is None) == (want is None), (rank, name)
+            if want is not None:
+                assert got.shape == want.shape, (rank, name)
+                assert rel_err(got, want) <= 1e-4, (rank, name, rel_err(got, want))
+
+
+@pytest.mark.parametrize(
+    ("family", "world", "ep_size", "fsdp", "grad_sync", "checkpointing"),
+    [
+        ("qwen3_moe", 2, 2, None, "auto", False),
+        # dp 2: dense under FSDP2, experts reduced over dp
+        ("qwen3_moe", 4, 2, None, "manual", False),
+        # rank 3 owns experts 6 and 7, which get no tokens
+        ("deepseek_v3", 4, 4, None, "auto", False),
+        # ep 1: pure data parallel with replicated dense weights
+        ("deepseek_v3", 2, 1, False, "auto", False),
+        ("mixtral", 2, 2, True, "auto", True),  # FSDP at dp 1, gradient checkpointing
+    ],
+)
+def test_parallel_matches_one_process(
+    family: str,
+    world: int,
+    ep_size: int,
+    fsdp: bool | None,
+    grad_sync: str,
+    checkpointing: bool,
+    tmp_path: Path,
+) -> None:
+    base = build(family, seed=3)
+    batches = [make_batch(seed=r, pad=r % 3) for r in range(world)]
+    ref = _reference(base, batches)
+    for counts in ref["counts"]:
+        assert int(counts.max()) >= 2 * max(int(counts.min()), 1), counts  # uneven routing
+    if family == "deepseek_v3":
+        assert all(int(c[6:].sum()) == 0 for c in ref["counts"])  # experts without tokens
+    results = run_ranks(
+        parity_worker, world, tmp_path, base, batches, ep_size, fsdp, grad_sync, checkpointing
+    )
+    _check_parity(results, ref)
+
+
+def test_parallel_ep8_on_eight_gloo_ranks(tmp_path: Path) -> None:
+    """EP = 8 over 8 processes: one expert per rank."""
+    base = build("qwen3_moe", seed=5)
+    batches = [make_batch(seed=r, batch=1, seq=6) for r in range(8)]
+    ref = _reference(base, batches)
+    results = run_ranks(parity_worker, 8, tmp_path, base, batches, 8, None, "auto", timeout_s=58.0)
+    _check_parity(results, ref)
+
+
+def test_dispatch_edge_cases_match_moe_experts(tmp_path: Path) -> None:
+    """One expert gets every token's first slot, expert 2 gets nothing, and in turn each rank
+    holds no tokens at all (it still sends, receives and computes)."""
+    g = torch.Generator().manual_seed(7)
+    hidden_size, inter, experts = 24, 10, 4
+    gate_up = torch.randn(experts, 2 * inter, hidden_size, generator=g) * 0.3
+    down = torch.randn(experts, hidden_size, inter, generator=g) * 0.3
+
+    def tokens(count: int, second: list[int]) -> tuple[torch.Tensor, ...]:
+        hidden = torch.randn(count, hidden_size, generator=g)
+        ids = torch.zeros(count, 2, dtype=torch.int64)
+        ids[:, 1] = torch.tensor(second, dtype=torch.int64)[torch.arange(count) % len(second)]
+        weights = torch.rand(count, 2, generator=g)
+        proj = torch.randn(count, hidden_size, generator=g)
+        return hidden, ids, weights, proj
+
+    rounds = [
+        [tokens(7, [1, 3]), tokens(0, [1])],
+        [tokens(0, [1]), tokens(5, [3, 1, 1])],
+        [tokens(3, [1]), tokens(4, [1])],  # rank 1 (experts 2, 3) receives nothing
+    ]
+    results = run_ranks(dispatch_worker, 2, tmp_path, gate_up, down, rounds)
+
+    for result in results:
+        assert "expert ids outside [0, 4)" in result[-1]["error"]
+    for index, per_rank in enumerate(rounds):
+        hidden = torch.cat([r[0] for r in per_rank]).requires_grad_()
+        ids = torch.cat([r[1] for r in per_rank])
+        weights = torch.cat([r[2] for r in per_rank]).requires_grad_()
+        proj = torch.cat([r[3] for r in per_rank])
+        w1 = gate_up.clone().requires_grad_()
+        w2 = down.clone().requires_grad_()
+        out = ops.moe_experts(hidden, ids, weights, w1, w2)
+        (out * proj).sum().backward()
+        sizes = [r[0].shape[0] for r in per_rank]
+        for rank, result in enumerate(r[index] for r in results):
+            lo = sum(sizes[:rank])
+            hi = lo + sizes[rank]
+            if hi > lo:
+                assert rel_err(result["out"], out[lo:hi].detach()) <= 1e-6
+                assert rel_err(result["hidden"], hidden.grad[lo:hi]) <= 1e-6
+                assert rel_err(result["weights"], weights.grad[lo:hi]) <= 1e-6
+            else:
+                assert result["out"].shape == (0, hidden_size)
+            assert rel_err(result["gate_up"], w1.grad) <= 1e-6, (index, rank)
+            assert rel_err(result["down"], w2.grad) <= 1e-6, (index, rank)
+
+
+def test_missing_peer_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    base = build("qwen3_moe", seed=1)
+    batch = {k: v for k, v in make_batch(seed=0).items() if k != "labels"}
+    results = run_ranks(
+        timeout_worker, 2, tmp_path, base, batch, pg_timeout_s=8.0, timeout_s=50.0, wait_for=[0]
+    )
+    error = results[0]["error"]
+    assert error is not None and "imed out" in error, error
+    assert results[0]["seconds"] < 30.0
+
+
+def test_parallelize_needs_a_process_group() -> None:
+    assert not dist.is_initialized()
+    model = build("qwen3_moe")
+    with pytest.raises(ValueError, match=r"torch\.distributed"):
+        tp.parallelize(model, ep_size=2)
+    assert tp.parallelize(model, ep_size=1) is model  # one process, ep 1: a no-op
+    assert not tp.is_parallelized(model)
+
+
+def test_save_pretrained_gives_a_stock_checkpoint(tmp_path: Path, stock_transformers: None) -> None:
+    """ep 2 (+ FSDP) model after one step → save → stock from_pretrained: the same logits; and
+    turbomoe's own ep loader reads it back. Bad ep sizes raise ValueError first."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    turbomoe.patch()  # the ranks run turbomoe; the reference below runs stock
+    base = build("qwen3_moe", seed=11)
+    odd = build("qwen3_moe", seed=11, num_experts=5)
+    batches = [make_batch(seed=r, pad=2 * r) for r in range(2)]
+    path = tmp_path / "checkpoint"
+    results = run_ranks(save_worker, 2, tmp_path / "run", base, odd, batches, path)
+
+    errors = results[0]["errors"]
+    assert "ep_size=3 does not divide the world size 2" in errors["world"]
+    assert "ep_size=2 does not divide the 5 experts" in errors["experts"]
+    assert "positive integer" in errors["zero"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    for e in range(EXPERTS):
+        assert f"model.layers.1.mlp.experts.{e}.gate_proj.weight" in keys
+        assert f"model.layers.1.mlp.experts.{e}.down_proj.weight" in keys
+    assert not any(key.endswith("experts.gate_up_proj") for key in keys)
+
+    turbomoe.unpatch()
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for rank, result in enumerate(results):
+        inputs = {k: v for k, v in batches[rank].items() if k != "labels"}
+        with torch.no_grad():
+            want = loaded(**inputs).logits
+        assert rel_err(result["logits"], want) <= 1e-5, rank
+        assert rel_err(result["reloaded"], result["logits"]) <= 1e-6, rank
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_from_pretrained_loads_only_local_experts(family: str, tmp_path: Path) -> None:
+    """turbomoe.parallel.AutoModelForCausalLM reads stock checkpoints, per-expert keys
+    (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2) and fused keys alike."""
+    base = build(family, seed=13).eval()
+    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
+    base.save_pretrained(per_expert)
+    base.save_pretrained(fused, save_original_format=False)
+    batches = [make_batch(seed=r) for r in range(2)]
+    results = run_ranks(load_worker, 2, tmp_path / "run", [per_expert, fused], batches)
+    for rank, logits in enumerate(results):
+        inputs = {k: v for k, v in batches[rank].items() if k != "labels"}
+        with torch.no_grad():
+            want = base(**inputs).logits
+        for got in logits:
+            assert rel_err(got, want) <= 1e-5, rank
+
+
+def test_from_pretrained_with_ep_needs_torchrun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        tp.AutoModelForCausalLM.from_pretrained(tmp_path, ep_size=2)
