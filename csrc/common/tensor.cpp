@@ -153,6 +153,20 @@ const Arg& Arg::same_shape(const Arg& other) const {
   return *this;
 }
 
+void check_workspace(const void* workspace, size_t bytes, size_t needed, const char* query) {
+  if (needed == 0) return;
+  if (bytes < needed) {
+    fail(TM_ERR_OUT_OF_MEMORY, "workspace_bytes is " + std::to_string(bytes) +
+                                   " but this call needs " + std::to_string(needed) + " (see " +
+                                   query + ")");
+  }
+  if (workspace == nullptr)
+    invalid("workspace is NULL but this call needs " + std::to_string(needed) + " bytes");
+  if (reinterpret_cast<uintptr_t>(workspace) % kWorkspaceAlignment != 0) {
+    invalid("workspace must be " + std::to_string(kWorkspaceAlignment) + "-byte aligned");
+  }
+}
+
 int32_t common_device(std::initializer_list<const Arg*> args) {
   const Arg* first = nullptr;
   for (const Arg* a : args) {

@@ -61,6 +61,11 @@ inline std::optional<Arg> optional_arg(const tm_tensor* t, const char* name) {
   return Arg(t, name);
 }
 
+// Workspaces are caller-owned scratch buffers: large enough for what the size query returned
+// (else TM_ERR_OUT_OF_MEMORY naming that query), non-NULL and 16-byte aligned when needed.
+inline constexpr size_t kWorkspaceAlignment = 16;
+void check_workspace(const void* workspace, size_t bytes, size_t needed, const char* query);
+
 // Every tensor of one call must live on one device; returns that device type.
 int32_t common_device(std::initializer_list<const Arg*> args);
 

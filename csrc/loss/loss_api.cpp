@@ -10,7 +10,6 @@ namespace {
 
 using turbomoe::Arg;
 
-constexpr size_t kWorkspaceAlignment = 16;
 
 void check_device_type(int32_t device_type) {
   if (device_type != TM_DEVICE_CPU && device_type != TM_DEVICE_CUDA) {
@@ -31,18 +30,6 @@ void check_labels(const Arg& labels, int64_t rows) {
 
 void check_per_row(const Arg& a, int64_t rows) {
   a.dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, rows, "one value per row");
-}
-
-void check_workspace(void* workspace, size_t workspace_bytes, size_t needed, const char* query) {
-  if (workspace_bytes < needed) {
-    turbomoe::fail(TM_ERR_OUT_OF_MEMORY, "workspace_bytes is " + std::to_string(workspace_bytes) +
-                                             ", need " + std::to_string(needed) + " (see " + query +
-                                             ")");
-  }
-  if (needed > 0 && workspace == nullptr) turbomoe::invalid("workspace is NULL");
-  if (needed > 0 && reinterpret_cast<uintptr_t>(workspace) % kWorkspaceAlignment != 0) {
-    turbomoe::invalid("workspace must be " + std::to_string(kWorkspaceAlignment) + "-byte aligned");
-  }
 }
 
 const tm_linear_ce_params& check_linear_params(const tm_linear_ce_params* params) {
@@ -157,8 +144,8 @@ tm_status tm_linear_cross_entropy_forward(const tm_linear_ce_params* params,
     }
     const auto w =
         turbomoe::loss::linear_ce_workspace(p.chunk_rows, n, hd.size(1), vocab, false, false);
-    check_workspace(workspace, workspace_bytes, w.floats * sizeof(float),
-                    "tm_linear_cross_entropy_workspace_size");
+    turbomoe::check_workspace(workspace, workspace_bytes, w.floats * sizeof(float),
+                              "tm_linear_cross_entropy_workspace_size");
     if (n == 0) return;
     turbomoe::loss::linear_ce_forward_cpu(p, hd, wt, lb, ls, le, static_cast<float*>(workspace));
   });
@@ -193,8 +180,8 @@ tm_status tm_linear_cross_entropy_backward(const tm_linear_ce_params* params,
     const bool grad_weight_acc = gw && gw->dtype() != TM_DTYPE_FLOAT32;
     const auto w = turbomoe::loss::linear_ce_workspace(p.chunk_rows, n, hd.size(1), vocab,
                                                        weight_copy, grad_weight_acc);
-    check_workspace(workspace, workspace_bytes, w.floats * sizeof(float),
-                    "tm_linear_cross_entropy_workspace_size");
+    turbomoe::check_workspace(workspace, workspace_bytes, w.floats * sizeof(float),
+                              "tm_linear_cross_entropy_workspace_size");
     // With no row, grad_weight is still overwritten (with zeros).
     if (n == 0 && !gw) return;
     turbomoe::loss::linear_ce_backward_cpu(p, gl, hd, wt, lb, le, gh, gw,

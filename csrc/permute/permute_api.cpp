@@ -12,19 +12,6 @@ namespace {
 using turbomoe::Arg;
 using turbomoe::invalid;
 
-void check_workspace(const void* workspace, size_t bytes, size_t needed) {
-  if (needed == 0) return;
-  if (bytes < needed) {
-    turbomoe::fail(TM_ERR_OUT_OF_MEMORY, "workspace_bytes is " + std::to_string(bytes) +
-                                             " but this call needs " + std::to_string(needed) +
-                                             " (see tm_permute_plan_workspace_size)");
-  }
-  if (workspace == nullptr) invalid("workspace is NULL but this call needs workspace");
-  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
-    invalid("workspace is not 16-byte aligned");
-  }
-}
-
 void check_experts(int64_t experts) {
   if (experts < 1 || experts >= std::numeric_limits<int32_t>::max()) {
     invalid("num_experts is " + std::to_string(experts) + ", expected >= 1");
@@ -85,8 +72,9 @@ tm_status tm_permute_plan(const tm_tensor* topk_ids, int64_t num_experts, tm_ten
                             " experts, got num_experts " + std::to_string(num_experts));
     }
     TM_CUDA_ONLY({
-      check_workspace(workspace, workspace_bytes,
-                      turbomoe::permute::plan_workspace_bytes_cuda(pairs, num_experts));
+      turbomoe::check_workspace(workspace, workspace_bytes,
+                                turbomoe::permute::plan_workspace_bytes_cuda(pairs, num_experts),
+                                "tm_permute_plan_workspace_size");
       turbomoe::permute::plan_cuda(ids, num_experts, sp, p2r, off, workspace, stream);
     });
   });

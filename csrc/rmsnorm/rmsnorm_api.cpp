@@ -10,7 +10,6 @@ namespace {
 
 using turbomoe::Arg;
 
-constexpr size_t kWorkspaceAlignment = 16;
 
 void check_device_type(int32_t device_type) {
   if (device_type != TM_DEVICE_CPU && device_type != TM_DEVICE_CUDA) {
@@ -115,16 +114,8 @@ tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x, const
     const int32_t device =
         turbomoe::common_device({&gy, &xa, wa ? &*wa : nullptr, &ra, &gx, gw ? &*gw : nullptr});
     const size_t needed = gw ? workspace_bytes_for(xa.size(0), xa.size(1), device) : 0;
-    if (workspace_bytes < needed) {
-      turbomoe::fail(TM_ERR_OUT_OF_MEMORY, "workspace_bytes is " + std::to_string(workspace_bytes) +
-                                               ", need " + std::to_string(needed) +
-                                               " (see tm_rmsnorm_backward_workspace_size)");
-    }
-    if (needed > 0 && workspace == nullptr) turbomoe::invalid("workspace is NULL");
-    if (needed > 0 && reinterpret_cast<uintptr_t>(workspace) % kWorkspaceAlignment != 0) {
-      turbomoe::invalid("workspace must be " + std::to_string(kWorkspaceAlignment) +
-                        "-byte aligned");
-    }
+    turbomoe::check_workspace(workspace, workspace_bytes, needed,
+                              "tm_rmsnorm_backward_workspace_size");
     turbomoe::require_cuda_build(device, "tm_rmsnorm_backward");
     // Zero rows still overwrite grad_weight (with zeros), so only an empty grad_x without a
     // grad_weight is a no-op.
