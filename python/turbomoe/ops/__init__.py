@@ -2,6 +2,7 @@
 implementation so they appear by name in the profiler and trace under ``torch.compile``."""
 
 from turbomoe.ops.activation import clamped_swiglu, silu_mul, swiglu
+from turbomoe.ops.gated import gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.loss import cross_entropy, linear_cross_entropy
 from turbomoe.ops.moe import moe_experts
@@ -15,6 +16,7 @@ __all__ = [
     "clamped_swiglu",
     "combine",
     "cross_entropy",
+    "gated",
     "gather_rows",
     "grouped_gemm",
     "linear_cross_entropy",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from turbomoe.ops.activation import clamped_swiglu, silu_mul
+from turbomoe.ops.gated import gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.permute import combine, gather_rows, permute_plan
 
@@ -72,7 +72,6 @@ def moe_experts(
     if gate_up_proj.dim() != 3 or gate_up_proj.shape[1] % 2 != 0:
         raise ValueError(f"gate_up_proj must be [E, 2I, H], got shape {tuple(gate_up_proj.shape)}")
     num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
-    intermediate = gate_up_proj.shape[1] // 2
 
     sorted_pairs, pair_to_row, offsets = permute_plan(top_k_index, num_experts)
     x = gather_rows(hidden, sorted_pairs, offsets, top_k, pair_to_row=pair_to_row)
@@ -80,14 +79,7 @@ def moe_experts(
     gate_up = grouped_gemm(x, gate_up_proj, offsets)
     if gate_up_bias is not None:
         gate_up = gate_up + _row_bias(gate_up_bias.to(gate_up.dtype), offsets, rows)
-    if interleaved:
-        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-    else:
-        gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
-    if activation == "silu":
-        act = silu_mul(gate, up)
-    else:
-        act = clamped_swiglu(gate, up, alpha, limit)
+    act = gated(gate_up.contiguous(), activation, alpha, limit, interleaved)
     out_rows = grouped_gemm(act, down_proj, offsets)
     if down_bias is not None:
         out_rows = out_rows + _row_bias(down_bias.to(out_rows.dtype), offsets, rows)
