@@ -14,13 +14,6 @@ import torch
 
 from turbomoe import _native
 
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t in row-major layout; an empty tensor gets fresh dense strides (autograd hands zero-size
-    gradients with stride 0, which ``contiguous()`` keeps and the C ABI's layout checks reject)."""
-    return t.contiguous() if t.numel() > 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 FORWARD = 1
 GRAD_INPUT = 2
 GRAD_WEIGHT = 3
@@ -34,7 +27,7 @@ def _weight_operand(w: torch.Tensor) -> torch.Tensor:
     front keeps the CUDA path free of a failed call and a retry.
     """
     if w.device.type == "cuda" and w.stride(-1) != 1:
-        return _dense(w)
+        return _native.dense(w)
     return w
 
 
@@ -137,7 +130,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     x, w, expert_offsets = ctx.saved_tensors
-    dy = _dense(dy)
+    dy = _native.dense(dy)
     dx = _grouped_gemm_backward_input(dy, w, expert_offsets) if ctx.need_x else None
     dw = _grouped_gemm_backward_weight(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
     return dx, dw, None
@@ -152,4 +145,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     w is [E,N,K] and may be a strided view; rows past offsets[E] come out zero. Differentiable
     with respect to x and w.
     """
-    return _grouped_gemm(_dense(x), w, _dense(expert_offsets))
+    return _grouped_gemm(_native.dense(x), w, _native.dense(expert_offsets))

@@ -15,13 +15,6 @@ import torch
 
 from turbomoe import _native
 
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t in row-major layout; an empty tensor gets fresh dense strides (autograd hands zero-size
-    gradients with stride 0, which ``contiguous()`` keeps and the C ABI's layout checks reject)."""
-    return t.contiguous() if t.numel() > 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 SOFTMAX_TOPK = 1
 SIGMOID_GROUP_TOPK = 2
 TOPK_SOFTMAX = 3
@@ -169,7 +162,7 @@ def _backward(ctx: Any, grad_weights: torch.Tensor | None, *_: Any) -> tuple[Any
     if grad_weights is None:
         grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     grad_logits = _route_backward(
-        _dense(grad_weights.to(torch.float32)), scores, ids, ctx.logits_dtype, *ctx.config
+        _native.dense(grad_weights.to(torch.float32)), scores, ids, ctx.logits_dtype, *ctx.config
     )
     return (grad_logits, None, *([None] * len(ctx.config)))
 
@@ -201,9 +194,9 @@ def route(
     if code is None:
         raise ValueError(f"kind is {kind!r}, expected one of {sorted(KINDS)}")
     if correction_bias is not None:
-        correction_bias = _dense(correction_bias.detach().to(torch.float32))
+        correction_bias = _native.dense(correction_bias.detach().to(torch.float32))
     weights, ids, _scores = _route(
-        _dense(logits),
+        _native.dense(logits),
         correction_bias,
         code,
         int(top_k),
