@@ -12,7 +12,26 @@ from collections.abc import Iterable
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "patch", "patched_families", "unpatch"]
+__all__ = [
+    "AutoModelForCausalLM",
+    "__version__",
+    "parallelize",
+    "patch",
+    "patched_families",
+    "unpatch",
+]
+
+# Expert-parallel entry points, imported on first use so that `import turbomoe` does not pull in
+# torch.distributed's FSDP machinery for single-GPU users.
+_PARALLEL_EXPORTS = ("AutoModelForCausalLM", "parallelize")
+
+
+def __getattr__(name: str) -> object:
+    if name in _PARALLEL_EXPORTS:
+        from turbomoe import parallel
+
+        return getattr(parallel, name)
+    raise AttributeError(f"module 'turbomoe' has no attribute {name!r}")
 
 
 def patch(
