@@ -10,7 +10,6 @@ namespace {
 
 using turbomoe::Arg;
 
-
 void check_device_type(int32_t device_type) {
   if (device_type != TM_DEVICE_CPU && device_type != TM_DEVICE_CUDA) {
     turbomoe::invalid("device_type is " + std::to_string(device_type) +

@@ -13,8 +13,9 @@ from transformers import PretrainedConfig, PreTrainedModel
 ARCHITECTURE = "qwen3_moe"
 
 # Small enough for ~5 optimizer steps a second on 2 idle CPU cores at batch 16 (~10k tokens/s;
-# an H200 does ~500 steps in 30 s), large enough that the loss keeps falling for the whole minute. Attention: 4 query heads share 2 KV heads (GQA) as in
-# the real Qwen3 models; every layer is sparse (decoder_sparse_step 1).
+# an H200 does ~500 steps in 30 s), large enough that the loss keeps falling for the whole
+# minute. Attention: 4 query heads share 2 KV heads (GQA) as in the real Qwen3 models; every
+# layer is sparse (decoder_sparse_step 1).
 SHAPE: dict[str, Any] = {
     "hidden_size": 128,
     "num_hidden_layers": 4,
