@@ -1,80 +1,160 @@
-"""The `turbomoe` command: `finetune` and `info`.
+"""The `turbomoe` command: `finetune`, `info` and `bench`.
 
 Exit status: 0 success, 1 the run failed (bad data, training error), 2 bad usage (unknown or
-invalid options), 130 interrupted by Ctrl-C (after saving the checkpoint).
+invalid options), 130 interrupted by Ctrl-C or SIGTERM (after saving the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from turbomoe.train.config import FinetuneConfig
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+FINETUNE_USAGE = (
+    "usage: turbomoe finetune [--config FILE.yaml] [--resume RUN_DIR] [--SECTION.KEY=VALUE ...]"
+)
+
+_FINETUNE_INTRO = """\
+Supervised fine-tuning of a causal LM on a jsonl file, through turbomoe's ops.
+With no options it trains the embedded tiny Qwen3-MoE on the bundled instruction data for about
+a minute.
+
+options:
+  -h, --help            show this help and exit
+  --config FILE         a YAML file of sections (model:, data:, train:, optim:, lora:,
+                        checkpoint:, log:) with the keys below; command-line keys override it
+  --resume DIR          continue the run in DIR (or a checkpoint directory) exactly where it
+                        stopped; its config.yaml is the base config (= --checkpoint.resume=DIR)
+  --SECTION.KEY=VALUE   set one key (also --SECTION.KEY VALUE); lists are comma-separated,
+                        null unsets
+"""
+
 _FINETUNE_EPILOG = """\
+short names (the first release's flags): --model --data --max-length --output-dir --max-steps
+  --epochs --time-budget --batch-size --grad-accum --lr --warmup-steps --weight-decay
+  --max-grad-norm --seed --device --dtype --threads --log-every --progress
+
 data formats (one JSON object per line):
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
       rendered with the model's chat template; loss on the assistant messages only
   {"prompt": "...", "completion": "..."}    plain text; loss on the completion only
   {"text": "..."}                           plain text; loss on all of it
 
-run length: training stops at the first of --max-steps, --epochs and --time-budget. With none of
-them given, it runs for 60 seconds. The learning rate warms up linearly, then follows a cosine to
-10% of --lr over the run.
+run length: training stops at the first of train.max_steps, train.epochs and
+train.time_budget. With none of them given, it runs for 60 seconds. The learning rate warms up
+linearly, then follows a cosine to optim.min_lr_ratio of optim.lr over the run.
 
-writes into --output-dir: metrics.jsonl (one line per step), summary.json, run.json and
-checkpoint/ (Hugging Face format: load it with AutoModelForCausalLM.from_pretrained). The
-checkpoint is written atomically; Ctrl-C stops after the current step and saves it.
+writes into train.output_dir: config.yaml (the resolved config), metrics.jsonl (one line per
+step), summary.json, run.json, loss.png, throughput.png and checkpoints/step-N/ (Hugging Face
+format: AutoModelForCausalLM.from_pretrained loads it; with LoRA, peft's
+PeftModel.from_pretrained), each written atomically with the optimizer, data position and RNG
+states for an exact resume. Ctrl-C or SIGTERM stops after the current step and saves.
+Under torchrun only rank 0 prints and writes.
 
 examples:
   turbomoe finetune                                   # tiny MoE, bundled data, ~1 minute
-  turbomoe finetune --model ./Qwen3-30B-A3B --data train.jsonl --epochs 1 --lr 1e-5
+  turbomoe finetune --model ./Qwen3-30B-A3B --data train.jsonl --train.epochs=1 --optim.lr=1e-5
+  turbomoe finetune --config run.yaml --lora.enabled=true --data.packing=true
+  turbomoe finetune --resume runs/default             # continue after a stop
 """
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
+def finetune_help() -> str:
+    from turbomoe.train.config import SECTIONS, describe_keys
 
-    return parse
+    width = min(shutil.get_terminal_size((100, 24)).columns, 100)
+    lines = [FINETUNE_USAGE, "", _FINETUNE_INTRO]
+    section = ""
+    for key, help_text, default in describe_keys():
+        name = key.split(".", 1)[0]
+        if name != section:
+            section = name
+            lines.append(f"{name}:" if name in SECTIONS else name)
+        text = f"{help_text} (default: {default})"
+        body = textwrap.wrap(text, width=max(width - 33, 40))
+        lines.append(f"  --{key:<28} {body[0]}")
+        lines.extend(" " * 33 + more for more in body[1:])
+    lines += ["", _FINETUNE_EPILOG]
+    return "\n".join(lines)
 
 
-def _float_at_least(low: float, *, strict: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            bound = f"greater than {low:g}" if strict else f"at least {low:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
+def parse_finetune_args(argv: Sequence[str]) -> tuple[str | None, dict[str, str], bool]:
+    """(--config path, {key: value} in command-line order, help requested). Raises ConfigError."""
+    from turbomoe.train.config import ConfigError
 
-    return parse
+    config_path: str | None = None
+    overrides: dict[str, str] = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            return config_path, overrides, True
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unrecognized arguments: {arg}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i >= len(items) or (items[i].startswith("--") and not _negative(items[i])):
+                raise ConfigError(f"--{key}: expected a value")
+            value = items[i]
+            i += 1
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+    return config_path, overrides, False
+
+
+def _negative(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def build_config(argv: Sequence[str]) -> tuple[FinetuneConfig | None, bool]:
+    """The validated FinetuneConfig of a command line, or (None, True) for --help."""
+    from turbomoe.train.config import ConfigError, FinetuneConfig, load_yaml
+
+    config_path, overrides, wants_help = parse_finetune_args(argv)
+    if wants_help:
+        return None, True
+    values = load_yaml(config_path) if config_path else {}
+    resume = overrides.get("resume", overrides.get("checkpoint.resume"))
+    if resume and resume != "latest" and not config_path:
+        # A run directory holds the config it ran with: resuming needs nothing else.
+        saved = Path(resume) / "config.yaml"
+        if not saved.is_file() and (Path(resume) / "trainer_state.json").is_file():
+            saved = Path(resume).parent.parent / "config.yaml"
+        if saved.is_file():
+            values = load_yaml(saved)
+    config = FinetuneConfig.from_values(values)
+    for key, value in overrides.items():
+        config.set(key, value)
+    for key, path in (("data.path", config.data.path), ("data.val_file", config.data.val_file)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{key} {path}: no such file")
+    config.validate()
+    return config, False
 
 
 def build_parser() -> argparse.ArgumentParser:
     from turbomoe import __version__
-    from turbomoe.train.config import (
-        DEFAULT_LR_EMBEDDED,
-        DEFAULT_LR_PRETRAINED,
-        DEFAULT_OUTPUT_DIR,
-        DEFAULT_TIME_BUDGET,
-        FinetuneConfig,
-    )
 
-    defaults = FinetuneConfig()
     parser = argparse.ArgumentParser(
         prog="turbomoe",
         description="Fast Mixture-of-Experts fine-tuning for Hugging Face Transformers v5.",
@@ -82,146 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"turbomoe {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    ft = commands.add_parser(
+    # Listed for --help; main() hands everything after "finetune" to _finetune's own parsing
+    # (dotted keys are open-ended, which argparse cannot express).
+    commands.add_parser(
         "finetune",
+        add_help=False,
         help="fine-tune a model (with no options: a tiny MoE on bundled data, about a minute)",
-        description="Supervised fine-tuning of a causal LM on a jsonl file, through turbomoe's "
-        "ops.\nWith no options it trains the embedded tiny Qwen3-MoE on the bundled instruction "
-        "data\nfor about a minute.",
-        epilog=_FINETUNE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    what = ft.add_argument_group("model and data")
-    what.add_argument(
-        "--model",
-        metavar="PATH",
-        help="local Hugging Face model directory (default: the embedded tiny MoE, random init)",
-    )
-    what.add_argument(
-        "--data",
-        metavar="FILE",
-        help="training data, jsonl (default: the bundled instruction set, 425 chats)",
-    )
-    what.add_argument(
-        "--max-length",
-        type=_int_at_least(1),
-        default=defaults.max_length,
-        metavar="N",
-        help="cut examples to N tokens, and to the model's context (default: %(default)s)",
-    )
-    what.add_argument(
-        "--output-dir",
-        metavar="DIR",
-        default=DEFAULT_OUTPUT_DIR,
-        help="where metrics and the checkpoint go (default: %(default)s)",
-    )
-
-    length = ft.add_argument_group("run length")
-    length.add_argument(
-        "--max-steps",
-        type=_int_at_least(1),
-        metavar="N",
-        help="stop after N optimizer steps (default: no step limit)",
-    )
-    length.add_argument(
-        "--epochs",
-        type=_int_at_least(1),
-        metavar="N",
-        help="stop after N passes over the data (default: no epoch limit)",
-    )
-    length.add_argument(
-        "--time-budget",
-        type=_float_at_least(0.0),
-        metavar="SECONDS",
-        help=f"stop after this much training time; 0 = no limit (default: {DEFAULT_TIME_BUDGET:g} "
-        "when neither --max-steps nor --epochs is given, else no limit)",
-    )
-
-    opt = ft.add_argument_group("optimisation")
-    opt.add_argument(
-        "--batch-size",
-        type=_int_at_least(1),
-        default=defaults.batch_size,
-        metavar="N",
-        help="examples per micro-batch (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--grad-accum",
-        type=_int_at_least(1),
-        default=defaults.grad_accum,
-        metavar="N",
-        help="micro-batches per optimizer step (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--lr",
-        type=_float_at_least(0.0, strict=True),
-        metavar="LR",
-        help=f"peak AdamW learning rate (default: {DEFAULT_LR_EMBEDDED:g} for the embedded model, "
-        f"{DEFAULT_LR_PRETRAINED:g} with --model)",
-    )
-    opt.add_argument(
-        "--warmup-steps",
-        type=_int_at_least(0),
-        default=defaults.warmup_steps,
-        metavar="N",
-        help="linear warmup steps, at most half of --max-steps (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--weight-decay",
-        type=_float_at_least(0.0),
-        default=defaults.weight_decay,
-        metavar="W",
-        help="AdamW weight decay (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--max-grad-norm",
-        type=_float_at_least(0.0),
-        default=defaults.max_grad_norm,
-        metavar="X",
-        help="clip the gradient norm to X; 0 = no clipping (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--seed",
-        type=int,
-        default=defaults.seed,
-        help="seed of the model init and data order (default: %(default)s)",
-    )
-
-    hw = ft.add_argument_group("hardware and output")
-    hw.add_argument(
-        "--device",
-        default=defaults.device,
-        help="auto, cpu, cuda or cuda:N; auto = cuda when available (default: %(default)s)",
-    )
-    hw.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        default=defaults.dtype,
-        help="parameter dtype; auto = bfloat16 on GPUs that support it, else float32 "
-        "(default: %(default)s)",
-    )
-    hw.add_argument(
-        "--threads",
-        type=_int_at_least(1),
-        metavar="N",
-        help="CPU threads for torch (default: one per core, minus the cores the load average "
-        "shows busy, since spinning threads on busy cores slow training several-fold)",
-    )
-    hw.add_argument(
-        "--log-every",
-        type=_int_at_least(1),
-        default=defaults.log_every,
-        metavar="N",
-        help="write a metrics.jsonl line every N steps (default: %(default)s)",
-    )
-    hw.add_argument(
-        "--progress",
-        choices=("auto", "bar", "lines"),
-        default="auto",
-        help="a live bar, or a line every 10%%; auto = bar on a terminal (default: %(default)s)",
-    )
-    ft.set_defaults(handler=_finetune, subparser=ft)
 
     info = commands.add_parser(
         "info",
@@ -243,43 +190,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    from turbomoe.train.config import ConfigError, FinetuneConfig
+def _usage_error(message: str) -> int:
+    print(FINETUNE_USAGE, file=sys.stderr)
+    print(f"turbomoe finetune: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _finetune(argv: Sequence[str]) -> int:
+    from turbomoe.train.config import ConfigError
     from turbomoe.train.data import DataError
 
-    sub: argparse.ArgumentParser = args.subparser  # its error() prints usage and exits 2
-    if args.data is not None and not Path(args.data).is_file():
-        sub.error(f"--data {args.data}: no such file")
-    config = FinetuneConfig(
-        model=args.model,
-        data=args.data,
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        time_budget=args.time_budget,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        max_length=args.max_length,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        log_every=args.log_every,
-        progress={"auto": None, "bar": True, "lines": False}[args.progress],
-    )
     try:
-        config.validate()
+        config, wants_help = build_config(argv)
+    except ConfigError as exc:
+        return _usage_error(str(exc))
+    if wants_help or config is None:
+        print(finetune_help())
+        return 0
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun, rank 0 speaks for all
+    try:
         from turbomoe.train.loop import finetune
 
         result = finetune(config)
     except ConfigError as exc:
-        sub.error(str(exc))
+        return _usage_error(str(exc))
     except (DataError, FloatingPointError) as exc:
-        print(f"turbomoe finetune: error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"turbomoe finetune: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("turbomoe finetune: aborted", file=sys.stderr)
@@ -299,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from turbomoe.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["finetune"]:
+        return _finetune(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

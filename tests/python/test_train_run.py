@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from turbomoe.train import FinetuneConfig, StopRequest, finetune
 from turbomoe.train.checkpoint import save_atomically, save_checkpoint
@@ -28,13 +29,13 @@ def _config(out: Path, **overrides) -> FinetuneConfig:
         "max_steps": STEPS,
         "batch_size": 8,
         "device": "cpu",
-        "progress": False,
+        "progress": "lines",
         "warmup_steps": 2,
         # One thread: on a shared CI box, two OpenMP threads fighting other jobs for two cores
         # run this tiny model ten times slower.
         "threads": 1,
     }
-    return FinetuneConfig(**{**base, **overrides})
+    return FinetuneConfig.from_values(**{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +58,37 @@ def test_banner_and_summary_are_printed(run):
     text = "\n".join(lines)
     assert "embedded tiny qwen3_moe" in text and "instructions.jsonl" in text
     assert f"steps        {STEPS}" in text and "tokens/s" in text and "->" in text
+    assert "TFLOP/s" in text and "memory" in text and "plots" in text
 
 
 def test_metrics_jsonl(run):
     result, _ = run
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"):
+    keys = ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_gpu", "tflops")
+    for key in (*keys, "elapsed_s", "peak_mem_gib"):
         assert all(isinstance(r[key], float | int) for r in records), key
     lrs = [r["lr"] for r in records]
     assert lrs[0] < lrs[1] and lrs[-1] < max(lrs), "warmup then decay"
     assert records[0]["loss"] == result.summary.first_loss
     summary = json.loads((result.output_dir / "summary.json").read_text())
-    assert summary["steps"] == STEPS
+    assert summary["steps"] == STEPS and summary["tflops_per_gpu"] > 0
+
+
+def test_plots_and_resolved_config_are_written(run):
+    result, _ = run
+    for name in ("loss.png", "throughput.png"):
+        assert (result.output_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    saved = FinetuneConfig.from_values(
+        yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    )
+    assert saved.to_dict() == _config(result.output_dir).to_dict()
 
 
 def test_checkpoint_loads_in_stock_transformers_with_same_logits(run, tmp_path):
     result, _ = run
-    ckpt = result.output_dir / "checkpoint"
+    ckpt = result.checkpoint
+    assert ckpt == result.output_dir / "checkpoints" / f"step-{STEPS:07d}"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == STEPS
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")], "no temp dirs left"
@@ -123,7 +137,7 @@ def test_finetune_a_local_hf_model_on_prompt_completion_data(run, tmp_path):
     second = finetune(
         _config(
             tmp_path / "out",
-            model=str(result.output_dir / "checkpoint"),
+            model=str(result.checkpoint),
             data=str(data),
             max_steps=2,
             lr=1e-4,
@@ -132,7 +146,7 @@ def test_finetune_a_local_hf_model_on_prompt_completion_data(run, tmp_path):
     )
     assert second.summary.steps == 2
     assert "(qwen3_moe)" in "\n".join(lines) and "20 examples" in "\n".join(lines)
-    assert (tmp_path / "out" / "checkpoint" / "model.safetensors").is_file()
+    assert (second.checkpoint / "model.safetensors").is_file()
 
 
 def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
@@ -148,7 +162,7 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path):
     )
     assert stop.requested and result.interrupted
     assert result.summary.steps == 2 and result.summary.stopped_by == "interrupt"
-    state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
     assert state == {**state, "step": 2, "stopped_by": "interrupt"}
     assert signal.getsignal(signal.SIGINT) is before, "handler restored"
 
@@ -163,7 +177,7 @@ class _FailingModel:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
-    def save_pretrained(self, path: Path) -> None:
+    def save_pretrained(self, path: Path, **kwargs: object) -> None:
         (Path(path) / "model.safetensors").write_bytes(b"partial")
         raise self.exc
 
@@ -213,3 +227,35 @@ def test_progress_takes_the_nearer_limit():
     assert p.fraction(10, 5.0) == 0.5 and p.fraction(50, 1.0) == 0.5
     assert p.done(100, 0.0) and p.done(1, 10.0) and not p.done(99, 9.9)
     assert not Progress(None, None).done(10**6, 1e9)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_adamw_with_narrow_states_follows_torch_adamw(state_dtype):
+    from turbomoe.train.optim import AdamW
+
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(16, 8))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt = AdamW([ours], lr=1e-2, weight_decay=0.1, state_dtype=state_dtype)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(16, 8)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert opt.state[ours]["exp_avg"].dtype == state_dtype
+    tol = 1e-6 if state_dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=tol, atol=tol)
+
+
+def test_adamw_bf16_states_survive_a_state_dict_round_trip():
+    from turbomoe.train.optim import AdamW
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = AdamW([p], lr=1e-2, state_dtype=torch.bfloat16)
+    p.grad = torch.randn(4)
+    opt.step()
+    again = AdamW([p], lr=1e-2, state_dtype=torch.bfloat16)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[p]["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])

@@ -1,10 +1,12 @@
-"""Shuffled, padded batches over as many epochs as the run needs."""
+"""Shuffled batches over as many epochs as the run needs, padded or packed, with a position that
+a checkpoint records so a resumed run continues with exactly the batch it would have seen."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,21 +16,37 @@ from turbomoe.train.encode import IGNORE_INDEX, Encoded
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # [B, L] int64, right-padded
-    attention_mask: torch.Tensor  # [B, L] int64, 0 on padding
+    attention_mask: torch.Tensor | None  # [B, L] int64, 0 on padding; None for packed rows
     labels: torch.Tensor  # [B, L] int64, IGNORE_INDEX on padding and unsupervised tokens
     tokens: int  # real (non-padding) tokens
     supervised: int  # tokens that carry loss
     epoch: int
+    # Packed rows: positions restart at 0 for every document. transformers (5.x masking_utils,
+    # find_packed_sequence_indices) turns restarts into a block-diagonal causal mask when no
+    # attention_mask is given, for sdpa/eager/flex alike, and flash-attention uses them as varlen.
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return Batch(
             self.input_ids.to(device, non_blocking=True),
-            self.attention_mask.to(device, non_blocking=True),
+            move(self.attention_mask),
             self.labels.to(device, non_blocking=True),
             self.tokens,
             self.supervised,
             self.epoch,
+            move(self.position_ids),
         )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "labels": self.labels}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
 
 
 def collate(examples: list[Encoded], pad_id: int, epoch: int = 0) -> Batch:
@@ -47,16 +65,125 @@ def collate(examples: list[Encoded], pad_id: int, epoch: int = 0) -> Batch:
     return Batch(input_ids, attention_mask, labels, tokens, supervised, epoch)
 
 
+def collate_packed(rows: list[list[Encoded]], pad_id: int, epoch: int = 0) -> Batch:
+    """Each row holds several documents back to back. A document's first label is masked: HF
+    shifts labels inside the loss, so that label would be predicted from the previous document's
+    last token. (Unpacked, the first token is never a target either, so losses match exactly.)
+    Padding at the row end gets positions 0, 1, ... of its own: a separate 'document'."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    tokens = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(e.input_ids, dtype=torch.long)
+            labels[r, at : at + n] = torch.tensor(e.labels, dtype=torch.long)
+            labels[r, at] = IGNORE_INDEX
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)
+        tokens += at
+    supervised = int((labels != IGNORE_INDEX).sum())
+    return Batch(input_ids, None, labels, tokens, supervised, epoch, position_ids)
+
+
+def pack(examples: list[Encoded], order: list[int], max_length: int) -> list[list[int]]:
+    """Greedy packing in the given order: a row is closed when the next document does not fit.
+    Keeping the shuffled order (no bin-packing sort) keeps batches as random as unpacked ones."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        n = len(examples[i].input_ids)
+        if current and used + n > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
+
+
+class BatchStream:
+    """Batches forever (or for max_epochs), reshuffled each epoch from (seed, epoch) so any
+    position can be rebuilt without replaying the stream; the last batch of an epoch may be
+    smaller. With shard=(rank, world), each rank takes every world-th batch."""
+
+    def __init__(
+        self,
+        examples: list[Encoded],
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        *,
+        packing: bool = False,
+        max_length: int = 0,
+        max_epochs: int | None = None,
+        shard: tuple[int, int] = (0, 1),
+        shuffle: bool = True,
+    ) -> None:
+        self.examples = examples
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+        self.packing = packing
+        self.max_length = max_length
+        self.max_epochs = max_epochs
+        self.rank, self.world = shard
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0  # next batch of this epoch, counted over all ranks
+        self._units: list[list[int]] | None = None
+
+    def units(self, epoch: int) -> list[list[int]]:
+        """The epoch's rows: one example each, or several when packing."""
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        if self.packing:
+            return pack(self.examples, order, self.max_length)
+        return [[i] for i in order]
+
+    def batches_per_epoch(self) -> int:
+        n = len(self.units(0)) if self.packing else len(self.examples)
+        return -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self.max_epochs is not None and self.epoch >= self.max_epochs:
+                raise StopIteration
+            if self._units is None:
+                self._units = self.units(self.epoch)
+            start = self.index * self.batch_size
+            if start >= len(self._units):
+                self.epoch, self.index, self._units = self.epoch + 1, 0, None
+                continue
+            self.index += 1
+            if (self.index - 1) % self.world != self.rank:
+                continue
+            chunk = self._units[start : start + self.batch_size]
+            if self.packing:
+                return collate_packed(
+                    [[self.examples[i] for i in row] for row in chunk], self.pad_id, self.epoch
+                )
+            return collate([self.examples[row[0]] for row in chunk], self.pad_id, self.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index, self._units = int(state["epoch"]), int(state["index"]), None
+
+
 def epoch_batches(
     examples: list[Encoded], batch_size: int, pad_id: int, seed: int, max_epochs: int | None = None
 ) -> Iterator[Batch]:
-    """Batches forever (or for max_epochs), reshuffled each epoch from seed so runs repeat exactly.
-    The last batch of an epoch may be smaller."""
-    rng = random.Random(seed)
-    epoch = 0
-    while max_epochs is None or epoch < max_epochs:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order), batch_size):
-            yield collate([examples[j] for j in order[i : i + batch_size]], pad_id, epoch)
-        epoch += 1
+    """Padded batches for max_epochs (or forever), in the order a run would see them."""
+    return BatchStream(examples, batch_size, pad_id, seed, max_epochs=max_epochs)

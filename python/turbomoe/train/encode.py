@@ -63,7 +63,7 @@ def encode_rows(
         examples.append(encoded)
     if not examples:
         raise DataError(
-            f"{path}: every row lost all its supervised tokens to --max-length {max_length}"
+            f"{path}: every row lost all its supervised tokens to data.max_length {max_length}"
         )
     return EncodedDataset(examples, truncated, dropped)
 

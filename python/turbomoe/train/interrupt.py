@@ -1,5 +1,6 @@
-"""Ctrl-C during training: the first press finishes the current step, saves and exits; a second
-press aborts at once (the checkpoint writer leaves no partial directory behind)."""
+"""Ctrl-C or SIGTERM (a scheduler preempting the job) during training: the first signal finishes
+the current step, saves and exits; a second one aborts at once (the checkpoint writer leaves no
+partial directory behind)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._installed = False
 
     def request(self) -> None:
@@ -26,7 +27,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         print(
-            "\nstopping after this step and saving (Ctrl-C again to abort without saving)",
+            f"\n{signal.Signals(signum).name}: stopping after this step and saving "
+            "(Ctrl-C again to abort without saving)",
             file=sys.stderr,
             flush=True,
         )
@@ -35,7 +37,8 @@ class StopRequest:
         # Signal handlers can only be installed from the main thread; elsewhere (e.g. a
         # notebook's worker thread) Ctrl-C keeps its default behaviour.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
             self._installed = True
         return self
 
@@ -46,5 +49,7 @@ class StopRequest:
         tb: TracebackType | None,
     ) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+            self._previous = {}
             self._installed = False

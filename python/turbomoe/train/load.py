@@ -20,11 +20,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ConfigError(f"--device: {exc}") from exc
+        raise ConfigError(f"model.device: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"model.device {name}: CUDA is not available on this machine")
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda[:N], not {name}")
+        raise ConfigError(f"model.device must be auto, cpu or cuda[:N], not {name}")
     return device
 
 
@@ -33,7 +33,7 @@ def resolve_threads(requested: int | None) -> tuple[int, str]:
     cores the 1-minute load average shows busy: OpenMP threads spin while waiting for each other,
     so on oversubscribed cores every extra thread makes training several times slower."""
     if requested is not None:
-        return requested, "--threads"
+        return requested, "train.threads"
     default = torch.get_num_threads()
     try:
         load = os.getloadavg()[0]
@@ -43,7 +43,7 @@ def resolve_threads(requested: int | None) -> tuple[int, str]:
     threads = max(1, min(default, cores - int(load)))
     if threads == default:
         return default, "torch default"
-    return threads, f"load average {load:.1f} on {cores} cores; --threads overrides"
+    return threads, f"load average {load:.1f} on {cores} cores; train.threads overrides"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -68,7 +68,12 @@ def load_tokenizer(model_path: str | None) -> Any:
 
 
 def load_model(
-    model_path: str | None, tokenizer: Any, seed: int, device: torch.device, dtype: torch.dtype
+    model_path: str | None,
+    tokenizer: Any,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, str]:
     """The model to train and a one-line description of it. With no path it is the embedded
     tiny MoE, randomly initialised from seed; otherwise a local HF directory (never the network)."""
@@ -76,6 +81,8 @@ def load_model(
         from turbomoe.default.model import build_model, default_config
 
         config = default_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
         torch.manual_seed(seed)
         model = build_model(config).to(device=device, dtype=dtype)
         what = (
@@ -85,8 +92,13 @@ def load_model(
     else:
         from transformers import AutoModelForCausalLM
 
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(
-            _model_dir(model_path), dtype=dtype, device_map=str(device), local_files_only=True
+            _model_dir(model_path),
+            dtype=dtype,
+            device_map=str(device),
+            local_files_only=True,
+            **extra,
         )
         what = f"{model_path} ({model.config.model_type})"
     params = sum(p.numel() for p in model.parameters())
@@ -96,9 +108,13 @@ def load_model(
 def _model_dir(path: str) -> Path:
     directory = Path(path)
     if not directory.is_dir():
-        raise ConfigError(f"--model {path}: not a directory (give a local Hugging Face model dir)")
+        raise ConfigError(
+            f"model.path {path}: not a directory (give a local Hugging Face model dir)"
+        )
     if not (directory / "config.json").is_file():
-        raise ConfigError(f"--model {path}: no config.json, so not a Hugging Face model directory")
+        raise ConfigError(
+            f"model.path {path}: no config.json, so not a Hugging Face model directory"
+        )
     return directory
 
 

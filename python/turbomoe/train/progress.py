@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from tqdm import tqdm
 
@@ -23,8 +24,20 @@ class ProgressDisplay:
             )
         self._next_line = 0.1
 
-    def update(self, fraction: float, step: int, loss: float, tokens_per_s: float) -> None:
-        text = f"step {step}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
+    def update(
+        self, fraction: float, step: int, loss: float, tokens_per_s: float, **extra: Any
+    ) -> None:
+        """extra: lr, tflops, mfu, mem_gib -- shown when present."""
+        text = f"step {step}  loss {loss:.4f}"
+        if extra.get("lr") is not None:
+            text += f"  lr {extra['lr']:.2e}"
+        text += f"  {tokens_per_s:,.0f} tok/s/gpu"
+        if extra.get("tflops") is not None:
+            text += f"  {extra['tflops']:.3g} TFLOP/s"
+        if extra.get("mfu") is not None:
+            text += f"  MFU {extra['mfu']:.1%}"
+        if extra.get("mem_gib") is not None:
+            text += f"  mem {extra['mem_gib']:.1f} GiB"
         if self._bar is not None:
             self._bar.n = min(_RESOLUTION, int(fraction * _RESOLUTION))
             self._bar.set_postfix_str(text, refresh=False)

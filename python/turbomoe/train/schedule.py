@@ -53,3 +53,9 @@ class WarmupCosine:
         t = min(max((progress - self._decay_start) / span, 0.0), 1.0)
         cosine = 0.5 * (1.0 + math.cos(math.pi * t))
         return self.peak_lr * (self.min_ratio + (1.0 - self.min_ratio) * cosine)
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"decay_start": self._decay_start}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self._decay_start = state["decay_start"]

@@ -1,0 +1,93 @@
+"""AdamW whose moments may be stored in a narrower dtype than the parameters.
+
+torch's AdamW keeps its moments in the parameter's dtype. With bfloat16 moments (optim.state_dtype)
+the optimizer state of a full fine-tune takes half the memory; the update itself is computed in
+float32 from the upcast moments, so only the stored state is rounded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from turbomoe.train.config import OptimSection
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+        self.state_dtype = state_dtype
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded state to each parameter's dtype; the moments go back to theirs, so
+        # a resumed run rounds exactly as the uninterrupted one did.
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
+                state["step"] += 1
+                t = float(state["step"])
+                grad = p.grad.float()
+                m = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                update = (m / (1 - beta1**t)).div_(denom)
+                weight = p.float()
+                if group["weight_decay"]:
+                    weight.mul_(1 - group["lr"] * group["weight_decay"])
+                weight.add_(update, alpha=-group["lr"])
+                p.copy_(weight)
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], lr: float, optim: OptimSection, device: torch.device
+) -> torch.optim.Optimizer:
+    """torch's AdamW (fused on CUDA) when it already stores the moments in the requested dtype
+    (the parameters' own), else turbomoe's AdamW with the moments in optim.state_dtype."""
+    state_dtype = _DTYPES[optim.state_dtype]
+    betas = (optim.beta1, optim.beta2)
+    if all(p.dtype == state_dtype for p in params):
+        return torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=device.type == "cuda",
+        )
+    return AdamW(
+        params,
+        lr=lr,
+        betas=betas,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        state_dtype=state_dtype,
+    )

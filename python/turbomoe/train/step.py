@@ -1,0 +1,89 @@
+"""One optimizer step over accumulated micro-batches, and evaluation on the validation split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from turbomoe.train.batching import Batch
+
+
+def train_step(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    micro: list[Batch],
+    lr: float,
+    *,
+    max_grad_norm: float,
+    aux_coef: float,
+    device: torch.device,
+    parallel: bool,
+    global_supervised: int,
+) -> tuple[float, float | None, float]:
+    """Returns (this rank's share of the loss, router aux loss, grad norm).
+
+    Every micro-batch's loss is divided by the supervised tokens of the whole step over all
+    ranks (global_supervised), so the accumulated gradient is that of one big batch regardless
+    of how tokens fall into micro-batches and ranks; the ranks' losses then sum to the step loss.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    items = torch.tensor(max(global_supervised, 1), device=device)
+    total = torch.zeros((), device=device)
+    aux_total: torch.Tensor | None = None
+    for batch in micro:
+        batch = batch.to(device)
+        out = model(
+            **batch.model_inputs(),
+            use_cache=False,
+            num_items_in_batch=items,
+            output_router_logits=aux_coef > 0 or None,
+        )
+        loss = out.loss
+        aux = getattr(out, "aux_loss", None)
+        if aux_coef > 0 and aux is not None:
+            # The model's own coefficient is 0 (see loop._prepare_aux_loss): added here once per
+            # step, averaged over micro-batches, rather than once per micro-batch.
+            loss = loss + aux_coef * aux / len(micro)
+        loss.backward()
+        total += out.loss.detach()
+        if aux is not None:
+            share = aux.detach() / len(micro)
+            aux_total = share if aux_total is None else aux_total + share
+    params = [p for p in model.parameters() if p.grad is not None]
+    clip = max_grad_norm if max_grad_norm > 0 else math.inf
+    if parallel:
+        from turbomoe.parallel import clip_grad_norm_
+
+        grad_norm = clip_grad_norm_(model, clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(total), None if aux_total is None else float(aux_total), float(grad_norm)
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: Iterable[Batch], device: torch.device) -> tuple[float, int]:
+    """(summed token loss, supervised tokens) over the batches; the caller divides (after
+    summing over ranks), so the validation loss is a per-token mean whatever the batching."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    count = 0
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            out = model(
+                **batch.model_inputs(),
+                use_cache=False,
+                num_items_in_batch=torch.tensor(1, device=device),
+            )
+            total += float(out.loss)
+            count += batch.supervised
+    finally:
+        model.train(was_training)
+    return total, count
