@@ -151,12 +151,19 @@ def test_import_does_not_initialise_cuda():
 
 # ------------------------------------------------------------------------------------ routing
 
+DEEPSEEK_FEW_GROUPS = {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5}
+
 ROUTING = [
     ("softmax_topk", 513, 128, 8, True, {}),
     ("softmax_topk", 13, 5, 2, False, {}),
     ("topk_softmax", 257, 32, 4, False, {}),
     ("sigmoid_group_topk", 300, 256, 8, True, {"n_group": 8, "topk_group": 4}),
     ("sigmoid_group_topk", 13, 6, 2, False, {"routed_scaling_factor": 2.5}),
+    # DeepSeek-V3's recipe on few groups: group masking (topk_group < n_group) together with
+    # renormalisation and the routed scaling factor, forward and backward
+    ("sigmoid_group_topk", 300, 16, 4, True, DEEPSEEK_FEW_GROUPS),
+    ("sigmoid_group_topk", 97, 256, 8, True, DEEPSEEK_FEW_GROUPS),
+    ("softmax_topk", 300, 64, 6, False, {}),  # plain probabilities, experts over two warp widths
 ]
 
 
@@ -239,6 +246,29 @@ def test_gather_rows_and_combine(tokens, hidden, top_k, experts, dtype):
         return tops.combine(r, p2r, None, top_k)
 
     check(combine_plain, [rows, pair_to_row], [0], dtype, seed)
+
+
+@pytest.mark.parametrize(
+    "weights_dtype", [pytest.param(F32, id="w_fp32"), pytest.param(BF16, id="w_bf16")]
+)
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "top_k", "experts"), [(13, 72, 2, 5), (77, 13, 4, 8), (512, 2048, 8, 128)]
+)
+def test_combine_bf16_rows(tokens, hidden, top_k, experts, weights_dtype):
+    """bf16 rows with float32 (as the router returns them) or bf16 routing weights, forward
+    and backward; hidden 13 (26-byte rows) takes the element-wise kernels, the others vectors."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[torch.rand(tokens, top_k, generator=gen) < 0.1] = experts
+    _sorted, pair_to_row, _offsets = tops.permute_plan(ids, experts)
+    rows = torch.randn(tokens * top_k, hidden, generator=gen)
+    weights = torch.rand(tokens, top_k, generator=gen)
+
+    def fn(r: torch.Tensor, p2r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return tops.combine(r, p2r, w.to(weights_dtype), top_k)
+
+    check(fn, [rows, pair_to_row, weights], [0, 2], BF16, seed)
 
 
 # ------------------------------------------------------------------------------- grouped GEMM
@@ -394,6 +424,32 @@ def test_rms_norm(rows, hidden, dtype):
     check(fn, [x, weight], [0, 1], dtype, seed, fp32_tol=1e-4 if rows > 1000 else 1e-5)
 
 
+RMS_NORM_VIEWS = [
+    # (rows, hidden, width, start): x = buf[:, start : start + hidden] of buf [rows, width], so
+    # x's row stride (width) differs from its hidden size
+    (13, 16, 24, 0),  # vector kernels (16, 24 and the base are 8-element aligned)
+    (13, 24, 40, 0),
+    (13, 24, 40, 8),
+    (13, 16, 24, 3),  # base off the vector alignment: element-wise kernels
+    (13, 13, 20, 0),  # hidden not a multiple of 8: element-wise kernels
+    (2500, 1024, 1536, 0),  # 3 rows per backward team, two-stage grad_weight reduction
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "hidden", "width", "start"), RMS_NORM_VIEWS)
+def test_rms_norm_row_stride(rows, hidden, width, start, dtype):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(rows, width, generator=gen) * 2
+    weight = torch.rand(hidden, generator=gen) + 0.5
+
+    def fn(b: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+        return tops.rms_norm(b[:, start : start + hidden], w_, 1e-6)
+
+    check(fn, [buf, weight], [0, 1], dtype, seed, fp32_tol=1e-4 if rows > 1000 else 1e-5)
+
+
 ROPE = [
     # (B, NH, S, D, R, interleaved)
     (2, 3, 7, 16, 16, False),
@@ -417,6 +473,37 @@ def test_rope(b, nh, s, d, r, interleaved, dtype):
         return tops.apply_rope(x_.transpose(1, 2), c, s_, interleaved)
 
     check(fn, [x, cos, sin], [0], dtype, seed)
+
+
+ROPE_VIEWS = [
+    # (B, NH, S, width, start, R, interleaved, cos_batch): x = q[..., start:] of q [B,NH,S,width]
+    # (itself a transposed [B,S,NH,width] buffer), cos/sin [cos_batch,S,R]
+    (2, 3, 7, 18, 0, 10, False, 2),  # D=18, R/2=5: element-wise kernel
+    (2, 3, 7, 18, 0, 10, True, 2),
+    (2, 3, 130, 18, 8, 10, False, 2),  # DeepSeek-V3-style q[..., 8:18]: D=10, row stride 18
+    (2, 3, 130, 18, 8, 10, True, 2),
+    (2, 3, 7, 18, 8, 8, True, 2),  # D=10, R=8: two pass-through dims
+    (2, 5, 33, 26, 10, 8, False, 2),  # D=16, R=8 would vectorise but for the row stride 26
+    (2, 5, 33, 26, 10, 8, True, 2),
+    (3, 4, 9, 16, 0, 16, False, 1),  # cos/sin of batch 1 broadcast over B=3: vector kernel
+    (3, 4, 9, 18, 8, 10, True, 1),  # broadcast, element-wise kernel
+    (2, 16, 65, 192, 128, 64, True, 1),  # DeepSeek-V3's q_pe = q[..., 128:192]: vector kernel
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "nh", "s", "width", "start", "r", "interleaved", "cb"), ROPE_VIEWS)
+def test_rope_views(b, nh, s, width, start, r, interleaved, cb, dtype):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, nh, width, generator=gen)  # [B,S,NH,width], viewed transposed below
+    angles = torch.rand(cb, s, r, generator=gen) * 10  # every column its own angle
+    cos, sin = angles.cos(), angles.sin()
+
+    def fn(q_: torch.Tensor, c: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
+        return tops.apply_rope(q_.transpose(1, 2)[..., start:], c, s_, interleaved)
+
+    check(fn, [q, cos, sin], [0], dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
