@@ -201,8 +201,13 @@ def _lce_backward_cuda(
     grad_weight is summed over chunks in float32 whatever weight's dtype, so that many chunks do
     not add bfloat16 rounding at every step.
     """
+    chunks = _chunks(hidden.shape[0], chunk_rows)
+    # One chunk (the common case: a 4096-token step with the default chunk) needs no running sum,
+    # so its product goes straight into grad_weight and the [V, H] float32 buffer (1.2 GB for
+    # Qwen3's head) is never allocated.
+    direct = grad_weight is not None and len(chunks) == 1 and grad_weight.dtype == hidden.dtype
     accumulate = None
-    if grad_weight is not None:
+    if grad_weight is not None and not direct:
         accumulate = (
             grad_weight
             if grad_weight.dtype == torch.float32
@@ -210,19 +215,21 @@ def _lce_backward_cuda(
         )
         if accumulate is grad_weight:
             accumulate.zero_()
-    for start, end in _chunks(hidden.shape[0], chunk_rows):
+    for start, end in chunks:
         h = hidden[start:end]
         logits = torch.mm(h, weight.t())
         _ce_backward_into(
             grad_loss[start:end], logits, labels[start:end], lse[start:end], ignore_index, logits
         )
         torch.mm(logits, weight, out=grad_hidden[start:end])
-        if accumulate is not None:
+        if direct:
+            torch.mm(logits.t(), h, out=grad_weight)
+        elif accumulate is not None:
             if accumulate.dtype == logits.dtype:
                 accumulate.addmm_(logits.t(), h)
             else:
                 accumulate.add_(torch.mm(logits.t(), h))
-    if grad_weight is not None and accumulate is not grad_weight:
+    if accumulate is not None and accumulate is not grad_weight:
         grad_weight.copy_(accumulate)
 
 
