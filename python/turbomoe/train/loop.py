@@ -32,6 +32,7 @@ from turbomoe.train.config import ConfigError, FinetuneConfig
 from turbomoe.train.data import DataError, Row, load_rows
 from turbomoe.train.distributed import (
     Ranks,
+    all_mean,
     all_sum,
     any_true,
     barrier,
@@ -248,7 +249,8 @@ class _Run:
         )
         saved = torch.load(resume / name, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(saved["optimizer"])
-        stream.load_state_dict(trainer["data"])
+        # Each rank's own position (ranks stop at different batch indices); older: the shared one.
+        stream.load_state_dict(saved.get("data", trainer["data"]))
         schedule.load_state_dict(trainer["schedule"])
         rng.restore(saved["rng"])
         return {**fresh, **{k: trainer[k] for k in fresh if k in trainer}}
@@ -304,9 +306,9 @@ class _Run:
                         aux_coef=c.train.router_aux_loss_coef,
                         device=self.device,
                         parallel=self.parallel,
-                        global_supervised=global_sup,
+                        global_supervised=self._loss_divisor(global_sup),
                     )
-                    loss = all_sum(loss, self.ranks, self.device)
+                    loss = all_mean(loss, self.ranks, self.device)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     step_time = time.perf_counter() - step_start
@@ -412,7 +414,9 @@ class _Run:
                 json.dumps(summary.to_dict(), indent=2) + "\n"
             )
         self.echo(summary.render())
-        if c.model.path is None and step > 0 and self.ranks.main:
+        # Not under torchrun: an expert-parallel forward is a collective, and the other ranks
+        # have left (rank 0 alone would fail, or wait for them until the timeout).
+        if c.model.path is None and step > 0 and self.ranks.main and not self.parallel:
             self.echo(_sample_text(self.model, self.tokenizer))
         return RunResult(
             summary,
@@ -422,6 +426,15 @@ class _Run:
             stopped_by == "interrupt",
             last_saved,
         )
+
+    def _loss_divisor(self, global_supervised: int) -> Any:
+        """What each rank divides its summed token loss by. turbomoe.parallel averages gradients
+        over ranks (the DDP convention), so under torchrun that is the step's global count over
+        the world size: the averaged gradient (and its clipped norm) is then the gradient of the
+        global per-token mean, and the ranks' losses average (all_mean) to that mean."""
+        if not self.parallel:
+            return global_supervised
+        return global_supervised / self.ranks.world
 
     def _why_done(self, step: int) -> str:
         if self.progress.max_steps != step:
@@ -509,7 +522,11 @@ class _Run:
             "schedule": self.schedule.state_dict(),
             "lora": c.lora.enabled,
         }
-        training = {"optimizer": self.optimizer.state_dict(), "rng": rng.capture()}
+        training = {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng.capture(),
+            "data": self.stream.state_dict(),  # this rank's position
+        }
         if self.parallel:
             save_checkpoint_parallel(
                 self.model,
