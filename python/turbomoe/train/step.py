@@ -21,7 +21,7 @@ def train_step(
     aux_coef: float,
     device: torch.device,
     parallel: bool,
-    global_supervised: int,
+    global_supervised: float,
 ) -> tuple[float, float | None, float]:
     """Returns (this rank's share of the loss, router aux loss, grad norm).
 
@@ -31,7 +31,9 @@ def train_step(
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    items = torch.tensor(max(global_supervised, 1), device=device)
+    # Only a step with no supervised token at all needs a stand-in divisor; under torchrun the
+    # divisor is a per-rank share and may legitimately be below 1.
+    items = torch.tensor(global_supervised if global_supervised > 0 else 1, device=device)
     total = torch.zeros((), device=device)
     aux_total: torch.Tensor | None = None
     for batch in micro:
