@@ -128,7 +128,7 @@ TM_API tm_status tm_routing_backward(const tm_routing_params* params,
  * The T*K (token, slot) pairs, pair p = t*K + k, are sorted by expert id with a stable counting
  * sort. An id equal to num_experts is the "dropped" sentinel (Hugging Face's expert-parallel
  * contract: a slot owned by another rank); its pair gets no row. Ids < 0 or > num_experts are
- * rejected.
+ * rejected on CPU; on CUDA they cannot be reported without a host sync and are treated as dropped.
  *
  * sorted_pairs [T*K] int32: row r holds pair sorted_pairs[r]; rows >= expert_offsets[E] are -1.
  * pair_to_row [T*K] int32: inverse permutation; -1 for dropped pairs.
@@ -160,11 +160,35 @@ TM_API tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor*
                                      const tm_tensor* pair_to_row, const tm_tensor* weights,
                                      tm_tensor* grad_rows, tm_tensor* grad_weights, void* stream);
 
+/* ---------------------------------------------------------------- expert-parallel layout
+ * Which tokens each rank receives when the E experts are owned in R contiguous blocks of E/R
+ * (expert e lives on rank e / (E/R); num_experts must be a multiple of num_ranks). A token is
+ * sent to a rank once however many of its K slots that rank owns. An id equal to num_experts is
+ * the dropped sentinel (no destination). Ids < 0 or > num_experts are rejected on CPU; on CUDA
+ * they cannot be reported without a host sync and are treated as dropped. Deterministic.
+ *
+ * topk_ids [T,K] int32/int64 (any strides).
+ * rank_counts [R] int32: tokens sent to rank r (each token counted once per destination rank).
+ * expert_counts [E] int32: (token, slot) pairs routed to expert e.
+ * send_order [T*R] int32: the token ids for each destination rank, ascending, packed by rank:
+ *   rank r's block starts at the exclusive prefix of rank_counts; entries past the total are -1.
+ * token_rank_slot [T,R] int32: position of token t inside rank r's block, or -1 when t sends
+ *   nothing to r.
+ * The CUDA kernel (one block) covers up to 64 ranks.
+ */
+TM_API tm_status tm_ep_layout_workspace_size(int64_t num_tokens, int64_t num_experts,
+                                             int64_t num_ranks, int32_t device_type, size_t* bytes);
+TM_API tm_status tm_ep_layout(const tm_tensor* topk_ids, int64_t num_experts, int64_t num_ranks,
+                              tm_tensor* rank_counts, tm_tensor* expert_counts,
+                              tm_tensor* send_order, tm_tensor* token_rank_slot, void* workspace,
+                              size_t workspace_bytes, void* stream);
+
 /* ---------------------------------------------------------------- grouped GEMM
  * x [M,K] rows grouped by expert through expert_offsets [E+1] (from tm_permute_plan);
  * w [E,N,K] (the nn.Linear convention: y = x w^T). Rows >= offsets[E] of every M-sized output
  * are zeroed. w may be any strided view (e.g. a transposed [E,K,N] parameter seen as [E,N,K]);
- * CUDA kernels may return TM_ERR_UNSUPPORTED for layouts they do not cover.
+ * CUDA kernels need w (and dw) with a unit last-dim stride, else TM_ERR_UNSUPPORTED; on CUDA the
+ * offsets are not validated (that would need a host sync), only clamped into [0, M].
  */
 typedef enum tm_gemm_pass {
   TM_GEMM_FORWARD = 1,    /* y = x w^T */
@@ -249,7 +273,8 @@ TM_API tm_status tm_rope_backward(const tm_rope_params* params, const tm_tensor*
 
 /* ---------------------------------------------------------------- cross-entropy
  * Per-row cross-entropy over logits [N,V]; labels [N] int64; rows whose label equals
- * ignore_index get loss 0 and gradient 0. Labels outside [0,V) otherwise are rejected.
+ * ignore_index get loss 0 and gradient 0. Labels outside [0,V) otherwise are rejected on CPU;
+ * on CUDA (no host sync) such a row gets a NaN loss and a NaN gradient row.
  * loss [N] f32, lse [N] f32 (log-sum-exp, saved for the backward).
  */
 TM_API tm_status tm_cross_entropy_forward(const tm_tensor* logits, const tm_tensor* labels,

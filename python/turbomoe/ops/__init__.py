@@ -2,6 +2,7 @@
 implementation so they appear by name in the profiler and trace under ``torch.compile``."""
 
 from turbomoe.ops.activation import clamped_swiglu, silu_mul, swiglu
+from turbomoe.ops.ep_layout import ep_layout
 from turbomoe.ops.gated import gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.loss import cross_entropy, linear_cross_entropy
@@ -16,6 +17,7 @@ __all__ = [
     "clamped_swiglu",
     "combine",
     "cross_entropy",
+    "ep_layout",
     "gated",
     "gather_rows",
     "grouped_gemm",

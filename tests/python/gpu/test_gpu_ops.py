@@ -546,3 +546,45 @@ def test_linear_cross_entropy(rows, hidden, vocab, chunk, large, dtype):
         return torch.nn.functional.cross_entropy(h_ @ w_.t(), lb, reduction="none")
 
     check(fn, [h, weight, labels], [0, 1], dtype, seed, 1e-4, reference if large else None)
+
+
+# ---------------------------------------------------------------------------------- ep_layout
+
+EP_LAYOUT = [(13, 2, 8, 4), (512, 8, 128, 8), (4096, 8, 256, 64), (1, 1, 1, 1), (3000, 4, 64, 2)]
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "ranks"), EP_LAYOUT)
+@pytest.mark.parametrize("byte", [NAN_BYTE, BIG_BYTE])
+def test_ep_layout(tokens, top_k, experts, ranks, byte):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[torch.rand(tokens, top_k, generator=gen) < 0.1] = experts  # EP sentinel
+    if ranks > 2:
+        per_rank = experts // ranks
+        ids[(ids // per_rank) == 1] = 0  # rank 1 receives nothing
+    for index_dtype in (torch.int64, torch.int32):
+        ref = tops.ep_layout(ids.to(index_dtype), experts, ranks)
+        poison(byte)
+        out = tops.ep_layout(ids.to(index_dtype).to(CUDA), experts, ranks)
+        for o, r in zip(out, ref, strict=True):
+            assert torch.equal(o.cpu(), r)
+
+
+def test_ep_layout_all_to_one_rank_strided_and_empty():
+    ids = torch.full((700, 4), 7)
+    ids[:, 1] = 6
+    ref = tops.ep_layout(ids, 8, 4)
+    poison()
+    for o, r in zip(tops.ep_layout(ids.to(CUDA), 8, 4), ref, strict=True):
+        assert torch.equal(o.cpu(), r)
+    strided = torch.randint(0, 9, (4, 1500)).t()  # [T,K] view with strides (1, T)
+    ref = tops.ep_layout(strided, 8, 4)
+    poison()
+    out = torch.ops.turbomoe.ep_layout(strided.to(CUDA), 8, 4)  # the op itself reads strides
+    for o, r in zip(out, ref, strict=True):
+        assert torch.equal(o.cpu(), r)
+    poison()
+    out = tops.ep_layout(torch.zeros(0, 4, dtype=torch.int64, device=CUDA), 8, 4)
+    assert out[0].cpu().tolist() == [0] * 4
+    assert out[1].cpu().tolist() == [0] * 8
