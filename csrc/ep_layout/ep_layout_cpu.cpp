@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "common/expert_ids.h"
 #include "common/numeric.h"
 #include "ep_layout/ep_layout.h"
 
@@ -19,12 +20,7 @@ void layout_cpu(const Arg& ids, int64_t experts, int64_t ranks, const Arg& rank_
     using Id = decltype(tag);
     for (int64_t t = 0; t < tokens; ++t) {
       for (int64_t k = 0; k < top_k; ++k) {
-        const int64_t e = ids.ptr<const Id>()[t * ids.stride(0) + k * ids.stride(1)];
-        if (e < 0 || e > experts) {
-          invalid("topk_ids[" + std::to_string(t) + ", " + std::to_string(k) + "] is " +
-                  std::to_string(e) + ", outside [0, " + std::to_string(experts) + "] (" +
-                  std::to_string(experts) + " marks a dropped slot)");
-        }
+        const int64_t e = checked_expert_id<Id>(ids, t, k, experts);
         if (e == experts) continue;
         ++e_count[e];
         const int64_t r = owner_rank(e, per_rank);

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "common/expert_ids.h"
 #include "common/numeric.h"
 #include "permute/permute.h"
 
@@ -18,12 +19,7 @@ void plan_cpu(const Arg& ids, int64_t experts, const Arg& sorted_pairs, const Ar
     using Id = decltype(tag);
     for (int64_t t = 0; t < tokens; ++t) {
       for (int64_t k = 0; k < top_k; ++k) {
-        const int64_t e = ids.ptr<const Id>()[t * ids.stride(0) + k * ids.stride(1)];
-        if (e < 0 || e > experts) {
-          invalid("topk_ids[" + std::to_string(t) + ", " + std::to_string(k) + "] is " +
-                  std::to_string(e) + ", outside [0, " + std::to_string(experts) + "] (" +
-                  std::to_string(experts) + " marks a dropped slot)");
-        }
+        const int64_t e = checked_expert_id<Id>(ids, t, k, experts);
         expert[t * top_k + k] = static_cast<int32_t>(e);
         ++counts[e];
       }
