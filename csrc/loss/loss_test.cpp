@@ -183,6 +183,18 @@ TEST(CrossEntropy, ZeroRowsIsANoOp) {
                                          kIgnore, logits.desc(), nullptr));
 }
 
+// Autograd hands empty gradients with stride 0: they carry no layout and must be accepted as is.
+TEST(CrossEntropy, EmptyTensorsWithZeroStridesAreAccepted) {
+  HostTensor logits({0, 10}, TM_DTYPE_FLOAT32), labels({0}, TM_DTYPE_INT64);
+  HostTensor loss({0}, TM_DTYPE_FLOAT32), lse({0}, TM_DTYPE_FLOAT32);
+  tm_tensor grad = *logits.desc();
+  grad.strides[0] = grad.strides[1] = 0;
+  TM_ASSERT_OK(
+      tm_cross_entropy_forward(&grad, labels.desc(), kIgnore, loss.desc(), lse.desc(), nullptr));
+  TM_ASSERT_OK(tm_cross_entropy_backward(loss.desc(), &grad, labels.desc(), lse.desc(), kIgnore,
+                                         &grad, nullptr));
+}
+
 TEST(CrossEntropy, RejectsBadArguments) {
   HostTensor logits({4, 10}, TM_DTYPE_FLOAT32), labels({4}, TM_DTYPE_INT64);
   HostTensor loss({4}, TM_DTYPE_FLOAT32), lse({4}, TM_DTYPE_FLOAT32),

@@ -248,12 +248,6 @@ def describe(t: torch.Tensor | None) -> Any:
     return ctypes.byref(desc)
 
 
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """t in row-major layout. An empty tensor gets fresh dense strides: autograd hands zero-size
-    gradients with stride 0, which ``contiguous()`` keeps and the C ABI's layout checks reject."""
-    return t.contiguous() if t.numel() > 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 def stream_for(t: torch.Tensor) -> int | None:
     """The raw cudaStream_t of torch's current stream on t's device (None on CPU)."""
     if t.device.type != "cuda":

@@ -69,4 +69,4 @@ def ep_layout(
     """
     if ids.dim() != 2:
         raise ValueError(f"ids must be [T, K], got shape {tuple(ids.shape)}")
-    return _ep_layout(_native.dense(ids), int(num_experts), int(num_ranks))
+    return _ep_layout(ids.contiguous(), int(num_experts), int(num_ranks))

@@ -27,7 +27,7 @@ def _weight_operand(w: torch.Tensor) -> torch.Tensor:
     front keeps the CUDA path free of a failed call and a retry.
     """
     if w.device.type == "cuda" and w.stride(-1) != 1:
-        return _native.dense(w)
+        return w.contiguous()
     return w
 
 
@@ -130,7 +130,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     x, w, expert_offsets = ctx.saved_tensors
-    dy = _native.dense(dy)
+    dy = dy.contiguous()
     dx = _grouped_gemm_backward_input(dy, w, expert_offsets) if ctx.need_x else None
     dw = _grouped_gemm_backward_weight(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
     return dx, dw, None
@@ -145,4 +145,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     w is [E,N,K] and may be a strided view; rows past offsets[E] come out zero. Differentiable
     with respect to x and w.
     """
-    return _grouped_gemm(_native.dense(x), w, _native.dense(expert_offsets))
+    return _grouped_gemm(x.contiguous(), w, expert_offsets.contiguous())

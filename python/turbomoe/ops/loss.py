@@ -114,7 +114,7 @@ def _ce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _ce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
     logits, labels, lse = ctx.saved_tensors
     grad_logits = _cross_entropy_backward(
-        _native.dense(grad_loss.to(torch.float32)), logits, labels, lse, ctx.ignore_index
+        grad_loss.to(torch.float32).contiguous(), logits, labels, lse, ctx.ignore_index
     )
     return grad_logits, None, None
 
@@ -126,7 +126,7 @@ def _labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels as the C ABI takes them: int64, contiguous (int32 labels are widened)."""
     if labels.dtype == torch.int32:
         labels = labels.to(torch.int64)
-    return _native.dense(labels)
+    return labels.contiguous()
 
 
 def cross_entropy(
@@ -137,7 +137,7 @@ def cross_entropy(
     Rows whose label is ignore_index get loss 0 and no gradient. Differentiable with respect to
     logits; the softmax is recomputed in the backward from the saved log-sum-exp.
     """
-    loss, _lse = _cross_entropy(_native.dense(logits), _labels(labels), int(ignore_index))
+    loss, _lse = _cross_entropy(logits.contiguous(), _labels(labels), int(ignore_index))
     return loss
 
 
@@ -354,7 +354,7 @@ def _lce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _lce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
     hidden, weight, labels, lse = ctx.saved_tensors
     grad_hidden, grad_weight = _linear_cross_entropy_backward(
-        _native.dense(grad_loss.to(torch.float32)),
+        grad_loss.to(torch.float32).contiguous(),
         hidden,
         weight,
         labels,
@@ -385,8 +385,8 @@ def linear_cross_entropy(
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be > 0, got {chunk_rows}")
     return _linear_cross_entropy(
-        _native.dense(hidden),
-        _native.dense(weight),
+        hidden.contiguous(),
+        weight.contiguous(),
         _labels(labels),
         int(ignore_index),
         int(chunk_rows),

@@ -79,7 +79,7 @@ def moe_experts(
     gate_up = grouped_gemm(x, gate_up_proj, offsets)
     if gate_up_bias is not None:
         gate_up = gate_up + _row_bias(gate_up_bias.to(gate_up.dtype), offsets, rows)
-    act = gated(gate_up.contiguous(), activation, alpha, limit, interleaved)
+    act = gated(gate_up, activation, alpha, limit, interleaved)
     out_rows = grouped_gemm(act, down_proj, offsets)
     if down_bias is not None:
         out_rows = out_rows + _row_bias(down_bias.to(out_rows.dtype), offsets, rows)

@@ -95,7 +95,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _backward(ctx: Any, grad_y: torch.Tensor, _grad_rstd: Any) -> tuple[Any, ...]:
     x, weight, rstd = ctx.saved_tensors
     grad_x, grad_weight = _rms_norm_backward(
-        _native.dense(grad_y), x, weight, rstd, ctx.need_weight_grad
+        grad_y.contiguous(), x, weight, rstd, ctx.need_weight_grad
     )
     return grad_x, grad_weight.to(weight.dtype) if ctx.need_weight_grad else None, None
 
@@ -114,6 +114,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     shape = x.shape
     rows_view = x.reshape(-1, shape[-1])
     if rows_view.numel() == 0 or rows_view.stride(-1) != 1:
-        rows_view = _native.dense(rows_view)
+        rows_view = rows_view.contiguous()
     y, _rstd = _rms_norm(rows_view, weight, float(eps))
     return y.view(shape)

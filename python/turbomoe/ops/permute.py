@@ -65,7 +65,7 @@ def permute_plan(
     """
     if ids.dim() != 2:
         raise ValueError(f"ids must be [T, K], got shape {tuple(ids.shape)}")
-    return _permute_plan(_native.dense(ids), int(num_experts))
+    return _permute_plan(ids.contiguous(), int(num_experts))
 
 
 # ------------------------------------------------------------------------------------- combine
@@ -160,7 +160,7 @@ def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _combine_backward_fn(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     rows, pair_to_row, weights = ctx.saved_tensors
-    grad_out = _native.dense(grad_out)
+    grad_out = grad_out.contiguous()
     if ctx.weights_grad:
         grad_rows, grad_weights = _combine_backward(grad_out, rows, pair_to_row, weights)
         return grad_rows, None, grad_weights, None
@@ -181,9 +181,9 @@ def combine(
     if top_k <= 0:
         raise ValueError(f"top_k must be > 0, got {top_k}")
     return _combine(
-        _native.dense(rows),
-        _native.dense(pair_to_row),
-        None if weights is None else _native.dense(weights),
+        rows.contiguous(),
+        pair_to_row.contiguous(),
+        None if weights is None else weights.contiguous(),
         int(top_k),
     )
 
@@ -233,7 +233,7 @@ def _gather_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _gather_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     (pair_to_row,) = ctx.saved_tensors
     # The adjoint of a row gather is an unweighted combine (each token sums its K rows).
-    grad_x = _combine(_native.dense(grad_out), pair_to_row, None, ctx.top_k)
+    grad_x = _combine(grad_out.contiguous(), pair_to_row, None, ctx.top_k)
     return grad_x, None, None, None, None
 
 
@@ -269,9 +269,9 @@ def gather_rows(
     if pair_to_row is None:
         pair_to_row = invert_sorted_pairs(sorted_pairs)
     return _gather_rows(
-        _native.dense(x),
-        _native.dense(sorted_pairs),
-        _native.dense(expert_offsets),
-        _native.dense(pair_to_row),
+        x.contiguous(),
+        sorted_pairs.contiguous(),
+        expert_offsets.contiguous(),
+        pair_to_row.contiguous(),
         int(top_k),
     )

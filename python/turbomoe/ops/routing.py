@@ -162,7 +162,7 @@ def _backward(ctx: Any, grad_weights: torch.Tensor | None, *_: Any) -> tuple[Any
     if grad_weights is None:
         grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     grad_logits = _route_backward(
-        _native.dense(grad_weights.to(torch.float32)), scores, ids, ctx.logits_dtype, *ctx.config
+        grad_weights.to(torch.float32).contiguous(), scores, ids, ctx.logits_dtype, *ctx.config
     )
     return (grad_logits, None, *([None] * len(ctx.config)))
 
@@ -194,9 +194,9 @@ def route(
     if code is None:
         raise ValueError(f"kind is {kind!r}, expected one of {sorted(KINDS)}")
     if correction_bias is not None:
-        correction_bias = _native.dense(correction_bias.detach().to(torch.float32))
+        correction_bias = correction_bias.detach().to(torch.float32).contiguous()
     weights, ids, _scores = _route(
-        _native.dense(logits),
+        logits.contiguous(),
         correction_bias,
         code,
         int(top_k),
