@@ -31,6 +31,12 @@ int64_t check_weight(const Arg& w, const Arg& in, int64_t k, const char* what) {
   return w.size(0);
 }
 
+// expert_offsets [E+1] int32 for the E experts of `from`.
+void check_offsets(const Arg& offsets, int64_t experts, const char* from) {
+  turbomoe::check_expert_offsets_shape(offsets);
+  offsets.size_is(0, experts + 1, from);
+}
+
 template <typename Cpu, typename Cuda>
 void run(const char* op, std::initializer_list<const Arg*> args, const Arg& offsets, int64_t rows,
          const Arg& out, Cpu&& cpu, Cuda&& cuda) {
@@ -74,8 +80,7 @@ tm_status tm_grouped_gemm_forward(const tm_tensor* x, const tm_tensor* w,
     const Arg xa(x, "x"), wa(w, "w"), off(expert_offsets, "expert_offsets"), ya(y, "y");
     check_matrix(xa);
     const int64_t experts = check_weight(wa, xa, xa.size(1), "K, the columns of x");
-    off.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, experts + 1, "E + 1, E from w");
-    turbomoe::check_expert_offsets_shape(off);
+    check_offsets(off, experts, "E + 1, E from w");
     check_matrix(ya);
     check_output_dtype(ya, xa);
     ya.size_is(0, xa.size(0), "M, the rows of x").size_is(1, wa.size(1), "N, from w");
@@ -95,8 +100,7 @@ tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w
     wa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3).same_dtype(dya);
     wa.size_is(1, dya.size(1), "N, the columns of dy");
     const int64_t experts = wa.size(0);
-    off.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, experts + 1, "E + 1, E from w");
-    turbomoe::check_expert_offsets_shape(off);
+    check_offsets(off, experts, "E + 1, E from w");
     check_matrix(dxa);
     check_output_dtype(dxa, dya);
     dxa.size_is(0, dya.size(0), "M, the rows of dy").size_is(1, wa.size(2), "K, from w");
@@ -122,8 +126,7 @@ tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* 
     dwa.size_is(1, dya.size(1), "N, the columns of dy")
         .size_is(2, xa.size(1), "K, the columns of x");
     const int64_t experts = dwa.size(0);
-    off.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, experts + 1, "E + 1, E from dw");
-    turbomoe::check_expert_offsets_shape(off);
+    check_offsets(off, experts, "E + 1, E from dw");
     run(
         "tm_grouped_gemm_backward_weight", {&dya, &xa, &off, &dwa}, off, dya.size(0), dwa,
         [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },

@@ -31,13 +31,37 @@ def _weight_operand(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _workspace(
-    pass_: int, m: int, n: int, k: int, num_experts: int, like: torch.Tensor
+_FUNCTIONS = {
+    FORWARD: "tm_grouped_gemm_forward",
+    GRAD_INPUT: "tm_grouped_gemm_backward_input",
+    GRAD_WEIGHT: "tm_grouped_gemm_backward_weight",
+}
+
+
+def _run(
+    pass_: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    out: torch.Tensor,
+    shape: tuple[int, int, int, int],
 ) -> torch.Tensor:
+    """One pass through the C ABI (the three share a signature); shape is (M, N, K, E)."""
     nbytes = _native.workspace_size(
-        "tm_grouped_gemm_workspace_size", pass_, m, n, k, num_experts, _native.device_code(like)
+        "tm_grouped_gemm_workspace_size", pass_, *shape, _native.device_code(a)
     )
-    return _native.workspace(nbytes, like)
+    workspace = _native.workspace(nbytes, a)
+    _native.call(
+        _FUNCTIONS[pass_],
+        _native.describe(a),
+        _native.describe(b),
+        _native.describe(expert_offsets),
+        _native.describe(out),
+        workspace.data_ptr(),
+        workspace.numel(),
+        _native.stream_for(a),
+    )
+    return out
 
 
 @torch.library.custom_op("turbomoe::grouped_gemm", mutates_args=())
@@ -45,18 +69,7 @@ def _grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor
     rows, n, k, experts = x.shape[0], w.shape[1], w.shape[2], w.shape[0]
     w = _weight_operand(w)
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    workspace = _workspace(FORWARD, rows, n, k, experts, x)
-    _native.call(
-        "tm_grouped_gemm_forward",
-        _native.describe(x),
-        _native.describe(w),
-        _native.describe(expert_offsets),
-        _native.describe(y),
-        workspace.data_ptr(),
-        workspace.numel(),
-        _native.stream_for(x),
-    )
-    return y
+    return _run(FORWARD, x, w, expert_offsets, y, (rows, n, k, experts))
 
 
 @_grouped_gemm.register_fake
@@ -72,18 +85,7 @@ def _grouped_gemm_backward_input(
     rows, n, k, experts = dy.shape[0], w.shape[1], w.shape[2], w.shape[0]
     w = _weight_operand(w)
     dx = torch.empty((rows, k), dtype=dy.dtype, device=dy.device)
-    workspace = _workspace(GRAD_INPUT, rows, n, k, experts, dy)
-    _native.call(
-        "tm_grouped_gemm_backward_input",
-        _native.describe(dy),
-        _native.describe(w),
-        _native.describe(expert_offsets),
-        _native.describe(dx),
-        workspace.data_ptr(),
-        workspace.numel(),
-        _native.stream_for(dy),
-    )
-    return dx
+    return _run(GRAD_INPUT, dy, w, expert_offsets, dx, (rows, n, k, experts))
 
 
 @_grouped_gemm_backward_input.register_fake
@@ -98,18 +100,7 @@ def _grouped_gemm_backward_weight(
     """dw [E,N,K] = dy_eᵀ · x_e per expert (zero for experts without rows), in w's dtype."""
     rows, n, k, experts = x.shape[0], dy.shape[1], x.shape[1], expert_offsets.shape[0] - 1
     dw = torch.empty((experts, n, k), dtype=w_dtype, device=x.device)
-    workspace = _workspace(GRAD_WEIGHT, rows, n, k, experts, x)
-    _native.call(
-        "tm_grouped_gemm_backward_weight",
-        _native.describe(dy),
-        _native.describe(x),
-        _native.describe(expert_offsets),
-        _native.describe(dw),
-        workspace.data_ptr(),
-        workspace.numel(),
-        _native.stream_for(x),
-    )
-    return dw
+    return _run(GRAD_WEIGHT, dy, x, expert_offsets, dw, (rows, n, k, experts))
 
 
 @_grouped_gemm_backward_weight.register_fake
