@@ -3,15 +3,19 @@
 # ${OUT:-out}: one log per stage, gpu_pytest.xml, bench.json / bench.png / bench.txt, env.txt.
 #
 # Stages: build (cmake + ninja, CUDA required, sm_90a) -> ctest -> compute-sanitizer memcheck on
-# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark. Each stage's
+# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark -> `turbomoe
+# finetune` with a model path on one GPU and under torchrun (scripts/finetune_device.sh). Each
+# stage's
 # exit status is recorded and a failing stage does not stop the later ones (except that nothing
 # runs without a library); the summary table is printed last, and the script exits non-zero if
-# any stage failed.
+# any stage failed. The logs end up in one logs.tar.gz (the device tool brings back at most 8
+# files): what comes back is logs.tar.gz, gpu_pytest.xml, bench.json/.png/.txt and profile.md.
 #
 # Knobs (environment):
 #   OUT=out                 output folder
 #   SKIP_TESTS=1            skip ctest, sanitizer and pytest (the build still runs)
 #   SKIP_BENCH=1            skip the benchmark
+#   SKIP_FINETUNE=1         skip the finetune runs
 #   BENCH_ARGS="..."        extra `python -m turbomoe.bench` flags (word-split; later flags win,
 #                           e.g. BENCH_ARGS="--layers 4 --profile --record")
 #   SANITIZER_K="..."       pytest -k expression for the memcheck subset of test_gpu_ops.py
@@ -33,6 +37,7 @@ CUDA_ARCHS=${CUDA_ARCHS:-90a-real}
 PYTHON=${PYTHON:-python3}
 SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_BENCH=${SKIP_BENCH:-0}
+SKIP_FINETUNE=${SKIP_FINETUNE:-0}
 BENCH_ARGS=${BENCH_ARGS:-}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 # bf16 cases without the largest shapes: memcheck slows every kernel (torch's included) 10-100x.
@@ -42,6 +47,7 @@ CTEST_TIMEOUT=${CTEST_TIMEOUT:-120}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+FINETUNE_TIMEOUT=${FINETUNE_TIMEOUT:-200}
 # Whole-suite budget: a stage gets at most what is left of it, so the summary is always printed
 # before an outer limit (10 minutes per command on the device) kills the script.
 SUITE_BUDGET=${SUITE_BUDGET:-560}
@@ -55,7 +61,7 @@ export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 export TURBOMOE_LIBRARY=$LIB
 
 declare -A STATUS DETAIL
-ORDER=(build ctest sanitizer pytest bench)
+ORDER=(build ctest sanitizer pytest bench finetune)
 for s in "${ORDER[@]}"; do STATUS[$s]=skipped; DETAIL[$s]=""; done
 
 # run_stage NAME TIMEOUT_S CMD... : runs CMD with its output in $OUT/NAME.log; sets RC.
@@ -126,7 +132,7 @@ fi
 
 # ---- tests -------------------------------------------------------------------------------
 if [ "${STATUS[build]}" != ok ]; then
-  for s in ctest sanitizer pytest bench; do DETAIL[$s]="no library"; done
+  for s in ctest sanitizer pytest bench finetune; do DETAIL[$s]="no library"; done
 elif [ "$SKIP_TESTS" = 1 ]; then
   for s in ctest sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
 else
@@ -245,11 +251,35 @@ PY
   fi
 fi
 
+# ---- finetune ---------------------------------------------------------------------------
+if [ "${STATUS[build]}" = ok ] && [ "$SKIP_FINETUNE" = 1 ]; then
+  DETAIL[finetune]="SKIP_FINETUNE=1"
+elif [ "${STATUS[build]}" = ok ]; then
+  run_stage finetune "$FINETUNE_TIMEOUT" env OUT="$OUT" FT_TIMEOUT=$((FINETUNE_TIMEOUT / 2 - 15)) \
+    bash scripts/finetune_device.sh
+  # "exit N" per run, then each run's throughput line.
+  runs=$(grep -c "^exit 0" "$OUT/finetune.log" || true)
+  total=$(grep -c "^exit " "$OUT/finetune.log" || true)
+  tps=$(grep -h "^throughput" "$OUT"/finetune_*.log 2>/dev/null | awk '{print $2}' | paste -sd/ -)
+  DETAIL[finetune]="${runs}/${total} runs ok; tokens/s ${tps:-?} (1 GPU / torchrun)"
+  if [ "$RC" -eq 0 ] && [ "$total" -gt 0 ] && [ "$runs" = "$total" ]; then
+    STATUS[finetune]=ok
+  else
+    STATUS[finetune]=FAILED
+  fi
+fi
+
 # ---- summary (printed last) ----------------------------------------------------------------
 if [ -s "$OUT/bench.txt" ]; then
   echo
   cat "$OUT/bench.txt"
 fi
+if [ -s "$OUT/finetune.log" ]; then
+  echo
+  cat "$OUT/finetune.log"
+fi
+# At most 8 files come back from the device: the logs travel as one archive.
+(cd "$OUT" && tar czf logs.tar.gz ./*.log env.txt 2>/dev/null && rm -f ./*.log env.txt)
 failed=()
 echo
 echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="

@@ -27,15 +27,20 @@ inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(s
 // Makes the tensor's device current for the lifetime of the guard.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) {
+  explicit DeviceGuard(int device) : device_(device) {
     check(cudaGetDevice(&previous_), "cudaGetDevice");
     if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  // Restores only what it changed: every op call passes through here, so the common case (the
+  // tensor is on the current device) costs one cudaGetDevice and nothing else.
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
+  int device_ = 0;
   int previous_ = 0;
 };
 

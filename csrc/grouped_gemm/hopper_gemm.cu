@@ -1,6 +1,8 @@
 // Host side of the Hopper grouped GEMM: coverage checks, TMA descriptors, launch.
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (a type; the symbol comes from the runtime)
 
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -124,13 +126,30 @@ bool env_is(const char* name, const char* value) {
   return v != nullptr && std::string(v) == value;
 }
 
+// Raises the kernel's dynamic shared-memory limit on `device` to at least `smem` bytes. The
+// attribute call costs microseconds of host time and a training step launches hundreds of
+// GEMMs, so the largest value set so far is remembered per kernel and device.
+template <typename Kernel>
+void ensure_smem_limit(Kernel kernel, int device, int smem) {
+  static std::array<std::atomic<int>, 64> configured{};
+  std::atomic<int>* known = device >= 0 && device < 64 ? &configured[device] : nullptr;
+  if (known != nullptr && known->load(std::memory_order_relaxed) >= smem) return;
+  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+              "cudaFuncSetAttribute");
+  if (known == nullptr) return;
+  int seen = known->load(std::memory_order_relaxed);
+  while (seen < smem && !known->compare_exchange_weak(seen, smem)) {
+  }
+}
+
 template <Pass P, typename OutT, int kEpi>
 void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
             int grid, cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
-  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-              "cudaFuncSetAttribute");
+  int device = 0;
+  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  ensure_smem_limit(kernel, device, smem);
   kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
   cuda::check_launch("hopper grouped_gemm_kernel");
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -211,59 +212,94 @@ def _raise_for(status: int, name: str) -> None:
     raise RuntimeError(message)
 
 
+_functions: dict[str, Any] = {}
+
+
+def _function(name: str) -> Any:
+    fn = _functions.get(name)
+    if fn is None:
+        fn = getattr(lib(), name, None)
+        if fn is None:
+            raise RuntimeError(
+                f"libturbomoe at {library_path()} does not export {name}; rebuild it"
+            )
+        _functions[name] = fn
+    return fn
+
+
 def call(name: str, *args: Any) -> None:
     """Calls a status-returning C function and raises on any status other than TM_OK."""
-    fn = getattr(lib(), name, None)
-    if fn is None:
-        raise RuntimeError(f"libturbomoe at {library_path()} does not export {name}; rebuild it")
-    status = fn(*args)
+    status = _function(name)(*args)
     if status != OK:
         _raise_for(status, name)
+
+
+# tm_tensor's bytes: data, dtype, device_type, device_index, ndim, sizes[6], strides[6]. Packing
+# all fields in one call is half the host time of setting them one by one on the structure,
+# and a step describes over a thousand tensors.
+_TENSOR_LAYOUT = struct.Struct(f"<qiiii{MAX_DIMS}q{MAX_DIMS}q")
+_ZEROS = (0,) * MAX_DIMS
 
 
 def describe(t: torch.Tensor | None) -> Any:
     """A tm_tensor descriptor of t (a pointer for ctypes), or None for an absent optional."""
     if t is None:
         return None
-    if t.dim() > MAX_DIMS:
-        raise ValueError(f"tensors of rank {t.dim()} exceed turbomoe's limit of {MAX_DIMS}")
+    ndim = t.dim()
+    if ndim > MAX_DIMS:
+        raise ValueError(f"tensors of rank {ndim} exceed turbomoe's limit of {MAX_DIMS}")
     code = DTYPE_CODES.get(t.dtype)
     if code is None:
         raise TypeError(f"turbomoe does not support dtype {t.dtype}")
-    desc = TmTensor()
-    desc.data = t.data_ptr() if t.numel() > 0 else None
-    desc.dtype = code
-    if t.device.type == "cuda":
-        desc.device_type = DEVICE_CUDA
-        desc.device_index = t.device.index if t.device.index is not None else 0
-    elif t.device.type == "cpu":
-        desc.device_type = DEVICE_CPU
-        desc.device_index = 0
+    if t.is_cuda:
+        device_type, device_index = DEVICE_CUDA, t.get_device()
+    elif t.is_cpu:
+        device_type, device_index = DEVICE_CPU, 0
     else:
         raise ValueError(f"turbomoe runs on cpu and cuda tensors, not {t.device}")
-    desc.ndim = t.dim()
-    for i, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
-        desc.sizes[i] = size
-        desc.strides[i] = stride
-    return ctypes.byref(desc)
+    pad = _ZEROS[ndim:]
+    packed = _TENSOR_LAYOUT.pack(
+        t.data_ptr() if t.numel() > 0 else 0,
+        code,
+        device_type,
+        device_index,
+        ndim,
+        *t.shape,
+        *pad,
+        *t.stride(),
+        *pad,
+    )
+    return ctypes.byref(TmTensor.from_buffer_copy(packed))
 
 
 def stream_for(t: torch.Tensor) -> int | None:
     """The raw cudaStream_t of torch's current stream on t's device (None on CPU)."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         return None
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return torch._C._cuda_getCurrentRawStream(t.get_device())
+
+
+_workspace_sizes: dict[tuple[Any, ...], int] = {}
 
 
 def workspace_size(name: str, *args: Any) -> int:
-    """Calls a *_workspace_size query and returns the byte count."""
-    out = ctypes.c_size_t(0)
-    call(name, *args, ctypes.byref(out))
-    return int(out.value)
+    """Calls a *_workspace_size query and returns the byte count. Cached when every argument is
+    an integer: the size is a pure function of them."""
+    key = (name, *args) if all(type(a) is int for a in args) else None
+    nbytes = _workspace_sizes.get(key) if key is not None else None
+    if nbytes is None:
+        out = ctypes.c_size_t(0)
+        call(name, *args, ctypes.byref(out))
+        nbytes = int(out.value)
+        if key is not None:
+            if len(_workspace_sizes) > 4096:  # many distinct shapes (e.g. packed batches)
+                _workspace_sizes.clear()
+            _workspace_sizes[key] = nbytes
+    return nbytes
 
 
 def device_code(t: torch.Tensor) -> int:
-    return DEVICE_CUDA if t.device.type == "cuda" else DEVICE_CPU
+    return DEVICE_CUDA if t.is_cuda else DEVICE_CPU
 
 
 def workspace(nbytes: int, like: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--profile", action="store_true", help="torch.profiler per-kernel breakdown")
     out.add_argument("--profile-out", type=Path, default=Path("docs/perf-notes-profile.md"))
     out.add_argument("--profile-steps", type=_positive, default=2)
+    out.add_argument("--profile-top", type=_positive, default=25, help="kernels listed per run")
     out.add_argument("--record", action="store_true", help="append a summary line to --record-path")
     out.add_argument("--record-path", type=Path, default=Path("docs/benchmarks.jsonl"))
     return p
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         attn_implementation=args.attn_implementation,
         profile_steps=args.profile_steps if args.profile else 0,
+        profile_top=args.profile_top,
     )
     flops = flops_per_token(config, args.seq)
     peak = _peak(args, device, log)

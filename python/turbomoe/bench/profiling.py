@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ class Profile:
     steps: int
     total_ms_per_step: float
     rows: list[KernelRow]
+    # Wall time per profiled step: against total_ms_per_step it shows how long the GPU idled
+    # (launch-bound stretches, host syncs). The profiler's own overhead inflates it somewhat.
+    wall_ms_per_step: float | None = None
 
 
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int, top: int) -> Profile:
@@ -31,11 +35,15 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - started) * 1e3 / steps
     events = prof.key_averages()
     if device.type == "cuda":
         chosen = [
@@ -51,7 +59,7 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
         KernelRow(name, count / steps, us / 1e3 / steps, us / total_us)
         for name, count, us in chosen[:top]
     ]
-    return Profile(device.type, steps, total_us / 1e3 / steps, rows)
+    return Profile(device.type, steps, total_us / 1e3 / steps, rows, wall_ms)
 
 
 def _cell(text: str, width: int = 110) -> str:
@@ -69,7 +77,12 @@ def render_markdown(profiles: dict[str, Profile], header: str) -> str:
             "",
             f"Top {len(prof.rows)} {what} by self time, averaged over {prof.steps} profiled "
             f"step(s) of forward + loss + backward; all {what} together: "
-            f"{prof.total_ms_per_step:.2f} ms/step.",
+            f"{prof.total_ms_per_step:.2f} ms/step"
+            + (
+                f" (wall time {prof.wall_ms_per_step:.2f} ms/step under the profiler)."
+                if prof.wall_ms_per_step is not None
+                else "."
+            ),
             "",
             "| # | name | calls/step | ms/step | share | µs/call |",
             "|---:|---|---:|---:|---:|---:|",

@@ -6,6 +6,7 @@ from turbomoe.ops.ep_layout import ep_layout
 from turbomoe.ops.gated import gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.loss import cross_entropy, linear_cross_entropy
+from turbomoe.ops.loss_total import linear_cross_entropy_total
 from turbomoe.ops.moe import moe_experts
 from turbomoe.ops.norm import rms_norm
 from turbomoe.ops.permute import combine, gather_rows, permute_plan
@@ -22,6 +23,7 @@ __all__ = [
     "gather_rows",
     "grouped_gemm",
     "linear_cross_entropy",
+    "linear_cross_entropy_total",
     "moe_experts",
     "permute_plan",
     "rms_norm",

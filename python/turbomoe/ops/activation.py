@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 SILU = 1
 CLAMPED = 2
@@ -85,22 +86,24 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     gate, up = ctx.saved_tensors
-    grad_gate, grad_up = swiglu_backward(
+    grad_gate, grad_up = _swiglu_backward_eager(
         grad_out.contiguous(), gate, up, ctx.variant, ctx.alpha, ctx.limit
     )
     return grad_gate, grad_up, None, None, None
 
 
 swiglu.register_autograd(_backward, setup_context=_setup_context)
+swiglu_eager = differentiable(swiglu, _setup_context, _backward)
+_swiglu_backward_eager = direct(swiglu_backward)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (the SwiGLU of Qwen, Mixtral, OLMoE and DeepSeek)."""
-    return swiglu(gate, up, SILU, 1.0, 1.0)
+    return swiglu_eager(gate, up, SILU, 1.0, 1.0)
 
 
 def clamped_swiglu(
     gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0
 ) -> torch.Tensor:
     """GPT-OSS's gate: (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
-    return swiglu(gate, up, CLAMPED, alpha, limit)
+    return swiglu_eager(gate, up, CLAMPED, alpha, limit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import direct
 
 
 @torch.library.custom_op("turbomoe::ep_layout", mutates_args=())
@@ -55,6 +56,9 @@ def _(
     )
 
 
+_ep_layout_eager = direct(_ep_layout)
+
+
 def ep_layout(
     ids: torch.Tensor, num_experts: int, num_ranks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,4 +73,4 @@ def ep_layout(
     """
     if ids.dim() != 2:
         raise ValueError(f"ids must be [T, K], got shape {tuple(ids.shape)}")
-    return _ep_layout(ids.contiguous(), int(num_experts), int(num_ranks))
+    return _ep_layout_eager(ids.contiguous(), int(num_experts), int(num_ranks))

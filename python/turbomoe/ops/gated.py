@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from turbomoe import _native
-from turbomoe.ops.activation import CLAMPED, SILU, swiglu
+from turbomoe.ops._eager import differentiable, direct
+from turbomoe.ops.activation import CLAMPED, SILU, swiglu_eager
 
 
 def _halves(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,7 @@ def gated_activation(
         raise ValueError(f"gate_up must be [M, 2I], got shape {tuple(gate_up.shape)}")
     gate, up = _halves(gate_up, interleaved)
     # The forward is the plain op on views; only the backward needs its own layout.
-    return swiglu(gate, up, variant, alpha, limit)
+    return swiglu_eager(gate, up, variant, alpha, limit)
 
 
 @gated_activation.register_fake
@@ -88,11 +89,13 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     (gate_up,) = ctx.saved_tensors
-    grad = gated_activation_backward(grad_out.contiguous(), gate_up, *ctx.args)
+    grad = _backward_eager(grad_out.contiguous(), gate_up, *ctx.args)
     return grad, None, None, None, None
 
 
 gated_activation.register_autograd(_backward, setup_context=_setup_context)
+_gated_eager = differentiable(gated_activation, _setup_context, _backward)
+_backward_eager = direct(gated_activation_backward)
 
 
 def gated(
@@ -104,4 +107,4 @@ def gated(
 ) -> torch.Tensor:
     """The experts' activation of a fused gate/up projection: "silu" or GPT-OSS's "clamped"."""
     variant = SILU if activation == "silu" else CLAMPED
-    return gated_activation(gate_up, variant, alpha, limit, interleaved)
+    return _gated_eager(gate_up, variant, alpha, limit, interleaved)

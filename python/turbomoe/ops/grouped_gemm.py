@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 FORWARD = 1
 GRAD_INPUT = 2
@@ -122,12 +123,15 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     x, w, expert_offsets = ctx.saved_tensors
     dy = dy.contiguous()
-    dx = _grouped_gemm_backward_input(dy, w, expert_offsets) if ctx.need_x else None
-    dw = _grouped_gemm_backward_weight(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
+    dx = _backward_input_eager(dy, w, expert_offsets) if ctx.need_x else None
+    dw = _backward_weight_eager(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
     return dx, dw, None
 
 
 _grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
+_grouped_gemm_eager = differentiable(_grouped_gemm, _setup_context, _backward)
+_backward_input_eager = direct(_grouped_gemm_backward_input)
+_backward_weight_eager = direct(_grouped_gemm_backward_weight)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
@@ -136,4 +140,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     w is [E,N,K] and may be a strided view; rows past offsets[E] come out zero. Differentiable
     with respect to x and w.
     """
-    return _grouped_gemm(x.contiguous(), w, expert_offsets.contiguous())
+    return _grouped_gemm_eager(x.contiguous(), w, expert_offsets.contiguous())

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 # ----------------------------------------------------------------------------- cross-entropy
 
@@ -113,13 +114,15 @@ def _ce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _ce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
     logits, labels, lse = ctx.saved_tensors
-    grad_logits = _cross_entropy_backward(
+    grad_logits = _cross_entropy_backward_eager(
         grad_loss.to(torch.float32).contiguous(), logits, labels, lse, ctx.ignore_index
     )
     return grad_logits, None, None
 
 
 _cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
+_cross_entropy_eager = differentiable(_cross_entropy, _ce_setup, _ce_backward)
+_cross_entropy_backward_eager = direct(_cross_entropy_backward)
 
 
 def _labels(labels: torch.Tensor) -> torch.Tensor:
@@ -137,7 +140,7 @@ def cross_entropy(
     Rows whose label is ignore_index get loss 0 and no gradient. Differentiable with respect to
     logits; the softmax is recomputed in the backward from the saved log-sum-exp.
     """
-    loss, _lse = _cross_entropy(logits.contiguous(), _labels(labels), int(ignore_index))
+    loss, _lse = _cross_entropy_eager(logits.contiguous(), _labels(labels), int(ignore_index))
     return loss
 
 
@@ -195,11 +198,14 @@ def _lce_backward_cuda(
     chunk_rows: int,
     grad_hidden: torch.Tensor,
     grad_weight: torch.Tensor | None,
+    loss_out: torch.Tensor | None = None,
 ) -> None:
     """Recomputes each chunk's logits, turns them into dlogits in place, and accumulates.
 
     grad_weight is summed over chunks in float32 whatever weight's dtype, so that many chunks do
-    not add bfloat16 rounding at every step.
+    not add bfloat16 rounding at every step. With ``loss_out`` this is the forward and the
+    backward in one pass (ops/loss_total.py): each chunk's loss and lse are computed from the
+    logits first and written to ``loss_out`` / ``lse``, so no logits are ever computed twice.
     """
     chunks = _chunks(hidden.shape[0], chunk_rows)
     # One chunk (the common case: a 4096-token step with the default chunk) needs no running sum,
@@ -218,6 +224,10 @@ def _lce_backward_cuda(
     for start, end in chunks:
         h = hidden[start:end]
         logits = torch.mm(h, weight.t())
+        if loss_out is not None:
+            _ce_forward_into(
+                logits, labels[start:end], ignore_index, loss_out[start:end], lse[start:end]
+            )
         _ce_backward_into(
             grad_loss[start:end], logits, labels[start:end], lse[start:end], ignore_index, logits
         )
@@ -353,7 +363,7 @@ def _lce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _lce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
     hidden, weight, labels, lse = ctx.saved_tensors
-    grad_hidden, grad_weight = _linear_cross_entropy_backward(
+    grad_hidden, grad_weight = _linear_cross_entropy_backward_eager(
         grad_loss.to(torch.float32).contiguous(),
         hidden,
         weight,
@@ -367,6 +377,8 @@ def _lce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[An
 
 
 _linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
+_linear_cross_entropy_eager = differentiable(_linear_cross_entropy, _lce_setup, _lce_backward)
+_linear_cross_entropy_backward_eager = direct(_linear_cross_entropy_backward)
 
 
 def linear_cross_entropy(
@@ -384,7 +396,7 @@ def linear_cross_entropy(
     """
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be > 0, got {chunk_rows}")
-    return _linear_cross_entropy(
+    return _linear_cross_entropy_eager(
         hidden.contiguous(),
         weight.contiguous(),
         _labels(labels),

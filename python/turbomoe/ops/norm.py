@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 
 @torch.library.custom_op("turbomoe::rms_norm", mutates_args=())
@@ -94,13 +95,15 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, grad_y: torch.Tensor, _grad_rstd: Any) -> tuple[Any, ...]:
     x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_weight = _rms_norm_backward(
+    grad_x, grad_weight = _rms_norm_backward_eager(
         grad_y.contiguous(), x, weight, rstd, ctx.need_weight_grad
     )
     return grad_x, grad_weight.to(weight.dtype) if ctx.need_weight_grad else None, None
 
 
 _rms_norm.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_eager = differentiable(_rms_norm, _setup_context, _backward)
+_rms_norm_backward_eager = direct(_rms_norm_backward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -115,5 +118,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     rows_view = x.reshape(-1, shape[-1])
     if rows_view.numel() == 0 or rows_view.stride(-1) != 1:
         rows_view = rows_view.contiguous()
-    y, _rstd = _rms_norm(rows_view, weight, float(eps))
+    y, _rstd = _rms_norm_eager(rows_view, weight, float(eps))
     return y.view(shape)

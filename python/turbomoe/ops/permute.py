@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 
 @torch.library.custom_op("turbomoe::permute_plan", mutates_args=())
@@ -52,6 +53,9 @@ def _(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, 
     )
 
 
+_permute_plan_eager = direct(_permute_plan)
+
+
 def permute_plan(
     ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +69,7 @@ def permute_plan(
     """
     if ids.dim() != 2:
         raise ValueError(f"ids must be [T, K], got shape {tuple(ids.shape)}")
-    return _permute_plan(ids.contiguous(), int(num_experts))
+    return _permute_plan_eager(ids.contiguous(), int(num_experts))
 
 
 # ------------------------------------------------------------------------------------- combine
@@ -162,12 +166,16 @@ def _combine_backward_fn(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     rows, pair_to_row, weights = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     if ctx.weights_grad:
-        grad_rows, grad_weights = _combine_backward(grad_out, rows, pair_to_row, weights)
+        grad_rows, grad_weights = _combine_backward_eager(grad_out, rows, pair_to_row, weights)
         return grad_rows, None, grad_weights, None
-    return _combine_backward_rows(grad_out, pair_to_row, weights, ctx.num_rows), None, None, None
+    grad_rows = _combine_backward_rows_eager(grad_out, pair_to_row, weights, ctx.num_rows)
+    return grad_rows, None, None, None
 
 
 _combine.register_autograd(_combine_backward_fn, setup_context=_combine_setup)
+_combine_eager = differentiable(_combine, _combine_setup, _combine_backward_fn)
+_combine_backward_eager = direct(_combine_backward)
+_combine_backward_rows_eager = direct(_combine_backward_rows)
 
 
 def combine(
@@ -180,7 +188,7 @@ def combine(
     """
     if top_k <= 0:
         raise ValueError(f"top_k must be > 0, got {top_k}")
-    return _combine(
+    return _combine_eager(
         rows.contiguous(),
         pair_to_row.contiguous(),
         None if weights is None else weights.contiguous(),
@@ -233,11 +241,12 @@ def _gather_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _gather_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     (pair_to_row,) = ctx.saved_tensors
     # The adjoint of a row gather is an unweighted combine (each token sums its K rows).
-    grad_x = _combine(grad_out.contiguous(), pair_to_row, None, ctx.top_k)
+    grad_x = _combine_eager(grad_out.contiguous(), pair_to_row, None, ctx.top_k)
     return grad_x, None, None, None, None
 
 
 _gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
+_gather_rows_eager = differentiable(_gather_rows, _gather_setup, _gather_backward)
 
 
 def invert_sorted_pairs(sorted_pairs: torch.Tensor) -> torch.Tensor:
@@ -268,7 +277,7 @@ def gather_rows(
         raise ValueError(f"top_k must be > 0, got {top_k}")
     if pair_to_row is None:
         pair_to_row = invert_sorted_pairs(sorted_pairs)
-    return _gather_rows(
+    return _gather_rows_eager(
         x.contiguous(),
         sorted_pairs.contiguous(),
         expert_offsets.contiguous(),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 
 def _params(interleaved: bool) -> Any:
@@ -71,10 +72,12 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     cos, sin = ctx.saved_tensors
-    return _rope_backward(grad_out, cos, sin, ctx.interleaved), None, None, None
+    return _rope_backward_eager(grad_out, cos, sin, ctx.interleaved), None, None, None
 
 
 _rope.register_autograd(_backward, setup_context=_setup_context)
+_rope_eager = differentiable(_rope, _setup_context, _backward)
+_rope_backward_eager = direct(_rope_backward)
 
 
 def apply_rope(
@@ -94,4 +97,4 @@ def apply_rope(
         raise ValueError(
             f"cos and sin must be [B, S, R], got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
-    return _rope(x, cos.detach(), sin.detach(), bool(interleaved))
+    return _rope_eager(x, cos.detach(), sin.detach(), bool(interleaved))

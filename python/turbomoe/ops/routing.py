@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
 
 SOFTMAX_TOPK = 1
 SIGMOID_GROUP_TOPK = 2
@@ -161,13 +162,15 @@ def _backward(ctx: Any, grad_weights: torch.Tensor | None, *_: Any) -> tuple[Any
     scores, ids = ctx.saved_tensors
     if grad_weights is None:
         grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    grad_logits = _route_backward(
+    grad_logits = _route_backward_eager(
         grad_weights.to(torch.float32).contiguous(), scores, ids, ctx.logits_dtype, *ctx.config
     )
     return (grad_logits, None, *([None] * len(ctx.config)))
 
 
 _route.register_autograd(_backward, setup_context=_setup_context)
+_route_eager = differentiable(_route, _setup_context, _backward)
+_route_backward_eager = direct(_route_backward)
 
 
 def route(
@@ -195,7 +198,7 @@ def route(
         raise ValueError(f"kind is {kind!r}, expected one of {sorted(KINDS)}")
     if correction_bias is not None:
         correction_bias = correction_bias.detach().to(torch.float32).contiguous()
-    weights, ids, _scores = _route(
+    weights, ids, _scores = _route_eager(
         logits.contiguous(),
         correction_bias,
         code,

@@ -406,6 +406,48 @@ def test_moe_experts_zero_tokens():
     assert torch.count_nonzero(gate_up.grad) == 0 and torch.count_nonzero(down.grad) == 0
 
 
+# ------------------------------------------------------------------------ gated activations
+
+# (rows, inter, layout): "fused" reads the two halves of one [M, 2I] buffer and "interleaved"
+# its alternating columns (both through ops.gated, like the MoE layer); "separate" passes two
+# tensors. Widths that are multiples of 8 take the vectorised kernels, the others (and the
+# interleaved columns, stride 2) the scalar ones.
+GATED_CASES = [
+    (13, 24, "fused"),
+    (4096, 768, "fused"),
+    (1000, 20, "fused"),
+    (77, 64, "interleaved"),
+    (300, 128, "separate"),
+    (33, 7, "separate"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "clamped"])
+@pytest.mark.parametrize(("rows", "inter", "layout"), GATED_CASES)
+def test_gated_activation(rows, inter, layout, activation, dtype):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    scale = 4.0 if activation == "clamped" else 2.0  # reach past the clamp limit of 7
+    if layout == "separate":
+        gate = torch.randn(rows, inter, generator=gen) * scale
+        up = torch.randn(rows, inter, generator=gen) * scale
+
+        def fn(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            if activation == "silu":
+                return tops.silu_mul(g, u)
+            return tops.clamped_swiglu(g, u)
+
+        check(fn, [gate, up], [0, 1], dtype, seed)
+        return
+    gate_up = torch.randn(rows, 2 * inter, generator=gen) * scale
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return tops.gated(x, activation, interleaved=layout == "interleaved")
+
+    check(fused, [gate_up], [0], dtype, seed)
+
+
 # -------------------------------------------------------------------------- norms, RoPE, loss
 
 
@@ -544,6 +586,29 @@ def test_linear_cross_entropy(rows, hidden, vocab, chunk, large, dtype):
 
     def reference(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(h_ @ w_.t(), lb, reduction="none")
+
+    check(fn, [h, weight, labels], [0, 1], dtype, seed, 1e-4, reference if large else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("rows", "hidden", "vocab", "chunk", "large"),
+    [(13, 72, 101, 5, False), (200, 256, 5000, 512, False), (1024, 2048, 32000, 4096, True)],
+)
+def test_linear_cross_entropy_total(rows, hidden, vocab, chunk, large, dtype):
+    """The summed loss with its gradients formed in the forward (one chunk and several)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen)
+    weight = torch.randn(vocab, hidden, generator=gen) * hidden**-0.5 * 3
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::7] = -100
+
+    def fn(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        return tops.linear_cross_entropy_total(h_, w_, lb, chunk_rows=chunk)
+
+    def reference(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(h_ @ w_.t(), lb, reduction="sum")
 
     check(fn, [h, weight, labels], [0, 1], dtype, seed, 1e-4, reference if large else None)
 

@@ -1,0 +1,102 @@
+"""linear_cross_entropy_total (gradients formed in the forward) against float64 torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turbomoe.ops import linear_cross_entropy, linear_cross_entropy_total
+
+ROWS, HIDDEN, VOCAB = 13, 40, 97
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def inputs(seed: int, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    hidden = torch.randn(ROWS, HIDDEN).to(dtype).requires_grad_(True)
+    weight = (torch.randn(VOCAB, HIDDEN) * 0.3).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, VOCAB, (ROWS,))
+    labels[::3] = -100
+    return hidden, weight, labels
+
+
+def reference(hidden, weight, labels):  # type: ignore[no-untyped-def]
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    total = F.cross_entropy(h @ w.t(), labels, ignore_index=-100, reduction="sum")
+    return h, w, total
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 4096])
+@pytest.mark.parametrize("scale", [1.0, 0.125, -3.0])
+def test_total_and_gradients_float32(chunk_rows, scale):
+    hidden, weight, labels = inputs(0)
+    total = linear_cross_entropy_total(hidden, weight, labels, chunk_rows=chunk_rows)
+    assert total.shape == () and total.dtype == torch.float32
+    (total * scale).backward()
+    h, w, ref = reference(hidden, weight, labels)
+    (ref * scale).backward()
+    assert rel(total, ref) < 1e-6
+    assert rel(hidden.grad, h.grad) < 1e-5
+    assert rel(weight.grad, w.grad) < 1e-5
+    # Ignored rows get no gradient.
+    assert torch.count_nonzero(hidden.grad[labels == -100]) == 0
+
+
+def test_equals_sum_of_per_row_op_bfloat16():
+    hidden, weight, labels = inputs(1, torch.bfloat16)
+    total = linear_cross_entropy_total(hidden, weight, labels)
+    total.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    per_row = linear_cross_entropy(hidden, weight, labels)
+    per_row.sum().backward()
+    assert rel(total, per_row.sum()) < 1e-6
+    assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.bfloat16
+    assert rel(grads[0], hidden.grad) < 1e-2
+    assert rel(grads[1], weight.grad) < 1e-2
+
+
+def test_frozen_weight_gets_no_gradient():
+    hidden, weight, labels = inputs(2)
+    weight.requires_grad_(False)
+    linear_cross_entropy_total(hidden, weight, labels).backward()
+    assert weight.grad is None and hidden.grad is not None
+
+
+def test_retained_graph_runs_backward_twice_with_the_same_result():
+    hidden, weight, labels = inputs(3)
+    total = linear_cross_entropy_total(hidden, weight, labels)
+    (0.5 * total).backward(retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (0.5 * total).backward()
+    torch.testing.assert_close(hidden.grad, first[0], rtol=0, atol=0)
+    torch.testing.assert_close(weight.grad, first[1], rtol=0, atol=0)
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, labels = inputs(4)
+    with torch.no_grad():
+        total = linear_cross_entropy_total(hidden, weight, labels)
+    _h, _w, ref = reference(hidden, weight, labels)
+    assert rel(total, ref) < 1e-6
+
+
+def test_bad_chunk_rows():
+    hidden, weight, labels = inputs(5)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_cross_entropy_total(hidden, weight, labels, chunk_rows=0)
+
+
+def test_opcheck():
+    hidden, weight, labels = inputs(6)
+    torch.library.opcheck(
+        torch.ops.turbomoe.linear_cross_entropy_total.default,
+        (hidden, weight, labels, -100, 5, True),
+    )
