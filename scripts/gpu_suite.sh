@@ -260,7 +260,8 @@ elif [ "${STATUS[build]}" = ok ]; then
   # "exit N" per run, then each run's throughput line.
   runs=$(grep -c "^exit 0" "$OUT/finetune.log" || true)
   total=$(grep -c "^exit " "$OUT/finetune.log" || true)
-  tps=$(grep -h "^throughput" "$OUT"/finetune_*.log 2>/dev/null | awk '{print $2}' | paste -sd/ -)
+  tps=$(grep -h "^throughput" "$OUT"/finetune_*.log 2>/dev/null | awk '{print $2}' |
+    paste -sd/ - || true)
   DETAIL[finetune]="${runs}/${total} runs ok; tokens/s ${tps:-?} (1 GPU / torchrun)"
   if [ "$RC" -eq 0 ] && [ "$total" -gt 0 ] && [ "$runs" = "$total" ]; then
     STATUS[finetune]=ok

@@ -126,13 +126,14 @@ bool env_is(const char* name, const char* value) {
   return v != nullptr && std::string(v) == value;
 }
 
-// Raises the kernel's dynamic shared-memory limit on `device` to at least `smem` bytes. The
-// attribute call costs microseconds of host time and a training step launches hundreds of
-// GEMMs, so the largest value set so far is remembered per kernel and device.
+constexpr int kMaxCachedDevices = 64;
+
+// Raises `kernel`'s dynamic shared-memory limit to at least `smem` bytes on the current device.
+// The attribute call costs microseconds of host time and a training step launches hundreds of
+// GEMMs, so `known` (the caller's per-kernel, per-device record; null: no record) remembers the
+// largest value set so far.
 template <typename Kernel>
-void ensure_smem_limit(Kernel kernel, int device, int smem) {
-  static std::array<std::atomic<int>, 64> configured{};
-  std::atomic<int>* known = device >= 0 && device < 64 ? &configured[device] : nullptr;
+void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
   if (known != nullptr && known->load(std::memory_order_relaxed) >= smem) return;
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
               "cudaFuncSetAttribute");
@@ -147,9 +148,12 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, 
             int grid, cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
+  // A static of this instantiation: one record per kernel (all of them share one type).
+  static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   int device = 0;
   cuda::check(cudaGetDevice(&device), "cudaGetDevice");
-  ensure_smem_limit(kernel, device, smem);
+  ensure_smem_limit(kernel, smem,
+                    device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
   kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
   cuda::check_launch("hopper grouped_gemm_kernel");
 }
