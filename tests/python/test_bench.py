@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,9 +127,29 @@ def test_no_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--device cpu" in capsys.readouterr().err
 
 
-def test_several_ranks_refused(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["--device", "cpu"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+def test_two_gloo_ranks_fsdp_against_expert_parallel(tmp_path: Path) -> None:
+    """The multi-GPU protocol on CPU: torchrun with 2 gloo ranks, stock under per-layer FSDP2 and
+    turbomoe with expert parallelism 2, one JSON written by rank 0 only."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(turbomoe.__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
+    )
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "turbomoe.bench", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+    cmd += ["--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("turbomoe / stock:") == 1  # rank 0 alone prints the table
+    payload = json.loads(out.read_text())
+    assert payload["world_size"] == 2 and payload["ok"]
+    hf, tm = payload["runs"]["hf"], payload["runs"]["turbomoe"]
+    assert hf["parallelism"] == "FSDP2 per layer over 2"
+    assert tm["parallelism"] == "expert parallel 2"
+    for run in (hf, tm):
+        assert run["error"] is None
+        assert len(run["tps_per_rank"]) == 2 and min(run["tps_per_rank"]) > 0
+        assert run["tps_per_gpu"] == pytest.approx(sum(run["tps_per_rank"]) / 2)
+    check = payload["ratios"]["loss_check"]
+    assert check["ok"] and check["rel_diff"] < 1e-3  # same rank-0 batch, same weights

@@ -1,8 +1,9 @@
 """``turbomoe bench`` / ``python -m turbomoe.bench``: stock transformers vs turbomoe, same model,
-same data, same protocol (DESIGN §6), one process.
+same data, same protocol (DESIGN §6), one process, or one launch under torchrun (stock with
+per-layer FSDP2 against turbomoe with expert parallelism over every rank; bench/distributed.py).
 
 Exit status: 0 all checks passed; 1 a check failed (first-step losses disagree, a run ran out of
-memory); 2 the benchmark cannot run here (no CUDA, several ranks, bad options).
+memory); 2 the benchmark cannot run here (no CUDA, bad options).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 import turbomoe
-from turbomoe.bench import report
+from turbomoe.bench import distributed, report
 from turbomoe.bench.flops import active_matmul_params, flops_per_token
 from turbomoe.bench.models import qwen3_30b_a3b_config, tiny_config
 from turbomoe.bench.patching import patch_api_available
@@ -106,10 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def world_size() -> int:
     """Ranks taking part: torch.distributed's when initialised, else torchrun's WORLD_SIZE."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return distributed.requested_world_size()
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -129,13 +127,8 @@ def _experts_backends() -> set[str]:
 
 def _check_environment(args: argparse.Namespace) -> torch.device:
     ranks = world_size()
-    if ranks > 1:
-        # Planned: FSDP2 per layer for stock, expert parallel for turbomoe, TPS per GPU over
-        # ranks. Everything below takes the device and world size as inputs for that reason.
-        raise BenchError(
-            f"multi-GPU benchmarking is not supported yet (world size {ranks}); "
-            "run it as a single process on one GPU"
-        )
+    if ranks > 1 and not torch.distributed.is_available():
+        raise BenchError(f"WORLD_SIZE is {ranks} but this torch has no torch.distributed")
     backends = _experts_backends()
     if args.experts_backend not in backends:
         raise BenchError(
@@ -147,6 +140,8 @@ def _check_environment(args: argparse.Namespace) -> torch.device:
             "no CUDA device is available; `--device cpu` runs a tiny CPU smoke benchmark"
         )
     if args.device == "cuda":
+        if ranks > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -273,14 +268,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _resolve(build_parser().parse_args(argv))
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
     try:
         device = _check_environment(args)
     except BenchError as exc:
         print(f"turbomoe bench: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    ranks = distributed.init(device.type)
+    lead = ranks is None or ranks.rank == 0
+
+    def log(message: str) -> None:
+        if lead:  # under torchrun rank 0 speaks for all (errors still reach every rank's stderr)
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        return _run(args, argv, device, ranks, lead, log)
+    finally:
+        if ranks is not None:
+            distributed.finish()
+
+
+def _run(
+    args: argparse.Namespace,
+    argv: list[str],
+    device: torch.device,
+    ranks: distributed.Ranks | None,
+    lead: bool,
+    log: Any,
+) -> int:
 
     torch.manual_seed(args.seed)
     config = (
@@ -298,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         attn_implementation=args.attn_implementation,
         profile_steps=args.profile_steps if args.profile else 0,
         profile_top=args.profile_top,
+        ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)
     peak = _peak(args, device, log)
@@ -307,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         results[spec.name] = run_one(spec, config, settings, batches, flops, peak[0], log)
 
     payload = _payload(args, config, device, results, flops, peak)
-    print(report.format_table(payload), flush=True)
-    _write_outputs(args, payload, results, argv, log)
-    return EXIT_OK if payload["ok"] else EXIT_CHECK_FAILED
+    ok = payload["ok"] if ranks is None else distributed.all_ok(payload["ok"])
+    if lead:
+        print(report.format_table(payload), flush=True)
+        _write_outputs(args, payload, results, argv, log)
+    return EXIT_OK if ok else EXIT_CHECK_FAILED

@@ -89,13 +89,18 @@ def format_table(payload: dict[str, Any]) -> str:
         f"{payload['flops_per_token'] / 1e9:.4g} GFLOP/token; "
         f"GEMM peak {_fmt(payload['peak_tflops'], '.4g')} TFLOP/s ({payload['peak_tflops_source']})"
     )
+    multi = payload["world_size"] > 1
     cols = ["run", "experts", "TPS/GPU", "TFLOP/s", "MFU", "peak GiB", "fwd ms", "bwd ms", "loss@1"]
+    if multi:
+        cols.insert(2, "layout")
     rows = [cols]
     for run in runs.values():
+        layout = [run.get("parallelism", "none")] if multi else []
         rows.append(
             [
                 run["label"] + ("" if run["patch_in_effect"] else " (NOT in effect)"),
                 run["experts_implementation"],
+                *layout,
                 _fmt(run["tps_per_gpu"], ",.0f"),
                 _fmt(run["tflops_per_gpu"], ".1f"),
                 _fmt(run["mfu"], ".1%"),
@@ -110,7 +115,7 @@ def format_table(payload: dict[str, Any]) -> str:
     for j, row in enumerate(rows):
         lines.append(
             "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
+                c.ljust(w) if i < (3 if multi else 2) else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
         )
@@ -204,6 +209,8 @@ def record_line(payload: dict[str, Any], command: str) -> dict[str, Any]:
         "tm_tflops_per_gpu": tm.get("tflops_per_gpu"),
         "hf_tflops_per_gpu": hf.get("tflops_per_gpu"),
         "tm_mfu": tm.get("mfu"),
+        "hf_layout": hf.get("parallelism"),
+        "tm_layout": tm.get("parallelism"),
         "command": command,
     }
 

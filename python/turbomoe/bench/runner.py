@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from turbomoe.bench import distributed
 from turbomoe.bench.models import build_model, experts_backend_of, weights_fingerprint
 from turbomoe.bench.patching import patch_state
 from turbomoe.bench.profiling import Profile, profile_steps
@@ -36,6 +38,7 @@ class Settings:
     attn_implementation: str = "sdpa"
     profile_steps: int = 0  # 0: no profile
     profile_top: int = 25
+    ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
     def tokens_per_step(self) -> int:
@@ -63,6 +66,8 @@ class RunResult:
     tflops_per_gpu: float = 0.0
     mfu: float | None = None
     peak_gib: float | None = None
+    tps_per_rank: list[float] = field(default_factory=list)  # several ranks only
+    parallelism: str = "none"
     first_loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
     step_ms_mean: float = 0.0
@@ -83,8 +88,9 @@ class RunResult:
 
 def make_batches(vocab_size: int, settings: Settings) -> list[torch.Tensor]:
     """One batch of random token ids per step, drawn on CPU from a seeded generator so both runs
-    (and any device) see the same data."""
-    gen = torch.Generator().manual_seed(settings.seed + 1)
+    (and any device) see the same data; under torchrun each rank draws its own batches."""
+    rank = settings.ranks.rank if settings.ranks is not None else 0
+    gen = torch.Generator().manual_seed(settings.seed + 1 + 1_000_003 * rank)
     shape = (settings.warmup + settings.steps, settings.batch, settings.seq)
     ids = torch.randint(0, vocab_size, shape, generator=gen, dtype=torch.long)
     return list(ids.to(settings.device).unbind(0))
@@ -184,6 +190,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _shard(
+    model: torch.nn.Module, spec: RunSpec, settings: Settings
+) -> tuple[torch.nn.Module, str]:
+    """The multi-GPU layout of DESIGN §6: FSDP2 per layer for stock, EP = world for turbomoe."""
+    assert settings.ranks is not None
+    world = settings.ranks.world
+    if spec.patched:
+        return distributed.shard_turbomoe(model, world), f"expert parallel {world}"
+    return distributed.shard_stock(model, settings.dtype), f"FSDP2 per layer over {world}"
+
+
 def run_one(
     spec: RunSpec,
     config: Any,
@@ -210,6 +227,8 @@ def run_one(
             )
             result.experts_implementation = experts_backend_of(model)
             result.weights_fingerprint = weights_fingerprint(model)
+            if settings.ranks is not None:
+                model, result.parallelism = _shard(model, spec, settings)
             optimizer, result.optimizer = make_optimizer(model, settings)
             log(
                 f"[{spec.name}] experts={result.experts_implementation} "
@@ -227,12 +246,20 @@ def run_one(
         except Exception as exc:
             # A crash in one run must not lose the other run's numbers: report it as a failed
             # run (exit status 1) with the traceback on stderr.
-            log(traceback.format_exc())
+            if settings.ranks is not None and settings.ranks.rank != 0:
+                print(f"[rank {settings.ranks.rank}] {traceback.format_exc()}", file=sys.stderr)
+            else:
+                log(traceback.format_exc())
             result.error = f"{type(exc).__name__}: {_first_line(exc)}"
         finally:
             # Drop the model and optimizer before the next run is built (names may be unbound
             # when construction itself failed).
             model = optimizer = None
+        if settings.ranks is not None:
+            # Collective: every rank gets here, also after a failed run (its TPS is then 0).
+            result.tps_per_gpu, result.peak_gib, result.tps_per_rank = distributed.combine_ranks(
+                result.tps_per_gpu, result.peak_gib
+            )
         if result.losses:
             result.first_loss = result.losses[0]
         result.tflops_per_gpu = result.tps_per_gpu * flops_per_token / 1e12
