@@ -377,3 +377,30 @@ def timeout_worker(
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "seconds": time.monotonic() - start}
     return {"error": None, "seconds": time.monotonic() - start}
+
+
+def capacity_worker(rank: int, world: int, base: nn.Module, seqs: list[int]) -> dict[str, Any]:
+    """Ranks with different token counts: how many times the ep group agreed on the exchange
+    size during one forward + backward (gradient checkpointing on, so the backward recomputes
+    the layers), and the size they agreed on; then this rank's loss and gradients."""
+    from turbomoe.parallel import dispatch
+
+    model = copy.deepcopy(base)
+    model.gradient_checkpointing_enable()
+    tp.parallelize(model, ep_size=world)
+    calls: list[int] = []
+    original = dispatch._agree
+
+    def counting(*args: Any, **kwargs: Any) -> tuple[int, bool]:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dispatch._agree = counting
+    try:
+        batch = make_batch(seed=rank, batch=1, seq=seqs[rank])
+        out = model(**batch)
+        out.loss.backward()
+    finally:
+        dispatch._agree = original
+    shard = next(s for m in model.modules() if (s := dispatch.expert_shard(m)) is not None)
+    return {"agreements": len(calls), "capacity": shard.capacity.value, "loss": out.loss.detach()}

@@ -19,6 +19,7 @@ from hf_models import capture_routing
 from parallel_worker import (
     EXPERTS,
     build,
+    capacity_worker,
     concat,
     dispatch_worker,
     load_worker,
@@ -97,6 +98,22 @@ def test_parallel_matches_one_process(
         parity_worker, world, tmp_path, base, batches, ep_size, fsdp, grad_sync, checkpointing
     )
     _check_parity(results, ref)
+
+
+def test_exchange_size_agreed_once_per_forward(tmp_path: Path) -> None:
+    """No host sync inside a layer: the ep group agrees on the exchange's block size once per
+    model forward (the largest token count of any rank), also across the backward's
+    recomputation under gradient checkpointing; ranks with fewer tokens pad their blocks."""
+    base = build("qwen3_moe", seed=4)
+    seqs = [5, 9]
+    results = run_ranks(capacity_worker, 2, tmp_path, base, seqs)
+    for rank, result in enumerate(results):
+        assert result["agreements"] == 1, (rank, result)
+        assert result["capacity"] == max(seqs)
+    for rank, seq in enumerate(seqs):  # each rank's loss is its own batch's single-process loss
+        model = copy.deepcopy(base)
+        want = model(**make_batch(seed=rank, batch=1, seq=seq)).loss.detach()
+        assert rel_err(results[rank]["loss"], want) <= 1e-5
 
 
 def test_parallel_ep8_on_eight_gloo_ranks(tmp_path: Path) -> None:

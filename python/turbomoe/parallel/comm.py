@@ -62,17 +62,3 @@ def all_to_all(
     if torch.is_grad_enabled() and x.requires_grad:
         return _AllToAll.apply(x, out_splits, in_splits, group)
     return _exchange(x, out_splits, in_splits, group)
-
-
-def exchange_counts(send_counts: torch.Tensor, group: ProcessGroup) -> tuple[list[int], list[int]]:
-    """Tell every rank how many rows it will receive from each rank: (send, receive) lists.
-
-    One small all_to_all, then one host sync for both lists; the split sizes must be on the
-    host to size the receive buffer (the NVLink path will size it worst-case instead).
-    """
-    send_counts = send_counts.to(torch.int64).contiguous()
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    both = torch.cat([send_counts, recv_counts]).tolist()
-    size = send_counts.numel()
-    return both[:size], both[size:]

@@ -3,36 +3,35 @@
 Each rank routes its own tokens with its replica of the router; then for the experts of one
 layer:
 
-1. layout — ``ep_layout`` lists, for every destination rank, the tokens with at least one slot
-   on it (each token once per rank), and ``permute_plan`` sorts the T·K (token, slot) pairs by
-   destination rank (owner of the pair's expert); the per-destination token and pair counts are
-   exchanged;
-2. dispatch — the hidden row of every token goes once to each rank that owns one of its
-   experts (deduplicated per destination rank), with the K local expert ids of that rank's
-   slots (the sentinel for slots owned elsewhere);
-3. the owner expands each received row into one row per local slot — in (source rank, token,
-   slot) order, the order the pairs were sorted in on the source — and runs its local experts
-   over them (``ops.moe_experts`` with one slot per row and weight 1);
-4. combine — the per-pair expert outputs go back over the reverse exchange, and ``ops.combine``
-   sums each token's K outputs weighted by the routing weights, in ascending slot order, so the
-   result is deterministic and the gradient to the routing weights is computed on the token's
-   own rank. (The return direction still carries one row per pair: deduplicating it needs the
-   weights on the owner.)
+1. layout — ``ep_layout`` gives, for every (token, destination rank), the token's slot in the
+   block of rows sent to that rank (each token once per rank that owns one of its experts).
+   Every block has the same fixed size C, the largest token count of any rank in the group,
+   agreed once per model forward (``install_capacity_hook``), so the exchange never needs the
+   per-rank counts on the host: no host synchronisation inside a layer.
+2. dispatch — one all-to-all of [R·C, H] rows (zero rows pad each block), with each row's K
+   local expert ids on that rank (the sentinel for slots owned elsewhere and for padding) and
+   its K routing weights (0 there).
+3. the owner runs its local experts over the received rows (``ops.moe_experts``: the sentinel
+   slots drop out), weighting each slot's output by its routing weight and summing a row's
+   slots, so each token comes back once per rank that computed for it, not once per slot.
+4. combine — the reverse all-to-all, then ``ops.combine`` sums each token's rows from the ranks
+   that computed for it, in ascending rank order.
 
-The routing weights never cross the wire: the weighting happens where the router ran. Every row
-copy is a ``gather_rows`` whose backward is a fixed-order ``combine``, so gradients are
-deterministic too.
+Every row copy is a ``gather_rows`` whose backward is a fixed-order ``combine`` (or the reverse),
+and every sum runs in a fixed order, so forward and backward are deterministic. The routing
+weights travel with the rows, so their gradient comes back through the reverse exchange.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from turbomoe import ops
-from turbomoe.parallel.comm import all_to_all, exchange_counts
+from turbomoe.parallel.comm import all_to_all
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard
 
 
@@ -42,91 +41,104 @@ def expert_shard(module: nn.Module) -> ExpertShard | None:
     return shard if isinstance(shard, ExpertShard) else None
 
 
+def _agree(shard: ExpertShard, tokens: int, bad: torch.Tensor | None) -> tuple[int, bool]:
+    """(largest token count in the ep group, whether any rank saw a bad expert id): one small
+    all-reduce and one host read."""
+    device = torch.device("cuda", torch.cuda.current_device()) if _on_nccl(shard) else None
+    flag = torch.zeros((), dtype=torch.int64) if bad is None else bad.to(torch.int64).cpu()
+    both = torch.stack([torch.tensor(tokens, dtype=torch.int64), flag.reshape(())])
+    if device is not None:
+        both = both.to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group)
+    capacity, any_bad = both.tolist()
+    return int(capacity), bool(any_bad)
+
+
+def _on_nccl(shard: ExpertShard) -> bool:
+    return dist.get_backend(shard.group) == "nccl"
+
+
+def install_capacity_hook(model: nn.Module) -> None:
+    """Agree on the exchange's block size once per forward of ``model`` (a pre-hook): the
+    largest token count (batch x sequence) of any rank, shared by every experts module."""
+    shards = [s for m in model.modules() if (s := expert_shard(m)) is not None]
+    if not shards:
+        return
+    shard = shards[0]
+
+    def agree(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor):
+            tokens = ids.numel()
+        elif isinstance(embeds, torch.Tensor):
+            tokens = embeds.shape[:-1].numel()
+        else:
+            shard.capacity.value = None  # unknown: each layer agrees for itself
+            return
+        shard.capacity.value, _ = _agree(shard, tokens, None)
+
+    model.register_forward_pre_hook(agree, with_kwargs=True)
+
+
 class _Layout(NamedTuple):
-    pair_to_row: torch.Tensor  # [T*K]: row of pair t*K+k among the returned per-pair outputs
-    send_pairs: torch.Tensor  # [T*R]: (token, destination) cells t*R+r in send order, -1 past
-    send_offsets: torch.Tensor  # [R+1]: exclusive prefix of the tokens sent to each rank
-    cell_to_row: torch.Tensor  # [T*R]: inverse of send_pairs (-1 where t sends nothing to r)
-    send_ids: torch.Tensor  # [sent tokens, K] int32: local ids on the destination, else sentinel
-    token_send: list[int]  # tokens sent to each rank
-    token_recv: list[int]  # tokens received from each rank
-    pair_send: list[int]  # pairs sent to each rank
-    pair_recv: list[int]  # pairs received from each rank
+    capacity: int  # C: rows per (source, destination) block
+    send_pairs: torch.Tensor  # [(C+1)·R]: cell t·R + r feeding each send row (zero token past T)
+    send_cells: torch.Tensor  # [(C+1)·R]: the inverse, cell → send row r·C + slot (-1 if none)
+    cell_to_row: torch.Tensor  # [T·R]: send row of cell (t, r), -1 where t sends nothing to r
+    send_ids: torch.Tensor  # [R·C, K] int32: local expert ids on the destination, else sentinel
+    send_weights: torch.Tensor  # [R·C, K]: the routing weights of those slots, else 0
 
 
-def _layout(shard: ExpertShard, top_k_index: torch.Tensor) -> _Layout:
-    """Where each token and each pair goes, agreed with every peer.
-
-    Invalid expert ids are reported to every rank through the count exchange, so all ranks raise
-    together instead of leaving the others waiting in the next collective.
-    """
+def _layout(shard: ExpertShard, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> _Layout:
     ids = top_k_index.to(torch.int64)
     tokens, top_k = ids.shape
     num_local, num_experts, ranks = shard.num_local, shard.num_experts, shard.ep_size
     invalid = (ids < 0) | (ids >= num_experts)
-    bad = invalid.any()  # stays on the device: no extra sync
-    owner = torch.div(ids.clamp(0, num_experts - 1), num_local, rounding_mode="floor")
-    _sorted_pairs, pair_to_row, offsets = ops.permute_plan(owner, ranks)
-    pair_counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
-    # Invalid ids become the dropped sentinel here: ep_layout would reject them on this rank only.
+    capacity = shard.capacity.value
+    if capacity is None or tokens > capacity:
+        # Called outside a model forward (or with more tokens than it announced): agree here,
+        # and let every rank raise together on a bad id instead of leaving the others waiting.
+        capacity, any_bad = _agree(shard, tokens, invalid.any())
+        if any_bad:
+            raise ValueError(
+                f"expert ids outside [0, {num_experts}) reached the expert-parallel dispatch "
+                "(on this rank or a peer)"
+            )
+    else:
+        # Inside a model forward the ids come from the router; a bad one stops the step loudly
+        # (a device-side assert on CUDA) rather than costing a host sync in every layer.
+        torch._assert_async(torch.logical_not(invalid.any()), "expert id out of range")
     safe = torch.where(invalid, num_experts, ids)
-    rank_counts, _expert_counts, send_order, token_rank_slot = ops.ep_layout(
-        safe, num_experts, ranks
-    )
-    token_counts = rank_counts.to(torch.int64)
-    # Column 2 carries this rank's "bad ids" flag to every peer.
-    flags = bad.to(torch.int64).expand_as(token_counts)
-    send, recv = exchange_counts(
-        torch.stack([token_counts, pair_counts, flags], dim=1).reshape(-1), shard.group
-    )
-    if any(recv[2::3]):
-        raise ValueError(
-            f"expert ids outside [0, {num_experts}) reached the expert-parallel dispatch "
-            "(on this rank or a peer)"
-        )
-    token_send, token_recv = send[0::3], recv[0::3]
-    sent = sum(token_send)
-    send_offsets = torch.cat([token_counts.new_zeros(1), token_counts.cumsum(0)]).to(torch.int32)
-    # The destination rank of each sent row, without a host sync.
-    cells = torch.arange(tokens * ranks, dtype=torch.int32, device=ids.device)
-    row_rank = torch.searchsorted(send_offsets[1:], cells, right=True)
-    in_use = cells < sent
-    tokens_of_rows = send_order.to(torch.int64).clamp_min(0)
-    send_pairs = torch.where(in_use, tokens_of_rows * ranks + row_rank, -1).to(torch.int32)
-    cell_to_row = torch.where(
-        token_rank_slot >= 0, token_rank_slot + send_offsets[:-1].unsqueeze(0), -1
-    ).reshape(-1)
-    row_owner = safe.index_select(0, tokens_of_rows[:sent]) // num_local  # sentinel → ranks
-    mine = row_owner == row_rank[:sent].unsqueeze(1).to(torch.int64)
-    row_ids = safe.index_select(0, tokens_of_rows[:sent]).remainder(num_local)
-    send_ids = torch.where(mine, row_ids, num_local).to(torch.int32).reshape(sent, top_k)
-    return _Layout(
-        pair_to_row,
-        send_pairs,
-        send_offsets,
-        cell_to_row.to(torch.int32).contiguous(),
-        send_ids,
-        token_send,
-        token_recv,
-        send[1::3],
-        recv[1::3],
-    )
-
-
-def _expand(
-    received: torch.Tensor, received_ids: torch.Tensor, num_local: int, pairs: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row per local slot of each received token row, in (row, slot) order, with its id."""
-    rows, top_k = received_ids.shape
-    flat_ids = received_ids.reshape(-1)
-    valid = flat_ids < num_local
-    # The valid cells row*K + k ascending (a stable sort puts them first), without a host sync.
-    cells = torch.argsort((~valid).to(torch.int8), stable=True).to(torch.int32)
-    cells = torch.where(torch.arange(rows * top_k, device=cells.device) < pairs, cells, -1)
-    offsets = torch.tensor([0, pairs], dtype=torch.int32, device=cells.device)
-    expanded = ops.gather_rows(received, cells, offsets, top_k)[:pairs]
-    expanded_ids = flat_ids.index_select(0, cells[:pairs].clamp_min(0).to(torch.int64))
-    return expanded, expanded_ids
+    _rank_counts, _expert_counts, _order, token_rank_slot = ops.ep_layout(safe, num_experts, ranks)
+    device = ids.device
+    rank_base = torch.arange(ranks, dtype=torch.int32, device=device) * capacity
+    slot = token_rank_slot.to(torch.int32)
+    cell_to_row = torch.where(slot >= 0, slot + rank_base, -1).reshape(-1)  # [T*R]
+    rows_ext = (capacity + 1) * ranks
+    # Send rows: every row reads cell T*R (the zero token) unless a real cell claims it. Cells
+    # without a row are sent to the last row, which lies past the R*C used rows and is zeroed.
+    claim = torch.where(cell_to_row >= 0, cell_to_row, rows_ext - 1).to(torch.int64)
+    cells = torch.arange(tokens * ranks, dtype=torch.int32, device=device)
+    send_pairs = torch.full((rows_ext,), tokens * ranks, dtype=torch.int32, device=device)
+    send_pairs.scatter_(0, claim, cells)
+    send_pairs[rows_ext - 1] = tokens * ranks
+    no_row = torch.full((rows_ext - tokens * ranks,), -1, dtype=torch.int32, device=device)
+    send_cells = torch.cat([cell_to_row, no_row])
+    # Per cell (t, r): the K slots' local ids on r (sentinel where r does not own the expert)
+    # and their weights; one extra sentinel cell for the padding rows.
+    owner = safe // num_local  # the sentinel id maps to rank R: owned by nobody
+    on_rank = owner.unsqueeze(1) == torch.arange(ranks, device=device).view(1, ranks, 1)
+    local = (safe.remainder(num_local)).unsqueeze(1).expand(tokens, ranks, top_k)
+    cell_ids = torch.where(on_rank, local, num_local).reshape(tokens * ranks, top_k)
+    weights = top_k_weights.unsqueeze(1).expand(tokens, ranks, top_k)
+    cell_weights = torch.where(on_rank, weights, 0).reshape(tokens * ranks, top_k)
+    used = send_pairs[: ranks * capacity].to(torch.int64)
+    pad_ids = torch.full((1, top_k), num_local, dtype=cell_ids.dtype, device=device)
+    send_ids = torch.cat([cell_ids, pad_ids]).index_select(0, used).to(torch.int32)
+    pad_weights = cell_weights.new_zeros((1, top_k))
+    send_weights = torch.cat([cell_weights, pad_weights]).index_select(0, used)
+    return _Layout(capacity, send_pairs, send_cells, cell_to_row, send_ids, send_weights)
 
 
 def ep_experts_forward(
@@ -150,34 +162,37 @@ def ep_experts_forward(
             f"hidden_states must be [T, H] and top_k_index [T, K], got "
             f"{tuple(hidden_states.shape)} and {tuple(top_k_index.shape)}"
         )
-    top_k = top_k_index.shape[1]
-    group = shard.group
-    lay = _layout(shard, top_k_index)
+    group, ranks = shard.group, shard.ep_size
+    tokens, hidden = hidden_states.shape
+    lay = _layout(shard, top_k_index, top_k_weights)
+    used = ranks * lay.capacity
+    if used == 0:  # no rank has a token: nothing to exchange
+        return hidden_states.new_zeros((0, hidden)) * hidden_states.sum()
 
-    sent = sum(lay.token_send)
-    rows = ops.gather_rows(
-        hidden_states, lay.send_pairs, lay.send_offsets, shard.ep_size, pair_to_row=lay.cell_to_row
-    )[:sent]
-    received_rows = all_to_all(rows, lay.token_recv, lay.token_send, group)
-    received_row_ids = all_to_all(lay.send_ids, lay.token_recv, lay.token_send, group)
-    received, received_ids = _expand(
-        received_rows, received_row_ids, shard.num_local, sum(lay.pair_recv)
-    )
+    # The zero token past the real ones feeds the padding rows of every block.
+    zeros = hidden_states.new_zeros((lay.capacity + 1 - tokens, hidden))
+    padded = torch.cat([hidden_states, zeros])
+    # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
+    offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
+    rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
+    splits = [lay.capacity] * ranks
+    received = all_to_all(rows[:used], splits, splits, group)
+    received_ids = all_to_all(lay.send_ids, splits, splits, group)
+    received_weights = all_to_all(lay.send_weights, splits, splits, group)
 
     gate_up, down = module.gate_up_proj, module.down_proj
     if gate_up.dtype != received.dtype:  # e.g. autocast over float32 master weights
         gate_up, down = gate_up.to(received.dtype), down.to(received.dtype)
-    count = received.shape[0]
     outputs = ops.moe_experts(
         received,
-        received_ids.view(count, 1),
-        received.new_ones((count, 1), dtype=top_k_weights.dtype),
+        received_ids,
+        received_weights,
         gate_up,
         down,
         activation="silu",
         interleaved=not getattr(module, "is_concatenated", True),
     )
 
-    returned = all_to_all(outputs, lay.pair_send, lay.pair_recv, group)
-    out = ops.combine(returned, lay.pair_to_row, top_k_weights, top_k)
+    returned = all_to_all(outputs, splits, splits, group)
+    out = ops.combine(returned, lay.cell_to_row, None, ranks)
     return out.to(hidden_states.dtype)

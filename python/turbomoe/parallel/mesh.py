@@ -9,7 +9,7 @@ NVLink lives). Expert-parallel rank r owns the contiguous block of experts
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -24,6 +24,16 @@ EP_ATTR = "_turbomoe_ep"
 MESH_DIMS = ("dp", "ep")
 
 
+class StepCapacity:
+    """Rows each rank reserves per peer in the token exchange during one forward: the largest
+    token count of any rank of the ep group, agreed once per model forward (a forward pre-hook
+    installed by ``parallelize``) so that the layers themselves never wait on the host. Shared by
+    every experts module of a model; None until the first agreement."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+
 @dataclass(frozen=True)
 class ExpertShard:
     """Which experts this rank holds and whom it exchanges tokens with."""
@@ -33,6 +43,7 @@ class ExpertShard:
     ep_rank: int
     num_experts: int  # global E
     world_size: int  # ep_size · dp_size: gradients are averaged over all of it
+    capacity: StepCapacity = field(default_factory=StepCapacity)
 
     def __deepcopy__(self, memo: dict[int, object]) -> ExpertShard:
         return self  # a process group is a shared handle, never copied

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from turbomoe.parallel.dispatch import ep_experts_forward
+from turbomoe.parallel.dispatch import ep_experts_forward, install_capacity_hook
 from turbomoe.parallel.grads import (
     STATE_ATTR,
     ParallelState,
@@ -34,6 +34,7 @@ from turbomoe.parallel.grads import (
 from turbomoe.parallel.mesh import (
     EP_ATTR,
     ExpertShard,
+    StepCapacity,
     build_mesh,
     check_experts_divide,
     device_type,
@@ -113,6 +114,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
             raise ValueError(f"expert parallelism does not support {reason}")
     ep_rank = mesh.get_local_rank("ep")
     group = mesh.get_group("ep")
+    capacity = StepCapacity()  # one per model: every layer exchanges the same token count
     params: list[nn.Parameter] = []
     for _, module in experts:
         shard = ExpertShard(
@@ -121,6 +123,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
             ep_rank=ep_rank,
             num_experts=_global_experts(module),
             world_size=mesh.size(),
+            capacity=capacity,
         )
         first, last = shard.expert_range
         for weight_name in EXPERT_WEIGHTS:
@@ -243,6 +246,8 @@ def finish(
     )
     if grad_sync == "auto":
         install_auto_sync(model)
+    if expert_params:
+        install_capacity_hook(model)
     _hook_save_pretrained(model)
 
 
