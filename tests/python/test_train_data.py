@@ -266,3 +266,32 @@ def test_packed_documents_never_see_each_other(tokenizer):
             )
             at += len(doc)
         assert not torch.allclose(leaky[len(docs[0]) :], together[len(docs[0]) :], atol=1e-3)
+
+
+def test_padded_width_rounds_up_within_the_limit():
+    from turbomoe.train.batching import padded_width
+
+    assert padded_width(37) == 37
+    assert padded_width(37, 16) == 48
+    assert padded_width(48, 16) == 48
+    assert padded_width(1000, 64, limit=1024) == 1024
+    assert padded_width(1000, 64, limit=1010) == 1010  # never past max_length...
+    assert padded_width(1020, 64, limit=1010) == 1020  # ...nor shorter than the longest row
+
+
+def test_rounded_batches_keep_masks_labels_and_positions():
+    examples = [Encoded([1, 2, 3], [-100, 2, 3]), Encoded([4], [4])]
+    batch = collate(examples, pad_id=0, multiple=8)
+    assert batch.input_ids.shape == (2, 8)
+    assert batch.attention_mask.sum().item() == 4 and batch.tokens == 4
+    assert (batch.labels[:, 3:] == -100).all()
+    packed = collate_packed([examples], pad_id=0, multiple=8, limit=6)
+    assert packed.input_ids.shape == (1, 6) and packed.tokens == 4
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 0, 0, 1]  # padding: its own positions
+
+
+def test_stream_pads_to_the_configured_multiple():
+    examples = [Encoded(list(range(1, n + 1)), list(range(1, n + 1))) for n in (3, 5, 9, 2)]
+    stream = BatchStream(examples, 2, 0, seed=1, max_length=16, max_epochs=1, pad_to_multiple_of=8)
+    widths = {b.input_ids.shape[1] for b in stream}
+    assert widths <= {8, 16}

@@ -49,9 +49,23 @@ class Batch:
         return inputs
 
 
-def collate(examples: list[Encoded], pad_id: int, epoch: int = 0) -> Batch:
-    """Pads to the longest example of the batch (not to max_length), so short data stays cheap."""
-    width = max(len(e.input_ids) for e in examples)
+def padded_width(longest: int, multiple: int = 1, limit: int = 0) -> int:
+    """``longest`` rounded up to a multiple of ``multiple``, but not past ``limit`` (0: none).
+
+    Every distinct row length is a new shape for the GPU kernels (cuDNN attention builds an
+    execution plan per shape), so batches of similar lengths share one padded width."""
+    width = -(-longest // multiple) * multiple
+    if limit > 0:
+        width = min(width, max(limit, longest))
+    return width
+
+
+def collate(
+    examples: list[Encoded], pad_id: int, epoch: int = 0, multiple: int = 1, limit: int = 0
+) -> Batch:
+    """Pads to the longest example of the batch (not to max_length), so short data stays cheap;
+    the width is rounded up as :func:`padded_width` says."""
+    width = padded_width(max(len(e.input_ids) for e in examples), multiple, limit)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -65,12 +79,14 @@ def collate(examples: list[Encoded], pad_id: int, epoch: int = 0) -> Batch:
     return Batch(input_ids, attention_mask, labels, tokens, supervised, epoch)
 
 
-def collate_packed(rows: list[list[Encoded]], pad_id: int, epoch: int = 0) -> Batch:
+def collate_packed(
+    rows: list[list[Encoded]], pad_id: int, epoch: int = 0, multiple: int = 1, limit: int = 0
+) -> Batch:
     """Each row holds several documents back to back. A document's first label is masked: HF
     shifts labels inside the loss, so that label would be predicted from the previous document's
     last token. (Unpacked, the first token is never a target either, so losses match exactly.)
     Padding at the row end gets positions 0, 1, ... of its own: a separate 'document'."""
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = padded_width(max(sum(len(e.input_ids) for e in row) for row in rows), multiple, limit)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -125,6 +141,7 @@ class BatchStream:
         max_epochs: int | None = None,
         shard: tuple[int, int] = (0, 1),
         shuffle: bool = True,
+        pad_to_multiple_of: int = 1,
     ) -> None:
         self.examples = examples
         self.batch_size = batch_size
@@ -135,6 +152,7 @@ class BatchStream:
         self.max_epochs = max_epochs
         self.rank, self.world = shard
         self.shuffle = shuffle
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.epoch = 0
         self.index = 0  # next batch of this epoch, counted over all ranks
         self._units: list[list[int]] | None = None
@@ -169,11 +187,12 @@ class BatchStream:
             if (self.index - 1) % self.world != self.rank:
                 continue
             chunk = self._units[start : start + self.batch_size]
+            shape = (self.pad_to_multiple_of, self.max_length)
             if self.packing:
-                return collate_packed(
-                    [[self.examples[i] for i in row] for row in chunk], self.pad_id, self.epoch
-                )
-            return collate([self.examples[row[0]] for row in chunk], self.pad_id, self.epoch)
+                rows = [[self.examples[i] for i in row] for row in chunk]
+                return collate_packed(rows, self.pad_id, self.epoch, *shape)
+            singles = [self.examples[row[0]] for row in chunk]
+            return collate(singles, self.pad_id, self.epoch, *shape)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "index": self.index}

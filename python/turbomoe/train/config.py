@@ -76,6 +76,12 @@ class DataSection:
         "pack several examples into each row; documents never attend "
         "to each other (position ids restart per document)",
     )
+    pad_to_multiple_of: int = _key(
+        64,
+        "round each batch's row length up to a multiple of N (at most max_length): fewer "
+        "distinct shapes, so GPU kernels are not re-planned every step; 1 = the longest row",
+        low=1,
+    )
 
 
 @dataclass

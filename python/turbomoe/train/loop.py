@@ -161,6 +161,7 @@ class _Run:
             packing=c.data.packing,
             max_length=max_length,
             shard=(self.ranks.rank, self.ranks.world),
+            pad_to_multiple_of=c.data.pad_to_multiple_of,
         )
         per_step = c.train.grad_accum * self.ranks.world
         steps_per_epoch = math.ceil(stream.batches_per_epoch() / per_step)
@@ -491,6 +492,7 @@ class _Run:
             max_length=self.max_length,
             max_epochs=1,
             shard=(self.ranks.rank, self.ranks.world),
+            pad_to_multiple_of=c.data.pad_to_multiple_of,
             shuffle=False,
         )
         total, count = evaluate(self.model, batches, self.device)
