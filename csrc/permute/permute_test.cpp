@@ -126,10 +126,15 @@ TEST(Permute, WorkspaceSize) {
   size_t bytes = 7;
   TM_ASSERT_OK(tm_permute_plan_workspace_size(5000, 64, TM_DEVICE_CPU, &bytes));
   EXPECT_EQ(bytes, 0u);
-  TM_ASSERT_OK(tm_permute_plan_workspace_size(5000, 64, TM_DEVICE_CUDA, &bytes));
-  EXPECT_GE(bytes, 5u * 64 * sizeof(int32_t));  // one count per (1024-pair block, expert)
-  TM_ASSERT_OK(tm_permute_plan_workspace_size(0, 64, TM_DEVICE_CUDA, &bytes));
-  EXPECT_EQ(bytes, 0u);
+  if (tm_built_with_cuda() != 0) {
+    TM_ASSERT_OK(tm_permute_plan_workspace_size(5000, 64, TM_DEVICE_CUDA, &bytes));
+    EXPECT_GE(bytes, 5u * 64 * sizeof(int32_t));  // one count per (1024-pair block, expert)
+    TM_ASSERT_OK(tm_permute_plan_workspace_size(0, 64, TM_DEVICE_CUDA, &bytes));
+    EXPECT_EQ(bytes, 0u);
+  } else {  // a CPU-only build (TM_DISABLE_CUDA) says so instead of sizing a CUDA workspace
+    TM_EXPECT_ERROR(tm_permute_plan_workspace_size(5000, 64, TM_DEVICE_CUDA, &bytes),
+                    TM_ERR_UNSUPPORTED, "without CUDA");
+  }
   TM_EXPECT_ERROR(tm_permute_plan_workspace_size(10, 4, TM_DEVICE_CPU, nullptr),
                   TM_ERR_INVALID_ARGUMENT, "bytes");
   TM_EXPECT_ERROR(tm_permute_plan_workspace_size(-1, 4, TM_DEVICE_CPU, &bytes),
@@ -218,6 +223,29 @@ TEST_P(GatherTest, CopiesTheTokenRowOfEachSortedPair) {
   }
 }
 
+// The expert-parallel owner sizes dst by the pairs actually routed (offsets[E]), not T*top_k.
+TEST(Gather, ShortDstHoldsExactlyTheRoutedRows) {
+  auto rng = turbomoe::testing::rng_for_test();
+  const int64_t tokens = 13, top_k = 2, experts = 5, hidden = 16;
+  HostTensor ids = make_ids(rng, tokens, top_k, experts, Scenario::kRandom, TM_DTYPE_INT32);
+  ids.set(0, static_cast<double>(experts));  // two dropped pairs: the sentinel id
+  ids.set(3, static_cast<double>(experts));
+  Plan p = run_plan(ids, experts);
+  const int64_t used = static_cast<int64_t>(p.offsets.get(experts));
+  ASSERT_EQ(used, tokens * top_k - 2);
+  HostTensor src({tokens, hidden}, TM_DTYPE_FLOAT32), dst({used, hidden}, TM_DTYPE_FLOAT32);
+  src.fill_uniform(rng);
+  dst.poison();
+  TM_ASSERT_OK(
+      tm_gather_rows(src.desc(), p.sorted.desc(), p.offsets.desc(), top_k, dst.desc(), nullptr));
+  for (int64_t r = 0; r < used; ++r) {
+    const int64_t token = static_cast<int64_t>(p.sorted.get(r)) / top_k;
+    for (int64_t h = 0; h < hidden; ++h) {
+      ASSERT_EQ(dst.get(r * hidden + h), src.get(token * hidden + h)) << "row " << r;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Gather, GatherTest,
                          ::testing::Values(TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16));
 
@@ -256,7 +284,11 @@ TEST(Gather, RejectsBadArguments) {
                   TM_ERR_INVALID_ARGUMENT, "dst");
   TM_EXPECT_ERROR(gather(src.desc(), sorted.desc(), off.desc(), top_k, dst_bf.desc()),
                   TM_ERR_INVALID_ARGUMENT, "dst");
+  // Fewer dst rows than pairs are fine only while offsets[E] (6 here) fits; more never are.
   TM_EXPECT_ERROR(gather(src.desc(), sorted.desc(), off.desc(), top_k, dst_rows.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "expert_offsets");
+  HostTensor dst_long({7, hidden}, TM_DTYPE_FLOAT32);
+  TM_EXPECT_ERROR(gather(src.desc(), sorted.desc(), off.desc(), top_k, dst_long.desc()),
                   TM_ERR_INVALID_ARGUMENT, "dst");
   TM_EXPECT_ERROR(gather(src.desc(), sorted.desc(), off.desc(), top_k, dst_h.desc()),
                   TM_ERR_INVALID_ARGUMENT, "dst");

@@ -228,3 +228,25 @@ def test_moe_experts_rejects_bad_arguments():
         moe_experts(hidden, ids, weights[:, :1], hf.gate_up_proj, hf.down_proj)
     with pytest.raises(ValueError, match="topk_ids"):
         moe_experts(hidden, ids + 5, weights, hf.gate_up_proj, hf.down_proj)
+
+
+def test_routed_pairs_sizes_the_buffers_exactly_with_the_same_result():
+    """The expert-parallel owner's case: most slots hold the sentinel (id E, dropped)."""
+    torch.manual_seed(7)
+    tokens, hidden, inter, experts, top_k = 24, 16, 12, 4, 3
+    ids = torch.randint(0, experts, (tokens, top_k))
+    ids[torch.rand(tokens, top_k) < 0.6] = experts
+    routed = int((ids < experts).sum())
+    assert 0 < routed < tokens * top_k
+    runs = []
+    for pairs in (None, routed):
+        torch.manual_seed(8)
+        x = torch.randn(tokens, hidden, requires_grad=True)
+        w = torch.rand(tokens, top_k, requires_grad=True)
+        gate_up = torch.randn(experts, 2 * inter, hidden, requires_grad=True)
+        down = torch.randn(experts, hidden, inter, requires_grad=True)
+        out = moe_experts(x, ids, w, gate_up, down, routed_pairs=pairs)
+        out.square().sum().backward()
+        runs.append([out.detach(), x.grad, w.grad, gate_up.grad, down.grad])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -221,6 +221,12 @@ def test_gather_rows_rejects_bad_arguments():
         gather_rows(x, sorted_pairs, offsets.long(), TOP_K)
     with pytest.raises(ValueError, match="top_k"):
         gather_rows(x, sorted_pairs, offsets, 0)
+    with pytest.raises(ValueError, match="rows must be"):
+        gather_rows(x, sorted_pairs, offsets, TOP_K, rows=sorted_pairs.shape[0] + 1)
+    routed = int(offsets[-1])
+    assert routed > 0
+    with pytest.raises(ValueError, match="expert_offsets"):  # fewer rows than the routed pairs
+        gather_rows(x, sorted_pairs, offsets, TOP_K, rows=routed - 1)
 
 
 def test_permute_opcheck():
@@ -228,8 +234,15 @@ def test_permute_opcheck():
     torch.library.opcheck(torch.ops.turbomoe.permute_plan.default, (ids, EXPERTS))
     sorted_pairs, pair_to_row, offsets = permute_plan(ids, EXPERTS)
     x = torch.randn(TOKENS, HIDDEN, requires_grad=True)
+    pairs = sorted_pairs.shape[0]
     torch.library.opcheck(
-        torch.ops.turbomoe.gather_rows.default, (x, sorted_pairs, offsets, pair_to_row, TOP_K)
+        torch.ops.turbomoe.gather_rows.default,
+        (x, sorted_pairs, offsets, pair_to_row, TOP_K, pairs),
+    )
+    routed = int(offsets[-1])  # only the routed rows
+    torch.library.opcheck(
+        torch.ops.turbomoe.gather_rows.default,
+        (x, sorted_pairs, offsets, pair_to_row, TOP_K, routed),
     )
     rows = torch.randn(TOKENS * TOP_K, HIDDEN, requires_grad=True)
     weights = torch.rand(TOKENS, TOP_K, requires_grad=True)

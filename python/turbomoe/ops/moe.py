@@ -45,6 +45,7 @@ def moe_experts(
     interleaved: bool = False,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    routed_pairs: int | None = None,
 ) -> torch.Tensor:
     """Σ_k w[t,k] · down_e(act(gate_up_e(hidden[t]))) over each token's experts e = ids[t,k].
 
@@ -54,7 +55,10 @@ def moe_experts(
     activation "silu" is silu(gate)·up, "clamped" GPT-OSS's clamped SwiGLU with alpha/limit;
     interleaved reads gate/up as alternating columns (gate0, up0, gate1, ...) instead of the two
     halves. Optional biases gate_up_bias [E,2I] and down_bias [E,H] are added per row's expert.
-    Returns [T,H] in hidden's dtype; matches Hugging Face's eager experts.
+    ``routed_pairs``: the number of (token, slot) pairs whose id is not the sentinel, when the
+    caller knows it; the layer's buffers then hold exactly those rows instead of T*K (the
+    expert-parallel owner, whose received slots are mostly sentinels). Returns [T,H] in hidden's
+    dtype; matches Hugging Face's eager experts.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation is {activation!r}, expected one of {ACTIVATIONS}")
@@ -74,7 +78,9 @@ def moe_experts(
     num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
 
     sorted_pairs, pair_to_row, offsets = permute_plan(top_k_index, num_experts)
-    x = gather_rows(hidden, sorted_pairs, offsets, top_k, pair_to_row=pair_to_row)
+    x = gather_rows(
+        hidden, sorted_pairs, offsets, top_k, pair_to_row=pair_to_row, rows=routed_pairs
+    )
     rows = x.shape[0]
     gate_up = grouped_gemm(x, gate_up_proj, offsets)
     if gate_up_bias is not None:

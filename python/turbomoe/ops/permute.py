@@ -206,9 +206,11 @@ def _gather_rows(
     expert_offsets: torch.Tensor,
     pair_to_row: torch.Tensor,
     top_k: int,
+    num_rows: int,
 ) -> torch.Tensor:
-    """dst[r] = x[sorted_pairs[r] // top_k]; pair_to_row is only carried for the backward."""
-    out = torch.empty((sorted_pairs.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    """dst[r] = x[sorted_pairs[r] // top_k] for num_rows rows; pair_to_row is only carried for
+    the backward."""
+    out = torch.empty((num_rows, x.shape[1]), dtype=x.dtype, device=x.device)
     _native.call(
         "tm_gather_rows",
         _native.describe(x),
@@ -228,12 +230,13 @@ def _(
     expert_offsets: torch.Tensor,
     pair_to_row: torch.Tensor,
     top_k: int,
+    num_rows: int,
 ) -> torch.Tensor:
-    return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
+    return x.new_empty((num_rows, x.shape[1]))
 
 
 def _gather_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    _x, _sorted_pairs, _offsets, pair_to_row, top_k = inputs
+    _x, _sorted_pairs, _offsets, pair_to_row, top_k, _num_rows = inputs
     ctx.save_for_backward(pair_to_row)
     ctx.top_k = top_k
 
@@ -242,7 +245,7 @@ def _gather_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     (pair_to_row,) = ctx.saved_tensors
     # The adjoint of a row gather is an unweighted combine (each token sums its K rows).
     grad_x = _combine_eager(grad_out.contiguous(), pair_to_row, None, ctx.top_k)
-    return grad_x, None, None, None, None
+    return grad_x, None, None, None, None, None
 
 
 _gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
@@ -266,15 +269,23 @@ def gather_rows(
     top_k: int,
     *,
     pair_to_row: torch.Tensor | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Token rows in expert order: out[r] = x[sorted_pairs[r] // top_k] → [T*K, H].
 
-    Rows past expert_offsets[E] (dropped pairs) are zero. Differentiable with respect to x; the
-    backward is an unweighted combine, which needs pair_to_row: pass the one permute_plan returned,
-    or it is rebuilt from sorted_pairs.
+    Rows past expert_offsets[E] (dropped pairs) are zero. ``rows``: return only that many rows
+    instead of T*K, for a caller that knows how many pairs are routed (it must be at least
+    expert_offsets[E]; the CPU checks it, on CUDA the copy stops at ``rows``). Differentiable
+    with respect to x; the backward is an unweighted combine, which needs pair_to_row: pass the
+    one permute_plan returned, or it is rebuilt from sorted_pairs.
     """
     if top_k <= 0:
         raise ValueError(f"top_k must be > 0, got {top_k}")
+    pairs = sorted_pairs.shape[0]
+    if rows is None:
+        rows = pairs
+    elif not 0 <= rows <= pairs:
+        raise ValueError(f"rows must be in [0, {pairs}] (the pairs of sorted_pairs), got {rows}")
     if pair_to_row is None:
         pair_to_row = invert_sorted_pairs(sorted_pairs)
     return _gather_rows_eager(
@@ -283,4 +294,5 @@ def gather_rows(
         expert_offsets.contiguous(),
         pair_to_row.contiguous(),
         int(top_k),
+        int(rows),
     )

@@ -81,6 +81,21 @@ def install_capacity_hook(model: nn.Module) -> None:
     model.register_forward_pre_hook(agree, with_kwargs=True)
 
 
+# Up to this many ranks the owner's expert buffers are sized for every received slot (R·C·K
+# rows, about ep_size times the slots actually routed to it), which keeps the layer free of host
+# syncs. Beyond it that padding would dominate the activation memory (at EP 8, 48 layers of the
+# Qwen3-30B-A3B shape: ~100 GB), so the owner reads its routed-pair count (one local,
+# non-collective sync) and sizes the buffers exactly.
+PADDED_EXPERT_BUFFERS_MAX_EP = 2
+
+
+def _routed_pairs(received_ids: torch.Tensor, shard: ExpertShard) -> int | None:
+    """The exact number of received slots for local experts, or None to keep the padded size."""
+    if shard.ep_size <= PADDED_EXPERT_BUFFERS_MAX_EP:
+        return None
+    return int((received_ids < shard.num_local).sum())
+
+
 class _Layout(NamedTuple):
     capacity: int  # C: rows per (source, destination) block
     send_pairs: torch.Tensor  # [(C+1)·R]: cell t·R + r feeding each send row (zero token past T)
@@ -191,6 +206,7 @@ def ep_experts_forward(
         down,
         activation="silu",
         interleaved=not getattr(module, "is_concatenated", True),
+        routed_pairs=_routed_pairs(received_ids, shard),
     )
 
     returned = all_to_all(outputs, splits, splits, group)

@@ -406,6 +406,26 @@ def test_moe_experts_zero_tokens():
     assert torch.count_nonzero(gate_up.grad) == 0 and torch.count_nonzero(down.grad) == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_experts_routed_pairs(dtype):
+    """The expert-parallel owner's exact-size buffers: most slots are the sentinel (dropped)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    tokens, hidden, inter, experts, top_k = 2048, 256, 128, 16, 8
+    ids = torch.randint(0, experts, (tokens, top_k), generator=gen)
+    ids[torch.rand(tokens, top_k, generator=gen) < 0.75] = experts
+    routed = int((ids < experts).sum())
+    x = torch.randn(tokens, hidden, generator=gen)
+    w = torch.rand(tokens, top_k, generator=gen)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    down = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
+
+    def fn(x_, w_, gu, dn, ids_):
+        return tops.moe_experts(x_, ids_, w_, gu, dn, routed_pairs=routed)
+
+    check(fn, [x, w, gate_up, down, ids], [0, 1, 2, 3], dtype, seed, 1e-4)
+
+
 # ------------------------------------------------------------------------ gated activations
 
 # (rows, inter, layout): "fused" reads the two halves of one [M, 2I] buffer and "interleaved"
