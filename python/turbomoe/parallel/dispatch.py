@@ -156,6 +156,52 @@ def _layout(shard: ExpertShard, top_k_index: torch.Tensor, top_k_weights: torch.
     return _Layout(capacity, send_pairs, send_cells, cell_to_row, send_ids, send_weights)
 
 
+class Dispatched(NamedTuple):
+    """What ``dispatch`` delivered to this rank, and what ``combine_back`` needs."""
+
+    rows: torch.Tensor  # [R·C, H]: block j holds the tokens rank j sent here (zero padding)
+    ids: torch.Tensor  # [R·C, K] int32: their local expert ids here, num_local elsewhere
+    weights: torch.Tensor  # [R·C, K]: the routing weights of those slots, 0 elsewhere
+    layout: _Layout
+
+
+def dispatch(
+    shard: ExpertShard,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> Dispatched | None:
+    """Send each token once to every rank owning one of its experts; None when no rank of the
+    group has a token (then nothing is exchanged). A collective, differentiable."""
+    group, ranks = shard.group, shard.ep_size
+    tokens, hidden = hidden_states.shape
+    lay = _layout(shard, top_k_index, top_k_weights)
+    used = ranks * lay.capacity
+    if used == 0:
+        return None
+    # The zero token past the real ones feeds the padding rows of every block.
+    zeros = hidden_states.new_zeros((lay.capacity + 1 - tokens, hidden))
+    padded = torch.cat([hidden_states, zeros])
+    # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
+    offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
+    rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
+    splits = [lay.capacity] * ranks
+    return Dispatched(
+        all_to_all(rows[:used], splits, splits, group),
+        all_to_all(lay.send_ids, splits, splits, group),
+        all_to_all(lay.send_weights, splits, splits, group),
+        lay,
+    )
+
+
+def combine_back(shard: ExpertShard, outputs: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """The owners' [R·C, H] results back to their tokens, summed over ranks in rank order:
+    [T, H]. A collective, differentiable."""
+    splits = [layout.capacity] * shard.ep_size
+    returned = all_to_all(outputs, splits, splits, shard.group)
+    return ops.combine(returned, layout.cell_to_row, None, shard.ep_size)
+
+
 def ep_experts_forward(
     module: nn.Module,
     hidden_states: torch.Tensor,
@@ -177,38 +223,20 @@ def ep_experts_forward(
             f"hidden_states must be [T, H] and top_k_index [T, K], got "
             f"{tuple(hidden_states.shape)} and {tuple(top_k_index.shape)}"
         )
-    group, ranks = shard.group, shard.ep_size
-    tokens, hidden = hidden_states.shape
-    lay = _layout(shard, top_k_index, top_k_weights)
-    used = ranks * lay.capacity
-    if used == 0:  # no rank has a token: nothing to exchange
-        return hidden_states.new_zeros((0, hidden)) * hidden_states.sum()
-
-    # The zero token past the real ones feeds the padding rows of every block.
-    zeros = hidden_states.new_zeros((lay.capacity + 1 - tokens, hidden))
-    padded = torch.cat([hidden_states, zeros])
-    # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
-    offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
-    rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
-    splits = [lay.capacity] * ranks
-    received = all_to_all(rows[:used], splits, splits, group)
-    received_ids = all_to_all(lay.send_ids, splits, splits, group)
-    received_weights = all_to_all(lay.send_weights, splits, splits, group)
-
+    sent = dispatch(shard, hidden_states, top_k_index, top_k_weights)
+    if sent is None:  # no rank has a token: nothing to exchange
+        return hidden_states.new_zeros((0, hidden_states.shape[1])) * hidden_states.sum()
     gate_up, down = module.gate_up_proj, module.down_proj
-    if gate_up.dtype != received.dtype:  # e.g. autocast over float32 master weights
-        gate_up, down = gate_up.to(received.dtype), down.to(received.dtype)
+    if gate_up.dtype != sent.rows.dtype:  # e.g. autocast over float32 master weights
+        gate_up, down = gate_up.to(sent.rows.dtype), down.to(sent.rows.dtype)
     outputs = ops.moe_experts(
-        received,
-        received_ids,
-        received_weights,
+        sent.rows,
+        sent.ids,
+        sent.weights,
         gate_up,
         down,
         activation="silu",
         interleaved=not getattr(module, "is_concatenated", True),
-        routed_pairs=_routed_pairs(received_ids, shard),
+        routed_pairs=_routed_pairs(sent.ids, shard),
     )
-
-    returned = all_to_all(outputs, splits, splits, group)
-    out = ops.combine(returned, lay.cell_to_row, None, ranks)
-    return out.to(hidden_states.dtype)
+    return combine_back(shard, outputs, sent.layout).to(hidden_states.dtype)
