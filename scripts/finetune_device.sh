@@ -10,7 +10,7 @@
 #
 #   run: bash scripts/finetune_device.sh        knobs: FT_STEPS=40  FT_TIMEOUT=150
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 STEPS=${FT_STEPS:-40}

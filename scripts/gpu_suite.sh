@@ -16,6 +16,8 @@
 #   SKIP_TESTS=1            skip ctest, sanitizer and pytest (the build still runs)
 #   SKIP_BENCH=1            skip the benchmark
 #   SKIP_FINETUNE=1         skip the finetune runs
+#   SKIP_MULTIGPU=1         skip the multi-GPU stage (with 2+ GPUs: bench/ep_dispatch_bench.py,
+#                           then `torchrun -m turbomoe.bench` over every GPU; MULTI_BENCH_ARGS)
 #   BENCH_ARGS="..."        extra `python -m turbomoe.bench` flags (word-split; later flags win,
 #                           e.g. BENCH_ARGS="--layers 4 --profile --record")
 #   SANITIZER_K="..."       pytest -k expression for the memcheck subset of test_gpu_ops.py
@@ -38,6 +40,8 @@ PYTHON=${PYTHON:-python3}
 SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_BENCH=${SKIP_BENCH:-0}
 SKIP_FINETUNE=${SKIP_FINETUNE:-0}
+SKIP_MULTIGPU=${SKIP_MULTIGPU:-0}
+MULTI_BENCH_ARGS=${MULTI_BENCH_ARGS:---layers 12}
 BENCH_ARGS=${BENCH_ARGS:-}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 # bf16 cases without the largest shapes: memcheck slows every kernel (torch's included) 10-100x.
@@ -48,6 +52,7 @@ SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
 FINETUNE_TIMEOUT=${FINETUNE_TIMEOUT:-200}
+MULTIGPU_TIMEOUT=${MULTIGPU_TIMEOUT:-240}
 # Whole-suite budget: a stage gets at most what is left of it, so the summary is always printed
 # before an outer limit (10 minutes per command on the device) kills the script.
 SUITE_BUDGET=${SUITE_BUDGET:-560}
@@ -61,7 +66,7 @@ export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 export TURBOMOE_LIBRARY=$LIB
 
 declare -A STATUS DETAIL
-ORDER=(build ctest sanitizer pytest bench finetune)
+ORDER=(build ctest sanitizer pytest bench finetune multigpu)
 for s in "${ORDER[@]}"; do STATUS[$s]=skipped; DETAIL[$s]=""; done
 
 # run_stage NAME TIMEOUT_S CMD... : runs CMD with its output in $OUT/NAME.log; sets RC.
@@ -132,7 +137,7 @@ fi
 
 # ---- tests -------------------------------------------------------------------------------
 if [ "${STATUS[build]}" != ok ]; then
-  for s in ctest sanitizer pytest bench finetune; do DETAIL[$s]="no library"; done
+  for s in ctest sanitizer pytest bench finetune multigpu; do DETAIL[$s]="no library"; done
 elif [ "$SKIP_TESTS" = 1 ]; then
   for s in ctest sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
 else
@@ -270,6 +275,56 @@ elif [ "${STATUS[build]}" = ok ]; then
   fi
 fi
 
+# ---- multi-GPU: dispatch/combine bandwidth, then the side-by-side bench over every GPU ------
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "${STATUS[build]}" != ok ]; then
+  :
+elif [ "$SKIP_MULTIGPU" = 1 ]; then
+  DETAIL[multigpu]="SKIP_MULTIGPU=1"
+elif [ "$GPUS" -lt 2 ]; then
+  DETAIL[multigpu]="not run: $GPUS GPU(s) on this machine"
+else
+  read -r -a multi_extra <<<"$MULTI_BENCH_ARGS"
+  # shellcheck disable=SC2016 # $1 and $@ belong to the inner shell
+  run_stage multigpu "$MULTIGPU_TIMEOUT" bash -c '
+    out=$1; gpus=$2; shift 2
+    torchrun --standalone --nproc_per_node="$gpus" bench/ep_dispatch_bench.py \
+      --json "$out/ep_dispatch.json" >"$out/ep_dispatch.txt" || exit 1
+    torchrun --standalone --nproc_per_node="$gpus" -m turbomoe.bench "$@" \
+      --json "$out/bench_multi.json" >"$out/bench_multi.txt"' _ "$OUT" "$GPUS" "${multi_extra[@]}"
+  DETAIL[multigpu]=$("$PYTHON" - "$OUT" <<'PY' 2>/dev/null || echo "no results (rc $RC)"
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+parts = []
+ep = out / "ep_dispatch.json"
+if ep.exists():
+    ranks = json.loads(ep.read_text())["ranks"]
+    exact = all(r["dispatch_exact"] and r["combine_exact"] for r in ranks)
+    mean = lambda k: sum(r[k] for r in ranks) / len(ranks)  # noqa: E731
+    parts.append(
+        f"{len(ranks)} GPUs: dispatch {mean('dispatch_padded_gbs'):.0f} / combine "
+        f"{mean('combine_padded_gbs'):.0f} GB/s per GPU (peak all-to-all "
+        f"{mean('peak_all_to_all_gbs'):.0f}), exact {'yes' if exact else 'NO'}"
+    )
+bench = out / "bench_multi.json"
+if bench.exists():
+    p = json.loads(bench.read_text())
+    r = p.get("ratios") or {}
+    hf, tm = p["runs"].get("hf", {}), p["runs"].get("turbomoe", {})
+    parts.append(
+        f"bench {p['config']['layers']} layers: stock {hf.get('tps_per_gpu', 0):,.0f} / "
+        f"turbomoe {tm.get('tps_per_gpu', 0):,.0f} TPS/GPU, speedup {r.get('speedup') or 0:.2f}x, "
+        f"memory {r.get('peak_mem') or 0:.2f}x"
+    )
+print("; ".join(parts) or "no results")
+PY
+  )
+  if [ "$RC" -eq 0 ]; then STATUS[multigpu]=ok; else STATUS[multigpu]=FAILED; fi
+fi
+
 # ---- summary (printed last) ----------------------------------------------------------------
 if [ -s "$OUT/bench.txt" ]; then
   echo
@@ -279,8 +334,15 @@ if [ -s "$OUT/finetune.log" ]; then
   echo
   cat "$OUT/finetune.log"
 fi
+for f in ep_dispatch.txt bench_multi.txt; do
+  if [ -s "$OUT/$f" ]; then
+    echo
+    cat "$OUT/$f"
+  fi
+done
 # At most 8 files come back from the device: the logs travel as one archive.
-(cd "$OUT" && tar czf logs.tar.gz ./*.log env.txt 2>/dev/null && rm -f ./*.log env.txt)
+(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log env.txt \
+  ep_dispatch.txt bench_multi.txt)
 failed=()
 echo
 echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="

@@ -9,7 +9,7 @@
 #   run: bash scripts/perf_probe.sh
 #   knobs: LAYERS=12  PROBE_AB="TURBOMOE_DISABLE_HOPPER_GEMM=1"  BENCH_ARGS="..."
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 LAYERS=${LAYERS:-12}
@@ -49,6 +49,6 @@ for knob in $PROBE_AB; do
     "${extra[@]}" 2>>"$OUT/probe.log" | grep -E "^turbomoe|^run" >>"$OUT/ab.txt"
 done
 stamp "done"
-cat "$OUT/attention.txt" | grep -v "^{" | head -12
+grep -v "^{" "$OUT/attention.txt" | head -12
 cat "$OUT/bench.txt"
 cat "$OUT/ab.txt" 2>/dev/null
