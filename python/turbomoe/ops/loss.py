@@ -19,6 +19,13 @@ from turbomoe.ops._eager import differentiable, direct
 # ----------------------------------------------------------------------------- cross-entropy
 
 
+def row_stats(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 [N] buffers (loss and log-sum-exp) for the N rows of ``rows``; works on fake
+    tensors too, so the ops and their fake kernels allocate alike."""
+    n = rows.shape[0]
+    return rows.new_empty((n,), dtype=torch.float32), rows.new_empty((n,), dtype=torch.float32)
+
+
 def _ce_forward_into(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -62,9 +69,7 @@ def _cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [N] f32, lse [N] f32); lse is kept for the backward."""
-    rows = logits.shape[0]
-    loss = torch.empty((rows,), dtype=torch.float32, device=logits.device)
-    lse = torch.empty((rows,), dtype=torch.float32, device=logits.device)
+    loss, lse = row_stats(logits)
     _ce_forward_into(logits, labels, ignore_index, loss, lse)
     return loss, lse
 
@@ -73,11 +78,7 @@ def _cross_entropy(
 def _(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = logits.shape[0]
-    return (
-        logits.new_empty((rows,), dtype=torch.float32),
-        logits.new_empty((rows,), dtype=torch.float32),
-    )
+    return row_stats(logits)
 
 
 @torch.library.custom_op("turbomoe::cross_entropy_backward", mutates_args=())
@@ -243,21 +244,27 @@ def _lce_backward_cuda(
         grad_weight.copy_(accumulate)
 
 
-@torch.library.custom_op("turbomoe::linear_cross_entropy", mutates_args=())
-def _linear_cross_entropy(
+def weight_grad_buffer(weight: torch.Tensor, need_weight_grad: bool) -> torch.Tensor:
+    """The lm_head gradient's buffer: like weight, or [0, H] when it is not wanted (a custom
+    op's outputs cannot be None)."""
+    shape = weight.shape if need_weight_grad else (0, weight.shape[1])
+    return weight.new_empty(shape)
+
+
+def lce_forward_into(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int,
     chunk_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss [N] f32, lse [N] f32) of logits = hidden · weightᵀ, computed chunk by chunk."""
-    rows = hidden.shape[0]
-    loss = torch.empty((rows,), dtype=torch.float32, device=hidden.device)
-    lse = torch.empty((rows,), dtype=torch.float32, device=hidden.device)
+    loss: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    """Per-row loss and lse of hidden · weightᵀ into loss / lse: cuBLAS chunks on CUDA, the C
+    reference on CPU."""
     if hidden.device.type == "cuda":
         _lce_forward_cuda(hidden, weight, labels, ignore_index, chunk_rows, loss, lse)
-        return loss, lse
+        return
     params = _lce_params(ignore_index, chunk_rows)
     workspace = _lce_workspace(params, hidden, weight)
     _native.call(
@@ -272,6 +279,63 @@ def _linear_cross_entropy(
         workspace.numel(),
         _native.stream_for(hidden),
     )
+
+
+def lce_backward_into(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+    grad_hidden: torch.Tensor,
+    grad_weight: torch.Tensor | None,
+) -> None:
+    """The gradients for per-row gradient grad_loss into grad_hidden / grad_weight (None: the
+    weight's gradient is not wanted)."""
+    if hidden.device.type == "cuda":
+        _lce_backward_cuda(
+            grad_loss,
+            hidden,
+            weight,
+            labels,
+            lse,
+            ignore_index,
+            chunk_rows,
+            grad_hidden,
+            grad_weight,
+        )
+        return
+    params = _lce_params(ignore_index, chunk_rows)
+    workspace = _lce_workspace(params, hidden, weight)
+    _native.call(
+        "tm_linear_cross_entropy_backward",
+        params,
+        _native.describe(grad_loss),
+        _native.describe(hidden),
+        _native.describe(weight),
+        _native.describe(labels),
+        _native.describe(lse),
+        _native.describe(grad_hidden),
+        _native.describe(grad_weight),
+        workspace.data_ptr(),
+        workspace.numel(),
+        _native.stream_for(hidden),
+    )
+
+
+@torch.library.custom_op("turbomoe::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss [N] f32, lse [N] f32) of logits = hidden · weightᵀ, computed chunk by chunk."""
+    loss, lse = row_stats(hidden)
+    lce_forward_into(hidden, weight, labels, ignore_index, chunk_rows, loss, lse)
     return loss, lse
 
 
@@ -283,11 +347,7 @@ def _(
     ignore_index: int,
     chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = hidden.shape[0]
-    return (
-        hidden.new_empty((rows,), dtype=torch.float32),
-        hidden.new_empty((rows,), dtype=torch.float32),
-    )
+    return row_stats(hidden)
 
 
 @torch.library.custom_op("turbomoe::linear_cross_entropy_backward", mutates_args=())
@@ -303,36 +363,10 @@ def _linear_cross_entropy_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden [N,H], grad_weight [V,H] in weight's dtype, or empty when not wanted)."""
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    weight_shape = weight.shape if need_weight_grad else (0, weight.shape[1])
-    grad_weight = torch.empty(weight_shape, dtype=weight.dtype, device=weight.device)
-    if hidden.device.type == "cuda":
-        _lce_backward_cuda(
-            grad_loss,
-            hidden,
-            weight,
-            labels,
-            lse,
-            ignore_index,
-            chunk_rows,
-            grad_hidden,
-            grad_weight if need_weight_grad else None,
-        )
-        return grad_hidden, grad_weight
-    params = _lce_params(ignore_index, chunk_rows)
-    workspace = _lce_workspace(params, hidden, weight)
-    _native.call(
-        "tm_linear_cross_entropy_backward",
-        params,
-        _native.describe(grad_loss),
-        _native.describe(hidden),
-        _native.describe(weight),
-        _native.describe(labels),
-        _native.describe(lse),
-        _native.describe(grad_hidden),
-        _native.describe(grad_weight) if need_weight_grad else None,
-        workspace.data_ptr(),
-        workspace.numel(),
-        _native.stream_for(hidden),
+    grad_weight = weight_grad_buffer(weight, need_weight_grad)
+    wanted = grad_weight if need_weight_grad else None
+    lce_backward_into(
+        grad_loss, hidden, weight, labels, lse, ignore_index, chunk_rows, grad_hidden, wanted
     )
     return grad_hidden, grad_weight
 
@@ -348,8 +382,7 @@ def _(
     chunk_rows: int,
     need_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    weight_shape = weight.shape if need_weight_grad else (0, weight.shape[1])
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight_shape)
+    return hidden.new_empty(hidden.shape), weight_grad_buffer(weight, need_weight_grad)
 
 
 def _lce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

@@ -20,54 +20,15 @@ from typing import Any
 
 import torch
 
-from turbomoe import _native
 from turbomoe.ops._eager import differentiable
-from turbomoe.ops.loss import _labels, _lce_backward_cuda, _lce_params, _lce_workspace
-
-
-def _empty_weight_grad(weight: torch.Tensor, need_weight_grad: bool) -> torch.Tensor:
-    shape = weight.shape if need_weight_grad else (0, weight.shape[1])
-    return torch.empty(shape, dtype=weight.dtype, device=weight.device)
-
-
-def _cpu_forward_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    chunk_rows: int,
-    loss: torch.Tensor,
-    grad_hidden: torch.Tensor,
-    grad_weight: torch.Tensor | None,
-) -> None:
-    """The C reference's forward, then its backward with a unit gradient on every row."""
-    lse = torch.empty_like(loss)
-    unit = torch.ones_like(loss)  # named: a descriptor does not keep its tensor alive
-    params = _lce_params(ignore_index, chunk_rows)
-    workspace = _lce_workspace(params, hidden, weight)
-    common = (workspace.data_ptr(), workspace.numel(), None)
-    _native.call(
-        "tm_linear_cross_entropy_forward",
-        params,
-        _native.describe(hidden),
-        _native.describe(weight),
-        _native.describe(labels),
-        _native.describe(loss),
-        _native.describe(lse),
-        *common,
-    )
-    _native.call(
-        "tm_linear_cross_entropy_backward",
-        params,
-        _native.describe(unit),
-        _native.describe(hidden),
-        _native.describe(weight),
-        _native.describe(labels),
-        _native.describe(lse),
-        _native.describe(grad_hidden),
-        _native.describe(grad_weight),
-        *common,
-    )
+from turbomoe.ops.loss import (
+    _labels,
+    _lce_backward_cuda,
+    lce_backward_into,
+    lce_forward_into,
+    row_stats,
+    weight_grad_buffer,
+)
 
 
 @torch.library.custom_op("turbomoe::linear_cross_entropy_total", mutates_args=())
@@ -81,19 +42,20 @@ def _linear_cross_entropy_total(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σ_rows loss [] f32, d Σ / d hidden [N,H], d Σ / d weight [V,H] or [0,H])."""
     rows = hidden.shape[0]
-    loss = torch.empty((rows,), dtype=torch.float32, device=hidden.device)
+    loss, lse = row_stats(hidden)
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    grad_weight = _empty_weight_grad(weight, need_weight_grad)
+    grad_weight = weight_grad_buffer(weight, need_weight_grad)
     wanted = grad_weight if need_weight_grad else None
+    unit = torch.ones((rows,), dtype=torch.float32, device=hidden.device)
     if hidden.device.type == "cuda":
-        unit = torch.ones((rows,), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty((rows,), dtype=torch.float32, device=hidden.device)
+        # One pass: each chunk's logits give its loss, then its gradients, never recomputed.
         _lce_backward_cuda(
             unit, hidden, weight, labels, lse, ignore_index, chunk_rows, grad_hidden, wanted, loss
         )
-    else:
-        _cpu_forward_backward(
-            hidden, weight, labels, ignore_index, chunk_rows, loss, grad_hidden, wanted
+    else:  # the C reference: its forward, then its backward with a unit gradient per row
+        lce_forward_into(hidden, weight, labels, ignore_index, chunk_rows, loss, lse)
+        lce_backward_into(
+            unit, hidden, weight, labels, lse, ignore_index, chunk_rows, grad_hidden, wanted
         )
     return loss.sum(), grad_hidden, grad_weight
 
@@ -110,7 +72,7 @@ def _(
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(hidden.shape),
-        _empty_weight_grad(weight, need_weight_grad),
+        weight_grad_buffer(weight, need_weight_grad),
     )
 
 
