@@ -15,34 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from turbomoe.bench.timing import median_ms
+
+CUDA = torch.device("cuda")
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
-
-
-def median_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def attention(
@@ -114,8 +101,8 @@ def main() -> int:
                     out = attention(q, k, v, gqa, backend)
                     torch.autograd.grad(out, (q, k, v), grad)
 
-                f_ms = median_ms(fwd, a.warmup, a.reps)
-                fb_ms = median_ms(fwd_bwd, a.warmup, a.reps)
+                f_ms = median_ms(fwd, CUDA, a.warmup, a.reps)
+                fb_ms = median_ms(fwd_bwd, CUDA, a.warmup, a.reps)
                 row.update(fwd_ms=f_ms, fwd_bwd_ms=fb_ms, bwd_ms=fb_ms - f_ms)
                 row["fwd_tflops"] = fwd_flop / f_ms / 1e9
                 row["bwd_tflops"] = 2.5 * fwd_flop / max(fb_ms - f_ms, 1e-6) / 1e9

@@ -23,38 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import turbomoe.parallel as tp
+from turbomoe.bench.timing import median_ms
 from turbomoe.parallel.dispatch import combine_back, dispatch
 from turbomoe.parallel.mesh import ExpertShard
-
-
-def timed_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -113,17 +91,23 @@ def main() -> int:
     payload_rows = sum(len(gathered[r]) for r in range(world) if r != rank)
     payload = payload_rows * a.hidden * elem
     padded = (world - 1) * cap * a.hidden * elem
-    dispatch_ms = timed_ms(lambda: dispatch(shard, x, ids, weights), device, a.warmup, a.reps)
-    combine_ms = timed_ms(
-        lambda: combine_back(shard, sent.rows, sent.layout), device, a.warmup, a.reps
+    dispatch_ms = median_ms(
+        lambda: dispatch(shard, x, ids, weights), device, a.warmup, a.reps, dist.barrier
+    )
+    combine_ms = median_ms(
+        lambda: combine_back(shard, sent.rows, sent.layout), device, a.warmup, a.reps, dist.barrier
     )
     volume = torch.empty((world * cap, a.hidden), dtype=dtype, device=device)
     volume_out = torch.empty_like(volume)
-    same_ms = timed_ms(lambda: dist.all_to_all_single(volume_out, volume), device, a.warmup, a.reps)
+    same_ms = median_ms(
+        lambda: dist.all_to_all_single(volume_out, volume), device, a.warmup, a.reps, dist.barrier
+    )
     big_rows = (256 << 20) // (a.hidden * elem) // world * world
     big = torch.empty((big_rows, a.hidden), dtype=dtype, device=device)
     big_out = torch.empty_like(big)
-    big_ms = timed_ms(lambda: dist.all_to_all_single(big_out, big), device, a.warmup, a.reps)
+    big_ms = median_ms(
+        lambda: dist.all_to_all_single(big_out, big), device, a.warmup, a.reps, dist.barrier
+    )
     big_sent = (world - 1) * (big_rows // world) * a.hidden * elem
 
     def gbs(nbytes: float, ms: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -58,6 +59,32 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    before: Callable[[], object] | None = None,
+) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` untimed ones: CUDA
+    events on a GPU, the wall clock on CPU. ``before`` runs ahead of each timed call, outside
+    the window (e.g. a barrier that lines up the ranks)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        timer = StepTimer(device)
+        timer.start()
+        fn()
+        timer.forward_done()
+        timer.backward_done()
+        samples.append(timer.elapsed_ms()[0])
+    return statistics.median(samples)
+
+
 def measure_matmul_peak_tflops(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
@@ -69,18 +96,6 @@ def measure_matmul_peak_tflops(
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    for _ in range(warmup):
-        torch.matmul(a, b, out=out)
-    synchronize(device)
-    samples: list[float] = []
-    for _ in range(iters):
-        timer = StepTimer(device)
-        timer.start()
-        torch.matmul(a, b, out=out)
-        timer.forward_done()
-        timer.backward_done()
-        ms, _ = timer.elapsed_ms()
-        samples.append(ms)
-    seconds = max(statistics.median(samples), 1e-9) / 1e3
-    del a, b, out
+    ms = median_ms(lambda: torch.matmul(a, b, out=out), device, warmup, iters)
+    seconds = max(ms, 1e-9) / 1e3
     return 2.0 * size**3 / seconds / 1e12
