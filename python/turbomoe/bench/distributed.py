@@ -44,15 +44,10 @@ def init(device_type: str, timeout_s: float = 600.0) -> Ranks | None:
     """
     if requested_world_size() <= 1:
         return None
-    from datetime import timedelta
+    from turbomoe.parallel import init_distributed
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+    init_distributed(timeout_s, backend="nccl" if device_type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def shard_stock(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
