@@ -588,47 +588,36 @@ def test_cross_entropy(rows, vocab, large, dtype):
     check(fn, [logits, labels], [0], dtype, seed, reference=reference if large else None)
 
 
+# Several chunks and one chunk (rows <= chunk: the summed op's single pass), small and large.
+LINEAR_CE_CASES = [
+    (13, 72, 101, 5, False),
+    (200, 256, 5000, 64, False),
+    (200, 256, 5000, 512, False),
+    (1024, 2048, 32000, 384, True),
+    (1024, 2048, 32000, 4096, True),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    ("rows", "hidden", "vocab", "chunk", "large"),
-    [(13, 72, 101, 5, False), (200, 256, 5000, 64, False), (1024, 2048, 32000, 384, True)],
-)
-def test_linear_cross_entropy(rows, hidden, vocab, chunk, large, dtype):
+@pytest.mark.parametrize("summed", [False, True], ids=["per_row", "summed"])
+@pytest.mark.parametrize(("rows", "hidden", "vocab", "chunk", "large"), LINEAR_CE_CASES)
+def test_linear_cross_entropy(rows, hidden, vocab, chunk, large, summed, dtype):
+    """Per-row losses (linear_cross_entropy), or their sum with the gradients formed in the
+    forward (linear_cross_entropy_total)."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, hidden, generator=gen)
     weight = torch.randn(vocab, hidden, generator=gen) * hidden**-0.5 * 3
     labels = torch.randint(0, vocab, (rows,), generator=gen)
     labels[::7] = -100
+    op = tops.linear_cross_entropy_total if summed else tops.linear_cross_entropy
 
     def fn(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-        return tops.linear_cross_entropy(h_, w_, lb, chunk_rows=chunk)
+        return op(h_, w_, lb, chunk_rows=chunk)
 
     def reference(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(h_ @ w_.t(), lb, reduction="none")
-
-    check(fn, [h, weight, labels], [0, 1], dtype, seed, 1e-4, reference if large else None)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    ("rows", "hidden", "vocab", "chunk", "large"),
-    [(13, 72, 101, 5, False), (200, 256, 5000, 512, False), (1024, 2048, 32000, 4096, True)],
-)
-def test_linear_cross_entropy_total(rows, hidden, vocab, chunk, large, dtype):
-    """The summed loss with its gradients formed in the forward (one chunk and several)."""
-    seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
-    h = torch.randn(rows, hidden, generator=gen)
-    weight = torch.randn(vocab, hidden, generator=gen) * hidden**-0.5 * 3
-    labels = torch.randint(0, vocab, (rows,), generator=gen)
-    labels[::7] = -100
-
-    def fn(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-        return tops.linear_cross_entropy_total(h_, w_, lb, chunk_rows=chunk)
-
-    def reference(h_: torch.Tensor, w_: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(h_ @ w_.t(), lb, reduction="sum")
+        reduction = "sum" if summed else "none"
+        return torch.nn.functional.cross_entropy(h_ @ w_.t(), lb, reduction=reduction)
 
     check(fn, [h, weight, labels], [0, 1], dtype, seed, 1e-4, reference if large else None)
 
