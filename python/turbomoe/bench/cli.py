@@ -105,11 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def world_size() -> int:
-    """Ranks taking part: torch.distributed's when initialised, else torchrun's WORLD_SIZE."""
-    return distributed.requested_world_size()
-
-
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.device == "cpu":
         args.tiny = True  # the full shape would take hours on a CPU
@@ -126,7 +121,7 @@ def _experts_backends() -> set[str]:
 
 
 def _check_environment(args: argparse.Namespace) -> torch.device:
-    ranks = world_size()
+    ranks = distributed.requested_world_size()
     if ranks > 1 and not torch.distributed.is_available():
         raise BenchError(f"WORLD_SIZE is {ranks} but this torch has no torch.distributed")
     backends = _experts_backends()
@@ -198,7 +193,7 @@ def _payload(
         "transformers_version": _transformers_version(),
         "gpu": _device_name(device),
         "device": device.type,
-        "world_size": world_size(),
+        "world_size": distributed.requested_world_size(),
         "config": {
             "family": config.model_type,
             "tiny": args.tiny,

@@ -68,9 +68,6 @@ def differentiable(
         setup_context(ctx, args, output)
         return output
 
-    def backward_(ctx: Any, *grads: Any) -> Any:
-        return backward(ctx, *grads)
-
     # The ctx-in-forward style: a Function with a separate setup_context goes through functorch's
     # path and costs about 2.5x the host time per call. Built with type() so that the autograd
     # node is named after the op ("<impl>_eagerBackward") in graphs and profiles.
@@ -78,7 +75,7 @@ def differentiable(
     function: Any = type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward_)},
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
 
     def call(*args: Any) -> Any:
