@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--profile-out", type=Path, default=Path("docs/perf-notes-profile.md"))
     out.add_argument("--profile-steps", type=_positive, default=2)
     out.add_argument("--profile-top", type=_positive, default=25, help="kernels listed per run")
+    out.add_argument(
+        "--trace-dir",
+        type=Path,
+        help="with --profile: write each run's timeline per rank as a gzipped Chrome trace here",
+    )
     out.add_argument("--record", action="store_true", help="append a summary line to --record-path")
     out.add_argument("--record-path", type=Path, default=Path("docs/benchmarks.jsonl"))
     return p
@@ -307,6 +312,7 @@ def _run(
         attn_implementation=args.attn_implementation,
         profile_steps=args.profile_steps if args.profile else 0,
         profile_top=args.profile_top,
+        trace_dir=args.trace_dir,
         ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
@@ -29,9 +33,17 @@ class Profile:
     wall_ms_per_step: float | None = None
 
 
-def profile_steps(step: Callable[[], None], device: torch.device, steps: int, top: int) -> Profile:
+def profile_steps(
+    step: Callable[[], None],
+    device: torch.device,
+    steps: int,
+    top: int,
+    trace_path: Path | None = None,
+) -> Profile:
     """Run ``step`` ``steps`` times under the profiler; return the ``top`` entries by self time:
-    CUDA kernels on a GPU, operators on CPU (where there are no kernels)."""
+    CUDA kernels on a GPU, operators on CPU (where there are no kernels). With ``trace_path``
+    the timeline is also written there as a gzipped Chrome trace (bench/trace_summary.py reads
+    it: GPU idle gaps, the host calls that waited on the GPU)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -44,12 +56,15 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - started) * 1e3 / steps
+    if trace_path is not None:
+        _write_trace(prof, trace_path)
     events = prof.key_averages()
     if device.type == "cuda":
+        # "nccl:<op>" ranges are annotations spanning the NCCL kernel that is listed too.
         chosen = [
             (e.key, e.count, e.self_device_time_total)
             for e in events
-            if e.device_type == DeviceType.CUDA
+            if e.device_type == DeviceType.CUDA and not e.key.startswith("nccl:")
         ]
     else:
         chosen = [(e.key, e.count, e.self_cpu_time_total) for e in events]
@@ -60,6 +75,15 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int, to
         for name, count, us in chosen[:top]
     ]
     return Profile(device.type, steps, total_us / 1e3 / steps, rows, wall_ms)
+
+
+def _write_trace(prof: torch.profiler.profile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
 
 
 def _cell(text: str, width: int = 110) -> str:

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ class Settings:
     attn_implementation: str = "sdpa"
     profile_steps: int = 0  # 0: no profile
     profile_top: int = 25
+    trace_dir: Path | None = None  # with a profile: one gzipped Chrome trace per run and rank
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
@@ -160,13 +162,19 @@ def _train(
     return fwd_ms, bwd_ms
 
 
-def _profile(model: torch.nn.Module, batch: torch.Tensor, settings: Settings) -> Profile:
+def _profile(
+    model: torch.nn.Module, batch: torch.Tensor, settings: Settings, run_name: str
+) -> Profile:
     def step() -> None:
         _forward_backward(model, batch, None)
         model.zero_grad(set_to_none=True)
 
+    trace = None
+    if settings.trace_dir is not None:
+        rank = settings.ranks.rank if settings.ranks is not None else 0
+        trace = settings.trace_dir / f"trace_{run_name}_rank{rank}.json.gz"
     step()  # the profiler's own first-step overheads stay out of the table
-    return profile_steps(step, settings.device, settings.profile_steps, settings.profile_top)
+    return profile_steps(step, settings.device, settings.profile_steps, settings.profile_top, trace)
 
 
 def _summarise(
@@ -239,7 +247,7 @@ def run_one(
             _summarise(result, fwd_ms, bwd_ms, settings)
             if settings.profile_steps > 0:
                 log(f"[{spec.name}] profiling {settings.profile_steps} step(s) ...")
-                result.profile = _profile(model, batches[-1], settings)
+                result.profile = _profile(model, batches[-1], settings, spec.name)
         except torch.OutOfMemoryError as exc:
             # An OOM is a result (stock HF does OOM on large shapes), not a crash of the bench.
             result.error = f"out of memory: {_first_line(exc)}"

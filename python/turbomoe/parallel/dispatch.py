@@ -24,6 +24,7 @@ weights travel with the rows, so their gradient comes back through the reverse e
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
@@ -85,8 +86,9 @@ def install_capacity_hook(model: nn.Module) -> None:
 # rows, about ep_size times the slots actually routed to it), which keeps the layer free of host
 # syncs. Beyond it that padding would dominate the activation memory (at EP 8, 48 layers of the
 # Qwen3-30B-A3B shape: ~100 GB), so the owner reads its routed-pair count (one local,
-# non-collective sync) and sizes the buffers exactly.
-PADDED_EXPERT_BUFFERS_MAX_EP = 2
+# non-collective sync) and sizes the buffers exactly. TURBOMOE_EP_PADDED_MAX_EP overrides the
+# bound (an A/B knob for measuring what that sync costs).
+PADDED_EXPERT_BUFFERS_MAX_EP = int(os.environ.get("TURBOMOE_EP_PADDED_MAX_EP", "2"))
 
 
 def _routed_pairs(received_ids: torch.Tensor, shard: ExpertShard) -> int | None:
