@@ -6,8 +6,9 @@
 # rank 0's traces packed into traces.tar.
 #
 #   PROBE_ARGS="--layers 12 --only turbomoe"   bench flags for every run
-#   PROBE_AB="base TURBOMOE_EP_PADDED_MAX_EP=4"  space-separated runs; "base" is no change, else
-#                                               VAR=VALUE[,VAR=VALUE] set for that run
+#   PROBE_AB="base --ep-dense=replicated,TURBOMOE_EP_PADDED_MAX_EP=4"  space-separated runs;
+#       "base" is no change, else comma-separated items: --flag=value adds a bench flag,
+#       VAR=VALUE sets an environment variable for that run
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-out}
@@ -23,12 +24,17 @@ ninja -C "$BUILD_DIR" >>"$OUT/probe_build.log" 2>&1
 export PYTHONPATH=$PWD/python TURBOMOE_LIBRARY=$PWD/$BUILD_DIR/libturbomoe.so
 read -r -a args <<<"$PROBE_ARGS"
 for tag in $PROBE_AB; do
-  envs=()
-  if [ "$tag" != base ]; then IFS=, read -r -a envs <<<"$tag"; fi
+  envs=() flags=()
+  if [ "$tag" != base ]; then
+    IFS=, read -r -a items <<<"$tag"
+    for item in "${items[@]}"; do
+      if [[ $item == --* ]]; then flags+=("$item"); else envs+=("$item"); fi
+    done
+  fi
   name=${tag//[^A-Za-z0-9_]/_}
   mkdir -p "$OUT/tr_$name"
   echo "== $tag"
-  env "${envs[@]}" torchrun --standalone --nproc_per_node="$GPUS" -m turbomoe.bench "${args[@]}" \
+  env "${envs[@]}" torchrun --standalone --nproc_per_node="$GPUS" -m turbomoe.bench "${args[@]}" "${flags[@]}" \
     --profile --profile-steps 1 --profile-top 30 --profile-out "$OUT/profile_$name.md" \
     --trace-dir "$OUT/tr_$name" >"$OUT/probe_$name.txt" 2>"$OUT/probe_$name.err" || true
   grep -A3 '^run ' "$OUT/probe_$name.txt" || tail -n 20 "$OUT/probe_$name.err"

@@ -24,4 +24,26 @@ void layout_cuda(const Arg& ids, int64_t experts, int64_t ranks, const Arg& rank
                  const Arg& expert_counts, const Arg& send_order, const Arg& token_rank_slot,
                  void* stream);
 
+// The send side of the fixed-block exchange (tm_ep_send_plan); arguments already validated.
+struct SendPlanArgs {
+  const Arg& ids;
+  const Arg& weights;
+  const Arg& rank_counts;
+  const Arg& send_order;
+  const Arg& token_rank_slot;
+  int64_t experts, capacity;
+  const Arg& send_pairs;
+  const Arg& pair_to_row;
+  const Arg& send_meta;
+  const Arg& bad_ids;
+};
+
+void send_plan_cpu(const SendPlanArgs& a);
+void send_plan_cuda(const SendPlanArgs& a, void* stream);
+void send_plan_backward_cpu(const Arg& grad_meta, const Arg& ids, const Arg& token_rank_slot,
+                            int64_t experts, int64_t capacity, const Arg& grad_weights);
+void send_plan_backward_cuda(const Arg& grad_meta, const Arg& ids, const Arg& token_rank_slot,
+                             int64_t experts, int64_t capacity, const Arg& grad_weights,
+                             void* stream);
+
 }  // namespace turbomoe::ep_layout

@@ -184,6 +184,36 @@ TM_API tm_status tm_ep_layout(const tm_tensor* topk_ids, int64_t num_experts, in
                               tm_tensor* send_order, tm_tensor* token_rank_slot, void* workspace,
                               size_t workspace_bytes, void* stream);
 
+/* The send side of the fixed-block expert-parallel exchange. Every destination rank r receives a
+ * block of C = capacity rows (C >= T); row r*C + s carries the token at position s of r's block
+ * (as tm_ep_layout placed it), rows past r's count are padding. A "cell" is a (token, rank) pair
+ * t*R + r of the token list padded to C+1 tokens: tokens T..C are zero rows, and cell T*R feeds
+ * every padding row. R is the size of rank_counts.
+ * topk_ids [T,K] int32/int64, topk_weights [T,K] f32/bf16/f16; rank_counts [R], send_order
+ * [T*R] and token_rank_slot [T,R] int32 are tm_ep_layout's outputs for the same ids.
+ * send_pairs [(C+1)*R] int32: the cell each send row reads (T*R for padding rows, and for the R
+ *   rows past R*C).
+ * pair_to_row [(C+1)*R] int32: the inverse, the send row of each cell, -1 where none.
+ * send_meta [R*C, 2K] float32: per send row, its K slots' expert ids local to the destination
+ *   (E/R where the slot's expert lives on another rank, and on padding rows), then their routing
+ *   weights (0 there). Local ids are far below 2^24, so float32 holds them exactly.
+ * bad_ids [1] int32: how many ids lie outside [0, E); they are treated as dropped. Checking it
+ *   costs the caller a host read, so the model path asserts on the device instead.
+ * One kernel on CUDA; deterministic. */
+TM_API tm_status tm_ep_send_plan(const tm_tensor* topk_ids, const tm_tensor* topk_weights,
+                                 const tm_tensor* rank_counts, const tm_tensor* send_order,
+                                 const tm_tensor* token_rank_slot, int64_t num_experts,
+                                 int64_t capacity, tm_tensor* send_pairs, tm_tensor* pair_to_row,
+                                 tm_tensor* send_meta, tm_tensor* bad_ids, void* stream);
+
+/* Backward of send_meta's weight columns: grad_weights[t,k] = grad_meta[r*C + s, K + k] where
+ * expert topk_ids[t,k] lives on rank r and token t sits at position s of r's block; 0 for ids
+ * outside [0, E). grad_meta [R*C, 2K] float32 with unit last-dim stride, grad_weights [T,K]
+ * f32/bf16/f16 contiguous. */
+TM_API tm_status tm_ep_send_plan_backward(const tm_tensor* grad_meta, const tm_tensor* topk_ids,
+                                          const tm_tensor* token_rank_slot, int64_t num_experts,
+                                          int64_t capacity, tm_tensor* grad_weights, void* stream);
+
 /* ---------------------------------------------------------------- grouped GEMM
  * x [M,K] rows grouped by expert through expert_offsets [E+1] (from tm_permute_plan);
  * w [E,N,K] (the nn.Linear convention: y = x w^T). Rows >= offsets[E] of every M-sized output

@@ -117,6 +117,8 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_combine_backward": (_I32, [_T, _T, _T, _T, _T, _T, _P]),
     "tm_ep_layout_workspace_size": (_I32, [_I64, _I64, _I64, _I32, _SZP]),
     "tm_ep_layout": (_I32, [_T, _I64, _I64, _T, _T, _T, _T, _P, _SZ, _P]),
+    "tm_ep_send_plan": (_I32, [_T, _T, _T, _T, _T, _I64, _I64, _T, _T, _T, _T, _P]),
+    "tm_ep_send_plan_backward": (_I32, [_T, _T, _T, _I64, _I64, _T, _P]),
     "tm_grouped_gemm_workspace_size": (_I32, [_I32, _I64, _I64, _I64, _I64, _I32, _SZP]),
     "tm_grouped_gemm_forward": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
     "tm_grouped_gemm_backward_input": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),

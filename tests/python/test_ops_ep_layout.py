@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from turbomoe import ops as ops_ep
 from turbomoe.ops import ep_layout
 
 EXPERTS, RANKS, TOKENS, TOP_K = 8, 4, 13, 3
@@ -104,3 +105,77 @@ def test_fake_shapes():
         out = torch.ops.turbomoe.ep_layout(ids, 8, 4)
     assert [tuple(o.shape) for o in out] == [(4,), (8,), (40,), (10, 4)]
     assert all(o.dtype == torch.int32 for o in out)
+
+
+# ------------------------------------------------------------------------------ send plan
+
+
+def reference_send_plan(
+    ids: torch.Tensor, weights: torch.Tensor, experts: int, ranks: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """send_pairs, pair_to_row and meta from the definition, with plain loops."""
+    tokens, top_k = ids.shape
+    per_rank = experts // ranks
+    cells = (capacity + 1) * ranks
+    pairs = torch.full((cells,), tokens * ranks, dtype=torch.int32)
+    to_row = torch.full((cells,), -1, dtype=torch.int32)
+    meta = torch.zeros(ranks * capacity, 2 * top_k)
+    meta[:, :top_k] = per_rank
+    for r in range(ranks):
+        s = 0
+        for t in range(tokens):
+            mine = [
+                k for k in range(top_k) if 0 <= ids[t, k] < experts and ids[t, k] // per_rank == r
+            ]
+            if not mine:
+                continue
+            row = r * capacity + s
+            s += 1
+            pairs[row] = t * ranks + r
+            to_row[t * ranks + r] = row
+            for k in mine:
+                meta[row, k] = int(ids[t, k]) % per_rank
+                meta[row, top_k + k] = weights[t, k].float()
+    return pairs, to_row, meta
+
+
+@pytest.mark.parametrize("extra_capacity", [0, 4])
+@pytest.mark.parametrize("name", sorted(cases()))
+def test_ep_send_plan_matches_the_definition(name: str, extra_capacity: int) -> None:
+    ids = cases()[name]
+    g = torch.Generator().manual_seed(1)
+    weights = torch.rand(ids.shape, generator=g)
+    capacity = TOKENS + extra_capacity
+    plan = ops_ep.ep_send_plan(ids, weights, EXPERTS, RANKS, capacity)
+    pairs, to_row, meta = reference_send_plan(ids, weights, EXPERTS, RANKS, capacity)
+    assert torch.equal(plan.send_pairs, pairs)
+    assert torch.equal(plan.pair_to_row, to_row)
+    assert torch.equal(plan.meta, meta)
+    assert int(plan.bad_ids) == int((ids >= EXPERTS).sum())
+    assert torch.equal(plan.token_rank_slot, ep_layout(ids, EXPERTS, RANKS)[3])
+
+
+def test_ep_send_plan_weight_gradient_flows_to_the_owner_rows() -> None:
+    ids = cases()["sentinel_dropped"]
+    weights = torch.rand(ids.shape, dtype=torch.float64).to(torch.float32).requires_grad_()
+    plan = ops_ep.ep_send_plan(ids, weights, EXPERTS, RANKS, TOKENS + 2)
+    probe = torch.randn(plan.meta.shape)
+    (plan.meta * probe).sum().backward()
+    # Each (token, slot) gets the probe at its owner's row and weight column; 0 when dropped.
+    per_rank = EXPERTS // RANKS
+    expected = torch.zeros_like(weights)
+    slot = plan.token_rank_slot
+    for t in range(TOKENS):
+        for k in range(TOP_K):
+            e = int(ids[t, k])
+            if e < EXPERTS:
+                r = e // per_rank
+                expected[t, k] = probe[r * (TOKENS + 2) + int(slot[t, r]), TOP_K + k]
+    assert weights.grad is not None
+    torch.testing.assert_close(weights.grad, expected, rtol=0, atol=0)
+
+
+def test_ep_send_plan_rejects_a_capacity_below_the_tokens() -> None:
+    ids = cases()["random"]
+    with pytest.raises(ValueError, match="capacity 12 is below the 13 tokens"):
+        ops_ep.ep_send_plan(ids, torch.rand(ids.shape), EXPERTS, RANKS, TOKENS - 1)

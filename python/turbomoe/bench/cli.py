@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs.add_argument("--attn-implementation", default="sdpa", help="attention of both runs")
     runs.add_argument(
+        "--ep-dense",
+        choices=["fsdp", "replicated"],
+        default="fsdp",
+        help="under torchrun: turbomoe's dense parameters sharded by FSDP2 (default) or "
+        "replicated with gradients all-reduced after the backward",
+    )
+    runs.add_argument(
         "--peak-tflops", type=float, help="bf16 GEMM peak for MFU instead of measuring it"
     )
     runs.add_argument(
@@ -313,6 +320,7 @@ def _run(
         profile_steps=args.profile_steps if args.profile else 0,
         profile_top=args.profile_top,
         trace_dir=args.trace_dir,
+        ep_dense_fsdp=args.ep_dense == "fsdp",
         ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)

@@ -2,8 +2,9 @@
 
 Stock transformers runs with per-layer FSDP2 (every decoder layer, then the root, bf16 parameters
 and gradient reduction), turbomoe with expert parallelism over all ranks
-(``turbomoe.parallelize(model, ep_size=world)``: each rank owns E / world experts; the dense rest
-is replicated with averaged gradients). Every rank builds the same random model (same seed) and
+(``turbomoe.parallelize(model, ep_size=world, fsdp=True)``: each rank owns E / world experts; the
+dense rest is sharded by FSDP2, or replicated with averaged gradients under ``--ep-dense
+replicated``). Every rank builds the same random model (same seed) and
 trains on its own batches, the same ones in both runs. Each rank times its own steps; rank 0
 reports TPS/GPU as the mean over ranks of the per-rank TPS and peak memory as the maximum over
 ranks, and checks its first-step loss (its own batch) between the two runs.
@@ -64,11 +65,12 @@ def shard_stock(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def shard_turbomoe(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    """Expert parallelism over every rank (ep = world, dp = 1)."""
+def shard_turbomoe(model: torch.nn.Module, world: int, dense_fsdp: bool) -> torch.nn.Module:
+    """Expert parallelism over every rank (ep = world, dp = 1); the dense parameters under FSDP2
+    over all ranks (per decoder layer and the root) or replicated."""
     import turbomoe
 
-    return turbomoe.parallelize(model, ep_size=world)
+    return turbomoe.parallelize(model, ep_size=world, fsdp=dense_fsdp)
 
 
 def gather_floats(values: list[float]) -> list[list[float]]:

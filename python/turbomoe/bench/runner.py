@@ -40,6 +40,7 @@ class Settings:
     profile_steps: int = 0  # 0: no profile
     profile_top: int = 25
     trace_dir: Path | None = None  # with a profile: one gzipped Chrome trace per run and rank
+    ep_dense_fsdp: bool = True  # under torchrun: turbomoe's dense parameters under FSDP2
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
@@ -205,7 +206,9 @@ def _shard(
     assert settings.ranks is not None
     world = settings.ranks.world
     if spec.patched:
-        return distributed.shard_turbomoe(model, world), f"expert parallel {world}"
+        dense = "FSDP2" if settings.ep_dense_fsdp else "replicated"
+        model = distributed.shard_turbomoe(model, world, settings.ep_dense_fsdp)
+        return model, f"EP {world}, dense {dense}"
     return distributed.shard_stock(model, settings.dtype), f"FSDP2 per layer over {world}"
 
 

@@ -2,7 +2,7 @@
 implementation so they appear by name in the profiler and trace under ``torch.compile``."""
 
 from turbomoe.ops.activation import clamped_swiglu, silu_mul, swiglu
-from turbomoe.ops.ep_layout import ep_layout
+from turbomoe.ops.ep_layout import SendPlan, ep_layout, ep_send_plan
 from turbomoe.ops.gated import gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.loss import cross_entropy, linear_cross_entropy
@@ -14,11 +14,13 @@ from turbomoe.ops.rope import apply_rope
 from turbomoe.ops.routing import route
 
 __all__ = [
+    "SendPlan",
     "apply_rope",
     "clamped_swiglu",
     "combine",
     "cross_entropy",
     "ep_layout",
+    "ep_send_plan",
     "gated",
     "gather_rows",
     "grouped_gemm",

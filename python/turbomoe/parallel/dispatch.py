@@ -100,62 +100,34 @@ def _routed_pairs(received_ids: torch.Tensor, shard: ExpertShard) -> int | None:
 
 class _Layout(NamedTuple):
     capacity: int  # C: rows per (source, destination) block
+    tokens: int  # T: this rank's tokens
     send_pairs: torch.Tensor  # [(C+1)·R]: cell t·R + r feeding each send row (zero token past T)
     send_cells: torch.Tensor  # [(C+1)·R]: the inverse, cell → send row r·C + slot (-1 if none)
-    cell_to_row: torch.Tensor  # [T·R]: send row of cell (t, r), -1 where t sends nothing to r
-    send_ids: torch.Tensor  # [R·C, K] int32: local expert ids on the destination, else sentinel
-    send_weights: torch.Tensor  # [R·C, K]: the routing weights of those slots, else 0
+    meta: torch.Tensor  # [R·C, 2K] float32: local expert ids on the destination, then weights
 
 
 def _layout(shard: ExpertShard, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> _Layout:
-    ids = top_k_index.to(torch.int64)
-    tokens, top_k = ids.shape
-    num_local, num_experts, ranks = shard.num_local, shard.num_experts, shard.ep_size
-    invalid = (ids < 0) | (ids >= num_experts)
+    tokens = top_k_index.shape[0]
+    num_experts, ranks = shard.num_experts, shard.ep_size
     capacity = shard.capacity.value
-    if capacity is None or tokens > capacity:
+    in_forward = capacity is not None and tokens <= capacity
+    if not in_forward:
         # Called outside a model forward (or with more tokens than it announced): agree here,
         # and let every rank raise together on a bad id instead of leaving the others waiting.
+        invalid = (top_k_index < 0) | (top_k_index >= num_experts)
         capacity, any_bad = _agree(shard, tokens, invalid.any())
         if any_bad:
             raise ValueError(
                 f"expert ids outside [0, {num_experts}) reached the expert-parallel dispatch "
                 "(on this rank or a peer)"
             )
-    else:
+    # One kernel for the placement, one for the send plan (rows, inverse, ids + weights).
+    plan = ops.ep_send_plan(top_k_index, top_k_weights, num_experts, ranks, capacity)
+    if in_forward:
         # Inside a model forward the ids come from the router; a bad one stops the step loudly
         # (a device-side assert on CUDA) rather than costing a host sync in every layer.
-        torch._assert_async(torch.logical_not(invalid.any()), "expert id out of range")
-    safe = torch.where(invalid, num_experts, ids)
-    _rank_counts, _expert_counts, _order, token_rank_slot = ops.ep_layout(safe, num_experts, ranks)
-    device = ids.device
-    rank_base = torch.arange(ranks, dtype=torch.int32, device=device) * capacity
-    slot = token_rank_slot.to(torch.int32)
-    cell_to_row = torch.where(slot >= 0, slot + rank_base, -1).reshape(-1)  # [T*R]
-    rows_ext = (capacity + 1) * ranks
-    # Send rows: every row reads cell T*R (the zero token) unless a real cell claims it. Cells
-    # without a row are sent to the last row, which lies past the R*C used rows and is zeroed.
-    claim = torch.where(cell_to_row >= 0, cell_to_row, rows_ext - 1).to(torch.int64)
-    cells = torch.arange(tokens * ranks, dtype=torch.int32, device=device)
-    send_pairs = torch.full((rows_ext,), tokens * ranks, dtype=torch.int32, device=device)
-    send_pairs.scatter_(0, claim, cells)
-    send_pairs[rows_ext - 1] = tokens * ranks
-    no_row = torch.full((rows_ext - tokens * ranks,), -1, dtype=torch.int32, device=device)
-    send_cells = torch.cat([cell_to_row, no_row])
-    # Per cell (t, r): the K slots' local ids on r (sentinel where r does not own the expert)
-    # and their weights; one extra sentinel cell for the padding rows.
-    owner = safe // num_local  # the sentinel id maps to rank R: owned by nobody
-    on_rank = owner.unsqueeze(1) == torch.arange(ranks, device=device).view(1, ranks, 1)
-    local = (safe.remainder(num_local)).unsqueeze(1).expand(tokens, ranks, top_k)
-    cell_ids = torch.where(on_rank, local, num_local).reshape(tokens * ranks, top_k)
-    weights = top_k_weights.unsqueeze(1).expand(tokens, ranks, top_k)
-    cell_weights = torch.where(on_rank, weights, 0).reshape(tokens * ranks, top_k)
-    used = send_pairs[: ranks * capacity].to(torch.int64)
-    pad_ids = torch.full((1, top_k), num_local, dtype=cell_ids.dtype, device=device)
-    send_ids = torch.cat([cell_ids, pad_ids]).index_select(0, used).to(torch.int32)
-    pad_weights = cell_weights.new_zeros((1, top_k))
-    send_weights = torch.cat([cell_weights, pad_weights]).index_select(0, used)
-    return _Layout(capacity, send_pairs, send_cells, cell_to_row, send_ids, send_weights)
+        torch._assert_async(plan.bad_ids[0] == 0, "expert id out of range")
+    return _Layout(capacity, tokens, plan.send_pairs, plan.pair_to_row, plan.meta)
 
 
 class Dispatched(NamedTuple):
@@ -190,9 +162,8 @@ def dispatch(
     splits = [lay.capacity] * ranks
     # Ids and weights travel as one float32 exchange (local ids are far below 2^24, so exact):
     # one all-to-all fewer per layer, and NCCL's per-call latency is most of these small ones.
-    top_k = lay.send_ids.shape[1]
-    meta = torch.cat([lay.send_ids.to(torch.float32), lay.send_weights.to(torch.float32)], dim=1)
-    received_meta = all_to_all(meta, splits, splits, group)
+    top_k = lay.meta.shape[1] // 2
+    received_meta = all_to_all(lay.meta, splits, splits, group)
     return Dispatched(
         all_to_all(rows[:used], splits, splits, group),
         received_meta[:, :top_k].to(torch.int32),
@@ -206,7 +177,8 @@ def combine_back(shard: ExpertShard, outputs: torch.Tensor, layout: _Layout) -> 
     [T, H]. A collective, differentiable."""
     splits = [layout.capacity] * shard.ep_size
     returned = all_to_all(outputs, splits, splits, shard.group)
-    return ops.combine(returned, layout.cell_to_row, None, shard.ep_size)
+    cell_to_row = layout.send_cells[: layout.tokens * shard.ep_size]  # the real tokens' cells
+    return ops.combine(returned, cell_to_row, None, shard.ep_size)
 
 
 def ep_experts_forward(

@@ -662,3 +662,45 @@ def test_ep_layout_all_to_one_rank_strided_and_empty():
     out = tops.ep_layout(torch.zeros(0, 4, dtype=torch.int64, device=CUDA), 8, 4)
     assert out[0].cpu().tolist() == [0] * 4
     assert out[1].cpu().tolist() == [0] * 8
+
+
+EP_SEND_PLAN = [
+    (13, 2, 8, 4, 13),
+    (4096, 8, 128, 4, 4096),
+    (3000, 8, 128, 8, 3100),
+    (1, 1, 1, 1, 2),
+]
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "ranks", "capacity"), EP_SEND_PLAN)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_ep_send_plan(tokens, top_k, experts, ranks, capacity, dtype):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[torch.rand(tokens, top_k, generator=gen) < 0.05] = experts  # EP sentinel: dropped
+    weights = torch.rand(tokens, top_k, generator=gen).to(dtype)
+    w_cpu = weights.clone().requires_grad_()
+    ref = tops.ep_send_plan(ids, w_cpu, experts, ranks, capacity)
+    probe = torch.randn(ref.meta.shape, generator=gen)
+    (ref.meta * probe).sum().backward()
+    poison()
+    w_gpu = weights.to(CUDA).requires_grad_()
+    out = tops.ep_send_plan(ids.to(CUDA), w_gpu, experts, ranks, capacity)
+    for name in ("send_pairs", "pair_to_row", "meta", "bad_ids", "token_rank_slot"):
+        assert torch.equal(getattr(out, name).cpu(), getattr(ref, name)), f"{name} (seed {seed})"
+    poison()
+    (out.meta * probe.to(CUDA)).sum().backward()
+    assert torch.equal(w_gpu.grad.cpu(), w_cpu.grad), f"weight gradient (seed {seed})"
+
+
+def test_ep_send_plan_counts_ids_outside_the_experts():
+    ids = torch.randint(0, 8, (50, 4))
+    ids[3, 1], ids[7, 0], ids[9, 3] = -2, 8, 1000  # invalid, sentinel, invalid
+    weights = torch.rand(50, 4, device=CUDA)
+    out = tops.ep_send_plan(ids.to(CUDA), weights, 8, 2, 50)
+    assert int(out.bad_ids.item()) == 3
+    # Every id outside [0, E) is dropped: no row carries a weight for it.
+    assert float(out.meta[:, 4:].sum()) == pytest.approx(
+        float(weights.cpu()[(ids >= 0) & (ids < 8)].sum()), rel=1e-6
+    )
