@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, 
 import turbomoe.parallel as tp
 from turbomoe.parallel.dispatch import expert_shard
 from turbomoe.parallel.grads import DTensor
+from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts, shard_experts
 
 VOCAB = 128
@@ -329,7 +330,9 @@ def save_worker(
             errors[key] = str(exc)
     model = copy.deepcopy(base)
     tp.parallelize(model, ep_size=2, fsdp=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    # A multi-tensor AdamW over FSDP's DTensors and the plain expert shards: one kernel per
+    # group, so the two kinds must be in separate groups (mixed, torch raises).
+    optimizer = torch.optim.AdamW(split_param_groups(model.parameters()), lr=0.05, foreach=True)
     batch = batches[rank]
     model(**batch).loss.backward()
     optimizer.step()

@@ -24,6 +24,7 @@ from turbomoe.bench.models import build_model, experts_backend_of, weights_finge
 from turbomoe.bench.patching import patch_state
 from turbomoe.bench.profiling import Profile, profile_steps
 from turbomoe.bench.timing import StepTimer, synchronize
+from turbomoe.parallel.optim_groups import split_param_groups
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ def make_batches(vocab_size: int, settings: Settings) -> list[torch.Tensor]:
 
 
 def make_optimizer(model: torch.nn.Module, settings: Settings) -> tuple[torch.optim.Optimizer, str]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    # FSDP2's DTensors and the plain expert shards in separate groups: fused AdamW rejects a mix.
+    params = split_param_groups(p for p in model.parameters() if p.requires_grad)
     if settings.device.type == "cuda":
         # Fused: one launch, no multi-tensor temporaries; it is outside the timed window anyway.
         return torch.optim.AdamW(params, lr=settings.lr, fused=True), "AdamW(fused)"

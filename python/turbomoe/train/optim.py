@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.config import OptimSection
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,7 +77,7 @@ def build_optimizer(
     betas = (optim.beta1, optim.beta2)
     if all(p.dtype == state_dtype for p in params):
         return torch.optim.AdamW(
-            params,
+            split_param_groups(params),  # fused AdamW rejects DTensors mixed with plain tensors
             lr=lr,
             betas=betas,
             eps=optim.eps,
