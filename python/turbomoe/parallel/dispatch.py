@@ -91,11 +91,37 @@ def install_capacity_hook(model: nn.Module) -> None:
 PADDED_EXPERT_BUFFERS_MAX_EP = int(os.environ.get("TURBOMOE_EP_PADDED_MAX_EP", "2"))
 
 
-def _routed_pairs(received_ids: torch.Tensor, shard: ExpertShard) -> int | None:
-    """The exact number of received slots for local experts, or None to keep the padded size."""
-    if shard.ep_size <= PADDED_EXPERT_BUFFERS_MAX_EP:
-        return None
-    return int((received_ids < shard.num_local).sum())
+class _RoutedPairs:
+    """The exact count of received slots for local experts (or None to keep the padded size),
+    read so that the host waits for the small ids exchange only, not the rows behind it.
+
+    ``start`` queues the count and its copy to pinned host memory right after the ids arrive;
+    the caller then launches the rows exchange and calls ``result``, which waits for the copy
+    alone. The GPU is thus busy with the rows exchange while the host catches up, instead of
+    idling for the host's relaunch after a full sync.
+    """
+
+    def __init__(self, received_meta: torch.Tensor, top_k: int, shard: ExpertShard) -> None:
+        self._value: int | None = None
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        if shard.ep_size <= PADDED_EXPERT_BUFFERS_MAX_EP:
+            return
+        count = (received_meta[:, :top_k] < shard.num_local).sum()
+        if count.device.type != "cuda":
+            self._value = int(count)
+            return
+        self._host = torch.empty((), dtype=count.dtype, pin_memory=True)
+        self._host.copy_(count, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def result(self) -> int | None:
+        if self._event is not None and self._host is not None:
+            self._event.synchronize()
+            self._value = int(self._host)
+            self._event = self._host = None
+        return self._value
 
 
 class _Layout(NamedTuple):
@@ -137,6 +163,7 @@ class Dispatched(NamedTuple):
     ids: torch.Tensor  # [R·C, K] int32: their local expert ids here, num_local elsewhere
     weights: torch.Tensor  # [R·C, K]: the routing weights of those slots, 0 elsewhere
     layout: _Layout
+    routed_pairs: int | None  # received slots for local experts; None: buffers stay padded
 
 
 def dispatch(
@@ -164,11 +191,14 @@ def dispatch(
     # one all-to-all fewer per layer, and NCCL's per-call latency is most of these small ones.
     top_k = lay.meta.shape[1] // 2
     received_meta = all_to_all(lay.meta, splits, splits, group)
+    pairs = _RoutedPairs(received_meta, top_k, shard)  # queued before the rows exchange
+    received_rows = all_to_all(rows[:used], splits, splits, group)
     return Dispatched(
-        all_to_all(rows[:used], splits, splits, group),
+        received_rows,
         received_meta[:, :top_k].to(torch.int32),
         received_meta[:, top_k:].to(top_k_weights.dtype),
         lay,
+        pairs.result(),
     )
 
 
@@ -216,6 +246,6 @@ def ep_experts_forward(
         down,
         activation="silu",
         interleaved=not getattr(module, "is_concatenated", True),
-        routed_pairs=_routed_pairs(sent.ids, shard),
+        routed_pairs=sent.routed_pairs,
     )
     return combine_back(shard, outputs, sent.layout).to(hidden_states.dtype)
