@@ -18,7 +18,8 @@
 #   SKIP_BENCH=1            skip the benchmark
 #   SKIP_FINETUNE=1         skip the finetune runs
 #   SKIP_MULTIGPU=1         skip the multi-GPU stage (with 2+ GPUs: bench/ep_dispatch_bench.py,
-#                           then `torchrun -m turbomoe.bench` over every GPU; MULTI_BENCH_ARGS)
+#                           then `torchrun -m turbomoe.bench` over every GPU; MULTI_BENCH_ARGS;
+#                           MULTI_BENCH_ARGS2, when set, a second torchrun bench after it)
 #   BENCH_ARGS="..."        extra `python -m turbomoe.bench` flags (word-split; later flags win,
 #                           e.g. BENCH_ARGS="--layers 4 --profile --record")
 #   SANITIZER_K="..."       pytest -k expression for the memcheck subset of test_gpu_ops.py
@@ -44,6 +45,8 @@ SKIP_BENCH=${SKIP_BENCH:-0}
 SKIP_FINETUNE=${SKIP_FINETUNE:-0}
 SKIP_MULTIGPU=${SKIP_MULTIGPU:-0}
 MULTI_BENCH_ARGS=${MULTI_BENCH_ARGS:---layers 12}
+MULTI_BENCH_ARGS2=${MULTI_BENCH_ARGS2:-}
+export MULTI_BENCH_ARGS2
 BENCH_ARGS=${BENCH_ARGS:-}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 # bf16 cases without the largest shapes: memcheck slows every kernel (torch's included) 10-100x.
@@ -295,7 +298,12 @@ else
     torchrun --standalone --nproc_per_node="$gpus" bench/ep_dispatch_bench.py \
       --json "$out/ep_dispatch.json" >"$out/ep_dispatch.txt" || exit 1
     torchrun --standalone --nproc_per_node="$gpus" -m turbomoe.bench "$@" \
-      --json "$out/bench_multi.json" >"$out/bench_multi.txt"' _ "$OUT" "$GPUS" "${multi_extra[@]}"
+      --json "$out/bench_multi.json" >"$out/bench_multi.txt" || exit 1
+    if [ -n "$MULTI_BENCH_ARGS2" ]; then
+      read -r -a second <<<"$MULTI_BENCH_ARGS2"
+      torchrun --standalone --nproc_per_node="$gpus" -m turbomoe.bench "${second[@]}" \
+        --json "$out/bench_multi2.json" >"$out/bench_multi2.txt"
+    fi' _ "$OUT" "$GPUS" "${multi_extra[@]}"
   DETAIL[multigpu]=$("$PYTHON" - "$OUT" <<'PY' 2>/dev/null || echo "no results (rc $RC)"
 import json
 import sys
@@ -338,7 +346,7 @@ if [ -s "$OUT/finetune.log" ]; then
   echo
   cat "$OUT/finetune.log"
 fi
-for f in ep_dispatch.txt bench_multi.txt; do
+for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
   if [ -s "$OUT/$f" ]; then
     echo
     cat "$OUT/$f"
@@ -346,7 +354,7 @@ for f in ep_dispatch.txt bench_multi.txt; do
 done
 # At most 8 files come back from the device: the logs travel as one archive.
 (cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log env.txt \
-  ep_dispatch.txt bench_multi.txt)
+  ep_dispatch.txt bench_multi.txt bench_multi2.txt)
 failed=()
 echo
 echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="

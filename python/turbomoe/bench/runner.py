@@ -41,7 +41,7 @@ class Settings:
     profile_steps: int = 0  # 0: no profile
     profile_top: int = 25
     trace_dir: Path | None = None  # with a profile: one gzipped Chrome trace per run and rank
-    ep_dense_fsdp: bool = True  # under torchrun: turbomoe's dense parameters under FSDP2
+    ep_dense_fsdp: bool = False  # under torchrun: turbomoe's dense parameters under FSDP2
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
