@@ -3,10 +3,11 @@
 Stock transformers runs with per-layer FSDP2 (every decoder layer, then the root, bf16 parameters
 and gradient reduction), turbomoe with expert parallelism over all ranks
 (``turbomoe.parallelize(model, ep_size=world)``: each rank owns E / world experts; the dense rest
-is replicated with averaged gradients, or sharded by FSDP2 under ``--ep-dense fsdp``). Every rank builds the same random model (same seed) and
-trains on its own batches, the same ones in both runs. Each rank times its own steps; rank 0
-reports TPS/GPU as the mean over ranks of the per-rank TPS and peak memory as the maximum over
-ranks, and checks its first-step loss (its own batch) between the two runs.
+is replicated with averaged gradients, or sharded by FSDP2 under ``--ep-dense fsdp``). Every
+rank builds the same random model (same seed) and trains on its own batches, the same ones in
+both runs. Each rank times its own steps; rank 0 reports TPS/GPU as the mean over ranks of the
+per-rank TPS and peak memory as the maximum over ranks, and checks its first-step loss (its own
+batch) between the two runs.
 
 On CPU the ranks use gloo (what CI tests, with the tiny shape); on CUDA, NCCL with one GPU per
 rank (LOCAL_RANK).
