@@ -3,6 +3,7 @@ environment errors. The GPU protocol itself runs in scripts/gpu_suite.sh."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -81,6 +82,7 @@ def test_cpu_tiny_end_to_end(tmp_path: Path) -> None:
     argv = ["--device", "cpu", "--tiny", "--dtype", "fp32", "--json", str(out["json"])]
     argv += ["--png", str(out["png"]), "--profile", "--profile-out", str(out["md"])]
     argv += ["--profile-steps", "1", "--record", "--record-path", str(record)]
+    argv += ["--trace-dir", str(tmp_path / "traces")]
     assert main(argv) == 0
     assert turbomoe.patched_families() == before
 
@@ -111,6 +113,9 @@ def test_cpu_tiny_end_to_end(tmp_path: Path) -> None:
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     profile = out["md"].read_text()
     assert "## stock transformers" in profile and "## turbomoe" in profile
+    for name in ("hf", "turbomoe"):  # one gzipped Chrome trace per run (rank 0)
+        with gzip.open(tmp_path / "traces" / f"trace_{name}_rank0.json.gz", "rt") as f:
+            assert any(e.get("ph") == "X" for e in json.load(f)["traceEvents"])
     line = json.loads(record.read_text().splitlines()[-1])
     assert line["layers"] == 1 and line["speedup"] == pytest.approx(ratios["speedup"])
     assert line["command"].startswith("turbomoe bench --device cpu")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +54,8 @@ def profile_steps(
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - started) * 1e3 / steps
     if trace_path is not None:
-        _write_trace(prof, trace_path)
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_path))  # gzipped by torch for a ".gz" path
     events = prof.key_averages()
     if device.type == "cuda":
         # "nccl:<op>" ranges are annotations spanning the NCCL kernel that is listed too.
@@ -75,15 +73,6 @@ def profile_steps(
         for name, count, us in chosen[:top]
     ]
     return Profile(device.type, steps, total_us / 1e3 / steps, rows, wall_ms)
-
-
-def _write_trace(prof: torch.profiler.profile, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(raw))
-        with raw.open("rb") as src, gzip.open(path, "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
 
 
 def _cell(text: str, width: int = 110) -> str:
