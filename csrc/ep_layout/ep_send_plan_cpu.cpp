@@ -1,18 +1,9 @@
 // CPU reference of the send side of the fixed-block exchange and of its weight backward.
-#include <vector>
-
+#include "common/expert_ids.h"
 #include "common/numeric.h"
 #include "ep_layout/ep_layout.h"
 
 namespace turbomoe::ep_layout {
-namespace {
-
-template <typename Id>
-int64_t id_at(const Arg& ids, int64_t t, int64_t k) {
-  return ids.ptr<const Id>()[t * ids.stride(0) + k * ids.stride(1)];
-}
-
-}  // namespace
 
 void send_plan_cpu(const SendPlanArgs& a) {
   const int64_t tokens = a.ids.size(0), top_k = a.ids.size(1);
@@ -48,7 +39,7 @@ void send_plan_cpu(const SendPlanArgs& a) {
           const int64_t t = order[start + s], row = r * cap + s;
           pairs[row] = static_cast<int32_t>(t * ranks + r);
           for (int64_t k = 0; k < top_k; ++k) {
-            const int64_t e = id_at<Id>(a.ids, t, k);
+            const int64_t e = expert_id<Id>(a.ids, t, k);
             if (e < 0 || e >= experts || e / per_rank != r) continue;
             meta[row * 2 * top_k + k] = static_cast<float>(e % per_rank);
             meta[row * 2 * top_k + top_k + k] =
@@ -60,7 +51,7 @@ void send_plan_cpu(const SendPlanArgs& a) {
       int32_t bad = 0;
       for (int64_t t = 0; t < tokens; ++t) {
         for (int64_t k = 0; k < top_k; ++k) {
-          const int64_t e = id_at<Id>(a.ids, t, k);
+          const int64_t e = expert_id<Id>(a.ids, t, k);
           bad += (e < 0 || e >= experts) ? 1 : 0;
         }
       }
@@ -83,7 +74,7 @@ void send_plan_backward_cpu(const Arg& grad_meta, const Arg& ids, const Arg& tok
       W* out = grad_weights.ptr<W>();
       for (int64_t t = 0; t < tokens; ++t) {
         for (int64_t k = 0; k < top_k; ++k) {
-          const int64_t e = id_at<Id>(ids, t, k);
+          const int64_t e = expert_id<Id>(ids, t, k);
           float v = 0.0f;
           if (e >= 0 && e < experts) {
             const int64_t r = e / per_rank;

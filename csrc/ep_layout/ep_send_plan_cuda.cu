@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/numeric.h"
 #include "ep_layout/ep_layout.h"
 
 namespace turbomoe::ep_layout {
@@ -92,15 +93,6 @@ __global__ void send_plan_backward_kernel(const float* grad_meta, int64_t g_row,
   }
 }
 
-template <typename Fn>
-void with_id_type(int32_t dtype, Fn&& fn) {
-  if (dtype == TM_DTYPE_INT32) {
-    fn(static_cast<const int32_t*>(nullptr));
-  } else {
-    fn(static_cast<const int64_t*>(nullptr));
-  }
-}
-
 }  // namespace
 
 void send_plan_cuda(const SendPlanArgs& a, void* stream) {
@@ -127,8 +119,8 @@ void send_plan_cuda(const SendPlanArgs& a, void* stream) {
   cuda::check(cudaMemsetAsync(v.bad, 0, sizeof(int32_t), s), "cudaMemsetAsync(bad_ids)");
   const int64_t cells = (v.cap + 1) * v.ranks, id_pairs = v.tokens * v.top_k;
   const unsigned blocks = cuda::blocks_for(cells > id_pairs ? cells : id_pairs, kThreads);
-  with_id_type(a.ids.dtype(), [&](auto id_ptr) {
-    using Id = std::remove_const_t<std::remove_pointer_t<decltype(id_ptr)>>;
+  dispatch_index(a.ids.dtype(), [&](auto id_tag) {
+    using Id = decltype(id_tag);
     cuda::dispatch_floating(a.weights.dtype(), [&](auto w_ptr) {
       using W = std::remove_pointer_t<decltype(w_ptr)>;
       send_plan_kernel<Id, W><<<blocks, kThreads, 0, s>>>(v);
@@ -145,8 +137,8 @@ void send_plan_backward_cuda(const Arg& grad_meta, const Arg& ids, const Arg& to
   const int64_t tokens = ids.size(0), top_k = ids.size(1);
   if (tokens * top_k == 0) return;
   const unsigned blocks = cuda::blocks_for(tokens * top_k, kThreads);
-  with_id_type(ids.dtype(), [&](auto id_ptr) {
-    using Id = std::remove_const_t<std::remove_pointer_t<decltype(id_ptr)>>;
+  dispatch_index(ids.dtype(), [&](auto id_tag) {
+    using Id = decltype(id_tag);
     cuda::dispatch_floating(grad_weights.dtype(), [&](auto w_ptr) {
       using W = std::remove_pointer_t<decltype(w_ptr)>;
       send_plan_backward_kernel<Id, W><<<blocks, kThreads, 0, s>>>(
