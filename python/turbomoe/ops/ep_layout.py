@@ -21,15 +21,26 @@ from turbomoe import _native
 from turbomoe.ops._eager import differentiable, direct
 
 
+def _layout_outputs(
+    ids: torch.Tensor, num_experts: int, num_ranks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised (rank_counts, expert_counts, send_order, token_rank_slot); also the fake."""
+    tokens = ids.shape[0]
+    return (
+        ids.new_empty((num_ranks,), dtype=torch.int32),
+        ids.new_empty((num_experts,), dtype=torch.int32),
+        ids.new_empty((tokens * num_ranks,), dtype=torch.int32),
+        ids.new_empty((tokens, num_ranks), dtype=torch.int32),
+    )
+
+
 @torch.library.custom_op("turbomoe::ep_layout", mutates_args=())
 def _ep_layout(
     ids: torch.Tensor, num_experts: int, num_ranks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens = ids.shape[0]
-    rank_counts = torch.empty((num_ranks,), dtype=torch.int32, device=ids.device)
-    expert_counts = torch.empty((num_experts,), dtype=torch.int32, device=ids.device)
-    send_order = torch.empty((tokens * num_ranks,), dtype=torch.int32, device=ids.device)
-    token_rank_slot = torch.empty((tokens, num_ranks), dtype=torch.int32, device=ids.device)
+    outputs = _layout_outputs(ids, num_experts, num_ranks)
+    rank_counts, expert_counts, send_order, token_rank_slot = outputs
     nbytes = _native.workspace_size(
         "tm_ep_layout_workspace_size", tokens, num_experts, num_ranks, _native.device_code(ids)
     )
@@ -47,20 +58,10 @@ def _ep_layout(
         workspace.numel(),
         _native.stream_for(ids),
     )
-    return rank_counts, expert_counts, send_order, token_rank_slot
+    return outputs
 
 
-@_ep_layout.register_fake
-def _(
-    ids: torch.Tensor, num_experts: int, num_ranks: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tokens = ids.shape[0]
-    return (
-        ids.new_empty((num_ranks,), dtype=torch.int32),
-        ids.new_empty((num_experts,), dtype=torch.int32),
-        ids.new_empty((tokens * num_ranks,), dtype=torch.int32),
-        ids.new_empty((tokens, num_ranks), dtype=torch.int32),
-    )
+_ep_layout.register_fake(_layout_outputs)
 
 
 _ep_layout_eager = direct(_ep_layout)
@@ -86,6 +87,20 @@ def ep_layout(
 # ------------------------------------------------------------------------------ send plan
 
 
+def _send_plan_outputs(
+    ids: torch.Tensor, rank_counts: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised (send_pairs, pair_to_row, meta, bad_ids); also the fake's outputs."""
+    ranks, top_k = rank_counts.shape[0], ids.shape[1]
+    cells = (capacity + 1) * ranks
+    return (
+        ids.new_empty((cells,), dtype=torch.int32),
+        ids.new_empty((cells,), dtype=torch.int32),
+        ids.new_empty((ranks * capacity, 2 * top_k), dtype=torch.float32),
+        ids.new_empty((1,), dtype=torch.int32),
+    )
+
+
 @torch.library.custom_op("turbomoe::ep_send_plan", mutates_args=())
 def _ep_send_plan(
     ids: torch.Tensor,
@@ -96,12 +111,8 @@ def _ep_send_plan(
     num_experts: int,
     capacity: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    ranks, top_k = rank_counts.shape[0], ids.shape[1]
-    cells = (capacity + 1) * ranks
-    send_pairs = torch.empty((cells,), dtype=torch.int32, device=ids.device)
-    pair_to_row = torch.empty((cells,), dtype=torch.int32, device=ids.device)
-    meta = torch.empty((ranks * capacity, 2 * top_k), dtype=torch.float32, device=ids.device)
-    bad = torch.empty((1,), dtype=torch.int32, device=ids.device)
+    outputs = _send_plan_outputs(ids, rank_counts, capacity)
+    send_pairs, pair_to_row, meta, bad = outputs
     _native.call(
         "tm_ep_send_plan",
         _native.describe(ids),
@@ -117,7 +128,7 @@ def _ep_send_plan(
         _native.describe(bad),
         _native.stream_for(ids),
     )
-    return send_pairs, pair_to_row, meta, bad
+    return outputs
 
 
 @_ep_send_plan.register_fake
@@ -130,14 +141,7 @@ def _(
     num_experts: int,
     capacity: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    ranks, top_k = rank_counts.shape[0], ids.shape[1]
-    cells = (capacity + 1) * ranks
-    return (
-        ids.new_empty((cells,), dtype=torch.int32),
-        ids.new_empty((cells,), dtype=torch.int32),
-        ids.new_empty((ranks * capacity, 2 * top_k), dtype=torch.float32),
-        ids.new_empty((1,), dtype=torch.int32),
-    )
+    return _send_plan_outputs(ids, rank_counts, capacity)
 
 
 @torch.library.custom_op("turbomoe::ep_send_plan_backward", mutates_args=())
