@@ -244,11 +244,14 @@ def _lce_backward_cuda(
         grad_weight.copy_(accumulate)
 
 
-def weight_grad_buffer(weight: torch.Tensor, need_weight_grad: bool) -> torch.Tensor:
-    """The lm_head gradient's buffer: like weight, or [0, H] when it is not wanted (a custom
-    op's outputs cannot be None)."""
+def grad_buffers(
+    hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (hidden, lm_head) gradients' buffers: like hidden, and like weight or [0, H] when the
+    lm_head gradient is not wanted (a custom op's outputs cannot be None). Works on fake tensors
+    too, so the ops and their fake kernels allocate alike."""
     shape = weight.shape if need_weight_grad else (0, weight.shape[1])
-    return weight.new_empty(shape)
+    return hidden.new_empty(hidden.shape), weight.new_empty(shape)
 
 
 def lce_forward_into(
@@ -362,8 +365,7 @@ def _linear_cross_entropy_backward(
     need_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden [N,H], grad_weight [V,H] in weight's dtype, or empty when not wanted)."""
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    grad_weight = weight_grad_buffer(weight, need_weight_grad)
+    grad_hidden, grad_weight = grad_buffers(hidden, weight, need_weight_grad)
     wanted = grad_weight if need_weight_grad else None
     lce_backward_into(
         grad_loss, hidden, weight, labels, lse, ignore_index, chunk_rows, grad_hidden, wanted
@@ -382,7 +384,7 @@ def _(
     chunk_rows: int,
     need_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return hidden.new_empty(hidden.shape), weight_grad_buffer(weight, need_weight_grad)
+    return grad_buffers(hidden, weight, need_weight_grad)
 
 
 def _lce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

@@ -24,10 +24,10 @@ from turbomoe.ops._eager import differentiable
 from turbomoe.ops.loss import (
     _labels,
     _lce_backward_cuda,
+    grad_buffers,
     lce_backward_into,
     lce_forward_into,
     row_stats,
-    weight_grad_buffer,
 )
 
 
@@ -43,8 +43,7 @@ def _linear_cross_entropy_total(
     """(Σ_rows loss [] f32, d Σ / d hidden [N,H], d Σ / d weight [V,H] or [0,H])."""
     rows = hidden.shape[0]
     loss, lse = row_stats(hidden)
-    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-    grad_weight = weight_grad_buffer(weight, need_weight_grad)
+    grad_hidden, grad_weight = grad_buffers(hidden, weight, need_weight_grad)
     wanted = grad_weight if need_weight_grad else None
     unit = torch.ones((rows,), dtype=torch.float32, device=hidden.device)
     if hidden.device.type == "cuda":
@@ -71,8 +70,7 @@ def _(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
         hidden.new_empty((), dtype=torch.float32),
-        hidden.new_empty(hidden.shape),
-        weight_grad_buffer(weight, need_weight_grad),
+        *grad_buffers(hidden, weight, need_weight_grad),
     )
 
 
