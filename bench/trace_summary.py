@@ -27,8 +27,7 @@ BLOCKING_NAMES = (
     "cudaStreamSynchronize",
     "cudaDeviceSynchronize",
     "cudaEventSynchronize",
-    "cudaMemcpy",
-    "cudaMemcpyAsync",
+    "cudaMemcpy",  # and cudaMemcpyAsync (names are matched by prefix)
     "aten::item",
     "aten::_local_scalar_dense",
 )

@@ -28,9 +28,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
 
 import turbomoe.parallel as tp
+from turbomoe.parallel import split_param_groups
 from turbomoe.parallel.dispatch import expert_shard
 from turbomoe.parallel.grads import DTensor
-from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts, shard_experts
 
 VOCAB = 128

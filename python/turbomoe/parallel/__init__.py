@@ -10,6 +10,8 @@
 - :func:`sync_grads` reduces gradients (automatic by default), :func:`clip_grad_norm_` clips by
   the norm of the full gradient; :func:`save_pretrained` writes the
   full standard HF checkpoint (``model.save_pretrained`` does the same on a parallelized model).
+- :func:`split_param_groups` gives a fused/foreach optimizer its parameters with FSDP's DTensors
+  and the plain expert shards in separate groups (torch rejects a group that mixes them).
 
 A peer that dies or never arrives turns into an error after the process group's timeout
 (``init_process_group(timeout=...)``, or :func:`init_distributed`'s ``timeout_s``), not a hang.
@@ -20,6 +22,7 @@ from turbomoe.parallel.checkpoint import full_state_dict, save_pretrained
 from turbomoe.parallel.dispatch import ep_experts_forward, expert_shard
 from turbomoe.parallel.grads import clip_grad_norm_, sync_dense_grads, sync_grads
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard, build_mesh, init_distributed
+from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.parallel.shard import find_experts, is_parallelized, parallelize
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "is_parallelized",
     "parallelize",
     "save_pretrained",
+    "split_param_groups",
     "sync_dense_grads",
     "sync_grads",
 ]

@@ -189,7 +189,8 @@ def parallelize(
 
     Every rank must have built the same model (same seed or checkpoint) and call this
     collectively. ``mesh``: a ("dp", "ep") DeviceMesh to use instead of the default row-major
-    one over all ranks. ``fsdp``: FSDP2 for the dense parameters (default: when dp > 1).
+    one over all ranks. ``fsdp``: FSDP2 for the dense parameters (default: when dp > 1); give a
+    fused or foreach optimizer ``split_param_groups(model.parameters())`` then.
     ``mp_policy``/``reshard_after_forward`` go to ``fully_shard``. ``grad_sync="auto"`` reduces
     gradients at the end of every backward; "manual" leaves it to
     :func:`turbomoe.parallel.sync_grads`. With ep_size = 1 on one rank, or without a process
