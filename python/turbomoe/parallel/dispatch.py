@@ -95,9 +95,9 @@ class _RoutedPairs:
     """The exact count of received slots for local experts (or None to keep the padded size),
     read so that the host waits for the small ids exchange only, not the rows behind it.
 
-    ``start`` queues the count and its copy to pinned host memory right after the ids arrive;
-    the caller then launches the rows exchange and calls ``result``, which waits for the copy
-    alone. The GPU is thus busy with the rows exchange while the host catches up, instead of
+    Construction queues the count and its copy to pinned host memory right after the ids
+    arrive; the caller then launches the rows exchange and calls ``result``, which waits for the
+    copy alone. The GPU is thus busy with the rows exchange while the host catches up, instead of
     idling for the host's relaunch after a full sync.
     """
 
