@@ -167,6 +167,22 @@ inline double rel_error(const std::vector<double>& a, const std::vector<double>&
   return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
 }
 
+// The [T,K] `ids` stored again as [K,T] in `storage`, and a [T,K] descriptor over that storage
+// (strides 1, T): for the tests that an op reads strided ids. Keep `storage` alive meanwhile.
+inline tm_tensor transposed_view(const HostTensor& ids, HostTensor& storage) {
+  const int64_t tokens = ids.sizes()[0], top_k = ids.sizes()[1];
+  storage = HostTensor({top_k, tokens}, ids.dtype());
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t k = 0; k < top_k; ++k) storage.set(k * tokens + t, ids.get(t * top_k + k));
+  }
+  tm_tensor view = *storage.desc();
+  view.sizes[0] = tokens;
+  view.sizes[1] = top_k;
+  view.strides[0] = 1;
+  view.strides[1] = tokens;
+  return view;
+}
+
 // Seeds from the test name so that a failure reproduces, while each test draws its own data.
 inline std::mt19937_64 rng_for_test() {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();

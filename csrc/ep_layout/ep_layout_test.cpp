@@ -127,15 +127,8 @@ TEST(EpLayout, ReadsStridedIds) {
   const int64_t tokens = 11, top_k = 3, experts = 8, ranks = 4;
   HostTensor ids =
       make_ids(rng, tokens, top_k, experts, ranks, Scenario::kWithDropped, TM_DTYPE_INT32);
-  HostTensor transposed({top_k, tokens}, TM_DTYPE_INT32);  // the same ids stored [K,T]
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t k = 0; k < top_k; ++k) transposed.set(k * tokens + t, ids.get(t * top_k + k));
-  }
-  tm_tensor view = *transposed.desc();
-  view.sizes[0] = tokens;
-  view.sizes[1] = top_k;
-  view.strides[0] = 1;
-  view.strides[1] = tokens;
+  HostTensor transposed;  // the same ids stored [K,T]
+  tm_tensor view = turbomoe::testing::transposed_view(ids, transposed);
   const Layout l = run_layout(ids, experts, ranks, &view);
   expect_layout(ids, experts, ranks, l);
 }

@@ -179,6 +179,23 @@ TEST(EpSendPlan, OneExampleByHand) {
   EXPECT_EQ(gw.values(), (std::vector<double>{2, 15, 18, 19, 6, 7}));
 }
 
+TEST(EpSendPlan, ReadsStridedIds) {
+  auto rng = turbomoe::testing::rng_for_test();
+  const int64_t tokens = 11, top_k = 3, experts = 8, ranks = 4, cap = 12;
+  HostTensor ids = random_ids(rng, tokens, top_k, experts, true, TM_DTYPE_INT32);
+  HostTensor w = random_weights(rng, tokens, top_k, TM_DTYPE_FLOAT32);
+  Placement pl = place(ids, experts, ranks);
+  HostTensor transposed;
+  tm_tensor view = turbomoe::testing::transposed_view(ids, transposed);
+  Plan p = make_plan(tokens, top_k, ranks, cap);
+  ASSERT_EQ(tm_ep_send_plan(&view, w.desc(), pl.rank_counts.desc(), pl.send_order.desc(),
+                            pl.token_rank_slot.desc(), experts, cap, p.pairs.desc(),
+                            p.to_row.desc(), p.meta.desc(), p.bad.desc(), nullptr),
+            TM_OK)
+      << tm_last_error();
+  expect_plan(ids, w, experts, ranks, cap, p);
+}
+
 TEST(EpSendPlan, RejectsBadArguments) {
   HostTensor ids({3, 2}, TM_DTYPE_INT64);
   for (int64_t i = 0; i < 6; ++i) ids.set(i, static_cast<double>(i % 4));

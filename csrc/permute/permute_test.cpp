@@ -103,15 +103,8 @@ TEST(Permute, PlanReadsStridedIds) {
   auto rng = turbomoe::testing::rng_for_test();
   const int64_t tokens = 11, top_k = 3, experts = 4;
   HostTensor ids = make_ids(rng, tokens, top_k, experts, Scenario::kWithDropped, TM_DTYPE_INT64);
-  HostTensor transposed({top_k, tokens}, TM_DTYPE_INT64);  // the same ids stored [K,T]
-  for (int64_t t = 0; t < tokens; ++t) {
-    for (int64_t k = 0; k < top_k; ++k) transposed.set(k * tokens + t, ids.get(t * top_k + k));
-  }
-  tm_tensor view = *transposed.desc();
-  view.sizes[0] = tokens;
-  view.sizes[1] = top_k;
-  view.strides[0] = 1;
-  view.strides[1] = tokens;
+  HostTensor transposed;  // the same ids stored [K,T]
+  tm_tensor view = turbomoe::testing::transposed_view(ids, transposed);
   const Plan p = run_plan(ids, experts, &view);
   expect_stable_sort(ids, experts, p);
 }
