@@ -3,13 +3,11 @@ so that stock peft (`PeftModel.from_pretrained` on the base) reproduces the trai
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from stock_process import run_without_turbomoe
 
 from turbomoe.default import build_model, build_tokenizer, default_config
 from turbomoe.train import FinetuneConfig, finetune
@@ -74,9 +72,7 @@ def test_adapters_load_in_stock_peft_with_identical_logits(lora_run, tmp_path):
             torch.save(model(input_ids=ids).logits, {str(tmp_path / "logits.pt")!r})
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TURBOMOE_DISABLE"] = "1"
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
+    run_without_turbomoe(script, tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
     # The adapters changed the model: the base alone gives other logits.
     with torch.no_grad(), result.model.disable_adapter():

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from stock_process import run_without_turbomoe
 
 from turbomoe.train import FinetuneConfig, StopRequest, finetune
 from turbomoe.train.checkpoint import save_atomically, save_checkpoint
@@ -112,9 +110,7 @@ def test_checkpoint_loads_in_stock_transformers_with_same_logits(run, tmp_path):
             torch.save(model(input_ids=ids).logits, {str(tmp_path / "logits.pt")!r})
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TURBOMOE_DISABLE"] = "1"
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
+    run_without_turbomoe(script, tmp_path)
     stock = torch.load(tmp_path / "logits.pt")
     # turbomoe's kernels may order float sums differently from stock PyTorch: fp32 rounding only.
     torch.testing.assert_close(stock, expected, rtol=1e-5, atol=1e-5)
