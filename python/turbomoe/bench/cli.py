@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "after the backward (default; measured faster) or sharded by FSDP2 (less memory)",
     )
     runs.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="on one GPU, run turbomoe's steps eagerly instead of replaying each step from a "
+        "CUDA graph (turbomoe.train.GraphedStep; captured during the warm-up)",
+    )
+    runs.add_argument(
         "--peak-tflops", type=float, help="bf16 GEMM peak for MFU instead of measuring it"
     )
     runs.add_argument(
@@ -145,6 +152,11 @@ def _check_environment(args: argparse.Namespace) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError(
             "no CUDA device is available; `--device cpu` runs a tiny CPU smoke benchmark"
+        )
+    if args.device == "cuda" and ranks <= 1 and args.cuda_graph and args.warmup < 2:
+        raise BenchError(
+            f"--warmup {args.warmup}: the CUDA-graphed turbomoe run needs >= 2 warm-up steps "
+            "(eager warm-up, then the capture); raise --warmup or pass --no-cuda-graph"
         )
     if args.device == "cuda":
         if ranks > 1:
@@ -221,6 +233,7 @@ def _payload(
             "lr": args.lr,
             "experts_backend_stock": args.experts_backend,
             "attn_implementation": args.attn_implementation,
+            "cuda_graph": args.cuda_graph,
         },
         "active_matmul_params": counts.total,
         "flops_per_token": flops,
@@ -321,6 +334,7 @@ def _run(
         profile_top=args.profile_top,
         trace_dir=args.trace_dir,
         ep_dense_fsdp=args.ep_dense == "fsdp",
+        cuda_graph=args.cuda_graph,
         ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)

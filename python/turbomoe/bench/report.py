@@ -98,7 +98,9 @@ def format_table(payload: dict[str, Any]) -> str:
         layout = [run.get("parallelism", "none")] if multi else []
         rows.append(
             [
-                run["label"] + ("" if run["patch_in_effect"] else " (NOT in effect)"),
+                run["label"]
+                + (" + CUDA graph" if run.get("cuda_graph") else "")
+                + ("" if run["patch_in_effect"] else " (NOT in effect)"),
                 run["experts_implementation"],
                 *layout,
                 _fmt(run["tps_per_gpu"], ",.0f"),
@@ -211,6 +213,7 @@ def record_line(payload: dict[str, Any], command: str) -> dict[str, Any]:
         "tm_mfu": tm.get("mfu"),
         "hf_layout": hf.get("parallelism"),
         "tm_layout": tm.get("parallelism"),
+        "tm_cuda_graph": tm.get("cuda_graph"),
         "command": command,
     }
 

@@ -3,7 +3,9 @@
 Protocol: random token ids with labels = inputs, the model's own loss (``labels=``), AdamW. Each
 step synchronises, times forward + loss and backward, then runs the optimizer outside the timed
 window (its states still count in memory). Peak memory is reset after warm-up, so it is the peak
-of the steady-state timed steps: weights + gradients + optimizer states + activations.
+of the steady-state timed steps: weights + gradients + optimizer states + activations. On one GPU
+the turbomoe run replays each step from a CUDA graph (``GraphedStep``) captured in the last
+warm-up step; its peak window opens before that capture, which allocates the working set.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from turbomoe.bench.patching import patch_state
 from turbomoe.bench.profiling import Profile, profile_steps
 from turbomoe.bench.timing import StepTimer, synchronize
 from turbomoe.parallel.optim_groups import split_param_groups
+from turbomoe.train.graph_step import GraphedStep
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Settings:
     profile_top: int = 25
     trace_dir: Path | None = None  # with a profile: one gzipped Chrome trace per run and rank
     ep_dense_fsdp: bool = False  # under torchrun: turbomoe's dense parameters under FSDP2
+    cuda_graph: bool = True  # one GPU: turbomoe's step replayed from a CUDA graph (GraphedStep)
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
@@ -78,8 +82,9 @@ class RunResult:
     step_ms_std: float = 0.0
     step_ms_min: float = 0.0
     step_ms_max: float = 0.0
-    fwd_ms_mean: float = 0.0
-    bwd_ms_mean: float = 0.0
+    fwd_ms_mean: float | None = 0.0  # None when one graph replay runs both
+    bwd_ms_mean: float | None = 0.0
+    cuda_graph: bool = False
     weights_fingerprint: float = 0.0
     error: str | None = None
     profile: Profile | None = None
@@ -119,12 +124,21 @@ def release_memory(device: torch.device) -> None:
 
 
 def _forward_backward(
-    model: torch.nn.Module, batch: torch.Tensor, timer: StepTimer | None
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    timer: StepTimer | None,
+    graphed: GraphedStep | None = None,
 ) -> torch.Tensor:
     """Forward + loss + backward. A function so that the output (with its logits) and the graph
     are released on return, before the optimizer step and the next forward."""
     if timer is not None:
         timer.start()
+    if graphed is not None:  # one replay runs both phases: the window is the whole step
+        loss = graphed(input_ids=batch, labels=batch, use_cache=False)
+        if timer is not None:
+            timer.forward_done()
+            timer.backward_done()
+        return loss
     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
     if timer is not None:
         timer.forward_done()
@@ -142,16 +156,23 @@ def _train(
     result: RunResult,
 ) -> tuple[list[float], list[float]]:
     device = settings.device
+    # The capture is the last warm-up step; the CLI makes sure there is room for it.
+    graphed = None
+    if result.cuda_graph:
+        graphed = GraphedStep(model, warmup_steps=max(1, settings.warmup - 1))
     fwd_ms: list[float] = []
     bwd_ms: list[float] = []
+    # A graphed run's peak is taken from its capture on: the replays allocate nothing, and the
+    # graph's pool keeps the capture's working set (activations included) for every replay.
+    window_start = settings.warmup - 1 if graphed is not None else settings.warmup
     for i, batch in enumerate(batches):
-        if i == settings.warmup:
+        if i == window_start:
             synchronize(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)  # the previous optimizer step stays out of the window
         timer = StepTimer(device)
-        loss = _forward_backward(model, batch, timer)
+        loss = _forward_backward(model, batch, timer, graphed)
         fwd, bwd = timer.elapsed_ms()
         result.losses.append(float(loss))
         optimizer.step()
@@ -162,6 +183,12 @@ def _train(
     synchronize(device)
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    if graphed is not None:
+        if graphed.stats.replays < settings.steps:
+            raise RuntimeError(
+                f"the CUDA graph replayed {graphed.stats.replays} of {settings.steps} timed steps"
+            )
+        graphed.reset()  # the graph's memory pool goes before any eager profile step
     return fwd_ms, bwd_ms
 
 
@@ -192,8 +219,11 @@ def _summarise(
     result.step_ms_std = statistics.pstdev(step_ms)
     result.step_ms_min = min(step_ms)
     result.step_ms_max = max(step_ms)
-    result.fwd_ms_mean = statistics.fmean(fwd_ms)
-    result.bwd_ms_mean = statistics.fmean(bwd_ms)
+    if result.cuda_graph:
+        result.fwd_ms_mean = result.bwd_ms_mean = None
+    else:
+        result.fwd_ms_mean = statistics.fmean(fwd_ms)
+        result.bwd_ms_mean = statistics.fmean(bwd_ms)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -228,6 +258,12 @@ def run_one(
     with patch_state(spec.patched) as in_effect:
         result = RunResult(spec.name, spec.label, spec.patched, in_effect)
         result.attn_implementation = settings.attn_implementation
+        result.cuda_graph = (
+            spec.patched
+            and settings.cuda_graph
+            and settings.ranks is None
+            and settings.device.type == "cuda"
+        )
         log(f"[{spec.name}] building model (patched={spec.patched}) ...")
         try:
             model = build_model(
