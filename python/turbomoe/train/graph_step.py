@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from turbomoe.hf.capture import keep_causal_skip_while_capturing
+
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -134,9 +136,6 @@ class GraphedStep:
         sig = self._signatures.setdefault(key, _Signature())
         if sig.captured is not None:
             return self._replay(sig.captured, batch)
-        if sig.eager_runs < self.warmup_steps:
-            sig.eager_runs += 1
-            return self._eager(batch)
         if self.graphs >= self.max_graphs:
             if key not in self.stats.eager_signatures:
                 self.stats.eager_signatures.add(key)
@@ -146,6 +145,9 @@ class GraphedStep:
                     "raise max_graphs.",
                     stacklevel=2,
                 )
+            return self._eager(batch)
+        if sig.eager_runs < self.warmup_steps:
+            sig.eager_runs += 1
             return self._eager(batch)
         sig.captured = self._capture(batch, trainable)
         return self._replay(sig.captured, batch)
@@ -161,7 +163,7 @@ class GraphedStep:
         arguments = {**batch, **inputs}
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with keep_causal_skip_while_capturing(), torch.cuda.graph(graph):
                 loss = _checked_loss(self.loss_fn(self.model, **arguments))
                 loss.backward()
         except Exception as exc:
