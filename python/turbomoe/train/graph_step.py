@@ -163,7 +163,8 @@ class GraphedStep:
         arguments = {**batch, **inputs}
         graph = torch.cuda.CUDAGraph()
         try:
-            with keep_causal_skip_while_capturing(), torch.cuda.graph(graph):
+            positions_generated = "position_ids" not in batch
+            with keep_causal_skip_while_capturing(positions_generated), torch.cuda.graph(graph):
                 loss = _checked_loss(self.loss_fn(self.model, **arguments))
                 loss.backward()
         except Exception as exc:
