@@ -407,3 +407,32 @@ def capacity_worker(rank: int, world: int, base: nn.Module, seqs: list[int]) -> 
         dispatch._agree = original
     shard = next(s for m in model.modules() if (s := dispatch.expert_shard(m)) is not None)
     return {"agreements": len(calls), "capacity": shard.capacity.value, "loss": out.loss.detach()}
+
+
+def overlap_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
+    """The dense all-reduce overlapped with the backward (grad_sync="auto", small buckets) against
+    sync_grads after the last backward ("manual"), over two accumulated micro-batches. Two extra
+    dense parameters: one feeds rank 0's loss only (None on the other ranks), one feeds nothing
+    (None everywhere)."""
+    from turbomoe.parallel import grads
+
+    grads._BUCKET_ELEMENTS = 4096  # many buckets, so that most launch inside the backward
+    out: dict[str, Any] = {}
+    for mode in ("auto", "manual"):
+        model = copy.deepcopy(base)
+        model.model.only_rank0 = nn.Parameter(torch.ones(3))
+        model.model.unused = nn.Parameter(torch.ones(2))
+        tp.parallelize(model, ep_size=world, grad_sync=mode)  # type: ignore[arg-type]
+        for micro in range(2):
+            loss = model(**make_batch(seed=10 * rank + micro)).loss * world
+            if rank == 0:
+                loss = loss + (micro + 1) * model.model.only_rank0.sum()
+            loss.backward()
+        if mode == "manual":
+            tp.sync_grads(model)
+        out[mode] = full_grads(model)
+        state = grads.parallel_state(model)
+        if state.overlap is not None:
+            out["early"] = state.overlap.launched_during_backward
+            out["buckets"] = len(state.overlap.buckets)
+    return out

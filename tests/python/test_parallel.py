@@ -24,6 +24,7 @@ from parallel_worker import (
     dispatch_worker,
     load_worker,
     make_batch,
+    overlap_worker,
     parity_worker,
     rel_err,
     run_ranks,
@@ -114,6 +115,28 @@ def test_exchange_size_agreed_once_per_forward(tmp_path: Path) -> None:
         model = copy.deepcopy(base)
         want = model(**make_batch(seed=rank, batch=1, seq=seq)).loss.detach()
         assert rel_err(results[rank]["loss"], want) <= 1e-5
+
+
+def test_dense_all_reduce_overlapped_with_the_backward(tmp_path: Path) -> None:
+    """Buckets launched from the backward give sync_grads's result: accumulated micro-batches,
+    a gradient None on one rank (zeros there), one None everywhere (stays None)."""
+    base = build("qwen3_moe", seed=6)
+    results = run_ranks(overlap_worker, 2, tmp_path, base)
+    for rank, result in enumerate(results):
+        assert result["buckets"] > 4 and result["early"] >= result["buckets"] // 2, result
+        auto, manual = result["auto"], result["manual"]
+        assert auto.keys() == manual.keys()
+        for name, want in manual.items():
+            got = auto[name]
+            assert (got is None) == (want is None), (rank, name)
+            if want is not None:
+                assert rel_err(got, want) <= 1e-5, (rank, name, rel_err(got, want))
+        assert manual["model.unused"] is None
+        torch.testing.assert_close(manual["model.only_rank0"], torch.full((3,), 3.0 / 2))
+    # Replicated: every rank ends with the same dense gradients.
+    for name, grad in results[0]["auto"].items():
+        if grad is not None and "experts" not in name:
+            assert torch.equal(grad, results[1]["auto"][name]), name
 
 
 def test_parallel_ep8_on_eight_gloo_ranks(tmp_path: Path) -> None:

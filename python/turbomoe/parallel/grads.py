@@ -28,6 +28,8 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
+from turbomoe.parallel.overlap import DenseGradOverlap
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch without distributed tensors
@@ -48,6 +50,8 @@ class ParallelState:
     fsdp: bool
     expert_params: list[nn.Parameter] = field(default_factory=list)
     sync_queued: bool = False
+    # grad_sync="auto" with replicated dense parameters: their all-reduce runs in the backward.
+    overlap: DenseGradOverlap | None = None
 
     @property
     def world_group(self) -> ProcessGroup:
@@ -209,24 +213,44 @@ def scale_expert_grads(params: list[nn.Parameter], ep_size: int) -> None:
 
 
 def install_auto_sync(model: nn.Module) -> None:
-    """Run :func:`sync_grads` at the end of every backward that reaches the model's output.
+    """Reduce the gradients by the end of every backward that reaches the model.
 
-    A forward hook puts a gradient hook on the output (the loss when labels were given, else the
-    logits); when the gradient reaches it, the hook queues ``sync_grads`` on the autograd
-    engine, which runs queued callbacks once the whole backward has finished (how DDP and FSDP
-    schedule their final reductions).
+    Replicated dense gradients are averaged bucket by bucket during the backward
+    (:class:`~turbomoe.parallel.overlap.DenseGradOverlap`, on a communicator of its own); what
+    is left (expert shards over dp) runs in a callback that the autograd engine calls once the
+    whole backward has finished (how DDP and FSDP schedule their final reductions). The callback
+    is queued by the first accumulated dense gradient, or by a hook on the model's output (the
+    loss when labels were given, else the logits). Without dense parameters to overlap, the
+    callback runs :func:`sync_grads`.
     """
     state = parallel_state(model)
 
-    def on_grad(grad: torch.Tensor) -> torch.Tensor:
+    def run() -> None:
+        state.sync_queued = False
+        if state.overlap is None:
+            sync_grads(model)
+            return
+        state.overlap.finish()
+        # Parameters made trainable after parallelize are not in the overlap's buckets.
+        covered = state.overlap.covered
+        late = [p for p in _replicated_dense(model, state.expert_params) if id(p) not in covered]
+        _average(late, state.world_group)
+        if state.dp_size > 1:
+            _average([p for p in state.expert_params if p.requires_grad], state.dp_group)
+
+    def queue() -> None:
         if not state.sync_queued:
             state.sync_queued = True
-
-            def run() -> None:
-                state.sync_queued = False
-                sync_grads(model)
-
             torch.autograd.Variable._execution_engine.queue_callback(run)  # type: ignore[attr-defined]
+
+    dense = _replicated_dense(model, state.expert_params)
+    if dense and dist.get_world_size() > 1:
+        # Its own communicator: the expert exchange's all-to-alls keep their stream and order.
+        group = dist.new_group(ranks=list(range(dist.get_world_size())))
+        state.overlap = DenseGradOverlap(dense, group, _BUCKET_ELEMENTS, queue)
+
+    def on_grad(grad: torch.Tensor) -> torch.Tensor:
+        queue()
         return grad
 
     def hook(module: nn.Module, args: object, output: object) -> None:
