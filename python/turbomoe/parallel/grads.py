@@ -19,8 +19,10 @@ multiply by the world size (what HF Trainer does with ``num_items_in_batch``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,10 @@ except ImportError:  # pragma: no cover - torch without distributed tensors
     DTensor = ()  # type: ignore[assignment,misc]
 
 STATE_ATTR = "_turbomoe_parallel"
+# grad_sync="auto": "0" averages the replicated dense gradients after the backward instead of
+# during it; the second caps the SMs of the overlapped all-reduce (NCCL's max_ctas).
+_OVERLAP_ENV = "TURBOMOE_DENSE_OVERLAP"
+_OVERLAP_CTAS_ENV = "TURBOMOE_DENSE_OVERLAP_CTAS"
 
 # Gradients are reduced in flat buckets of at most this many elements (one collective each).
 _BUCKET_ELEMENTS = 1 << 25
@@ -244,9 +250,9 @@ def install_auto_sync(model: nn.Module) -> None:
             torch.autograd.Variable._execution_engine.queue_callback(run)  # type: ignore[attr-defined]
 
     dense = _replicated_dense(model, state.expert_params)
-    if dense and dist.get_world_size() > 1:
+    if dense and dist.get_world_size() > 1 and os.environ.get(_OVERLAP_ENV, "1") != "0":
         # Its own communicator: the expert exchange's all-to-alls keep their stream and order.
-        group = dist.new_group(ranks=list(range(dist.get_world_size())))
+        group = dist.new_group(ranks=list(range(dist.get_world_size())), pg_options=_pg_options())
         state.overlap = DenseGradOverlap(dense, group, _BUCKET_ELEMENTS, queue)
 
     def on_grad(grad: torch.Tensor) -> torch.Tensor:
@@ -261,6 +267,19 @@ def install_auto_sync(model: nn.Module) -> None:
             anchor.register_hook(on_grad)
 
     model.register_forward_hook(hook)
+
+
+def _pg_options() -> Any:
+    """NCCL options of the overlap's communicator: at most ``TURBOMOE_DENSE_OVERLAP_CTAS`` thread
+    blocks (SMs) for its kernels when set, since they run beside the backward's kernels."""
+    ctas = int(os.environ.get(_OVERLAP_CTAS_ENV, "0"))
+    if ctas <= 0 or dist.get_backend() != "nccl":
+        return None
+    from torch.distributed import ProcessGroupNCCL
+
+    options = ProcessGroupNCCL.Options()
+    options.config.max_ctas = ctas
+    return options
 
 
 def _output_anchor(output: object) -> torch.Tensor | None:
