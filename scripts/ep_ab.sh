@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Expert-parallel A/B runs in one device call: builds the library, then runs `turbomoe bench`
+# under torchrun over every GPU once per setting (no profile), printing each run's table.
+#
+#   AB_ARGS="--layers 48 --steps 6 --warmup 2 --only turbomoe"   bench flags for every run
+#   AB_RUNS="base TURBOMOE_DENSE_OVERLAP=0"   space-separated; "base" is no change, else
+#       comma-separated items: --flag=value adds a bench flag, VAR=VALUE sets an environment variable
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+BUILD_DIR=${BUILD_DIR:-build/gpu}
+AB_ARGS=${AB_ARGS:---layers 48 --steps 6 --warmup 2 --only turbomoe}
+AB_RUNS=${AB_RUNS:-base}
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA=ON \
+  -DTM_BUILD_TESTS=OFF -DTM_CUDA_ARCHITECTURES=90a-real >"$OUT/ab_build.log" 2>&1
+ninja -C "$BUILD_DIR" >>"$OUT/ab_build.log" 2>&1
+export PYTHONPATH=$PWD/python TURBOMOE_LIBRARY=$PWD/$BUILD_DIR/libturbomoe.so
+read -r -a args <<<"$AB_ARGS"
+for tag in $AB_RUNS; do
+  envs=() flags=()
+  if [ "$tag" != base ]; then
+    IFS=, read -r -a items <<<"$tag"
+    for item in "${items[@]}"; do
+      if [[ $item == --* ]]; then flags+=("$item"); else envs+=("$item"); fi
+    done
+  fi
+  name=${tag//[^A-Za-z0-9_]/_}
+  echo "== $tag"
+  env "${envs[@]}" torchrun --standalone --nproc_per_node="$GPUS" -m turbomoe.bench "${args[@]}" \
+    "${flags[@]}" --json "$OUT/ab_$name.json" >"$OUT/ab_$name.txt" 2>"$OUT/ab_$name.err" || true
+  grep -A3 '^run ' "$OUT/ab_$name.txt" || tail -n 20 "$OUT/ab_$name.err"
+done
