@@ -271,8 +271,10 @@ def install_auto_sync(model: nn.Module) -> None:
 
 def _pg_options() -> Any:
     """NCCL options of the overlap's communicator: at most ``TURBOMOE_DENSE_OVERLAP_CTAS`` thread
-    blocks (SMs) for its kernels when set, since they run beside the backward's kernels."""
-    ctas = int(os.environ.get(_OVERLAP_CTAS_ENV, "0"))
+    blocks (SMs) for its kernels (default 4; 0 leaves it to NCCL), since they run beside the
+    backward's kernels. 48 layers on 4 H200s, one launch, 6 steps each: fastest step 373 ms
+    with 4, 434 ms without the overlap, 473 ms with NCCL's own choice."""
+    ctas = int(os.environ.get(_OVERLAP_CTAS_ENV, "4"))
     if ctas <= 0 or dist.get_backend() != "nccl":
         return None
     from torch.distributed import ProcessGroupNCCL
