@@ -170,6 +170,7 @@ class GraphedStep:
         except Exception as exc:
             for p in trainable:
                 p.grad = None
+            _end_rng_capture()
             raise GraphStepError(
                 f"capturing the step in a CUDA graph failed ({type(exc).__name__}: {exc}). "
                 "Something in the forward or backward synchronises with the host or allocates "
@@ -190,6 +191,15 @@ class GraphedStep:
         self.stats.replays += 1
         # A copy: the static loss is overwritten by the next replay.
         return captured.loss.clone()
+
+
+def _end_rng_capture() -> None:
+    """After a failed capture the CUDA generator still counts offsets as if inside a graph, and
+    every later random op in the process fails ("Offset increment outside graph capture"). A
+    capture that succeeds ends that state; it records one fill and is thrown away."""
+    scratch = torch.empty(1, device="cuda")
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        scratch.zero_()
 
 
 def _checked_loss(loss: Any) -> torch.Tensor:

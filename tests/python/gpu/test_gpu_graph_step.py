@@ -128,5 +128,7 @@ def test_a_host_synchronising_step_fails_capture_with_a_clear_error() -> None:
     with pytest.raises(GraphStepError, match="capturing the step in a CUDA graph failed"):
         step(**batch)
     assert all(p.grad is None for p in model.parameters())
-    torch.cuda.synchronize()  # the device is still usable
+    torch.cuda.synchronize()  # the device is still usable, random ops included
     assert torch.isfinite(_eager_step(model, batch))
+    assert torch.randn(8, device=CUDA).isfinite().all()
+    torch.nn.init.normal_(torch.empty(4, 4, device=CUDA))
