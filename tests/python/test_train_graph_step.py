@@ -65,10 +65,31 @@ def test_a_custom_loss_function_is_used_and_checked() -> None:
 
     model.zero_grad(set_to_none=True)
     with pytest.raises(GraphStepError, match="one-element tensor"):
-        GraphedStep(model, lambda m, **b: m(**b).logits)(**batch)
+        GraphedStep(model, lambda m, **b: m(**b).loss * torch.ones(2))(**batch)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(GraphStepError, match="tuple of tensors"):
+        GraphedStep(model, lambda m, **b: (m(**b).loss, 1.0))(**batch)
     model.zero_grad(set_to_none=True)
     with pytest.raises(GraphStepError, match="does not require grad"):
         GraphedStep(model, lambda m, **b: m(**b).loss.detach())(**batch)
+
+
+def test_a_tuple_loss_function_reports_detached_extras() -> None:
+    model = build_model("qwen3_moe")
+    batch = make_batch(pad=0, ignore=0)
+    want_loss, want_grads, _ = loss_and_grads(model, batch)
+    model.zero_grad(set_to_none=True)
+
+    def with_extras(m: torch.nn.Module, **b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = m(**b)
+        return out.loss, out.loss * 3.0, torch.stack([out.loss, -out.loss])
+
+    loss, tripled, pair = GraphedStep(model, with_extras)(**batch)
+    assert not (loss.requires_grad or tripled.requires_grad or pair.requires_grad)
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(tripled, 3.0 * want_loss)
+    torch.testing.assert_close(pair, torch.stack([want_loss, -want_loss]))
+    assert_grads_close(_grads(model), want_grads, tol=0.0)  # only the first element is trained
 
 
 def test_no_grad_and_unhashable_arguments_are_refused() -> None:

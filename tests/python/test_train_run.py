@@ -14,7 +14,7 @@ import torch
 import yaml
 from stock_process import run_without_turbomoe
 
-from turbomoe.train import FinetuneConfig, StopRequest, finetune
+from turbomoe.train import ConfigError, FinetuneConfig, StopRequest, finetune
 from turbomoe.train.checkpoint import save_atomically, save_checkpoint
 from turbomoe.train.schedule import Progress, WarmupCosine
 
@@ -122,6 +122,21 @@ def test_same_seed_same_loss_curve(run, tmp_path):
     first = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").open()]
     second = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").open()]
     assert first == second and again.summary.last_loss == result.summary.last_loss
+
+
+def test_cuda_graph_option_trains_the_same(run, tmp_path):
+    """train.cuda_graph routes every step through GraphedStep (eager on CPU, where there are no
+    graphs): the same loss curve as the plain run; with accumulation it is refused."""
+    result, _ = run
+    config = _config(tmp_path)
+    config.set("train.cuda_graph", True)
+    again = finetune(config, echo=lambda _: None)
+    first = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").open()]
+    second = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert first == second and again.summary.last_loss == result.summary.last_loss
+    config.set("train.grad_accum", 2)
+    with pytest.raises(ConfigError, match="grad_accum 1"):
+        config.validate()
 
 
 def test_finetune_a_local_hf_model_on_prompt_completion_data(run, tmp_path):

@@ -118,6 +118,11 @@ class TrainSection:
     ep_size: int = _key(
         1, "expert-parallel ranks under torchrun (must divide the world size)", low=1
     )
+    cuda_graph: bool = _key(
+        False,
+        "one process: replay each training step from a CUDA graph captured per batch shape "
+        "(turbomoe.train.GraphedStep; needs grad_accum 1; batches of other shapes run eagerly)",
+    )
 
 
 @dataclass
@@ -275,6 +280,11 @@ class FinetuneConfig:
             raise ConfigError(
                 "nothing bounds the run: give train.max_steps, train.epochs or a "
                 "train.time_budget above 0"
+            )
+        if t.cuda_graph and t.grad_accum > 1:
+            raise ConfigError(
+                "train.cuda_graph needs train.grad_accum 1: a replayed step writes the gradients "
+                "and cannot add micro-batches to them (raise train.batch_size instead)"
             )
         if self.lora.enabled and self.lora.target_parameters and self.lora.dropout:
             raise ConfigError("lora.dropout must be 0 when lora.target_parameters is set (peft)")

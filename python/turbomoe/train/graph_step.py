@@ -9,7 +9,8 @@ once. turbomoe's ops never synchronise with the host inside a layer, so the step
 Contract of ``step(**batch)``, for a graph or for an eager run alike:
 
 * it computes ``loss = loss_fn(model, **batch)`` and ``loss.backward()``, and returns
-  ``loss.detach()``;
+  ``loss.detach()``; a ``loss_fn`` that returns a tuple ``(loss, *reported)`` (tensors to log,
+  e.g. the loss without its auxiliary term) gets the tuple back, detached;
 * every trainable parameter's ``.grad`` must be ``None`` before the call
   (``optimizer.zero_grad(set_to_none=True)``, PyTorch's default). A replay *writes* the
   gradients; it cannot add to earlier ones without reading them, so accumulation over several
@@ -42,7 +43,8 @@ from torch import nn
 
 from turbomoe.hf.capture import keep_causal_skip_while_capturing
 
-LossFn = Callable[..., torch.Tensor]
+LossFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+Output = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 class GraphStepError(RuntimeError):
@@ -61,7 +63,8 @@ def causal_lm_loss(model: nn.Module, **batch: Any) -> torch.Tensor:
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]
-    loss: torch.Tensor
+    outputs: tuple[torch.Tensor, ...]  # the loss, then what loss_fn reported
+    as_tuple: bool
     grads: list[tuple[nn.Parameter, torch.Tensor | None]]
 
 
@@ -82,8 +85,9 @@ class GraphStepStats:
 class GraphedStep:
     """``loss = step(**batch)`` = forward + loss + backward, replayed from a CUDA graph.
 
-    ``loss_fn(model, **batch)`` must return a scalar loss tensor; the default is the model's own
-    loss. See the module docstring for the gradient contract.
+    ``loss_fn(model, **batch)`` must return a scalar loss tensor, or a tuple of it and tensors to
+    report; the default is the model's own loss. See the module docstring for the gradient
+    contract.
     """
 
     def __init__(
@@ -119,7 +123,7 @@ class GraphedStep:
         self._signatures.clear()
         self._storage = None
 
-    def __call__(self, **batch: Any) -> torch.Tensor:
+    def __call__(self, **batch: Any) -> Output:
         if not torch.is_grad_enabled():
             raise GraphStepError("a training step needs gradients: called under no_grad")
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -152,11 +156,12 @@ class GraphedStep:
         sig.captured = self._capture(batch, trainable)
         return self._replay(sig.captured, batch)
 
-    def _eager(self, batch: dict[str, Any]) -> torch.Tensor:
-        loss = _checked_loss(self.loss_fn(self.model, **batch))
-        loss.backward()
+    def _eager(self, batch: dict[str, Any]) -> Output:
+        outputs, as_tuple = _checked_outputs(self.loss_fn(self.model, **batch))
+        outputs[0].backward()
         self.stats.eager_steps += 1
-        return loss.detach()
+        detached = tuple(t.detach() for t in outputs)
+        return detached if as_tuple else detached[0]
 
     def _capture(self, batch: dict[str, Any], trainable: list[nn.Parameter]) -> _Captured:
         inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -165,8 +170,8 @@ class GraphedStep:
         try:
             positions_generated = "position_ids" not in batch
             with keep_causal_skip_while_capturing(positions_generated), torch.cuda.graph(graph):
-                loss = _checked_loss(self.loss_fn(self.model, **arguments))
-                loss.backward()
+                outputs, as_tuple = _checked_outputs(self.loss_fn(self.model, **arguments))
+                outputs[0].backward()
         except Exception as exc:
             for p in trainable:
                 p.grad = None
@@ -180,17 +185,19 @@ class GraphedStep:
         for p in trainable:
             p.grad = None
         self.stats.captures += 1
-        return _Captured(graph, inputs, loss.detach(), grads)
+        static = tuple(t.detach() for t in outputs)
+        return _Captured(graph, inputs, static, as_tuple, grads)
 
-    def _replay(self, captured: _Captured, batch: dict[str, Any]) -> torch.Tensor:
+    def _replay(self, captured: _Captured, batch: dict[str, Any]) -> Output:
         for name, static in captured.inputs.items():
             static.copy_(batch[name])
         captured.graph.replay()
         for p, grad in captured.grads:
             p.grad = grad
         self.stats.replays += 1
-        # A copy: the static loss is overwritten by the next replay.
-        return captured.loss.clone()
+        # Copies: the static outputs are overwritten by the next replay.
+        copies = tuple(t.clone() for t in captured.outputs)
+        return copies if captured.as_tuple else copies[0]
 
 
 def _end_rng_capture() -> None:
@@ -202,12 +209,21 @@ def _end_rng_capture() -> None:
         scratch.zero_()
 
 
-def _checked_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise GraphStepError(f"loss_fn must return a one-element tensor, got {type(loss)!r}")
+def _checked_outputs(output: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """(loss, *reported) and whether loss_fn returned a tuple."""
+    as_tuple = isinstance(output, tuple)
+    outputs = output if as_tuple else (output,)
+    if not outputs or not all(isinstance(t, torch.Tensor) for t in outputs):
+        raise GraphStepError(
+            f"loss_fn must return a tensor or a tuple of tensors, got {type(output)!r}"
+        )
+    loss = outputs[0]
+    if loss.numel() != 1:
+        shape = tuple(loss.shape)
+        raise GraphStepError(f"the loss must be a one-element tensor, got shape {shape}")
     if not loss.requires_grad:
         raise GraphStepError("the loss does not require grad: nothing to train")
-    return loss
+    return outputs, as_tuple
 
 
 def _refuse_parallel(model: nn.Module) -> None:

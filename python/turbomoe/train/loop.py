@@ -58,7 +58,7 @@ from turbomoe.train.progress import ProgressDisplay
 from turbomoe.train.report import banner_lines
 from turbomoe.train.sample import DEFAULT_PROMPT, sample_answer
 from turbomoe.train.schedule import Progress, WarmupCosine
-from turbomoe.train.step import evaluate, train_step
+from turbomoe.train.step import evaluate, graphed_train_step, train_step
 
 
 @dataclass
@@ -133,6 +133,11 @@ class _Run:
         torch.set_num_threads(threads)
         if c.lora.enabled and self.ranks.world > 1:
             raise ConfigError("lora.enabled under torchrun is not supported yet; use one process")
+        if c.train.cuda_graph and self.ranks.world > 1:
+            raise ConfigError(
+                "train.cuda_graph runs in one process: under torchrun the expert exchange and the "
+                "gradient reduction synchronise with the host inside the step"
+            )
 
         # Data is read and checked before the model is loaded, so a bad line fails in seconds.
         data_path = Path(c.data.path) if c.data.path else bundled_data_path()
@@ -152,6 +157,9 @@ class _Run:
         )
         model = parallelize(model, c.train.ep_size, self.ranks)
         self.parallel = self.ranks.world > 1
+        self.graphed = (
+            graphed_train_step(model, c.train.router_aux_loss_coef) if c.train.cuda_graph else None
+        )
 
         stream = BatchStream(
             dataset.examples,
@@ -308,6 +316,7 @@ class _Run:
                         device=self.device,
                         parallel=self.parallel,
                         global_supervised=self._loss_divisor(global_sup),
+                        graphed=self.graphed,
                     )
                     loss = all_mean(loss, self.ranks, self.device)
                     if self.device.type == "cuda":

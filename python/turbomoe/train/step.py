@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from turbomoe.train.batching import Batch
+from turbomoe.train.graph_step import GraphedStep
 
 
 def train_step(
@@ -22,8 +23,12 @@ def train_step(
     device: torch.device,
     parallel: bool,
     global_supervised: float,
+    graphed: GraphedStep | None = None,
 ) -> tuple[float, float | None, float]:
     """Returns (this rank's share of the loss, router aux loss, grad norm).
+
+    ``graphed`` (from :func:`graphed_train_step`, one micro-batch): the forward and backward run
+    through it, replayed from a CUDA graph once captured.
 
     Every micro-batch's loss is divided by the supervised tokens of the whole step over all
     ranks (global_supervised), so the accumulated gradient is that of one big batch regardless
@@ -32,10 +37,26 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     # Only a step with no supervised token at all needs a stand-in divisor; under torchrun the
-    # divisor is a per-rank share and may legitimately be below 1.
-    items = torch.tensor(global_supervised if global_supervised > 0 else 1, device=device)
+    # divisor is a per-rank share and may legitimately be below 1. Always float32, so that a
+    # captured step (graphed) sees the same input dtype at every step.
+    divisor = float(global_supervised if global_supervised > 0 else 1)
+    items = torch.tensor(divisor, dtype=torch.float32, device=device)
     total = torch.zeros((), device=device)
     aux_total: torch.Tensor | None = None
+    if graphed is not None:
+        if len(micro) != 1:
+            raise ValueError(f"a graphed step takes one micro-batch, got {len(micro)}")
+        batch = micro[0].to(device)
+        outputs = graphed(
+            **batch.model_inputs(),
+            use_cache=False,
+            num_items_in_batch=items,
+            output_router_logits=aux_coef > 0 or None,
+        )
+        assert isinstance(outputs, tuple)
+        total = outputs[1]
+        aux_total = outputs[2] if len(outputs) > 2 else None
+        micro = []  # done: the gradients are in place
     for batch in micro:
         batch = batch.to(device)
         out = model(
@@ -66,6 +87,21 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(total), None if aux_total is None else float(aux_total), float(grad_norm)
+
+
+def graphed_train_step(model: Any, aux_coef: float) -> GraphedStep:
+    """The GraphedStep for :func:`train_step`: its loss (plus ``aux_coef`` x the router's
+    load-balancing loss when that is on) is differentiated; the model's loss and the aux loss are
+    reported."""
+
+    def loss_fn(m: Any, **inputs: Any) -> tuple[torch.Tensor, ...]:
+        out = m(**inputs)
+        aux = getattr(out, "aux_loss", None)
+        if aux_coef > 0 and aux is not None:
+            return out.loss + aux_coef * aux, out.loss, aux
+        return out.loss, out.loss
+
+    return GraphedStep(model, loss_fn)
 
 
 @torch.no_grad()
