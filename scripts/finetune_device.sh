@@ -8,7 +8,9 @@
 # instruction set. Output: $OUT/finetune_1gpu.log, $OUT/finetune_torchrun.log, the runs'
 # metrics under /tmp (not brought back: only the summaries matter).
 #
-#   run: bash scripts/finetune_device.sh        knobs: FT_STEPS=40  FT_TIMEOUT=150
+# With FT_GRAPH=1 (default) the one-GPU run is repeated with --train.cuda_graph=true.
+#
+#   run: bash scripts/finetune_device.sh        knobs: FT_STEPS=40  FT_TIMEOUT=150  FT_GRAPH=1
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-out}
@@ -52,6 +54,14 @@ timeout -k 10 "$LIMIT" python3 -m turbomoe.cli finetune "${COMMON[@]}" \
   --train.output_dir=/tmp/ft_1gpu >"$OUT/finetune_1gpu.log" 2>&1
 echo "exit $?"
 tail -n 14 "$OUT/finetune_1gpu.log"
+
+if [ "${FT_GRAPH:-1}" = 1 ]; then
+  echo "== one GPU, steps replayed from a CUDA graph (train.cuda_graph)"
+  timeout -k 10 "$LIMIT" python3 -m turbomoe.cli finetune "${COMMON[@]}" --train.cuda_graph=true \
+    --train.output_dir=/tmp/ft_1gpu_graph >"$OUT/finetune_1gpu_graph.log" 2>&1
+  echo "exit $?"
+  tail -n 14 "$OUT/finetune_1gpu_graph.log"
+fi
 
 if [ "$GPUS" -ge 2 ]; then
   echo "== torchrun, $GPUS processes, ep_size $GPUS"

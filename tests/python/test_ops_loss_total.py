@@ -62,6 +62,34 @@ def test_equals_sum_of_per_row_op_bfloat16():
     assert rel(grads[1], weight.grad) < 1e-2
 
 
+@pytest.mark.parametrize("divisor", [7, 2.5, torch.tensor(9), torch.tensor([4.0])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_divisor_is_folded_into_the_gradients(divisor, dtype):
+    """total / divisor, and its gradients, as if the caller had divided: the division is applied
+    per row in float32 before the gradients are rounded to the tensors' dtype."""
+    hidden, weight, labels = inputs(7, dtype)
+    mean = linear_cross_entropy_total(hidden, weight, labels, divisor=divisor)
+    mean.backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = linear_cross_entropy_total(hidden, weight, labels)
+    by = float(divisor) if not torch.is_tensor(divisor) else float(divisor.item())
+    (plain / by).backward()
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert rel(mean, plain / by) < 1e-6
+    assert rel(got[0], hidden.grad) < tol and rel(got[1], weight.grad) < tol
+    h, w, ref = reference(hidden, weight, labels)
+    (ref / by).backward()
+    ref_tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(got[0], h.grad) < ref_tol and rel(got[1], w.grad) < ref_tol
+
+
+def test_a_divisor_with_several_elements_is_refused():
+    hidden, weight, labels = inputs(8)
+    with pytest.raises(ValueError, match="one element"):
+        linear_cross_entropy_total(hidden, weight, labels, divisor=torch.ones(2))
+
+
 def test_frozen_weight_gets_no_gradient():
     hidden, weight, labels = inputs(2)
     weight.requires_grad_(False)
@@ -98,5 +126,5 @@ def test_opcheck():
     hidden, weight, labels = inputs(6)
     torch.library.opcheck(
         torch.ops.turbomoe.linear_cross_entropy_total.default,
-        (hidden, weight, labels, -100, 5, True),
+        (hidden, weight, labels, -100, 5, True, torch.tensor(3.0)),
     )

@@ -84,18 +84,22 @@ def fused_causal_lm_loss(
         shift_labels = labels[..., 1:]
     rows = hidden.reshape(-1, hidden.shape[-1])
     targets = shift_labels.reshape(-1).to(rows.device)
-    if rows.is_cuda and torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
-        # Training on the GPU: the gradient of the sum is formed with the logits (three lm_head
-        # GEMMs instead of four); HF's reduction below is a single scale of that sum.
-        total = ops.linear_cross_entropy_total(rows, weight, targets, ignore_index=ignore_index)
-    else:
-        per_row = ops.linear_cross_entropy(rows, weight, targets, ignore_index=ignore_index)
-        total = per_row.sum()
     if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (targets != ignore_index).sum()
+        divisor = num_items_in_batch
+        if torch.is_tensor(divisor):
+            divisor = divisor.to(rows.device)
+    else:
+        divisor = (targets != ignore_index).sum()
+    if rows.is_cuda and torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
+        # Training on the GPU: the gradient of the mean is formed with the logits (three lm_head
+        # GEMMs instead of four), HF's division folded into it.
+        if not torch.is_tensor(divisor):
+            divisor = torch.tensor(float(divisor), dtype=torch.float32, device=rows.device)
+        return ops.linear_cross_entropy_total(
+            rows, weight, targets, ignore_index=ignore_index, divisor=divisor
+        )
+    per_row = ops.linear_cross_entropy(rows, weight, targets, ignore_index=ignore_index)
+    return per_row.sum() / divisor
 
 
 def _loss_and_logits(
