@@ -436,3 +436,35 @@ def overlap_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
             out["early"] = state.overlap.launched_during_backward
             out["buckets"] = len(state.overlap.buckets)
     return out
+
+
+def overlap_recovery_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
+    """A backward that raises halfway (after some buckets were launched), then a full step: the
+    step's gradients must be those of a model that never saw the failed backward."""
+    from turbomoe.parallel import grads
+
+    grads._BUCKET_ELEMENTS = 4096
+    batch = make_batch(seed=20 + rank)
+    out: dict[str, Any] = {}
+    for name, fail_first in (("recovered", True), ("clean", False)):
+        model = copy.deepcopy(base)
+        tp.parallelize(model, ep_size=world)
+        if fail_first:
+            hidden = model.model.layers[0].register_full_backward_hook(_raise_in_backward)
+            try:
+                (model(**batch).loss * world).backward()
+            except RuntimeError as exc:
+                assert "planned failure" in str(exc), exc
+            else:
+                raise AssertionError("the backward did not fail")
+            hidden.remove()
+            state = grads.parallel_state(model)
+            assert state.overlap is not None and state.overlap.in_backward
+            model.zero_grad(set_to_none=True)
+        (model(**batch).loss * world).backward()
+        out[name] = full_grads(model)
+    return out
+
+
+def _raise_in_backward(*_: Any) -> None:
+    raise RuntimeError("planned failure in the backward of layer 0")

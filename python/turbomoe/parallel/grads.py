@@ -260,6 +260,11 @@ def install_auto_sync(model: nn.Module) -> None:
         return grad
 
     def hook(module: nn.Module, args: object, output: object) -> None:
+        if state.sync_queued or (state.overlap is not None and state.overlap.in_backward):
+            # The last backward raised before its end-of-backward callback ran.
+            state.sync_queued = False
+            if state.overlap is not None:
+                state.overlap.reset()
         if not torch.is_grad_enabled():
             return
         anchor = _output_anchor(output)

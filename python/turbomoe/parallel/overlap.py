@@ -94,6 +94,22 @@ class DenseGradOverlap:
         for bucket in self.buckets:
             bucket.ready = 0
 
+    @property
+    def in_backward(self) -> bool:
+        """A backward has counted gradients and not yet called :meth:`finish`."""
+        return bool(self._inflight) or any(b.ready for b in self.buckets)
+
+    def reset(self) -> None:
+        """Forgets a backward that raised before its end: waits for the all-reduces it launched
+        (every rank launched the same ones) and drops their results, so that the next backward
+        counts from zero instead of launching buckets with stale counts."""
+        for job in self._inflight:
+            job.work.wait()
+        self._inflight = []
+        self._next = 0
+        for bucket in self.buckets:
+            bucket.ready = 0
+
     def _launch(self, bucket: _Bucket) -> None:
         self._next += 1
         first = bucket.params[0]

@@ -168,18 +168,22 @@ class GraphedStep:
         arguments = {**batch, **inputs}
         graph = torch.cuda.CUDAGraph()
         try:
-            positions_generated = "position_ids" not in batch
+            positions_generated = batch.get("position_ids") is None
             with keep_causal_skip_while_capturing(positions_generated), torch.cuda.graph(graph):
                 outputs, as_tuple = _checked_outputs(self.loss_fn(self.model, **arguments))
                 outputs[0].backward()
         except Exception as exc:
             for p in trainable:
                 p.grad = None
-            _end_rng_capture()
+            also = ""
+            try:
+                _end_rng_capture()
+            except Exception as rng_exc:  # the capture's own error stays the one reported
+                also = f" Resetting the CUDA generator failed too ({rng_exc})."
             raise GraphStepError(
                 f"capturing the step in a CUDA graph failed ({type(exc).__name__}: {exc}). "
                 "Something in the forward or backward synchronises with the host or allocates "
-                "outside PyTorch; run the step eagerly instead of through GraphedStep."
+                f"outside PyTorch; run the step eagerly instead of through GraphedStep.{also}"
             ) from exc
         grads = [(p, p.grad) for p in trainable]
         for p in trainable:
