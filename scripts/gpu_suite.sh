@@ -56,7 +56,7 @@ CTEST_TIMEOUT=${CTEST_TIMEOUT:-120}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
-FINETUNE_TIMEOUT=${FINETUNE_TIMEOUT:-200}
+FINETUNE_TIMEOUT=${FINETUNE_TIMEOUT:-260}
 MULTIGPU_TIMEOUT=${MULTIGPU_TIMEOUT:-240}
 # Whole-suite budget: a stage gets at most what is left of it, so the summary is always printed
 # before an outer limit (10 minutes per command on the device) kills the script.
@@ -267,7 +267,7 @@ fi
 if [ "${STATUS[build]}" = ok ] && [ "$SKIP_FINETUNE" = 1 ]; then
   DETAIL[finetune]="SKIP_FINETUNE=1"
 elif [ "${STATUS[build]}" = ok ]; then
-  run_stage finetune "$FINETUNE_TIMEOUT" env OUT="$OUT" FT_TIMEOUT=$((FINETUNE_TIMEOUT / 2 - 15)) \
+  run_stage finetune "$FINETUNE_TIMEOUT" env OUT="$OUT" FT_TIMEOUT=$((FINETUNE_TIMEOUT / 3 - 10)) \
     bash scripts/finetune_device.sh
   # "exit N" per run, then each run's throughput line.
   runs=$(grep -c "^exit 0" "$OUT/finetune.log" || true)

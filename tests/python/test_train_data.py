@@ -295,3 +295,27 @@ def test_stream_pads_to_the_configured_multiple():
     stream = BatchStream(examples, 2, 0, seed=1, max_length=16, max_epochs=1, pad_to_multiple_of=8)
     widths = {b.input_ids.shape[1] for b in stream}
     assert widths <= {8, 16}
+
+
+def test_fixed_shape_pads_every_packed_batch_to_one_shape():
+    """fixed_shape (train.cuda_graph): every batch [batch_size, max_length], the epoch's last one
+    too; the padding rows carry no loss and leave the real rows (tokens, labels, positions) as
+    the variable-shape stream has them."""
+    examples = [Encoded(list(range(1, 2 + i % 5)), list(range(1, 2 + i % 5))) for i in range(11)]
+    fixed = BatchStream(examples, 2, 0, seed=5, packing=True, max_length=8, fixed_shape=True)
+    plain = BatchStream(examples, 2, 0, seed=5, packing=True, max_length=8)
+    per_epoch = plain.batches_per_epoch()
+    shapes = set()
+    for _ in range(per_epoch):
+        a, b = next(fixed), next(plain)
+        assert a.input_ids.shape == (2, 8)
+        rows, width = b.input_ids.shape
+        shapes.add((rows, width))
+        assert torch.equal(a.input_ids[:rows, :width], b.input_ids)
+        assert torch.equal(a.labels[:rows, :width], b.labels)
+        assert torch.equal(a.position_ids[:rows, :width], b.position_ids)
+        assert (a.labels[rows:] == -100).all() and (a.labels[:, width:] == -100).all()
+        assert (a.tokens, a.supervised) == (b.tokens, b.supervised)
+    assert len(shapes) > 1  # the variable stream did change shape: the padding was exercised
+    with pytest.raises(ValueError, match="packing"):
+        BatchStream(examples, 3, 0, seed=5, max_length=12, fixed_shape=True)

@@ -139,6 +139,21 @@ def test_cuda_graph_option_trains_the_same(run, tmp_path):
         config.validate()
 
 
+def test_cuda_graph_with_packing_pads_batches_to_one_shape(tmp_path):
+    """With packing, train.cuda_graph pads every batch to [batch_size, max_length]: the padding
+    carries no loss, so the loss curve is the plain packed run's (to float rounding)."""
+    curves = []
+    for graph in (False, True):
+        out = tmp_path / str(graph)
+        config = _config(out, max_steps=4)
+        config.set("data.packing", True)
+        config.set("data.max_length", 256)
+        config.set("train.cuda_graph", graph)
+        finetune(config, echo=lambda _: None)
+        curves.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()])
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
 def test_finetune_a_local_hf_model_on_prompt_completion_data(run, tmp_path):
     result, _ = run
     data = tmp_path / "pc.jsonl"

@@ -80,16 +80,30 @@ def collate(
 
 
 def collate_packed(
-    rows: list[list[Encoded]], pad_id: int, epoch: int = 0, multiple: int = 1, limit: int = 0
+    rows: list[list[Encoded]],
+    pad_id: int,
+    epoch: int = 0,
+    multiple: int = 1,
+    limit: int = 0,
+    shape: tuple[int, int] | None = None,
 ) -> Batch:
     """Each row holds several documents back to back. A document's first label is masked: HF
     shifts labels inside the loss, so that label would be predicted from the previous document's
     last token. (Unpacked, the first token is never a target either, so losses match exactly.)
-    Padding at the row end gets positions 0, 1, ... of its own: a separate 'document'."""
-    width = padded_width(max(sum(len(e.input_ids) for e in row) for row in rows), multiple, limit)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    Padding at the row end gets positions 0, 1, ... of its own: a separate 'document'.
+
+    ``shape`` (rows, width): pad to exactly that, with rows of padding only (no loss) after the
+    real ones, so that every batch has one shape (a replayed CUDA graph needs it)."""
+    longest = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = padded_width(longest, multiple, limit)
+    count = len(rows)
+    if shape is not None:
+        count, width = shape
+        if len(rows) > count or longest > width:
+            raise ValueError(f"{len(rows)} rows of up to {longest} tokens exceed shape {shape}")
+    input_ids = torch.full((count, width), pad_id, dtype=torch.long)
+    labels = torch.full((count, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width).repeat(count, 1)  # padding rows: one 'document' each
     tokens = 0
     for r, row in enumerate(rows):
         at = 0
@@ -127,7 +141,8 @@ def pack(examples: list[Encoded], order: list[int], max_length: int) -> list[lis
 class BatchStream:
     """Batches forever (or for max_epochs), reshuffled each epoch from (seed, epoch) so any
     position can be rebuilt without replaying the stream; the last batch of an epoch may be
-    smaller. With shard=(rank, world), each rank takes every world-th batch."""
+    smaller (unless ``fixed_shape``). With shard=(rank, world), each rank takes every world-th
+    batch."""
 
     def __init__(
         self,
@@ -142,7 +157,10 @@ class BatchStream:
         shard: tuple[int, int] = (0, 1),
         shuffle: bool = True,
         pad_to_multiple_of: int = 1,
+        fixed_shape: bool = False,
     ) -> None:
+        if fixed_shape and not (packing and max_length > 0):
+            raise ValueError("fixed_shape needs packing and a max_length")
         self.examples = examples
         self.batch_size = batch_size
         self.pad_id = pad_id
@@ -153,6 +171,8 @@ class BatchStream:
         self.rank, self.world = shard
         self.shuffle = shuffle
         self.pad_to_multiple_of = pad_to_multiple_of
+        # Every batch [batch_size, max_length] (packing only): one shape for a CUDA graph.
+        self.fixed_shape = fixed_shape
         self.epoch = 0
         self.index = 0  # next batch of this epoch, counted over all ranks
         self._units: list[list[int]] | None = None
@@ -190,7 +210,8 @@ class BatchStream:
             shape = (self.pad_to_multiple_of, self.max_length)
             if self.packing:
                 rows = [[self.examples[i] for i in row] for row in chunk]
-                return collate_packed(rows, self.pad_id, self.epoch, *shape)
+                fixed = (self.batch_size, self.max_length) if self.fixed_shape else None
+                return collate_packed(rows, self.pad_id, self.epoch, *shape, shape=fixed)
             singles = [self.examples[row[0]] for row in chunk]
             return collate(singles, self.pad_id, self.epoch, *shape)
 

@@ -120,8 +120,9 @@ class TrainSection:
     )
     cuda_graph: bool = _key(
         False,
-        "one process: replay each training step from a CUDA graph captured per batch shape "
-        "(turbomoe.train.GraphedStep; needs grad_accum 1; batches of other shapes run eagerly)",
+        "one process: replay each training step from a CUDA graph (turbomoe.train."
+        "GraphedStep; needs grad_accum 1). With data.packing every batch is padded to "
+        "[batch_size, max_length] so all replay; otherwise other shapes run eagerly",
     )
 
 

@@ -170,6 +170,8 @@ class _Run:
             max_length=max_length,
             shard=(self.ranks.rank, self.ranks.world),
             pad_to_multiple_of=c.data.pad_to_multiple_of,
+            # A replayed step needs one batch shape: packed batches are padded to it.
+            fixed_shape=c.train.cuda_graph and c.data.packing,
         )
         per_step = c.train.grad_accum * self.ranks.world
         steps_per_epoch = math.ceil(stream.batches_per_epoch() / per_step)
