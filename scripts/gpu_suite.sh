@@ -274,7 +274,7 @@ elif [ "${STATUS[build]}" = ok ]; then
   total=$(grep -c "^exit " "$OUT/finetune.log" || true)
   tps=$(grep -h "^throughput" "$OUT"/finetune_*.log 2>/dev/null | awk '{print $2}' |
     paste -sd/ - || true)
-  DETAIL[finetune]="${runs}/${total} runs ok; tokens/s ${tps:-?} (1 GPU / torchrun)"
+  DETAIL[finetune]="${runs}/${total} runs ok; tokens/s ${tps:-?} (1 GPU / 1 GPU CUDA graph / torchrun)"
   if [ "$RC" -eq 0 ] && [ "$total" -gt 0 ] && [ "$runs" = "$total" ]; then
     STATUS[finetune]=ok
   else
