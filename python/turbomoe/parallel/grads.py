@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
+from turbomoe.parallel.buckets import average
 from turbomoe.parallel.overlap import DenseGradOverlap
 
 try:
@@ -80,57 +81,8 @@ def parallel_state(model: nn.Module) -> ParallelState:
 
 
 def _average(params: list[nn.Parameter], group: ProcessGroup) -> None:
-    """Average the gradients of params over group, in flat buckets.
-
-    Each bucket carries one flag per parameter (1 where this rank has a gradient) so that a
-    gradient that is None on every rank stays None, and None on some ranks counts as zeros.
-    """
-    size = dist.get_world_size(group)
-    if size == 1 or not params:
-        return
-    buckets: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-    for p in params:
-        buckets.setdefault((p.dtype, p.device), []).append(p)
-    for (dtype, device), members in buckets.items():
-        start = 0
-        while start < len(members):
-            chunk: list[nn.Parameter] = []
-            elements = 0
-            while start < len(members) and (not chunk or elements < _BUCKET_ELEMENTS):
-                chunk.append(members[start])
-                elements += members[start].numel()
-                start += 1
-            _average_bucket(chunk, group, size, dtype, device)
-
-
-def _average_bucket(
-    chunk: list[nn.Parameter],
-    group: ProcessGroup,
-    size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    parts = [
-        p.grad.reshape(-1)
-        if p.grad is not None
-        else torch.zeros(p.numel(), dtype=dtype, device=device)
-        for p in chunk
-    ]
-    flags = torch.tensor([p.grad is not None for p in chunk], dtype=dtype, device=device)
-    flat = torch.cat([*parts, flags])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat[: flat.numel() - len(chunk)].div_(size)
-    present = flat[flat.numel() - len(chunk) :].tolist()
-    offset = 0
-    for p, has in zip(chunk, present, strict=True):
-        n = p.numel()
-        if has:
-            reduced = flat[offset : offset + n].view_as(p)
-            if p.grad is None:
-                p.grad = reduced.clone()
-            else:
-                p.grad.copy_(reduced)
-        offset += n
+    """Average the gradients of params over group, in flat buckets (buckets.average)."""
+    average(params, group, _BUCKET_ELEMENTS)
 
 
 def _replicated_dense(model: nn.Module, experts: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -14,8 +14,7 @@ the same order whatever its own gradients are (a rank that falls behind issues i
 end of the backward), so a parameter unused on one rank costs overlap, never a mismatch or a hang.
 
 Buckets hold parameters in reverse registration order, about the order in which the backward
-finishes them; one extra value per parameter (1 where this rank has a gradient) travels with each
-bucket and is read on the host only when some gradient of the bucket is None here.
+finishes them; packing, the presence flags and the copy back are ``buckets.py``'s.
 """
 
 from __future__ import annotations
@@ -28,16 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-
-@dataclass
-class _Bucket:
-    params: list[nn.Parameter]
-    ready: int = 0  # parameters whose gradient this backward has finished
+from turbomoe.parallel.buckets import Bucket, make_buckets, pack, unpack
 
 
 @dataclass
 class _InFlight:
-    bucket: _Bucket
+    bucket: Bucket
     work: dist.Work
     flat: torch.Tensor
     missing: bool  # some parameter of the bucket had no gradient on this rank
@@ -61,7 +56,7 @@ class DenseGradOverlap:
         self.group = group
         self._notify = on_grad
         self.size = dist.get_world_size(group)
-        self.buckets = _make_buckets(list(reversed(params)), bucket_elements)
+        self.buckets = make_buckets(list(reversed(params)), bucket_elements)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.covered = frozenset(self._bucket_of)  # ids of the parameters in the buckets
         self._next = 0  # the next bucket to launch: every rank launches them in this order
@@ -110,20 +105,9 @@ class DenseGradOverlap:
         for bucket in self.buckets:
             bucket.ready = 0
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         self._next += 1
-        first = bucket.params[0]
-        grads = [p.grad for p in bucket.params]
-        parts = [
-            g.reshape(-1) if g is not None else first.new_zeros(p.numel())
-            for p, g in zip(bucket.params, grads, strict=True)
-        ]
-        missing = any(g is None for g in grads)
-        flags = first.new_ones(len(grads))  # a fill, not a host-to-device copy (which would sync)
-        for i, g in enumerate(grads):
-            if g is None:
-                flags[i] = 0
-        flat = torch.cat([*parts, flags])
+        flat, missing = pack(bucket.params)
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         assert work is not None
         self._inflight.append(_InFlight(bucket, work, flat, missing))
@@ -134,40 +118,7 @@ class DenseGradOverlap:
         for job in self._inflight:
             if block or job.work.is_completed():
                 job.work.wait()
-                _copy_back(job, self.size)
+                unpack(job.bucket.params, job.flat, job.missing, self.size)
             else:
                 pending.append(job)
         self._inflight = pending
-
-
-def _copy_back(job: _InFlight, size: int) -> None:
-    params = job.bucket.params
-    values = job.flat[: job.flat.numel() - len(params)]
-    values.div_(size)
-    present = (
-        job.flat[values.numel() :].tolist() if job.missing else [1.0] * len(params)
-    )  # a host read only when some gradient was None on this rank
-    views = values.split([p.numel() for p in params])
-    for p, view, anywhere in zip(params, views, present, strict=True):
-        if not anywhere:
-            continue  # None on every rank: stays None
-        if p.grad is None:
-            p.grad = view.view_as(p).clone()
-        else:
-            p.grad.copy_(view.view_as(p))
-
-
-def _make_buckets(params: list[nn.Parameter], bucket_elements: int) -> list[_Bucket]:
-    """Consecutive runs of one dtype and device, closed once they reach ``bucket_elements``."""
-    buckets: list[_Bucket] = []
-    elements = 0
-    for p in params:
-        last = buckets[-1].params if buckets else None
-        same_kind = last is not None and (last[0].dtype, last[0].device) == (p.dtype, p.device)
-        if not same_kind or elements >= bucket_elements:
-            buckets.append(_Bucket([p]))
-            elements = p.numel()
-        else:
-            buckets[-1].params.append(p)
-            elements += p.numel()
-    return buckets
