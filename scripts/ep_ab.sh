@@ -5,6 +5,9 @@
 #   AB_ARGS="--layers 48 --steps 6 --warmup 2 --only turbomoe"   bench flags for every run
 #   AB_RUNS="base TURBOMOE_DENSE_OVERLAP=0"   space-separated; "base" is no change, else
 #       comma-separated items: --flag=value adds a bench flag, VAR=VALUE sets an environment variable
+#   AB_REPEAT=1   rounds over all runs, interleaved (A B A B ...): at 48 layers on 4 GPUs the
+#       forward of one launch varied by up to 35% from the next, so one launch per variant
+#       cannot rank changes of a few percent
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-out}
@@ -12,23 +15,27 @@ mkdir -p "$OUT"
 BUILD_DIR=${BUILD_DIR:-build/gpu}
 AB_ARGS=${AB_ARGS:---layers 48 --steps 6 --warmup 2 --only turbomoe}
 AB_RUNS=${AB_RUNS:-base}
+AB_REPEAT=${AB_REPEAT:-1}
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA=ON \
   -DTM_BUILD_TESTS=OFF -DTM_CUDA_ARCHITECTURES=90a-real >"$OUT/ab_build.log" 2>&1
 ninja -C "$BUILD_DIR" >>"$OUT/ab_build.log" 2>&1
 export PYTHONPATH=$PWD/python TURBOMOE_LIBRARY=$PWD/$BUILD_DIR/libturbomoe.so
 read -r -a args <<<"$AB_ARGS"
-for tag in $AB_RUNS; do
-  envs=() flags=()
-  if [ "$tag" != base ]; then
-    IFS=, read -r -a items <<<"$tag"
-    for item in "${items[@]}"; do
-      if [[ $item == --* ]]; then flags+=("$item"); else envs+=("$item"); fi
-    done
-  fi
-  name=${tag//[^A-Za-z0-9_]/_}
-  echo "== $tag"
-  env "${envs[@]}" torchrun --standalone --nproc_per_node="$GPUS" -m turbomoe.bench "${args[@]}" \
-    "${flags[@]}" --json "$OUT/ab_$name.json" >"$OUT/ab_$name.txt" 2>"$OUT/ab_$name.err" || true
-  grep -A3 '^run ' "$OUT/ab_$name.txt" || tail -n 20 "$OUT/ab_$name.err"
+for round in $(seq 1 "$AB_REPEAT"); do
+  for tag in $AB_RUNS; do
+    envs=() flags=()
+    if [ "$tag" != base ]; then
+      IFS=, read -r -a items <<<"$tag"
+      for item in "${items[@]}"; do
+        if [[ $item == --* ]]; then flags+=("$item"); else envs+=("$item"); fi
+      done
+    fi
+    name=${tag//[^A-Za-z0-9_]/_}_r$round
+    echo "== $tag (round $round)"
+    env "${envs[@]}" torchrun --standalone --nproc_per_node="$GPUS" -m turbomoe.bench \
+      "${args[@]}" "${flags[@]}" --json "$OUT/ab_$name.json" >"$OUT/ab_$name.txt" \
+      2>"$OUT/ab_$name.err" || true
+    grep -A3 '^run ' "$OUT/ab_$name.txt" || tail -n 20 "$OUT/ab_$name.err"
+  done
 done
