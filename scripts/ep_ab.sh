@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Expert-parallel A/B runs in one device call: builds the library, then runs `turbomoe bench`
 # under torchrun over every GPU once per setting (no profile), printing each run's table.
+# Outputs: ab_runs.tar.gz (each run's JSON, table and stderr, and the build log).
 #
 #   AB_ARGS="--layers 48 --steps 6 --warmup 2 --only turbomoe"   bench flags for every run
 #   AB_RUNS="base TURBOMOE_DENSE_OVERLAP=0"   space-separated; "base" is no change, else
@@ -39,3 +40,6 @@ for round in $(seq 1 "$AB_REPEAT"); do
     grep -A3 '^run ' "$OUT/ab_$name.txt" || tail -n 20 "$OUT/ab_$name.err"
   done
 done
+# At most 8 files come back from the device: the runs' outputs travel as one archive.
+(cd "$OUT" && tar czf ab_runs.tar.gz ab_*.json ab_*.txt ab_*.err ab_build.log 2>/dev/null &&
+  rm -f ab_*.json ab_*.txt ab_*.err ab_build.log)
