@@ -9,7 +9,7 @@ import torch
 from hf_models import assert_grads_close, build_model, loss_and_grads, make_batch
 
 import turbomoe  # noqa: F401  (patches the tiny model onto turbomoe's ops)
-from turbomoe.parallel.grads import STATE_ATTR
+from turbomoe.parallel.grads import STATE_ATTR, ParallelState
 from turbomoe.train.graph_step import GraphedStep, GraphStepError
 
 
@@ -108,7 +108,7 @@ def test_settings_and_parallel_models_are_checked() -> None:
         GraphedStep(model, warmup_steps=0)
     with pytest.raises(ValueError, match="max_graphs"):
         GraphedStep(model, max_graphs=-1)
-    setattr(model, STATE_ATTR, object())
+    setattr(model, STATE_ATTR, ParallelState(mesh=None, ep_size=2, fsdp=False))  # type: ignore[arg-type]
     with pytest.raises(GraphStepError, match="single-GPU"):
         GraphedStep(model)
 

@@ -231,11 +231,10 @@ def _checked_outputs(output: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
 
 
 def _refuse_parallel(model: nn.Module) -> None:
-    from turbomoe.parallel.grads import STATE_ATTR, DTensor
-    from turbomoe.parallel.mesh import EP_ATTR
+    from turbomoe.parallel.grads import DTensor
+    from turbomoe.parallel.shard import is_parallelized
 
-    parallel = hasattr(model, STATE_ATTR) or any(hasattr(m, EP_ATTR) for m in model.modules())
-    if parallel or any(isinstance(p, DTensor) for p in model.parameters()):
+    if is_parallelized(model) or any(isinstance(p, DTensor) for p in model.parameters()):
         raise GraphStepError(
             "GraphedStep runs single-GPU models only: the expert-parallel exchange and FSDP "
             "synchronise with the host inside the step"
