@@ -93,8 +93,6 @@ def fused_causal_lm_loss(
     if rows.is_cuda and torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
         # Training on the GPU: the gradient of the mean is formed with the logits (three lm_head
         # GEMMs instead of four), HF's division folded into it.
-        if not torch.is_tensor(divisor):
-            divisor = torch.tensor(float(divisor), dtype=torch.float32, device=rows.device)
         return ops.linear_cross_entropy_total(
             rows, weight, targets, ignore_index=ignore_index, divisor=divisor
         )
