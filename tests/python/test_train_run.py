@@ -139,6 +139,23 @@ def test_cuda_graph_option_trains_the_same(run, tmp_path):
         config.validate()
 
 
+def test_router_aux_loss_through_the_graphed_step_trains_the_same(tmp_path):
+    """With the router's load-balancing loss on, train.cuda_graph's step differentiates and
+    reports the same loss and aux loss as the eager micro-batch loop."""
+    logs = []
+    for graph in (False, True):
+        out = tmp_path / str(graph)
+        config = _config(out, max_steps=3)
+        config.set("train.router_aux_loss_coef", 0.01)
+        config.set("train.cuda_graph", graph)
+        finetune(config, echo=lambda _: None)
+        logs.append([json.loads(line) for line in (out / "metrics.jsonl").open()])
+    for key in ("loss", "aux_loss"):
+        first = [row[key] for row in logs[0]]
+        assert all(v is not None for v in first), key
+        assert first == [row[key] for row in logs[1]], key
+
+
 def test_cuda_graph_with_packing_pads_batches_to_one_shape(tmp_path):
     """With packing, train.cuda_graph pads every batch to [batch_size, max_length]: the padding
     carries no loss, so the loss curve is the plain packed run's (to float rounding)."""

@@ -40,42 +40,28 @@ def train_step(
     # divisor is a per-rank share and may legitimately be below 1. Always float32, so that a
     # captured step (graphed) sees the same input dtype at every step.
     divisor = float(global_supervised if global_supervised > 0 else 1)
-    items = torch.tensor(divisor, dtype=torch.float32, device=device)
-    total = torch.zeros((), device=device)
-    aux_total: torch.Tensor | None = None
+    inputs = {
+        "use_cache": False,
+        "num_items_in_batch": torch.tensor(divisor, dtype=torch.float32, device=device),
+        "output_router_logits": aux_coef > 0 or None,
+    }
     if graphed is not None:
         if len(micro) != 1:
             raise ValueError(f"a graphed step takes one micro-batch, got {len(micro)}")
-        batch = micro[0].to(device)
-        outputs = graphed(
-            **batch.model_inputs(),
-            use_cache=False,
-            num_items_in_batch=items,
-            output_router_logits=aux_coef > 0 or None,
-        )
+        outputs = graphed(**micro[0].to(device).model_inputs(), **inputs)
         assert isinstance(outputs, tuple)
-        total = outputs[1]
-        aux_total = outputs[2] if len(outputs) > 2 else None
-        micro = []  # done: the gradients are in place
-    for batch in micro:
-        batch = batch.to(device)
-        out = model(
-            **batch.model_inputs(),
-            use_cache=False,
-            num_items_in_batch=items,
-            output_router_logits=aux_coef > 0 or None,
-        )
-        loss = out.loss
-        aux = getattr(out, "aux_loss", None)
-        if aux_coef > 0 and aux is not None:
-            # The model's own coefficient is 0 (see loop._prepare_aux_loss): added here once per
-            # step, averaged over micro-batches, rather than once per micro-batch.
-            loss = loss + aux_coef * aux / len(micro)
-        loss.backward()
-        total += out.loss.detach()
-        if aux is not None:
-            share = aux.detach() / len(micro)
-            aux_total = share if aux_total is None else aux_total + share
+        total, aux_total = outputs[1], (outputs[2] if len(outputs) > 2 else None)
+    else:
+        total = torch.zeros((), device=device)
+        aux_total = None
+        for batch in micro:
+            arguments = {**batch.to(device).model_inputs(), **inputs}
+            trained, loss, aux = micro_loss(model, arguments, aux_coef, len(micro))
+            trained.backward()
+            total += loss.detach()
+            if aux is not None:
+                share = aux.detach() / len(micro)
+                aux_total = share if aux_total is None else aux_total + share
     params = [p for p in model.parameters() if p.grad is not None]
     clip = max_grad_norm if max_grad_norm > 0 else math.inf
     if parallel:
@@ -89,17 +75,26 @@ def train_step(
     return float(total), None if aux_total is None else float(aux_total), float(grad_norm)
 
 
-def graphed_train_step(model: Any, aux_coef: float) -> GraphedStep:
-    """The GraphedStep for :func:`train_step`: its loss (plus ``aux_coef`` x the router's
-    load-balancing loss when that is on) is differentiated; the model's loss and the aux loss are
-    reported."""
+def micro_loss(
+    model: Any, arguments: dict[str, Any], aux_coef: float, parts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(what one of ``parts`` micro-batches differentiates, the model's loss, the router aux
+    loss or None). The model's own aux coefficient is 0 (see loop._prepare_aux_loss): the aux
+    term is added here, once per step in all, averaged over the micro-batches."""
+    out = model(**arguments)
+    aux = getattr(out, "aux_loss", None)
+    if aux_coef > 0 and aux is not None:
+        return out.loss + aux_coef * aux / parts, out.loss, aux
+    return out.loss, out.loss, aux
 
-    def loss_fn(m: Any, **inputs: Any) -> tuple[torch.Tensor, ...]:
-        out = m(**inputs)
-        aux = getattr(out, "aux_loss", None)
-        if aux_coef > 0 and aux is not None:
-            return out.loss + aux_coef * aux, out.loss, aux
-        return out.loss, out.loss
+
+def graphed_train_step(model: Any, aux_coef: float) -> GraphedStep:
+    """The GraphedStep for :func:`train_step` (one micro-batch): it differentiates and reports
+    what :func:`micro_loss` returns."""
+
+    def loss_fn(m: Any, **arguments: Any) -> tuple[torch.Tensor, ...]:
+        trained, loss, aux = micro_loss(m, arguments, aux_coef, 1)
+        return (trained, loss) if aux is None else (trained, loss, aux)
 
     return GraphedStep(model, loss_fn)
 
