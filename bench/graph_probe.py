@@ -1,7 +1,7 @@
 """Eager steps against GraphedStep replays of the same turbomoe model on one GPU.
 
 Prints, for the Qwen3-30B-A3B shape with --layers layers: the step time of each (CUDA events,
-mean of --steps after warm-up), whether one replay reproduces the eager step's loss and
+median of --steps after warm-up), whether one replay reproduces the eager step's loss and
 gradients from the same weights and batch (max relative difference per parameter), and the
 per-kernel tables of both under torch.profiler, so that a slower replay can be traced to kernels
 that run differently inside the graph or to gaps between them.
@@ -12,14 +12,13 @@ that run differently inside the graph or to gaps between them.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 import turbomoe  # noqa: F401  (patches the model onto turbomoe's ops)
 from turbomoe.bench.models import build_model, qwen3_30b_a3b_config
 from turbomoe.bench.profiling import Profile, profile_steps
-from turbomoe.bench.timing import StepTimer
+from turbomoe.bench.timing import median_ms
 from turbomoe.train.graph_step import GraphedStep
 
 
@@ -31,21 +30,6 @@ def _eager(model: torch.nn.Module, batch: dict[str, object]) -> torch.Tensor:
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _time(fn: object, steps: int, model: torch.nn.Module) -> list[float]:
-    out = []
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        timer = StepTimer(torch.device("cuda"))
-        timer.start()
-        fn()  # type: ignore[operator]
-        timer.forward_done()
-        timer.backward_done()
-        fwd, _ = timer.elapsed_ms()
-        out.append(fwd)
-        model.zero_grad(set_to_none=True)
-    return out
 
 
 def _table(name: str, prof: Profile, top: int) -> None:
@@ -90,12 +74,13 @@ def main() -> None:
     print(f"grads: {sum(d == 0 for d in diffs.values())}/{len(diffs)} bitwise equal; worst {worst}")
     model.zero_grad(set_to_none=True)
 
-    eager_ms = _time(lambda: _eager(model, batch), args.steps, model)
-    graph_ms = _time(lambda: graphed(**batch), args.steps, model)
-    tokens = args.seq
-    for name, ms in (("eager", eager_ms), ("graph", graph_ms)):
-        mean = statistics.fmean(ms)
-        print(f"{name}: {mean:.2f} ms/step ({tokens / mean * 1e3:,.0f} TPS), steps {ms}")
+    def clear() -> None:
+        model.zero_grad(set_to_none=True)
+
+    # Gradients are dropped between calls (outside the window), as an optimizer step would.
+    for name, fn in (("eager", lambda: _eager(model, batch)), ("graph", lambda: graphed(**batch))):
+        ms = median_ms(fn, device, warmup=0, reps=args.steps, before=clear)  # warmed up above
+        print(f"{name}: {ms:.2f} ms/step median of {args.steps} ({args.seq / ms * 1e3:,.0f} TPS)")
 
     def eager_step() -> None:
         _eager(model, batch)
