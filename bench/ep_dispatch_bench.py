@@ -6,12 +6,14 @@ issue's benchmark), run under torchrun with one process per GPU.
 
 Each rank routes T tokens (default 4096 x hidden 2048, bf16, top-8 of 128 experts, uniform
 random experts) through ``turbomoe.parallel.dispatch`` and back through ``combine_back`` with
-the received rows as the "expert output". Checked first, on every rank: the received blocks hold
-exactly the rows of the tokens routed to this rank (bitwise), and the round trip returns
-n_t · x_t for every token t (n_t = the ranks it went to; bitwise against the float32 product
-rounded once). Then timed with CUDA events (median of --reps after --warmup): dispatch, combine,
-and an equal-split ``all_to_all_single`` moving the same padded volume (the transport's own
-ceiling in this run) and a large one (256 MiB per rank: the link's practical peak).
+the received rows as the "expert output", once per transport: NCCL all-to-all, then the NVLink
+peer exchange (CUDA IPC, ``TURBOMOE_EP_NVLINK_CTAS`` SMs per push). Checked first, on every rank:
+the received blocks hold exactly the rows of the tokens routed to this rank (bitwise), and the
+round trip returns n_t · x_t for every token t (n_t = the ranks it went to; bitwise against the
+float32 product rounded once). Then timed with CUDA events (median of --reps after --warmup):
+dispatch, combine, and the references of the same run: the NVLink push alone of the same padded
+volume, and of 256 MiB per rank with every SM (the link's practical peak); NCCL's
+``all_to_all_single`` of the same volume and of 256 MiB.
 
 Bandwidth per GPU counts the bytes a rank sends to other ranks: "payload" only the rows of
 routed tokens, "padded" every row of the fixed blocks (what crosses the wire).
@@ -31,8 +33,10 @@ import torch.distributed as dist
 
 import turbomoe.parallel as tp
 from turbomoe.bench.timing import median_ms
+from turbomoe.parallel.comm import set_transport
 from turbomoe.parallel.dispatch import combine_back, dispatch
 from turbomoe.parallel.mesh import ExpertShard
+from turbomoe.parallel.nvlink import PeerExchange
 
 
 def main() -> int:
@@ -63,7 +67,55 @@ def main() -> int:
     ids = torch.stack(picks).to(device)
     weights = torch.rand(a.tokens, a.top_k, generator=gen).to(device)
 
-    # ---- exactness
+    transports = ["nccl", "nvlink"] if cuda else ["nccl"]
+    elem = torch.finfo(dtype).bits // 8
+    row: dict[str, object] = {"rank": rank}
+    for mode in transports:
+        peer = set_transport(dist.group.WORLD, mode)
+        name = "gloo" if not cuda else ("nvlink" if peer is not None else "nccl")
+        row[f"{name}_sms"] = peer.ctas if peer is not None else "nccl's"
+        row |= _measure(name, shard, x, ids, weights, a, device)
+        if peer is not None:
+            row |= _link_peaks(peer, a, device, elem)
+    row |= _nccl_peaks(shard, a, device, dtype, elem)
+    rows: list[dict[str, object]] = [{} for _ in range(world)]
+    dist.all_gather_object(rows, row)
+    ok = all(v for r in rows for k, v in r.items() if k.endswith("_exact"))
+    if rank == 0:
+        name = torch.cuda.get_device_name(device) if cuda else "cpu (gloo: timings meaningless)"
+        cap = a.tokens
+        print(
+            f"EP dispatch/combine, {world} ranks on {name}: {a.tokens} tokens x hidden "
+            f"{a.hidden} bf16, top-{a.top_k} of {a.experts} experts; block {cap} rows per peer"
+        )
+        keys = [k for k in row if k != "rank"]
+        for k in keys:
+            print(f"{k:>34} " + " ".join(f"{_fmt(r[k]):>10}" for r in rows))
+        print("exact: " + ("yes" if ok else "NO"))
+        if a.json:
+            a.json.write_text(json.dumps({"args": vars(a) | {"json": None}, "ranks": rows}))
+    set_transport(dist.group.WORLD, "nccl")  # frees the NVLink buffers collectively
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def _gbs(nbytes: float, ms: float) -> float:
+    return nbytes / ms / 1e6
+
+
+def _measure(
+    name: str,
+    shard: ExpertShard,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    a: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, object]:
+    """Exactness (bitwise, against a reference gather) and times of dispatch and combine over the
+    transport now chosen for the group."""
+    rank, world = shard.ep_rank, shard.ep_size
     sent = dispatch(shard, x, ids, weights)
     assert sent is not None
     owners = ids // shard.num_local  # [T, K]
@@ -81,13 +133,9 @@ def main() -> int:
         mine.append(block)
     expected = torch.empty_like(sent.rows)
     dist.all_to_all_single(expected, torch.cat(mine))
-    dispatch_exact = bool(torch.equal(sent.rows, expected))
     back = combine_back(shard, sent.rows, sent.layout)
     counts = torch.tensor([len(rs) for rs in ranks_of], device=device, dtype=torch.float32)
-    combine_exact = bool(torch.equal(back, (x.float() * counts[:, None]).to(dtype)))
-
-    # ---- bandwidth
-    elem = torch.finfo(dtype).bits // 8
+    elem = x.element_size()
     payload_rows = sum(len(gathered[r]) for r in range(world) if r != rank)
     payload = payload_rows * a.hidden * elem
     padded = (world - 1) * cap * a.hidden * elem
@@ -97,54 +145,65 @@ def main() -> int:
     combine_ms = median_ms(
         lambda: combine_back(shard, sent.rows, sent.layout), device, a.warmup, a.reps, dist.barrier
     )
-    volume = torch.empty((world * cap, a.hidden), dtype=dtype, device=device)
-    volume_out = torch.empty_like(volume)
-    same_ms = median_ms(
-        lambda: dist.all_to_all_single(volume_out, volume), device, a.warmup, a.reps, dist.barrier
-    )
-    big_rows = (256 << 20) // (a.hidden * elem) // world * world
-    big = torch.empty((big_rows, a.hidden), dtype=dtype, device=device)
-    big_out = torch.empty_like(big)
-    big_ms = median_ms(
-        lambda: dist.all_to_all_single(big_out, big), device, a.warmup, a.reps, dist.barrier
-    )
-    big_sent = (world - 1) * (big_rows // world) * a.hidden * elem
-
-    def gbs(nbytes: float, ms: float) -> float:
-        return nbytes / ms / 1e6
-
-    row = {
-        "rank": rank,
-        "dispatch_exact": dispatch_exact,
-        "combine_exact": combine_exact,
-        "dispatch_ms": dispatch_ms,
-        "combine_ms": combine_ms,
-        "dispatch_payload_gbs": gbs(payload, dispatch_ms),
-        "dispatch_padded_gbs": gbs(padded, dispatch_ms),
-        "combine_payload_gbs": gbs(payload, combine_ms),
-        "combine_padded_gbs": gbs(padded, combine_ms),
-        "same_volume_all_to_all_gbs": gbs(padded, same_ms),
-        "peak_all_to_all_gbs": gbs(big_sent, big_ms),
+    return {
+        f"{name}_dispatch_exact": bool(torch.equal(sent.rows, expected)),
+        f"{name}_combine_exact": bool(torch.equal(back, (x.float() * counts[:, None]).to(x.dtype))),
+        f"{name}_dispatch_ms": dispatch_ms,
+        f"{name}_combine_ms": combine_ms,
+        f"{name}_dispatch_payload_gbs": _gbs(payload, dispatch_ms),
+        f"{name}_dispatch_padded_gbs": _gbs(padded, dispatch_ms),
+        f"{name}_combine_payload_gbs": _gbs(payload, combine_ms),
+        f"{name}_combine_padded_gbs": _gbs(padded, combine_ms),
     }
-    rows: list[dict[str, object]] = [{} for _ in range(world)]
-    dist.all_gather_object(rows, row)
-    ok = all(r["dispatch_exact"] and r["combine_exact"] for r in rows)
-    if rank == 0:
-        name = torch.cuda.get_device_name(device) if cuda else "cpu (gloo: timings meaningless)"
-        print(
-            f"EP dispatch/combine, {world} ranks on {name}: {a.tokens} tokens x hidden "
-            f"{a.hidden} bf16, top-{a.top_k} of {a.experts} experts; block {cap} rows per peer"
+
+
+def _link_peaks(
+    peer: PeerExchange, a: argparse.Namespace, device: torch.device, elem: int
+) -> dict[str, object]:
+    """The NVLink transfer alone (barrier, push, barrier) of the padded volume at the configured
+    SM budget, and of 256 MiB per rank with every SM: the link's practical peak in this run."""
+    world = peer.world
+    out: dict[str, object] = {}
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for label, rows, ctas in (
+        ("volume", world * a.tokens, peer.ctas),
+        ("peak", (256 << 20) // (a.hidden * elem) // world * world, sms),
+    ):
+        block = rows // world
+        data = torch.randn((rows, a.hidden), device=device).to(torch.bfloat16)
+        ms = median_ms(
+            lambda data=data, block=block, ctas=ctas: peer.send(data, block, ctas),
+            device,
+            a.warmup,
+            a.reps,
+            dist.barrier,
         )
-        keys = [k for k in row if k != "rank"]
-        print("rank " + " ".join(f"{k:>26}" for k in keys))
-        for r in rows:
-            print(f"{r['rank']:>4} " + " ".join(f"{_fmt(r[k]):>26}" for k in keys))
-        print("exact: " + ("yes" if ok else "NO"))
-        if a.json:
-            a.json.write_text(json.dumps({"args": vars(a) | {"json": None}, "ranks": rows}))
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0 if ok else 1
+        out[f"nvlink_push_{label}_{ctas}sm_gbs"] = _gbs((world - 1) * block * a.hidden * elem, ms)
+    return out
+
+
+def _nccl_peaks(
+    shard: ExpertShard, a: argparse.Namespace, device: torch.device, dtype: torch.dtype, elem: int
+) -> dict[str, object]:
+    """``all_to_all_single`` of the padded volume (the NCCL transport's own ceiling) and of 256
+    MiB per rank (its practical peak)."""
+    world = shard.ep_size
+    out: dict[str, object] = {}
+    for label, rows in (
+        ("volume", world * a.tokens),
+        ("peak", (256 << 20) // (a.hidden * elem) // world * world),
+    ):
+        data = torch.empty((rows, a.hidden), dtype=dtype, device=device)
+        data_out = torch.empty_like(data)
+        ms = median_ms(
+            lambda data=data, data_out=data_out: dist.all_to_all_single(data_out, data),
+            device,
+            a.warmup,
+            a.reps,
+            dist.barrier,
+        )
+        out[f"all_to_all_{label}_gbs"] = _gbs((world - 1) * (rows // world) * a.hidden * elem, ms)
+    return out
 
 
 def _fmt(v: object) -> str:

@@ -314,12 +314,18 @@ parts = []
 ep = out / "ep_dispatch.json"
 if ep.exists():
     ranks = json.loads(ep.read_text())["ranks"]
-    exact = all(r["dispatch_exact"] and r["combine_exact"] for r in ranks)
+    exact = all(v for r in ranks for k, v in r.items() if k.endswith("_exact"))
     mean = lambda k: sum(r[k] for r in ranks) / len(ranks)  # noqa: E731
+    peak = next((k for k in ranks[0] if k.startswith("nvlink_push_peak")), None)
+    for t in ("nvlink", "nccl"):
+        if f"{t}_dispatch_ms" in ranks[0]:
+            parts.append(
+                f"{t}: dispatch {mean(f'{t}_dispatch_padded_gbs'):.0f} / combine "
+                f"{mean(f'{t}_combine_padded_gbs'):.0f} GB/s per GPU"
+            )
     parts.append(
-        f"{len(ranks)} GPUs: dispatch {mean('dispatch_padded_gbs'):.0f} / combine "
-        f"{mean('combine_padded_gbs'):.0f} GB/s per GPU (peak all-to-all "
-        f"{mean('peak_all_to_all_gbs'):.0f}), exact {'yes' if exact else 'NO'}"
+        f"{len(ranks)} GPUs; peaks: NVLink push {mean(peak) if peak else 0:.0f}, all-to-all "
+        f"{mean('all_to_all_peak_gbs'):.0f} GB/s; exact {'yes' if exact else 'NO'}"
     )
 bench = out / "bench_multi.json"
 if bench.exists():

@@ -214,6 +214,53 @@ TM_API tm_status tm_ep_send_plan_backward(const tm_tensor* grad_meta, const tm_t
                                           const tm_tensor* token_rank_slot, int64_t num_experts,
                                           int64_t capacity, tm_tensor* grad_weights, void* stream);
 
+/* ---------------------------------------------------------------- NVLink peer exchange
+ * The intranode transport of the expert-parallel exchange: every rank of one node allocates one
+ * device buffer, the ranks swap CUDA IPC handles (through any side channel: the Python layer uses
+ * torch.distributed) and map each other's buffers once. After that an exchange is kernels only:
+ * no host synchronisation, so a step that uses it can be captured in a CUDA graph.
+ *
+ * Each buffer holds a data region of data_bytes plus the barrier flags. An exchange is
+ *   tm_peer_barrier  (every rank is done reading the data region of the previous exchange)
+ *   tm_peer_push ... (each rank writes its blocks into the peers' data regions)
+ *   tm_peer_barrier  (every rank's writes have landed)
+ * after which each rank reads its own data region (tm_peer_comm_data). Every rank must make the
+ * same sequence of calls, like any collective. The barrier counts on the device, so replays of
+ * a captured graph stay in step. A barrier that waits longer than timeout_s for a peer prints
+ * which rank it waited for and traps: the process's CUDA context fails with an error instead of
+ * hanging.
+ *
+ * The object belongs to the process that created it, one device, at most TM_PEER_MAX_RANKS
+ * ranks. tm_peer_comm_destroy unmaps the peers and frees the buffer; call it only when no rank
+ * will push into this rank again (after a device synchronisation and a host barrier).
+ */
+#define TM_PEER_HANDLE_BYTES 64
+#define TM_PEER_MAX_RANKS 8
+typedef struct tm_peer_comm tm_peer_comm;
+
+/* Allocates and zeroes the buffer on `device`; 0 <= rank < world <= TM_PEER_MAX_RANKS,
+ * data_bytes > 0 (rounded up to a multiple of 256). */
+TM_API tm_status tm_peer_comm_create(int32_t device, int32_t rank, int32_t world,
+                                     size_t data_bytes, tm_peer_comm** comm);
+/* This rank's IPC handle: TM_PEER_HANDLE_BYTES bytes written to handle. */
+TM_API tm_status tm_peer_comm_export(const tm_peer_comm* comm, void* handle);
+/* Maps the peers' buffers: handles holds world handles of TM_PEER_HANDLE_BYTES, in rank order
+ * (this rank's own entry is not opened). Once per object. */
+TM_API tm_status tm_peer_comm_connect(tm_peer_comm* comm, const void* handles);
+/* The start and size of this rank's data region (a device pointer, aligned to 256 bytes). */
+TM_API tm_status tm_peer_comm_data(const tm_peer_comm* comm, void** data, size_t* data_bytes);
+/* One launch of a single small block; timeout_s > 0. */
+TM_API tm_status tm_peer_barrier(tm_peer_comm* comm, double timeout_s, void* stream);
+/* src [world*block_rows, W] contiguous, on the comm's device, any dtype: block j (rows
+ * j*block_rows ..) is written to rank j's data region at offset + rank*block_bytes, where
+ * block_bytes = block_rows*W*element size (rank = this rank; the own block is a local copy).
+ * offset and block_bytes must be multiples of 16, and offset + world*block_bytes at most
+ * data_bytes. ctas (1..1024) is the number of thread blocks, i.e. the SMs the copy occupies. */
+TM_API tm_status tm_peer_push(tm_peer_comm* comm, const tm_tensor* src, int64_t block_rows,
+                              size_t offset, int32_t ctas, void* stream);
+/* NULL is accepted. */
+TM_API void tm_peer_comm_destroy(tm_peer_comm* comm);
+
 /* ---------------------------------------------------------------- grouped GEMM
  * x [M,K] rows grouped by expert through expert_offsets [E+1] (from tm_permute_plan);
  * w [E,N,K] (the nn.Linear convention: y = x w^T). Rows >= offsets[E] of every M-sized output

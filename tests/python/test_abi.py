@@ -67,14 +67,24 @@ SCALARS = {
     "int64_t": ctypes.c_int64,
     "size_t": ctypes.c_size_t,
     "float": ctypes.c_float,
+    "double": ctypes.c_double,
     "tm_status": ctypes.c_int32,
 }
+
+# Handles the library allocates and the caller only passes back: bound as void pointers.
+OPAQUE = {"tm_peer_comm"}
 
 
 def expected_ctype(c_type: str) -> object:
     """The ctypes type a C parameter/return type must be declared as in SIGNATURES."""
+    if c_type == "void":
+        return None
     if c_type in ("void*", "char*"):
         return ctypes.c_void_p if c_type == "void*" else ctypes.c_char_p
+    if c_type.rstrip("*") in OPAQUE and c_type.count("*") == 1:
+        return ctypes.c_void_p
+    if c_type.endswith("**"):
+        return ctypes.POINTER(expected_ctype(c_type[:-1]))
     if c_type.endswith("*"):
         base = c_type[:-1]
         target = STRUCT_CLASSES.get(base) or SCALARS.get(base)

@@ -151,7 +151,7 @@ def test_two_gloo_ranks_fsdp_against_expert_parallel(tmp_path: Path) -> None:
     assert payload["world_size"] == 2 and payload["ok"]
     hf, tm = payload["runs"]["hf"], payload["runs"]["turbomoe"]
     assert hf["parallelism"] == "FSDP2 per layer over 2"
-    assert tm["parallelism"] == "EP 2, dense replicated"
+    assert tm["parallelism"] == "EP 2 over gloo, dense replicated"
     for run in (hf, tm):
         assert run["error"] is None
         assert len(run["tps_per_rank"]) == 2 and min(run["tps_per_rank"]) > 0

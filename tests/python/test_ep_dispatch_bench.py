@@ -30,5 +30,6 @@ def test_dispatch_bench_is_exact_on_two_gloo_ranks(tmp_path: Path) -> None:
     ranks = json.loads(out.read_text())["ranks"]
     assert len(ranks) == 2
     for r in ranks:
-        assert r["dispatch_exact"] and r["combine_exact"]
-        assert r["dispatch_ms"] > 0 and r["combine_ms"] > 0
+        assert r["gloo_dispatch_exact"] and r["gloo_combine_exact"]
+        assert r["gloo_dispatch_ms"] > 0 and r["gloo_combine_ms"] > 0
+        assert r["all_to_all_peak_gbs"] > 0

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "after the backward (default; measured faster) or sharded by FSDP2 (less memory)",
     )
     runs.add_argument(
+        "--ep-transport",
+        choices=["auto", "nvlink", "nccl"],
+        default=None,
+        help="under torchrun: the expert-parallel token exchange over NVLink (CUDA IPC peer "
+        "buffers) or NCCL all-to-all; default: TURBOMOE_EP_TRANSPORT, else auto (NVLink when "
+        "every rank's GPU is reachable)",
+    )
+    runs.add_argument(
         "--no-cuda-graph",
         dest="cuda_graph",
         action="store_false",
@@ -287,6 +295,8 @@ def _write_outputs(
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _resolve(build_parser().parse_args(argv))
+    if args.ep_transport is not None:
+        os.environ["TURBOMOE_EP_TRANSPORT"] = args.ep_transport
 
     try:
         device = _check_environment(args)

@@ -73,6 +73,15 @@ def shard_turbomoe(model: torch.nn.Module, world: int, dense_fsdp: bool) -> torc
     return turbomoe.parallelize(model, ep_size=world, fsdp=dense_fsdp)
 
 
+def ep_transport(model: torch.nn.Module) -> str:
+    """How the expert-parallel exchange of a parallelized model travels: "nvlink" or "nccl"."""
+    from turbomoe.parallel.comm import peer_exchange
+    from turbomoe.parallel.shard import parallel_state
+
+    group = parallel_state(model).mesh.get_group("ep")
+    return "nvlink" if peer_exchange(group) is not None else dist.get_backend(group)
+
+
 def gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list, on every rank (rank order)."""
     out: list[Any] = [None] * dist.get_world_size()

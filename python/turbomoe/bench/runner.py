@@ -240,7 +240,7 @@ def _shard(
     if spec.patched:
         dense = "FSDP2" if settings.ep_dense_fsdp else "replicated"
         model = distributed.shard_turbomoe(model, world, settings.ep_dense_fsdp)
-        return model, f"EP {world}, dense {dense}"
+        return model, f"EP {world} over {distributed.ep_transport(model)}, dense {dense}"
     return distributed.shard_stock(model, settings.dtype), f"FSDP2 per layer over {world}"
 
 

@@ -13,11 +13,19 @@ communicator (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default) and the next h
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from turbomoe import _native
+from turbomoe.parallel.nvlink import PeerExchange, peer_reachability
+
+_log = logging.getLogger("turbomoe")
+TRANSPORTS = ("auto", "nvlink", "nccl")
 
 
 def _exchange(
@@ -62,3 +70,80 @@ def all_to_all(
     if torch.is_grad_enabled() and x.requires_grad:
         return _AllToAll.apply(x, out_splits, in_splits, group)
     return _exchange(x, out_splits, in_splits, group)
+
+
+# Per process group (by identity): the NVLink exchange, or None for all_to_all_single.
+_chosen: dict[int, tuple[ProcessGroup, PeerExchange | None]] = {}
+
+
+def _choose(group: ProcessGroup, mode: str) -> PeerExchange | None:
+    if mode not in TRANSPORTS:
+        raise ValueError(f"TURBOMOE_EP_TRANSPORT={mode!r} must be one of {TRANSPORTS}")
+    if mode == "nccl":
+        return None
+    why = None
+    if dist.get_backend(group) != "nccl":
+        why = f"the process group's backend is {dist.get_backend(group)}, not nccl"
+    elif not _native.lib().tm_built_with_cuda():
+        why = "libturbomoe was built without CUDA"
+    else:
+        why = peer_reachability(group)  # collective; the same verdict on every rank
+    if why is not None:
+        if mode == "nvlink":
+            raise ValueError(f"the nvlink transport was asked for, but {why}")
+        if dist.get_backend(group) == "nccl":
+            _log.warning("turbomoe: expert-parallel exchange over NCCL all-to-all: %s", why)
+        return None
+    exchange = PeerExchange(group)
+    _log.info(
+        "turbomoe: expert-parallel exchange over NVLink (CUDA IPC), %d SMs per push", exchange.ctas
+    )
+    return exchange
+
+
+def peer_exchange(group: ProcessGroup) -> PeerExchange | None:
+    """The NVLink exchange of ``group``, or None when its exchanges use NCCL/gloo
+    ``all_to_all_single`` (``TURBOMOE_EP_TRANSPORT``: auto (default), nvlink, nccl). Decided on
+    the first call, collectively, and kept for the group."""
+    entry = _chosen.get(id(group))
+    if entry is None or entry[0] is not group:
+        entry = (group, _choose(group, os.environ.get("TURBOMOE_EP_TRANSPORT", "auto")))
+        _chosen[id(group)] = entry
+    return entry[1]
+
+
+def set_transport(group: ProcessGroup, mode: str) -> PeerExchange | None:
+    """Decides ``group``'s transport again under ``mode`` (auto, nvlink or nccl), replacing the
+    earlier choice: a collective, for benchmarks and tests that compare the transports."""
+    entry = _chosen.pop(id(group), None)
+    if entry is not None and entry[1] is not None:
+        entry[1].close()
+    chosen = _choose(group, mode)
+    _chosen[id(group)] = (group, chosen)
+    return chosen
+
+
+class _PeerBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, block_rows: int, peer: PeerExchange) -> torch.Tensor:
+        ctx.block_rows = block_rows
+        ctx.peer = peer
+        return peer.exchange(x, block_rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # Equal blocks make the exchange its own transpose.
+        return ctx.peer.exchange(grad, ctx.block_rows), None, None
+
+
+def exchange_blocks(x: torch.Tensor, block_rows: int, group: ProcessGroup) -> torch.Tensor:
+    """Differentiable equal-block all-to-all: x [R·block_rows, ...] sends block j to rank j and
+    returns, in block i, what rank i sent here. Over NVLink where the group allows it, else
+    ``all_to_all``; every rank takes the same path (the choice and the shapes agree)."""
+    peer = peer_exchange(group)
+    if peer is not None and peer.fits(x, block_rows):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PeerBlocks.apply(x, block_rows, peer)
+        return peer.exchange(x, block_rows)
+    splits = [block_rows] * dist.get_world_size(group)
+    return all_to_all(x, splits, splits, group)

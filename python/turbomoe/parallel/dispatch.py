@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from turbomoe import ops
-from turbomoe.parallel.comm import all_to_all
+from turbomoe.parallel.comm import exchange_blocks
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard
 
 
@@ -186,13 +186,12 @@ def dispatch(
     # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
     offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
     rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
-    splits = [lay.capacity] * ranks
     # Ids and weights travel as one float32 exchange (local ids are far below 2^24, so exact):
     # one all-to-all fewer per layer, and NCCL's per-call latency is most of these small ones.
     top_k = lay.meta.shape[1] // 2
-    received_meta = all_to_all(lay.meta, splits, splits, group)
+    received_meta = exchange_blocks(lay.meta, lay.capacity, group)
     pairs = _RoutedPairs(received_meta, top_k, shard)  # queued before the rows exchange
-    received_rows = all_to_all(rows[:used], splits, splits, group)
+    received_rows = exchange_blocks(rows[:used], lay.capacity, group)
     return Dispatched(
         received_rows,
         received_meta[:, :top_k].to(torch.int32),
@@ -205,8 +204,7 @@ def dispatch(
 def combine_back(shard: ExpertShard, outputs: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """The owners' [R·C, H] results back to their tokens, summed over ranks in rank order:
     [T, H]. A collective, differentiable."""
-    splits = [layout.capacity] * shard.ep_size
-    returned = all_to_all(outputs, splits, splits, shard.group)
+    returned = exchange_blocks(outputs, layout.capacity, shard.group)
     cell_to_row = layout.send_cells[: layout.tokens * shard.ep_size]  # the real tokens' cells
     return ops.combine(returned, cell_to_row, None, shard.ep_size)
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from turbomoe.parallel.comm import peer_exchange
 from turbomoe.parallel.dispatch import ep_experts_forward, install_capacity_hook
 from turbomoe.parallel.grads import (
     STATE_ATTR,
@@ -249,6 +250,8 @@ def finish(
         install_auto_sync(model)
     if expert_params:
         install_capacity_hook(model)
+        # The exchange's transport is chosen here, collectively, rather than in the first forward.
+        peer_exchange(mesh.get_group("ep"))
     _hook_save_pretrained(model)
 
 
