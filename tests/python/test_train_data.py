@@ -221,6 +221,48 @@ def test_stream_position_resumes_exactly(packing):
     assert [next(second).input_ids.tolist() for _ in range(9)] == expected
 
 
+def _ids(batch):
+    return batch.input_ids.flatten().tolist()
+
+
+@pytest.mark.parametrize("world", [2, 4, 5])
+def test_shards_interleave_one_sequence_across_epochs(world):
+    # 10 examples in batches of 4: 3 batches an epoch, fewer than 4 or 5 ranks. Every rank must
+    # still get batches (the rank cycle used to restart each epoch and starve ranks >= 3), and
+    # round k of the ranks must be batches k*world .. k*world + world - 1 of the single stream.
+    examples = [Encoded([i], [i]) for i in range(10)]
+    single = [_ids(b) for b in epoch_batches(examples, 4, 0, 1, max_epochs=4)]
+    streams = [BatchStream(examples, 4, 0, 1, shard=(r, world)) for r in range(world)]
+    rounds = len(single) // world
+    for k in range(rounds):
+        assert [_ids(next(s)) for s in streams] == single[k * world : (k + 1) * world]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bounded_shards_end_together_with_fillers(world):
+    examples = [Encoded([i, i + 1], [i, i + 1]) for i in range(10)]  # 3 batches of 4
+    per_rank = [
+        list(BatchStream(examples, 4, 0, 1, max_epochs=1, shard=(r, world), shuffle=False))
+        for r in range(world)
+    ]
+    assert len({len(batches) for batches in per_rank}) == 1, "every rank the same count"
+    real = [b for batches in per_rank for b in batches if b.supervised > 0]
+    fillers = [b for batches in per_rank for b in batches if b.supervised == 0]
+    firsts = [token for b in real for token in _ids(b)[::2]]
+    assert sorted(firsts) == list(range(10)), "no example lost"
+    assert len(fillers) == len(per_rank[0]) * world - 3
+    for f in fillers:
+        assert (f.labels == IGNORE_INDEX).all()
+
+
+def test_stream_resumes_old_checkpoints_without_position():
+    examples = [Encoded([i], [i]) for i in range(10)]
+    stream = BatchStream(examples, 4, 0, 1, shard=(1, 2))
+    stream.load_state_dict({"epoch": 1, "index": 1})  # written before "position" existed
+    assert stream.position == 1
+    assert _ids(next(stream)) == _ids(list(epoch_batches(examples, 4, 0, 1, max_epochs=2))[4])
+
+
 def test_validation_split_is_seeded_and_disjoint(tmp_path):
     rows = load_rows(
         _write(tmp_path / "d.jsonl", [json.dumps({"text": f"t{i}"}) for i in range(20)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -141,8 +141,14 @@ def pack(examples: list[Encoded], order: list[int], max_length: int) -> list[lis
 class BatchStream:
     """Batches forever (or for max_epochs), reshuffled each epoch from (seed, epoch) so any
     position can be rebuilt without replaying the stream; the last batch of an epoch may be
-    smaller (unless ``fixed_shape``). With shard=(rank, world), each rank takes every world-th
-    batch."""
+    smaller (unless ``fixed_shape``).
+
+    With shard=(rank, world), the batches of all epochs form one sequence and rank r takes every
+    world-th of it, so each step's world batches are consecutive even across an epoch boundary,
+    and a rank gets batches however few an epoch has. Ranks always take the same number of
+    batches (a collective forward, e.g. expert parallelism, needs every rank): when a bounded
+    stream ends inside a round, the ranks left without a batch get a filler that carries no loss
+    (the round's first batch with every label ignored)."""
 
     def __init__(
         self,
@@ -175,7 +181,10 @@ class BatchStream:
         self.fixed_shape = fixed_shape
         self.epoch = 0
         self.index = 0  # next batch of this epoch, counted over all ranks
+        self.position = 0  # next batch of the whole stream, counted over all ranks
         self._units: list[list[int]] | None = None
+        # The current round's first rows and their epoch: a filler is built from them.
+        self._round_first: tuple[list[list[int]], int] | None = None
 
     def units(self, epoch: int) -> list[list[int]]:
         """The epoch's rows: one example each, or several when packing."""
@@ -196,30 +205,55 @@ class BatchStream:
     def __next__(self) -> Batch:
         while True:
             if self.max_epochs is not None and self.epoch >= self.max_epochs:
-                raise StopIteration
+                return self._filler_or_stop()
             if self._units is None:
                 self._units = self.units(self.epoch)
             start = self.index * self.batch_size
             if start >= len(self._units):
                 self.epoch, self.index, self._units = self.epoch + 1, 0, None
                 continue
+            position = self.position
             self.index += 1
-            if (self.index - 1) % self.world != self.rank:
+            self.position += 1
+            at_round_start = position % self.world == 0
+            if not at_round_start and position % self.world != self.rank:
                 continue
             chunk = self._units[start : start + self.batch_size]
-            shape = (self.pad_to_multiple_of, self.max_length)
-            if self.packing:
-                rows = [[self.examples[i] for i in row] for row in chunk]
-                fixed = (self.batch_size, self.max_length) if self.fixed_shape else None
-                return collate_packed(rows, self.pad_id, self.epoch, *shape, shape=fixed)
-            singles = [self.examples[row[0]] for row in chunk]
-            return collate(singles, self.pad_id, self.epoch, *shape)
+            if at_round_start:
+                self._round_first = (chunk, self.epoch)
+                if self.rank != 0:
+                    continue
+            return self._collate(chunk, self.epoch)
+
+    def _collate(self, chunk: list[list[int]], epoch: int) -> Batch:
+        shape = (self.pad_to_multiple_of, self.max_length)
+        if self.packing:
+            rows = [[self.examples[i] for i in row] for row in chunk]
+            fixed = (self.batch_size, self.max_length) if self.fixed_shape else None
+            return collate_packed(rows, self.pad_id, epoch, *shape, shape=fixed)
+        singles = [self.examples[row[0]] for row in chunk]
+        return collate(singles, self.pad_id, epoch, *shape)
+
+    def _filler_or_stop(self) -> Batch:
+        """The stream has ended at ``position``: this rank's next batch would be ``wanted``. A
+        filler when its round had begun (the other ranks got batches of it), else the end."""
+        wanted = self.position + (self.rank - self.position) % self.world
+        round_start = wanted - self.rank
+        if round_start >= self.position or self._round_first is None:
+            raise StopIteration
+        self.position = wanted + 1
+        first = self._collate(*self._round_first)
+        return replace(first, labels=torch.full_like(first.labels, IGNORE_INDEX), supervised=0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index}
+        return {"epoch": self.epoch, "index": self.index, "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.index, self._units = int(state["epoch"]), int(state["index"]), None
+        # Checkpoints from before the stream-wide position restarted the rank cycle each epoch;
+        # the epoch's index is where that cycle stood.
+        self.position = int(state.get("position", self.index))
+        self._round_first = None
 
 
 def epoch_batches(
