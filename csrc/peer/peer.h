@@ -51,8 +51,8 @@ inline size_t check_push(int32_t world, size_t data_bytes, int64_t rows, int64_t
   if (ctas < 1 || ctas > 1024) invalid("ctas " + std::to_string(ctas) + " must be in [1, 1024]");
   const size_t block_bytes = static_cast<size_t>(block_rows) * static_cast<size_t>(row_bytes);
   if (offset % kCopyAlign != 0 || block_bytes % kCopyAlign != 0) {
-    invalid("offset " + std::to_string(offset) + " and block bytes " +
-            std::to_string(block_bytes) + " must be multiples of " + std::to_string(kCopyAlign));
+    invalid("offset " + std::to_string(offset) + " and block bytes " + std::to_string(block_bytes) +
+            " must be multiples of " + std::to_string(kCopyAlign));
   }
   const size_t total = block_bytes * static_cast<size_t>(world);
   if (offset > data_bytes || total > data_bytes - offset) {
@@ -84,7 +84,7 @@ class Comm {
  private:
   int32_t device_, rank_, world_;
   size_t data_bytes_;
-  void* base_ = nullptr;  // this rank's allocation
+  void* base_ = nullptr;                          // this rank's allocation
   std::array<void*, TM_PEER_MAX_RANKS> peers_{};  // every rank's allocation as mapped here
   bool connected_ = false;
 };

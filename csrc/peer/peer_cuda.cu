@@ -70,8 +70,8 @@ constexpr int kPushUnroll = 4;  // 16-byte loads in flight per thread before the
 // Block j of src → rank j's data region at offset + rank * block_bytes. Each CTA starts at a
 // different destination so that the links to all peers are busy at once.
 __global__ void __launch_bounds__(kPushThreads)
-    push_kernel(const uint4* __restrict__ src, Peers peers, int world, int rank,
-                size_t block_vecs, size_t offset) {
+    push_kernel(const uint4* __restrict__ src, Peers peers, int world, int rank, size_t block_vecs,
+                size_t offset) {
   const size_t step = static_cast<size_t>(gridDim.x) * kPushThreads * kPushUnroll;
   const size_t first = static_cast<size_t>(blockIdx.x) * kPushThreads * kPushUnroll + threadIdx.x;
   for (int d = 0; d < world; ++d) {
@@ -174,7 +174,8 @@ void Comm::push(const void* src, size_t block_bytes, size_t offset, int32_t ctas
   if (!connected_) invalid("connect the comm before pushing");
   cuda::DeviceGuard guard(device_);
   const size_t block_vecs = block_bytes / sizeof(uint4);
-  const size_t needed = (block_vecs + kPushThreads * kPushUnroll - 1) / (kPushThreads * kPushUnroll);
+  const size_t needed =
+      (block_vecs + kPushThreads * kPushUnroll - 1) / (kPushThreads * kPushUnroll);
   const int grid = static_cast<int>(needed < static_cast<size_t>(ctas) ? needed : ctas);
   push_kernel<<<grid, kPushThreads, 0, cuda::as_stream(stream)>>>(
       static_cast<const uint4*>(src), peer_table(peers_), world_, rank_, block_vecs, offset);

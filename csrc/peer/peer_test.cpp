@@ -1,11 +1,12 @@
 // The NVLink peer exchange's checks: every argument error of the C ABI (raised before any CUDA
 // call, so they hold on a machine without a GPU), the buffer layout, and the push bounds. The
 // exchange itself needs several GPUs; tests/python/gpu/test_gpu_peer.py runs it.
+#include "peer/peer.h"
+
 #include <cstdint>
 #include <string>
 
 #include "common/test_util.h"
-#include "peer/peer.h"
 
 namespace {
 

@@ -1,5 +1,8 @@
 """Collectives for expert parallelism, with autograd.
 
+``exchange_blocks`` is what the layers call: an equal-block exchange over NVLink peer buffers
+(``nvlink.PeerExchange``) when the group's GPUs reach each other, else the all-to-all below.
+
 The token exchange is ``all_to_all_single`` with variable splits: rank r sends ``in_splits[j]``
 rows to rank j and receives ``out_splits[j]`` rows from it. Its backward is the same exchange in
 reverse (the gradient of each received row goes back to the rank that sent it), so the autograd

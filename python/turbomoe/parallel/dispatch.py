@@ -8,13 +8,15 @@ layer:
    Every block has the same fixed size C, the largest token count of any rank in the group,
    agreed once per model forward (``install_capacity_hook``), so the exchange never needs the
    per-rank counts on the host: no host synchronisation inside a layer.
-2. dispatch — one all-to-all of [R·C, H] rows (zero rows pad each block), and one of each
+2. dispatch — one exchange of [R·C, H] rows (zero rows pad each block), and one of each
    row's K local expert ids on that rank (the sentinel for slots owned elsewhere and for
-   padding) with its K routing weights (0 there), packed as float32.
+   padding) with its K routing weights (0 there), packed as float32. An exchange goes over
+   NVLink peer buffers where the group allows it, else NCCL/gloo all-to-all
+   (``comm.exchange_blocks``).
 3. the owner runs its local experts over the received rows (``ops.moe_experts``: the sentinel
    slots drop out), weighting each slot's output by its routing weight and summing a row's
    slots, so each token comes back once per rank that computed for it, not once per slot.
-4. combine — the reverse all-to-all, then ``ops.combine`` sums each token's rows from the ranks
+4. combine — the reverse exchange, then ``ops.combine`` sums each token's rows from the ranks
    that computed for it, in ascending rank order.
 
 Every row copy is a ``gather_rows`` whose backward is a fixed-order ``combine`` (or the reverse),
