@@ -71,3 +71,14 @@ def test_defaults(monkeypatch) -> None:
     monkeypatch.delenv("TURBOMOE_EP_PEER_TIMEOUT_S", raising=False)
     assert nvlink.configured_ctas() == nvlink.DEFAULT_CTAS == 16
     assert nvlink.configured_timeout_s() == nvlink.DEFAULT_TIMEOUT_S
+
+
+def test_one_choice_per_group_whatever_the_handle(group: dist.ProcessGroup) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
+    comm.peer_exchange(mesh.get_group("ep"))
+    comm.peer_exchange(mesh.get_group("ep"))
+    comm.peer_exchange(group)
+    # A one-rank mesh's ep group is the default group under another handle: one decision.
+    assert len(comm._chosen) == 1

@@ -280,3 +280,31 @@ def test_checkpoint_loads_in_stock_transformers(runs: dict[str, Any]) -> None:
         assert shapes and all(shape[0] == n for shape in shapes), shapes
     assert got["worst_param_rel"] <= 1e-4, got["worst_param_rel"]
     assert got["logits_rel"] <= 1e-4, got["logits_rel"]
+
+
+def test_validation_with_fewer_batches_than_ranks(tmp_path: Path) -> None:
+    """Two validation rows make one batch for two ranks: rank 1 runs a loss-free filler through
+    the collective forward (it used to get no batch, and the ranks hung), and the validation
+    loss is the one-process loss."""
+    out = tmp_path / "ep2val"
+    extra = ["--data.val_fraction=0.005", "--max-steps=1"]  # 425 bundled rows → 2 held out
+    procs = _launch([f"--train.output_dir={out}", "--train.ep_size=2", *extra], tmp_path / "ep2val")
+    try:
+        reference = finetune(
+            FinetuneConfig.from_values(
+                output_dir=str(tmp_path / "one"),
+                max_steps=1,
+                batch_size=BATCH,
+                grad_accum=WORLD,
+                device="cpu",
+                threads=1,
+                progress="lines",
+                **{"log.plots": False, "data.val_fraction": 0.005},
+            ),
+            echo=lambda _: None,
+        )
+    finally:
+        _finish(procs)
+    val = [r["val_loss"] for r in _records(out) if "val_loss" in r]
+    assert reference.summary.val_loss is not None
+    assert val == [pytest.approx(reference.summary.val_loss, rel=1e-5)]

@@ -75,8 +75,15 @@ def all_to_all(
     return _exchange(x, out_splits, in_splits, group)
 
 
-# Per process group (by identity): the NVLink exchange, or None for all_to_all_single.
-_chosen: dict[int, tuple[ProcessGroup, PeerExchange | None]] = {}
+# Per process group: the NVLink exchange, or None for all_to_all_single. Keyed by the group's
+# registered name, so that two handles of one group (a DeviceMesh may hand out either) share one
+# set of peer buffers.
+_chosen: dict[str, tuple[ProcessGroup, PeerExchange | None]] = {}
+
+
+def _key(group: ProcessGroup) -> str:
+    name = getattr(group, "group_name", None)
+    return str(name) if name else f"id:{id(group)}"
 
 
 def _choose(group: ProcessGroup, mode: str) -> PeerExchange | None:
@@ -108,21 +115,22 @@ def peer_exchange(group: ProcessGroup) -> PeerExchange | None:
     """The NVLink exchange of ``group``, or None when its exchanges use NCCL/gloo
     ``all_to_all_single`` (``TURBOMOE_EP_TRANSPORT``: auto (default), nvlink, nccl). Decided on
     the first call, collectively, and kept for the group."""
-    entry = _chosen.get(id(group))
-    if entry is None or entry[0] is not group:
+    key = _key(group)
+    entry = _chosen.get(key)
+    if entry is None or (key.startswith("id:") and entry[0] is not group):
         entry = (group, _choose(group, os.environ.get("TURBOMOE_EP_TRANSPORT", "auto")))
-        _chosen[id(group)] = entry
+        _chosen[key] = entry
     return entry[1]
 
 
 def set_transport(group: ProcessGroup, mode: str) -> PeerExchange | None:
     """Decides ``group``'s transport again under ``mode`` (auto, nvlink or nccl), replacing the
     earlier choice: a collective, for benchmarks and tests that compare the transports."""
-    entry = _chosen.pop(id(group), None)
+    entry = _chosen.pop(_key(group), None)
     if entry is not None and entry[1] is not None:
         entry[1].close()
     chosen = _choose(group, mode)
-    _chosen[id(group)] = (group, chosen)
+    _chosen[_key(group)] = (group, chosen)
     return chosen
 
 
