@@ -240,8 +240,8 @@ typedef struct tm_peer_comm tm_peer_comm;
 
 /* Allocates and zeroes the buffer on `device`; 0 <= rank < world <= TM_PEER_MAX_RANKS,
  * data_bytes > 0 (rounded up to a multiple of 256). */
-TM_API tm_status tm_peer_comm_create(int32_t device, int32_t rank, int32_t world,
-                                     size_t data_bytes, tm_peer_comm** comm);
+TM_API tm_status tm_peer_comm_create(int32_t device, int32_t rank, int32_t world, size_t data_bytes,
+                                     tm_peer_comm** comm);
 /* This rank's IPC handle: TM_PEER_HANDLE_BYTES bytes written to handle. */
 TM_API tm_status tm_peer_comm_export(const tm_peer_comm* comm, void* handle);
 /* Maps the peers' buffers: handles holds world handles of TM_PEER_HANDLE_BYTES, in rank order
