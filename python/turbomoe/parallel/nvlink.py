@@ -178,9 +178,10 @@ class PeerExchange:
         self._data = torch.as_tensor(_DeviceBytes(data.value, size.value), device=self.device)
 
     def fits(self, x: torch.Tensor, block_rows: int) -> bool:
-        """Whether x's blocks meet the push's 16-byte alignment (else use another transport)."""
+        """Whether the push can carry x: a CUDA tensor of a dtype the C ABI describes, with
+        blocks of a multiple of 16 bytes (else the caller uses another transport)."""
         block_bytes = block_rows * (x.numel() // max(x.shape[0], 1)) * x.element_size()
-        return x.is_cuda and block_bytes % COPY_ALIGN == 0
+        return x.is_cuda and x.dtype in _native.DTYPE_CODES and block_bytes % COPY_ALIGN == 0
 
     def exchange(self, x: torch.Tensor, block_rows: int) -> torch.Tensor:
         """x [world · block_rows, ...]: block j → rank j; returns block i from each rank i."""
