@@ -120,6 +120,22 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _one_process(output_dir: Path, steps: int, **extra: Any) -> Any:
+    """The one-process reference: batch BATCH with grad_accum WORLD sees, step for step, the
+    global batches of WORLD ranks at batch BATCH."""
+    config = FinetuneConfig.from_values(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        batch_size=BATCH,
+        grad_accum=WORLD,
+        device="cpu",
+        threads=1,
+        progress="lines",
+        **{"log.plots": False, **extra},
+    )
+    return finetune(config, echo=lambda _: None)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("distributed")
@@ -129,19 +145,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         root / "ep2",
     )
     try:
-        reference = finetune(
-            FinetuneConfig.from_values(
-                output_dir=str(root / "one"),
-                max_steps=STEPS,
-                batch_size=BATCH,
-                grad_accum=WORLD,
-                device="cpu",
-                threads=1,
-                progress="lines",
-                **{"log.plots": False},
-            ),
-            echo=lambda _: None,
-        )
+        reference = _one_process(root / "one", STEPS)
     finally:
         ranks = _finish(procs)
     # The resumed run and the stock-transformers check run side by side.
@@ -290,19 +294,7 @@ def test_validation_with_fewer_batches_than_ranks(tmp_path: Path) -> None:
     extra = ["--data.val_fraction=0.005", "--max-steps=1"]  # 425 bundled rows → 2 held out
     procs = _launch([f"--train.output_dir={out}", "--train.ep_size=2", *extra], tmp_path / "ep2val")
     try:
-        reference = finetune(
-            FinetuneConfig.from_values(
-                output_dir=str(tmp_path / "one"),
-                max_steps=1,
-                batch_size=BATCH,
-                grad_accum=WORLD,
-                device="cpu",
-                threads=1,
-                progress="lines",
-                **{"log.plots": False, "data.val_fraction": 0.005},
-            ),
-            echo=lambda _: None,
-        )
+        reference = _one_process(tmp_path / "one", 1, **{"data.val_fraction": 0.005})
     finally:
         _finish(procs)
     val = [r["val_loss"] for r in _records(out) if "val_loss" in r]

@@ -78,12 +78,7 @@ def all_to_all(
 # Per process group: the NVLink exchange, or None for all_to_all_single. Keyed by the group's
 # registered name, so that two handles of one group (a DeviceMesh may hand out either) share one
 # set of peer buffers.
-_chosen: dict[str, tuple[ProcessGroup, PeerExchange | None]] = {}
-
-
-def _key(group: ProcessGroup) -> str:
-    name = getattr(group, "group_name", None)
-    return str(name) if name else f"id:{id(group)}"
+_chosen: dict[str, PeerExchange | None] = {}
 
 
 def _choose(group: ProcessGroup, mode: str) -> PeerExchange | None:
@@ -115,22 +110,20 @@ def peer_exchange(group: ProcessGroup) -> PeerExchange | None:
     """The NVLink exchange of ``group``, or None when its exchanges use NCCL/gloo
     ``all_to_all_single`` (``TURBOMOE_EP_TRANSPORT``: auto (default), nvlink, nccl). Decided on
     the first call, collectively, and kept for the group."""
-    key = _key(group)
-    entry = _chosen.get(key)
-    if entry is None or (key.startswith("id:") and entry[0] is not group):
-        entry = (group, _choose(group, os.environ.get("TURBOMOE_EP_TRANSPORT", "auto")))
-        _chosen[key] = entry
-    return entry[1]
+    if group.group_name not in _chosen:
+        mode = os.environ.get("TURBOMOE_EP_TRANSPORT", "auto")
+        _chosen[group.group_name] = _choose(group, mode)
+    return _chosen[group.group_name]
 
 
 def set_transport(group: ProcessGroup, mode: str) -> PeerExchange | None:
     """Decides ``group``'s transport again under ``mode`` (auto, nvlink or nccl), replacing the
     earlier choice: a collective, for benchmarks and tests that compare the transports."""
-    entry = _chosen.pop(_key(group), None)
-    if entry is not None and entry[1] is not None:
-        entry[1].close()
+    previous = _chosen.pop(group.group_name, None)
+    if previous is not None:
+        previous.close()
     chosen = _choose(group, mode)
-    _chosen[_key(group)] = (group, chosen)
+    _chosen[group.group_name] = chosen
     return chosen
 
 

@@ -204,7 +204,7 @@ class PeerExchange:
         nbytes = x.numel() * x.element_size()
         self._ensure(nbytes)
         assert self._data is not None
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = _native.stream_for(x)
         rows = x.view(x.shape[0], -1)
         push_ctas = self.ctas if ctas is None else ctas
         _native.call("tm_peer_barrier", self._comm, self.timeout_s, stream)
