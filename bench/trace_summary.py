@@ -2,7 +2,8 @@
 
 Reports, per trace (one per run and rank):
   * the GPU span, the time some kernel/copy was running (busy) and the idle rest;
-  * NCCL kernel time, and how much of it ran while a compute kernel was running on another
+  * communication kernel time (NCCL's, and the NVLink exchange's barrier and push), and how
+    much of it ran while a compute kernel was running on another
     stream (communication hidden behind compute, measured rather than assumed);
   * the longest idle gaps with the host calls that were blocking at the time (a host sync shows
     up as cudaStreamSynchronize / cudaMemcpy* / aten::item spanning the gap);
@@ -33,6 +34,13 @@ BLOCKING_NAMES = (
 )
 
 Interval = tuple[float, float]
+# The NVLink exchange's kernels (csrc/peer) count as communication, like NCCL's.
+PEER_BARRIER = "peer::(anonymous namespace)::barrier_kernel"
+PEER_PUSH = "peer::(anonymous namespace)::push_kernel"
+
+
+def is_communication(name: str) -> bool:
+    return "nccl" in name.lower() or PEER_BARRIER in name or PEER_PUSH in name
 
 
 def load_events(path: Path) -> list[dict]:
@@ -79,8 +87,10 @@ def summarise(path: Path, steps: int, gaps: int) -> str:
     if not gpu:
         return f"{path}: no GPU events"
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in gpu]
-    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in gpu if "nccl" in e["name"].lower()]
-    compute = [(e["ts"], e["ts"] + e["dur"]) for e in gpu if "nccl" not in e["name"].lower()]
+    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in gpu if is_communication(e["name"])]
+    compute = [(e["ts"], e["ts"] + e["dur"]) for e in gpu if not is_communication(e["name"])]
+    barrier = [e["dur"] for e in gpu if PEER_BARRIER in e["name"]]
+    push = [e["dur"] for e in gpu if PEER_PUSH in e["name"]]
     busy_u, nccl_u, compute_u = union(spans), union(nccl), union(compute)
     start, end = busy_u[0][0], busy_u[-1][1]
     span, busy = end - start, total(busy_u)
@@ -90,12 +100,19 @@ def summarise(path: Path, steps: int, gaps: int) -> str:
     lines = [
         f"== {path.name} ({steps} step(s); times per step)",
         f"GPU span {span * ms:9.2f} ms   busy {busy * ms:9.2f}   idle {(span - busy) * ms:9.2f}",
-        f"compute  {compute_t * ms:9.2f} ms   NCCL {nccl_t * ms:9.2f}   NCCL hidden behind "
-        f"compute {hidden * ms:.2f} ms ({hidden / nccl_t:.0%} of NCCL)"
+        f"compute  {compute_t * ms:9.2f} ms   comm {nccl_t * ms:9.2f}   comm hidden behind "
+        f"compute {hidden * ms:.2f} ms ({hidden / nccl_t:.0%} of comm)"
         if nccl_t
-        else f"compute  {compute_t * ms:9.2f} ms   no NCCL kernels",
-        f"NCCL alone (nothing else running) {(nccl_t - hidden) * ms:.2f} ms",
+        else f"compute  {compute_t * ms:9.2f} ms   no communication kernels",
+        f"comm alone (nothing else running) {(nccl_t - hidden) * ms:.2f} ms",
     ]
+    if barrier or push:
+        lines.append(
+            f"  of which NVLink peer barriers {sum(barrier) * ms:.2f} ms "
+            f"({len(barrier) / steps:.0f} calls: waiting for the slowest rank), "
+            f"pushes {sum(push) * ms:.2f} ms "
+            f"({len(push) / steps:.0f} calls)"
+        )
     host = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op")]
     blocking = [e for e in host if e["name"].startswith(BLOCKING_NAMES)]
     per_name: dict[str, list[float]] = defaultdict(list)

@@ -12,6 +12,8 @@
 #   PROBE_AB="base --ep-dense=replicated,TURBOMOE_EP_PADDED_MAX_EP=4"  space-separated runs;
 #       "base" is no change, else comma-separated items: --flag=value adds a bench flag,
 #       VAR=VALUE sets an environment variable for that run
+#   PROBE_LIBRARY=path/libturbomoe.so   use this library (e.g. one built here and carried) and
+#       skip the build
 #   PROBE_REPEAT=1   rounds over all runs, interleaved (A B A B ...): at 48 layers on 4 GPUs the
 #       forward of one launch varied by up to 35% from the next, so one launch per variant
 #       cannot rank changes of a few percent
@@ -26,10 +28,16 @@ PROBE_AB=${PROBE_AB:-base}
 PROBE_PROFILE=${PROBE_PROFILE:-1}
 PROBE_REPEAT=${PROBE_REPEAT:-1}
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA=ON \
-  -DTM_BUILD_TESTS=OFF -DTM_CUDA_ARCHITECTURES=90a-real >"$OUT/probe_build.log" 2>&1
-ninja -C "$BUILD_DIR" >>"$OUT/probe_build.log" 2>&1
-export PYTHONPATH=$PWD/python TURBOMOE_LIBRARY=$PWD/$BUILD_DIR/libturbomoe.so
+if [ -n "${PROBE_LIBRARY:-}" ]; then
+  LIBRARY=$(realpath "$PROBE_LIBRARY")
+  echo "library $LIBRARY (not rebuilt)" >"$OUT/probe_build.log"
+else
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA=ON \
+    -DTM_BUILD_TESTS=OFF -DTM_CUDA_ARCHITECTURES=90a-real >"$OUT/probe_build.log" 2>&1
+  ninja -C "$BUILD_DIR" >>"$OUT/probe_build.log" 2>&1
+  LIBRARY=$PWD/$BUILD_DIR/libturbomoe.so
+fi
+export PYTHONPATH=$PWD/python TURBOMOE_LIBRARY=$LIBRARY
 read -r -a args <<<"$PROBE_ARGS"
 for round in $(seq 1 "$PROBE_REPEAT"); do
   for tag in $PROBE_AB; do

@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA graph (turbomoe.train.GraphedStep; captured during the warm-up)",
     )
     runs.add_argument(
+        "--no-attention-graphs",
+        dest="attention_graphs",
+        action="store_false",
+        help="under torchrun, run turbomoe's attention eagerly instead of replaying each "
+        "layer's attention forward and backward from CUDA graphs (turbomoe.hf.attention_graphs; "
+        "captured after the warm-up)",
+    )
+    runs.add_argument(
         "--peak-tflops", type=float, help="bf16 GEMM peak for MFU instead of measuring it"
     )
     runs.add_argument(
@@ -165,6 +173,11 @@ def _check_environment(args: argparse.Namespace) -> torch.device:
         raise BenchError(
             f"--warmup {args.warmup}: the CUDA-graphed turbomoe run needs >= 2 warm-up steps "
             "(eager warm-up, then the capture); raise --warmup or pass --no-cuda-graph"
+        )
+    if args.device == "cuda" and ranks > 1 and args.attention_graphs and args.warmup < 1:
+        raise BenchError(
+            "--warmup 0: the attention graphs are captured after an eager warm-up step; raise "
+            "--warmup or pass --no-attention-graphs"
         )
     if args.device == "cuda":
         if ranks > 1:
@@ -242,6 +255,7 @@ def _payload(
             "experts_backend_stock": args.experts_backend,
             "attn_implementation": args.attn_implementation,
             "cuda_graph": args.cuda_graph,
+            "attention_graphs": args.attention_graphs,
         },
         "active_matmul_params": counts.total,
         "flops_per_token": flops,
@@ -345,6 +359,7 @@ def _run(
         trace_dir=args.trace_dir,
         ep_dense_fsdp=args.ep_dense == "fsdp",
         cuda_graph=args.cuda_graph,
+        attention_graphs=args.attention_graphs,
         ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)

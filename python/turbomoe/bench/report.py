@@ -100,6 +100,7 @@ def format_table(payload: dict[str, Any]) -> str:
             [
                 run["label"]
                 + (" + CUDA graph" if run.get("cuda_graph") else "")
+                + (" + attention graphs" if run.get("attention_graphs") else "")
                 + ("" if run["patch_in_effect"] else " (NOT in effect)"),
                 run["experts_implementation"],
                 *layout,
@@ -214,6 +215,7 @@ def record_line(payload: dict[str, Any], command: str) -> dict[str, Any]:
         "hf_layout": hf.get("parallelism"),
         "tm_layout": tm.get("parallelism"),
         "tm_cuda_graph": tm.get("cuda_graph"),
+        "tm_attention_graphs": tm.get("attention_graphs"),
         "command": command,
     }
 

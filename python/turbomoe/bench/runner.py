@@ -6,6 +6,9 @@ window (its states still count in memory). Peak memory is reset after warm-up, s
 of the steady-state timed steps: weights + gradients + optimizer states + activations. On one GPU
 the turbomoe run replays each step from a CUDA graph (``GraphedStep``) captured in the last
 warm-up step; its peak window opens before that capture, which allocates the working set.
+Under torchrun (expert parallel), whose step cannot be captured whole, each layer's attention is
+replayed from CUDA graphs instead (``turbomoe.hf.attention_graphs``), captured after the last
+warm-up step, before the peak window opens.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from turbomoe.bench.models import build_model, experts_backend_of, weights_finge
 from turbomoe.bench.patching import patch_state
 from turbomoe.bench.profiling import Profile, profile_steps
 from turbomoe.bench.timing import StepTimer, synchronize
+from turbomoe.hf.attention_graphs import (
+    AttentionGraphs,
+    capture_attention_graphs,
+    prepare_attention_graphs,
+)
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.graph_step import GraphedStep
 
@@ -46,6 +54,8 @@ class Settings:
     trace_dir: Path | None = None  # with a profile: one gzipped Chrome trace per run and rank
     ep_dense_fsdp: bool = False  # under torchrun: turbomoe's dense parameters under FSDP2
     cuda_graph: bool = True  # one GPU: turbomoe's step replayed from a CUDA graph (GraphedStep)
+    # Under torchrun: turbomoe's attention replayed from per-layer CUDA graphs.
+    attention_graphs: bool = True
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
@@ -85,6 +95,7 @@ class RunResult:
     fwd_ms_mean: float | None = 0.0  # None when one graph replay runs both
     bwd_ms_mean: float | None = 0.0
     cuda_graph: bool = False
+    attention_graphs: bool = False
     weights_fingerprint: float = 0.0
     error: str | None = None
     profile: Profile | None = None
@@ -154,12 +165,15 @@ def _train(
     batches: list[torch.Tensor],
     settings: Settings,
     result: RunResult,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], AttentionGraphs | None]:
     device = settings.device
     # The capture is the last warm-up step; the CLI makes sure there is room for it.
     graphed = None
     if result.cuda_graph:
         graphed = GraphedStep(model, warmup_steps=max(1, settings.warmup - 1))
+    attention: AttentionGraphs | None = None
+    if result.attention_graphs:
+        prepare_attention_graphs(model)
     fwd_ms: list[float] = []
     bwd_ms: list[float] = []
     # A graphed run's peak is taken from its capture on: the replays allocate nothing, and the
@@ -177,6 +191,8 @@ def _train(
         result.losses.append(float(loss))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if result.attention_graphs and i == settings.warmup - 1:
+            attention = capture_attention_graphs(model)
         if i >= settings.warmup:
             fwd_ms.append(fwd)
             bwd_ms.append(bwd)
@@ -189,7 +205,14 @@ def _train(
                 f"the CUDA graph replayed {graphed.stats.replays} of {settings.steps} timed steps"
             )
         graphed.reset()  # the graph's memory pool goes before any eager profile step
-    return fwd_ms, bwd_ms
+    if attention is not None:
+        layers = len(attention.modules)
+        if attention.replays < settings.steps * layers:
+            raise RuntimeError(
+                f"the attention graphs replayed {attention.replays} times in {settings.steps} "
+                f"timed steps of {layers} layers"
+            )
+    return fwd_ms, bwd_ms, attention
 
 
 def _profile(
@@ -264,6 +287,14 @@ def run_one(
             and settings.ranks is None
             and settings.device.type == "cuda"
         )
+        result.attention_graphs = (
+            spec.patched
+            and settings.attention_graphs
+            and settings.ranks is not None
+            and not settings.ep_dense_fsdp
+            and settings.device.type == "cuda"
+        )
+        attention: AttentionGraphs | None = None
         log(f"[{spec.name}] building model (patched={spec.patched}) ...")
         try:
             model = build_model(
@@ -284,7 +315,7 @@ def run_one(
                 f"attn={settings.attn_implementation}; {settings.warmup} warm-up + "
                 f"{settings.steps} timed steps ..."
             )
-            fwd_ms, bwd_ms = _train(model, optimizer, batches, settings, result)
+            fwd_ms, bwd_ms, attention = _train(model, optimizer, batches, settings, result)
             _summarise(result, fwd_ms, bwd_ms, settings)
             if settings.profile_steps > 0:
                 log(f"[{spec.name}] profiling {settings.profile_steps} step(s) ...")
@@ -303,6 +334,8 @@ def run_one(
         finally:
             # Drop the model and optimizer before the next run is built (names may be unbound
             # when construction itself failed).
+            if attention is not None:
+                attention.release()
             model = optimizer = None
         if settings.ranks is not None:
             # Collective: every rank gets here, also after a failed run (its TPS is then 0).
