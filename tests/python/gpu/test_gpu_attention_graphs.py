@@ -7,6 +7,7 @@ eagerly and stay correct; release restores the eager forwards."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from turbomoe.hf.attention_graphs import (
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]
 
 
 def _step(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -38,7 +39,9 @@ def _tiny_batch(seed: int, seq: int = 16, padded: bool = False) -> Batch:
     batch = make_batch(batch=2, seq=seq, seed=seed, pad=3 if padded else 0, ignore=2)
     if not padded:
         del batch["attention_mask"]
-    return {k: v.to(CUDA) for k, v in batch.items()}
+    # Without use_cache=False transformers builds a KV cache even in training, and a call with a
+    # cache runs eagerly (tested below).
+    return {**{k: v.to(CUDA) for k, v in batch.items()}, "use_cache": False}
 
 
 def _twins_agree(
@@ -89,10 +92,11 @@ def test_other_calls_run_eagerly_and_stay_correct() -> None:
     assert graphs.replays == 2 * layers  # only the two batches of the captured shape
     with torch.no_grad():  # no gradient: eager
         assert torch.isfinite(model(**_tiny_batch(5)).loss)
+    _twins_agree(model, eager, [{**_tiny_batch(6), "use_cache": True}], 1e-5, 1e-4)  # a cache
     assert graphs.replays == 2 * layers
     graphs.release()
     assert all("forward" not in m.__dict__ for m in attention_modules(model))
-    _twins_agree(model, eager, [_tiny_batch(6)], 1e-5, 1e-4)
+    _twins_agree(model, eager, [_tiny_batch(7)], 1e-5, 1e-4)
 
 
 def test_one_qwen3_30b_layer_bf16_graphs_match_the_eager_twin() -> None:
