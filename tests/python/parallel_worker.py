@@ -414,6 +414,7 @@ def overlap_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
     sync_grads after the last backward ("manual"), over two accumulated micro-batches. Two extra
     dense parameters: one feeds rank 0's loss only (None on the other ranks), one feeds nothing
     (None everywhere)."""
+    os.environ["TURBOMOE_DENSE_OVERLAP"] = "1"  # off by default; this process only
     from turbomoe.parallel import grads
 
     grads._BUCKET_ELEMENTS = 4096  # many buckets, so that most launch inside the backward
@@ -441,6 +442,7 @@ def overlap_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
 def overlap_recovery_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
     """A backward that raises halfway (after some buckets were launched), then a full step: the
     step's gradients must be those of a model that never saw the failed backward."""
+    os.environ["TURBOMOE_DENSE_OVERLAP"] = "1"  # off by default; this process only
     from turbomoe.parallel import grads
 
     grads._BUCKET_ELEMENTS = 4096
