@@ -272,8 +272,11 @@ elif [ "${STATUS[build]}" = ok ]; then
   # "exit N" per run, then each run's throughput line.
   runs=$(grep -c "^exit 0" "$OUT/finetune.log" || true)
   total=$(grep -c "^exit " "$OUT/finetune.log" || true)
-  tps=$(grep -h "^throughput" "$OUT"/finetune_*.log 2>/dev/null | awk '{print $2}' |
-    paste -sd/ - || true)
+  # Named in order: a glob's order depends on the locale (finetune_1gpu_graph.log sorted before
+  # finetune_1gpu.log on the device, which swapped the first two figures).
+  tps=$(for run in 1gpu 1gpu_graph torchrun; do
+    grep -h "^throughput" "$OUT/finetune_$run.log" 2>/dev/null | awk '{print $2}'
+  done | paste -sd/ - || true)
   DETAIL[finetune]="${runs}/${total} runs ok; tokens/s ${tps:-?} (1 GPU / 1 GPU CUDA graph / torchrun)"
   if [ "$RC" -eq 0 ] && [ "$total" -gt 0 ] && [ "$runs" = "$total" ]; then
     STATUS[finetune]=ok
