@@ -19,7 +19,10 @@ accumulated by autograd as usual (gradient hooks, the dense all-reduce overlap, 
 
 Any call that is not the captured case runs the attention's own forward: another shape, dtype or
 train/eval mode, an attention mask or a KV cache, no gradient, a forward re-run inside the
-backward (activation checkpointing), or a whole-step capture already in progress.
+backward (activation checkpointing), a whole-step capture already in progress, or a second
+forward before the backward of the first (its replay would overwrite what that backward reads).
+Parameters moved to new storage (``model.to``) or frozen/unfrozen since the capture drop the
+layer's graphs with a warning.
 
     graphs = capture_attention_graphs(model)  # after one eager step (records the shapes)
     ...
@@ -29,6 +32,8 @@ backward (activation checkpointing), or a whole-step capture already in progress
 from __future__ import annotations
 
 import types
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +77,10 @@ def _eager_forward(module: nn.Module) -> Callable[..., Any]:
     return types.MethodType(type(module).forward, module)
 
 
+def _parameters_key(module: nn.Module) -> tuple[tuple[int, bool], ...]:
+    return tuple((p.data_ptr(), p.requires_grad) for p in module.parameters())
+
+
 @dataclass
 class _LayerState:
     """What the instance ``forward`` of one attention module knows."""
@@ -79,7 +88,29 @@ class _LayerState:
     seen: _Signature | None = None  # the last eager call's signature, when it could be graphed
     captured: _Signature | None = None
     graphed: Callable[..., Any] | None = None
+    parameters: tuple[tuple[int, bool], ...] = ()  # storage and trainability at the capture
     replays: int = 0
+    # The last replay's autograd node, and whether its backward has run: a second forward
+    # replay before that backward would overwrite what the backward graph reads.
+    _node: weakref.ref[Any] | None = None
+    _backward_ran: bool = True
+
+    def backward_pending(self) -> bool:
+        return not self._backward_ran and self._node is not None and self._node() is not None
+
+    def replayed(self, output: torch.Tensor) -> None:
+        self.replays += 1
+        self._backward_ran = False
+        self._node = weakref.ref(output.grad_fn) if output.grad_fn is not None else None
+
+        def ran(grad: torch.Tensor) -> None:
+            self._backward_ran = True
+
+        output.register_hook(ran)
+
+    def drop(self) -> None:
+        self.graphed = self.captured = None
+        self.parameters = ()
 
 
 def _why_eager(
@@ -128,8 +159,19 @@ def _install(module: nn.Module, state: _LayerState) -> None:
         cos, sin = position_embeddings
         signature = _signature(module, hidden_states, cos)
         if state.graphed is not None and signature == state.captured:
-            state.replays += 1
-            return state.graphed(hidden_states, cos, sin), None
+            if _parameters_key(module) != state.parameters:
+                # The graphs read the parameters at their old addresses (model.to, a new
+                # Parameter, a change of requires_grad): never replay them again.
+                state.drop()
+                warnings.warn(
+                    f"attention graphs of {type(module).__name__} dropped: its parameters "
+                    "changed storage or trainability since the capture; capture again",
+                    stacklevel=2,
+                )
+            elif not state.backward_pending():
+                output = state.graphed(hidden_states, cos, sin)
+                state.replayed(output)
+                return output, None
         state.seen = signature
         return eager(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
 
@@ -226,8 +268,9 @@ def capture_attention_graphs(model: nn.Module, num_warmup_iters: int = 1) -> Att
     graphed = torch.cuda.make_graphed_callables(
         tuple(cores), tuple(samples), num_warmup_iters=num_warmup_iters
     )
-    for state, fn in zip(states, graphed, strict=True):
+    for module, state, fn in zip(modules, states, graphed, strict=True):
         state.graphed = fn
         state.captured = state.seen
+        state.parameters = _parameters_key(module)
         state.replays = 0
     return AttentionGraphs(list(modules))

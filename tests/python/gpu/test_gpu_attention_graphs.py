@@ -112,3 +112,35 @@ def test_one_qwen3_30b_layer_bf16_graphs_match_the_eager_twin() -> None:
     eager, graphs = _prepared_pair(model, batches[0])
     _twins_agree(model, eager, batches[1:], 1e-3, 2e-2)
     assert graphs.replays == 3
+
+
+def test_a_second_forward_before_the_backward_runs_eagerly() -> None:
+    """Two forwards, then one backward of the summed losses: replaying the second would
+    overwrite what the first's backward graph reads, so it runs eagerly."""
+    model = build_model("qwen3_moe").to(CUDA)
+    eager, graphs = _prepared_pair(model, _tiny_batch(0))
+    layers = len(attention_modules(model))
+    b1, b2 = _tiny_batch(1), _tiny_batch(2)
+    got = model(**b1).loss + model(**b2).loss
+    got.backward()
+    want = eager(**b1).loss + eager(**b2).loss
+    want.backward()
+    assert rel_err(got.detach(), want.detach()) <= 1e-5
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) <= 1e-4, name
+    assert graphs.replays == layers  # the first forward only
+    model.zero_grad(set_to_none=True)
+    eager.zero_grad(set_to_none=True)
+    _twins_agree(model, eager, [_tiny_batch(3)], 1e-5, 1e-4)  # replays again afterwards
+    assert graphs.replays == 2 * layers
+
+
+def test_parameters_moved_after_the_capture_drop_the_graphs() -> None:
+    model = build_model("qwen3_moe").to(CUDA)
+    eager, graphs = _prepared_pair(model, _tiny_batch(0))
+    for m in (model, eager):
+        weight = m.model.layers[0].self_attn.q_proj.weight
+        weight.data = weight.data.clone() * 0.5  # new storage: a stale graph would read the old
+    with pytest.warns(UserWarning, match="parameters changed storage"):
+        _twins_agree(model, eager, [_tiny_batch(1)], 1e-5, 1e-4)
+    assert graphs.replays == len(attention_modules(model)) - 1  # layer 0 ran eagerly
