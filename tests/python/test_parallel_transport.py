@@ -82,3 +82,19 @@ def test_one_choice_per_group_whatever_the_handle(group: dist.ProcessGroup) -> N
     comm.peer_exchange(group)
     # A one-rank mesh's ep group is the default group under another handle: one decision.
     assert len(comm._chosen) == 1
+
+
+def test_peer_buffers_grow_geometrically_in_whole_steps() -> None:
+    from turbomoe.parallel.nvlink import GROWTH_ALIGN, grown_size
+
+    assert grown_size(1, 0) == GROWTH_ALIGN  # the first buffer: one step
+    assert grown_size(100 << 20, 0) == 100 << 20
+    assert grown_size(65 << 20, 64 << 20) == 96 << 20  # a small overflow: half again
+    assert grown_size(300 << 20, 64 << 20) == 300 << 20  # a large one: what is needed
+    assert grown_size((96 << 20) + 1, 64 << 20) == 98 << 20  # rounded up to a whole step
+    sizes, size = [], 0
+    for needed in range(1 << 20, 400 << 20, 1 << 20):  # a maximum creeping up by 1 MiB
+        if needed > size:
+            size = grown_size(needed, size)
+            sizes.append(size)
+    assert len(sizes) <= 14  # ~log_1.5(400 MiB / 2 MiB), not one per new maximum (399)

@@ -15,7 +15,8 @@ barrier print which rank it waited for and trap: the step fails with a CUDA erro
 hanging.
 
 The buffer grows (collectively, with a device synchronisation and a group barrier) only when an
-exchange needs more than it holds: in the first forward, never in the steady state.
+exchange needs more than it holds: in the first forward, never in the steady state; each growth
+takes at least half again the old size (``grown_size``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,18 @@ def peer_reachability(group: ProcessGroup) -> str | None:
     return "; ".join(failed) if failed else None
 
 
+GROWTH_ALIGN = 2 << 20  # buffers grow in whole 2 MiB steps
+
+
+def grown_size(needed: int, current: int) -> int:
+    """The data-region size to allocate when ``needed`` bytes do not fit in ``current``: at
+    least half again the old size, so that a capacity creeping up step by step (batches of
+    varying length) costs a logarithmic number of regrowths, each a collective with a device
+    synchronisation, not one per new maximum. Every rank computes the same size."""
+    size = max(needed, current + current // 2)
+    return -(-size // GROWTH_ALIGN) * GROWTH_ALIGN
+
+
 class PeerExchange:
     """Equal-block all-to-all over NVLink for one process group (every rank builds one)."""
 
@@ -152,6 +165,7 @@ class PeerExchange:
                 f"the NVLink exchange needs a {nbytes}-byte buffer (it has {self._bytes}) while a "
                 "CUDA graph is being captured; run one step eagerly first"
             )
+        size = grown_size(nbytes, self._bytes)
         self.close()  # no rank writes into the old buffers any more
         comm = ctypes.c_void_p()
         _native.call(
@@ -159,7 +173,7 @@ class PeerExchange:
             self.device.index,
             self.rank,
             self.world,
-            nbytes,
+            size,
             ctypes.byref(comm),
         )
         assert comm.value is not None
