@@ -143,15 +143,14 @@ void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
   }
 }
 
+// `device`: the current device (the caller's guard has set it), which keys the attribute record.
 template <Pass P, typename OutT, int kEpi>
 void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
-            int grid, cudaStream_t stream) {
+            int grid, int device, cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
   // A static of this instantiation: one record per kernel (all of them share one type).
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
-  int device = 0;
-  cuda::check(cudaGetDevice(&device), "cudaGetDevice");
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
   kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
@@ -161,17 +160,17 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, 
 // out_map is null when the output cannot be written by TMA (fp32, or misaligned rows).
 template <Pass P>
 void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
-                const CUtensorMap* out_map, Params p, int grid, cudaStream_t stream) {
+                const CUtensorMap* out_map, Params p, int grid, int device, cudaStream_t stream) {
   p.skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
   if (out_dtype == TM_DTYPE_FLOAT32) {
-    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, stream);
+    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
              p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
   } else {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);
   }
 }
 
@@ -246,7 +245,7 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
     const uint32_t box[2] = {64, 64};
     map_out = make_map(out.data, 2, dims, strides, box);
   }
-  launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
+  launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
                 cuda::as_stream(stream));
   return true;
 }
@@ -322,7 +321,7 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
     map_out = make_map(dw.data, 3, dims, strides, box);
   }
   launch_out<Pass::kGradWeight>(dw.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
-                                cuda::as_stream(stream));
+                                dy.device_index, cuda::as_stream(stream));
   return true;
 }
 
