@@ -470,3 +470,24 @@ def overlap_recovery_worker(rank: int, world: int, base: nn.Module) -> dict[str,
 
 def _raise_in_backward(*_: Any) -> None:
     raise RuntimeError("planned failure in the backward of layer 0")
+
+
+def with_env_worker(
+    rank: int, world: int, env: dict[str, str], worker: Callable[..., Any], *args: Any
+) -> Any:
+    """``worker`` with ``env`` set in this rank's process (forked: nothing leaks back)."""
+    os.environ.update(env)
+    return worker(rank, world, *args)
+
+
+def chunks_mismatch_worker(rank: int, world: int, base: nn.Module) -> str:
+    """Every rank sets a different TURBOMOE_EP_CHUNKS: the forward must fail on every rank with
+    the same clear error, not hang in mismatched exchanges."""
+    os.environ["TURBOMOE_EP_CHUNKS"] = str(1 + rank)
+    model = copy.deepcopy(base)
+    tp.parallelize(model, ep_size=world)
+    try:
+        model(**make_batch(seed=rank))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"

@@ -20,6 +20,7 @@ from parallel_worker import (
     EXPERTS,
     build,
     capacity_worker,
+    chunks_mismatch_worker,
     concat,
     dispatch_worker,
     load_worker,
@@ -31,6 +32,7 @@ from parallel_worker import (
     run_ranks,
     save_worker,
     timeout_worker,
+    with_env_worker,
 )
 
 import turbomoe
@@ -161,9 +163,11 @@ def test_parallel_ep8_on_eight_gloo_ranks(tmp_path: Path) -> None:
     _check_parity(results, ref)
 
 
-def test_dispatch_edge_cases_match_moe_experts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_dispatch_edge_cases_match_moe_experts(chunks: int, tmp_path: Path) -> None:
     """One expert gets every token's first slot, expert 2 gets nothing, and in turn each rank
-    holds no tokens at all (it still sends, receives and computes)."""
+    holds no tokens at all (it still sends, receives and computes); with 3 token chunks too
+    (some of them empty on one rank or on every rank)."""
     g = torch.Generator().manual_seed(7)
     hidden_size, inter, experts = 24, 10, 4
     gate_up = torch.randn(experts, 2 * inter, hidden_size, generator=g) * 0.3
@@ -182,7 +186,8 @@ def test_dispatch_edge_cases_match_moe_experts(tmp_path: Path) -> None:
         [tokens(0, [1]), tokens(5, [3, 1, 1])],
         [tokens(3, [1]), tokens(4, [1])],  # rank 1 (experts 2, 3) receives nothing
     ]
-    results = run_ranks(dispatch_worker, 2, tmp_path, gate_up, down, rounds)
+    env = {"TURBOMOE_EP_CHUNKS": str(chunks)}
+    results = run_ranks(with_env_worker, 2, tmp_path, env, dispatch_worker, gate_up, down, rounds)
 
     for result in results:
         assert "expert ids outside [0, 4)" in result[-1]["error"]
@@ -289,3 +294,48 @@ def test_from_pretrained_with_ep_needs_torchrun(
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="torchrun"):
         tp.AutoModelForCausalLM.from_pretrained(tmp_path, ep_size=2)
+
+
+@pytest.mark.parametrize(
+    ("family", "world", "chunks"),
+    [
+        ("qwen3_moe", 2, 2),
+        ("qwen3_moe", 2, 3),  # 26 tokens a rank: chunks of 9, 9 and 8
+        ("deepseek_v3", 4, 4),  # experts without tokens, and each rank's last chunk short
+    ],
+)
+def test_token_chunks_match_one_process(
+    family: str, world: int, chunks: int, tmp_path: Path
+) -> None:
+    """TURBOMOE_EP_CHUNKS: each layer's exchange in chunks gives the one-process loss and
+    gradients (the chunks' exchanges queue on a side stream on CUDA; here they are gloo's)."""
+    base = build(family, seed=3)
+    batches = [make_batch(seed=r, pad=r % 3) for r in range(world)]
+    ref = _reference(base, batches)
+    env = {"TURBOMOE_EP_CHUNKS": str(chunks)}
+    results = run_ranks(
+        with_env_worker, world, tmp_path, env, parity_worker, base, batches, world, None, "auto"
+    )
+    _check_parity(results, ref)
+
+
+def test_token_chunks_differing_across_ranks_fail_everywhere(tmp_path: Path) -> None:
+    base = build("qwen3_moe", seed=2)
+    for message in run_ranks(chunks_mismatch_worker, 2, tmp_path, base):
+        assert "TURBOMOE_EP_CHUNKS differs across the expert-parallel ranks" in message, message
+
+
+def test_chunk_bounds_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turbomoe.parallel.chunked import chunk_bounds
+    from turbomoe.parallel.dispatch import configured_chunks
+
+    assert chunk_bounds(13, 3) == [(0, 5), (5, 10), (10, 13)]
+    assert chunk_bounds(4, 3) == [(0, 2), (2, 4), (4, 4)]  # an empty last chunk
+    assert chunk_bounds(0, 2) == [(0, 0), (0, 0)]
+    assert configured_chunks() == 1
+    monkeypatch.setenv("TURBOMOE_EP_CHUNKS", "4")
+    assert configured_chunks() == 4
+    for bad in ("0", "9", "two"):
+        monkeypatch.setenv("TURBOMOE_EP_CHUNKS", bad)
+        with pytest.raises(ValueError, match="TURBOMOE_EP_CHUNKS"):
+            configured_chunks()

@@ -26,7 +26,9 @@ weights travel with the rows, so their gradient comes back through the reverse e
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -44,17 +46,31 @@ def expert_shard(module: nn.Module) -> ExpertShard | None:
     return shard if isinstance(shard, ExpertShard) else None
 
 
-def _agree(shard: ExpertShard, tokens: int, bad: torch.Tensor | None) -> tuple[int, bool]:
-    """(largest token count in the ep group, whether any rank saw a bad expert id): one small
-    all-reduce and one host read."""
+def _agree(shard: ExpertShard, tokens: int, bad: torch.Tensor | None) -> tuple[int, bool, int]:
+    """(largest token count in the ep group, whether any rank saw a bad expert id, the chunk
+    count every rank configured): one small all-reduce and one host read. Raises ValueError on
+    every rank when the ranks' ``TURBOMOE_EP_CHUNKS`` differ (their exchanges would not pair)."""
     device = torch.device("cuda", torch.cuda.current_device()) if _on_nccl(shard) else None
+    chunks = configured_chunks()
     flag = torch.zeros((), dtype=torch.int64) if bad is None else bad.to(torch.int64).cpu()
-    both = torch.stack([torch.tensor(tokens, dtype=torch.int64), flag.reshape(())])
+    values = torch.stack(
+        [
+            torch.tensor(tokens, dtype=torch.int64),
+            flag.reshape(()),
+            torch.tensor(chunks, dtype=torch.int64),
+            torch.tensor(-chunks, dtype=torch.int64),
+        ]
+    )
     if device is not None:
-        both = both.to(device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=shard.group)
-    capacity, any_bad = both.tolist()
-    return int(capacity), bool(any_bad)
+        values = values.to(device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=shard.group)
+    capacity, any_bad, most, minus_least = values.tolist()
+    if most != -minus_least:
+        raise ValueError(
+            f"{CHUNKS_ENV} differs across the expert-parallel ranks (from {-minus_least} to "
+            f"{most}); set the same value on every rank"
+        )
+    return int(capacity), bool(any_bad), int(most)
 
 
 def _on_nccl(shard: ExpertShard) -> bool:
@@ -79,7 +95,7 @@ def install_capacity_hook(model: nn.Module) -> None:
         else:
             shard.capacity.value = None  # unknown: each layer agrees for itself
             return
-        shard.capacity.value, _ = _agree(shard, tokens, None)
+        shard.capacity.value, _, shard.capacity.chunks = _agree(shard, tokens, None)
 
     model.register_forward_pre_hook(agree, with_kwargs=True)
 
@@ -91,6 +107,23 @@ def install_capacity_hook(model: nn.Module) -> None:
 # non-collective sync) and sizes the buffers exactly. TURBOMOE_EP_PADDED_MAX_EP overrides the
 # bound (an A/B knob for measuring what that sync costs).
 PADDED_EXPERT_BUFFERS_MAX_EP = int(os.environ.get("TURBOMOE_EP_PADDED_MAX_EP", "2"))
+
+# A layer's tokens can go through the exchange in chunks (``TURBOMOE_EP_CHUNKS``, default 1):
+# on CUDA every exchange then runs on a side stream, so that one chunk's exchanges overlap
+# another chunk's expert GEMMs (parallel/chunked.py). Every rank must use the same count.
+CHUNKS_ENV = "TURBOMOE_EP_CHUNKS"
+MAX_CHUNKS = 8
+
+
+def configured_chunks() -> int:
+    text = os.environ.get(CHUNKS_ENV, "1")
+    try:
+        chunks = int(text)
+    except ValueError:
+        raise ValueError(f"{CHUNKS_ENV}={text!r} is not an integer") from None
+    if not 1 <= chunks <= MAX_CHUNKS:
+        raise ValueError(f"{CHUNKS_ENV}={chunks} must be in [1, {MAX_CHUNKS}]")
+    return chunks
 
 
 class _RoutedPairs:
@@ -134,28 +167,45 @@ class _Layout(NamedTuple):
     meta: torch.Tensor  # [R·C, 2K] float32: local expert ids on the destination, then weights
 
 
-def _layout(shard: ExpertShard, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> _Layout:
+class Agreement(NamedTuple):
+    capacity: int  # C: the largest token count of any rank
+    chunks: int  # the token chunks of each layer (TURBOMOE_EP_CHUNKS, the same on every rank)
+    in_forward: bool  # agreed by the model's pre-hook (else by this call)
+
+
+def agreement(shard: ExpertShard, top_k_index: torch.Tensor) -> Agreement:
+    """The exchange size of this call: the one agreed for the model's forward, or (outside a
+    model forward, or with more tokens than it announced) a fresh agreement, in which every
+    rank raises together on a bad expert id instead of leaving the others waiting."""
     tokens = top_k_index.shape[0]
-    num_experts, ranks = shard.num_experts, shard.ep_size
-    capacity = shard.capacity.value
-    in_forward = capacity is not None and tokens <= capacity
-    if not in_forward:
-        # Called outside a model forward (or with more tokens than it announced): agree here,
-        # and let every rank raise together on a bad id instead of leaving the others waiting.
-        invalid = (top_k_index < 0) | (top_k_index >= num_experts)
-        capacity, any_bad = _agree(shard, tokens, invalid.any())
-        if any_bad:
-            raise ValueError(
-                f"expert ids outside [0, {num_experts}) reached the expert-parallel dispatch "
-                "(on this rank or a peer)"
-            )
+    capacity, chunks = shard.capacity.value, shard.capacity.chunks
+    if capacity is not None and tokens <= capacity:
+        return Agreement(capacity, chunks, True)
+    num_experts = shard.num_experts
+    invalid = (top_k_index < 0) | (top_k_index >= num_experts)
+    capacity, any_bad, chunks = _agree(shard, tokens, invalid.any())
+    if any_bad:
+        raise ValueError(
+            f"expert ids outside [0, {num_experts}) reached the expert-parallel dispatch "
+            "(on this rank or a peer)"
+        )
+    return Agreement(capacity, chunks, False)
+
+
+def _layout(
+    shard: ExpertShard,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    capacity: int,
+    in_forward: bool,
+) -> _Layout:
     # One kernel for the placement, one for the send plan (rows, inverse, ids + weights).
-    plan = ops.ep_send_plan(top_k_index, top_k_weights, num_experts, ranks, capacity)
+    plan = ops.ep_send_plan(top_k_index, top_k_weights, shard.num_experts, shard.ep_size, capacity)
     if in_forward:
         # Inside a model forward the ids come from the router; a bad one stops the step loudly
         # (a device-side assert on CUDA) rather than costing a host sync in every layer.
         torch._assert_async(plan.bad_ids[0] == 0, "expert id out of range")
-    return _Layout(capacity, tokens, plan.send_pairs, plan.pair_to_row, plan.meta)
+    return _Layout(capacity, top_k_index.shape[0], plan.send_pairs, plan.pair_to_row, plan.meta)
 
 
 class Dispatched(NamedTuple):
@@ -168,6 +218,65 @@ class Dispatched(NamedTuple):
     routed_pairs: int | None  # received slots for local experts; None: buffers stay padded
 
 
+class Sending(NamedTuple):
+    """A dispatch whose exchanges are queued (on ``stream`` when given): what ``receive`` needs."""
+
+    rows: torch.Tensor  # [R·C, H] as received
+    meta: torch.Tensor  # [R·C, 2K] float32 as received
+    pairs: _RoutedPairs
+    layout: _Layout
+    arrived: torch.cuda.Event | None  # recorded on the side stream after the rows exchange
+
+
+def launch_dispatch(
+    shard: ExpertShard,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    capacity: int,
+    in_forward: bool,
+    stream: torch.cuda.Stream | None = None,
+) -> Sending | None:
+    """Layout and gather on the current stream, then the ids/weights and rows exchanges (on
+    ``stream`` when given, a side stream the caller joins through ``receive``); None when no
+    rank has a token (capacity 0)."""
+    group, ranks = shard.group, shard.ep_size
+    tokens, hidden = hidden_states.shape
+    used = ranks * capacity
+    if used == 0:
+        return None
+    lay = _layout(shard, top_k_index, top_k_weights, capacity, in_forward)
+    # The zero token past the real ones feeds the padding rows of every block.
+    zeros = hidden_states.new_zeros((capacity + 1 - tokens, hidden))
+    padded = torch.cat([hidden_states, zeros])
+    # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
+    offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
+    rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
+    top_k = lay.meta.shape[1] // 2
+    with _on(stream, inputs=(rows, lay.meta)):
+        # Ids and weights travel as one float32 exchange (local ids are far below 2^24, so
+        # exact): one exchange fewer per layer.
+        received_meta = exchange_blocks(lay.meta, capacity, group)
+        pairs = _RoutedPairs(received_meta, top_k, shard)  # queued before the rows exchange
+        received_rows = exchange_blocks(rows[:used], capacity, group)
+        arrived = _record(stream)
+    return Sending(received_rows, received_meta, pairs, lay, arrived)
+
+
+def receive(sending: Sending, weights_dtype: torch.dtype) -> Dispatched:
+    """Waits (host) for the routed-pair count and (current stream) for the exchanges."""
+    routed_pairs = sending.pairs.result()
+    _join(sending.arrived, (sending.rows, sending.meta))
+    top_k = sending.meta.shape[1] // 2
+    return Dispatched(
+        sending.rows,
+        sending.meta[:, :top_k].to(torch.int32),
+        sending.meta[:, top_k:].to(weights_dtype),
+        sending.layout,
+        routed_pairs,
+    )
+
+
 def dispatch(
     shard: ExpertShard,
     hidden_states: torch.Tensor,
@@ -176,39 +285,78 @@ def dispatch(
 ) -> Dispatched | None:
     """Send each token once to every rank owning one of its experts; None when no rank of the
     group has a token (then nothing is exchanged). A collective, differentiable."""
-    group, ranks = shard.group, shard.ep_size
-    tokens, hidden = hidden_states.shape
-    lay = _layout(shard, top_k_index, top_k_weights)
-    used = ranks * lay.capacity
-    if used == 0:
-        return None
-    # The zero token past the real ones feeds the padding rows of every block.
-    zeros = hidden_states.new_zeros((lay.capacity + 1 - tokens, hidden))
-    padded = torch.cat([hidden_states, zeros])
-    # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
-    offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
-    rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
-    # Ids and weights travel as one float32 exchange (local ids are far below 2^24, so exact):
-    # one all-to-all fewer per layer, and NCCL's per-call latency is most of these small ones.
-    top_k = lay.meta.shape[1] // 2
-    received_meta = exchange_blocks(lay.meta, lay.capacity, group)
-    pairs = _RoutedPairs(received_meta, top_k, shard)  # queued before the rows exchange
-    received_rows = exchange_blocks(rows[:used], lay.capacity, group)
-    return Dispatched(
-        received_rows,
-        received_meta[:, :top_k].to(torch.int32),
-        received_meta[:, top_k:].to(top_k_weights.dtype),
-        lay,
-        pairs.result(),
+    agreed = agreement(shard, top_k_index)
+    sending = launch_dispatch(
+        shard, hidden_states, top_k_index, top_k_weights, agreed.capacity, agreed.in_forward
     )
+    return None if sending is None else receive(sending, top_k_weights.dtype)
+
+
+class Returning(NamedTuple):
+    returned: torch.Tensor  # [R·C, H]: this rank's tokens as the owners computed them
+    layout: _Layout
+    arrived: torch.cuda.Event | None
+
+
+def launch_return(
+    shard: ExpertShard,
+    outputs: torch.Tensor,
+    layout: _Layout,
+    stream: torch.cuda.Stream | None = None,
+) -> Returning:
+    """The owners' rows back to the ranks that sent them (on ``stream`` when given, after the
+    current stream's work so far)."""
+    with _on(stream, inputs=(outputs,)):
+        returned = exchange_blocks(outputs, layout.capacity, shard.group)
+        arrived = _record(stream)
+    return Returning(returned, layout, arrived)
+
+
+def finish_return(shard: ExpertShard, back: Returning) -> torch.Tensor:
+    """Each token's rows summed over the ranks that computed for it, in rank order: [T, H]."""
+    _join(back.arrived, (back.returned,))
+    cell_to_row = back.layout.send_cells[: back.layout.tokens * shard.ep_size]  # real tokens
+    return ops.combine(back.returned, cell_to_row, None, shard.ep_size)
 
 
 def combine_back(shard: ExpertShard, outputs: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """The owners' [R·C, H] results back to their tokens, summed over ranks in rank order:
     [T, H]. A collective, differentiable."""
-    returned = exchange_blocks(outputs, layout.capacity, shard.group)
-    cell_to_row = layout.send_cells[: layout.tokens * shard.ep_size]  # the real tokens' cells
-    return ops.combine(returned, cell_to_row, None, shard.ep_size)
+    return finish_return(shard, launch_return(shard, outputs, layout))
+
+
+@contextlib.contextmanager
+def _on(stream: torch.cuda.Stream | None, inputs: tuple[torch.Tensor, ...]) -> Iterator[None]:
+    """Runs the block on ``stream`` after the current stream's work so far (nothing changes
+    when it is None). The inputs, made on the current stream, are marked as used by ``stream``,
+    so that the allocator does not hand their memory out again before it has read them."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        yield
+    for t in inputs:
+        t.record_stream(stream)
+
+
+def _record(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _join(arrived: torch.cuda.Event | None, outputs: tuple[torch.Tensor, ...]) -> None:
+    """The current stream waits for a side stream's exchange; its outputs (made there) are
+    marked as used here."""
+    if arrived is None:
+        return
+    current = torch.cuda.current_stream()
+    current.wait_event(arrived)
+    for t in outputs:
+        t.record_stream(current)
 
 
 def ep_experts_forward(
@@ -232,13 +380,31 @@ def ep_experts_forward(
             f"hidden_states must be [T, H] and top_k_index [T, K], got "
             f"{tuple(hidden_states.shape)} and {tuple(top_k_index.shape)}"
         )
-    sent = dispatch(shard, hidden_states, top_k_index, top_k_weights)
-    if sent is None:  # no rank has a token: nothing to exchange
+    agreed = agreement(shard, top_k_index)
+    if agreed.chunks > 1:
+        # Imported here: chunked.py builds on this module's pieces.
+        from turbomoe.parallel.chunked import chunked_experts_forward
+
+        return chunked_experts_forward(
+            module, shard, hidden_states, top_k_index, top_k_weights, agreed
+        )
+    sending = launch_dispatch(
+        shard, hidden_states, top_k_index, top_k_weights, agreed.capacity, agreed.in_forward
+    )
+    if sending is None:  # no rank has a token: nothing to exchange
         return hidden_states.new_zeros((0, hidden_states.shape[1])) * hidden_states.sum()
+    sent = receive(sending, top_k_weights.dtype)
+    outputs = local_experts(module, sent)
+    return combine_back(shard, outputs, sent.layout).to(hidden_states.dtype)
+
+
+def local_experts(module: nn.Module, sent: Dispatched) -> torch.Tensor:
+    """The owner's experts over the rows it received, each row's slots weighted and summed:
+    [R·C, H]."""
     gate_up, down = module.gate_up_proj, module.down_proj
     if gate_up.dtype != sent.rows.dtype:  # e.g. autocast over float32 master weights
         gate_up, down = gate_up.to(sent.rows.dtype), down.to(sent.rows.dtype)
-    outputs = ops.moe_experts(
+    return ops.moe_experts(
         sent.rows,
         sent.ids,
         sent.weights,
@@ -248,4 +414,3 @@ def ep_experts_forward(
         interleaved=not getattr(module, "is_concatenated", True),
         routed_pairs=sent.routed_pairs,
     )
-    return combine_back(shard, outputs, sent.layout).to(hidden_states.dtype)

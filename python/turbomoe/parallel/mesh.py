@@ -32,6 +32,7 @@ class StepCapacity:
 
     def __init__(self) -> None:
         self.value: int | None = None
+        self.chunks = 1  # token chunks per layer (TURBOMOE_EP_CHUNKS), agreed with the value
 
 
 @dataclass(frozen=True)
