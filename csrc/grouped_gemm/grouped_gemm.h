@@ -13,6 +13,9 @@ void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const A
 // dw [E,N,K] = dy_e^T . x_e; zero for experts without rows.
 void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw);
 
+// SMs the persistent CUDA kernels leave free (tm_set_gemm_sm_margin).
+int sm_margin();
+
 void forward_cuda(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y, void* stream);
 void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
                          void* stream);

@@ -1,4 +1,5 @@
 // C ABI of the grouped GEMM: validation, then the CPU reference or the CUDA dispatcher.
+#include <atomic>
 #include <string>
 
 #include "common/device.h"
@@ -51,9 +52,26 @@ void run(const char* op, std::initializer_list<const Arg*> args, const Arg& offs
   }
 }
 
+std::atomic<int> g_sm_margin{0};
+
 }  // namespace
 
+namespace turbomoe::grouped_gemm {
+
+int sm_margin() { return g_sm_margin.load(std::memory_order_relaxed); }
+
+}  // namespace turbomoe::grouped_gemm
+
 extern "C" {
+
+tm_status tm_set_gemm_sm_margin(int32_t sms) {
+  return turbomoe::guard(__func__, [&] {
+    if (sms < 0 || sms > 1024) invalid("sms is " + std::to_string(sms) + ", expected [0, 1024]");
+    g_sm_margin.store(sms, std::memory_order_relaxed);
+  });
+}
+
+int32_t tm_gemm_sm_margin(void) { return g_sm_margin.load(std::memory_order_relaxed); }
 
 tm_status tm_grouped_gemm_workspace_size(int32_t pass, int64_t m, int64_t n, int64_t k,
                                          int64_t num_experts, int32_t device_type, size_t* bytes) {

@@ -302,3 +302,18 @@ TEST(GroupedGemm, RejectsBadBackwardArguments) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(GroupedGemm, SmMarginIsSetAndBounded) {
+  EXPECT_EQ(tm_gemm_sm_margin(), 0);  // the default: the persistent grid takes every SM
+  EXPECT_EQ(tm_set_gemm_sm_margin(17), TM_OK);
+  EXPECT_EQ(tm_gemm_sm_margin(), 17);
+  TM_EXPECT_ERROR(tm_set_gemm_sm_margin(-1), TM_ERR_INVALID_ARGUMENT, "sms is -1");
+  TM_EXPECT_ERROR(tm_set_gemm_sm_margin(1025), TM_ERR_INVALID_ARGUMENT, "[0, 1024]");
+  EXPECT_EQ(tm_gemm_sm_margin(), 17);  // a refused value changes nothing
+  EXPECT_EQ(tm_set_gemm_sm_margin(0), TM_OK);
+  EXPECT_EQ(tm_gemm_sm_margin(), 0);
+}
+
+}  // namespace

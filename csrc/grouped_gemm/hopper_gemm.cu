@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/cuda_utils.cuh"
+#include "grouped_gemm/grouped_gemm.h"
 #include "grouped_gemm/hopper_gemm.h"
 #include "grouped_gemm/hopper_gemm_kernel.cuh"
 
@@ -83,6 +84,8 @@ bool offsets_ok(const tm_tensor& o, int64_t* num_experts) {
 }
 
 // Device checks: Hopper (the kernels are built for sm_90a only) and the caller's device.
+// sm_count: the SMs the persistent grid may use (all of them less tm_set_gemm_sm_margin's, at
+// least one).
 bool device_ok(int device, int* sm_count) {
   int major = 0;
   cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
@@ -90,6 +93,8 @@ bool device_ok(int device, int* sm_count) {
   if (major != 9) return false;
   cuda::check(cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device),
               "cudaDeviceGetAttribute");
+  const int usable = *sm_count - grouped_gemm::sm_margin();
+  *sm_count = usable > 1 ? usable : 1;
   return true;
 }
 

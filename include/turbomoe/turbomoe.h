@@ -287,6 +287,14 @@ TM_API tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_te
                                                 const tm_tensor* expert_offsets, tm_tensor* dx,
                                                 void* workspace, size_t workspace_bytes,
                                                 void* stream);
+/* SMs the persistent Hopper grouped GEMM leaves to other streams (default 0: it takes every SM).
+ * Its CTAs fill whole SMs (registers and shared memory) and take tiles in a fixed order, so a
+ * kernel that runs beside it (the expert-parallel exchange on its side stream) would otherwise
+ * hold SMs that some of its CTAs wait for, or wait itself until the GEMM ends. Process-wide;
+ * sms in [0, 1024]. The getter returns the current value. */
+TM_API tm_status tm_set_gemm_sm_margin(int32_t sms);
+TM_API int32_t tm_gemm_sm_margin(void);
+
 /* dw [E,N,K] = dy_e^T . x_e (overwritten; zero for experts without rows); f32 or the dtype of x. */
 TM_API tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* x,
                                                  const tm_tensor* expert_offsets, tm_tensor* dw,

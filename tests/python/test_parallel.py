@@ -339,3 +339,27 @@ def test_chunk_bounds_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("TURBOMOE_EP_CHUNKS", bad)
         with pytest.raises(ValueError, match="TURBOMOE_EP_CHUNKS"):
             configured_chunks()
+
+
+def test_gemm_sm_margin_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turbomoe import _native
+    from turbomoe.parallel.chunked import gemm_sm_margin
+
+    monkeypatch.delenv("TURBOMOE_GEMM_SM_MARGIN", raising=False)
+    monkeypatch.setenv("TURBOMOE_EP_NVLINK_CTAS", "12")
+    assert gemm_sm_margin() == 14  # the push's blocks, the barrier's and a copy's
+    monkeypatch.setenv("TURBOMOE_GEMM_SM_MARGIN", "0")
+    assert gemm_sm_margin() == 0
+    for bad in ("-1", "2000", "x"):
+        monkeypatch.setenv("TURBOMOE_GEMM_SM_MARGIN", bad)
+        with pytest.raises(ValueError, match="TURBOMOE_GEMM_SM_MARGIN"):
+            gemm_sm_margin()
+    lib = _native.lib()
+    assert lib.tm_gemm_sm_margin() == 0
+    _native.call("tm_set_gemm_sm_margin", 20)
+    try:
+        assert lib.tm_gemm_sm_margin() == 20
+        with pytest.raises(ValueError, match="expected"):
+            _native.call("tm_set_gemm_sm_margin", -3)
+    finally:
+        _native.call("tm_set_gemm_sm_margin", 0)

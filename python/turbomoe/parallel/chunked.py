@@ -14,15 +14,22 @@ j+1's compute. The autograd engine runs each backward on its forward's stream, s
 overlaps the same way. Every rank issues the exchanges in the same order, which is all the
 NVLink barrier and NCCL need to pair them.
 
+While chunks are on, the persistent grouped GEMM leaves ``gemm_sm_margin()`` SMs to the
+exchanges (process-wide; ``TURBOMOE_GEMM_SM_MARGIN`` sets the count).
+
 Each chunk's result is what the whole layer gives for those tokens (each token's rows, weights
 and sums are the same); the expert weights' gradients become a sum over the chunks.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from torch import nn
 
+from turbomoe import _native
 from turbomoe.parallel.dispatch import (
     Agreement,
     finish_return,
@@ -32,8 +39,36 @@ from turbomoe.parallel.dispatch import (
     receive,
 )
 from turbomoe.parallel.mesh import ExpertShard
+from turbomoe.parallel.nvlink import configured_ctas
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
+_log = logging.getLogger("turbomoe")
+MARGIN_ENV = "TURBOMOE_GEMM_SM_MARGIN"
+
+
+def gemm_sm_margin() -> int:
+    """SMs the grouped GEMMs leave to the exchanges while chunks overlap: TURBOMOE_GEMM_SM_MARGIN,
+    else the push's thread blocks (TURBOMOE_EP_NVLINK_CTAS) and two more (the barrier and a
+    copy). Without it the persistent GEMM holds every SM and an exchange launched beside it
+    waits for the GEMM's end (its blocks fit on no SM), so nothing would overlap."""
+    text = os.environ.get(MARGIN_ENV)
+    if text is None:
+        return configured_ctas() + 2
+    try:
+        margin = int(text)
+    except ValueError:
+        raise ValueError(f"{MARGIN_ENV}={text!r} is not an integer") from None
+    if not 0 <= margin <= 1024:
+        raise ValueError(f"{MARGIN_ENV}={margin} must be in [0, 1024]")
+    return margin
+
+
+def _leave_sms_to_exchanges() -> None:
+    """Process-wide, from the first chunked layer on (tm_set_gemm_sm_margin)."""
+    margin = gemm_sm_margin()
+    if _native.lib().tm_gemm_sm_margin() != margin:
+        _native.call("tm_set_gemm_sm_margin", margin)
+        _log.info("turbomoe: grouped GEMMs leave %d SMs to the overlapped exchanges", margin)
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -67,7 +102,10 @@ def chunked_experts_forward(
     capacity = -(-agreed.capacity // chunks)  # every rank's chunks fit: ⌈T/n⌉ ≤ ⌈C/n⌉
     if capacity == 0:  # no rank has a token: nothing to exchange
         return hidden_states.new_zeros((0, hidden_states.shape[1])) * hidden_states.sum()
-    stream = side_stream(hidden_states.device) if hidden_states.is_cuda else None
+    stream = None
+    if hidden_states.is_cuda:
+        stream = side_stream(hidden_states.device)
+        _leave_sms_to_exchanges()
     bounds = chunk_bounds(hidden_states.shape[0], chunks)
     sendings = []
     for lo, hi in bounds:
