@@ -297,22 +297,24 @@ def test_from_pretrained_with_ep_needs_torchrun(
 
 
 @pytest.mark.parametrize(
-    ("family", "world", "chunks"),
+    ("family", "world", "chunks", "recompute"),
     [
-        ("qwen3_moe", 2, 2),
-        ("qwen3_moe", 2, 3),  # 26 tokens a rank: chunks of 9, 9 and 8
-        ("deepseek_v3", 4, 4),  # experts without tokens, and each rank's last chunk short
+        ("qwen3_moe", 2, 2, "0"),
+        ("qwen3_moe", 2, 3, "1"),  # 26 tokens a rank: chunks of 9, 9 and 8
+        ("deepseek_v3", 4, 4, "0"),  # experts without tokens, each rank's last chunk short
+        ("deepseek_v3", 4, 1, "1"),  # the owner's lean autograd record alone
     ],
 )
-def test_token_chunks_match_one_process(
-    family: str, world: int, chunks: int, tmp_path: Path
+def test_token_chunks_and_recompute_match_one_process(
+    family: str, world: int, chunks: int, recompute: str, tmp_path: Path
 ) -> None:
-    """TURBOMOE_EP_CHUNKS: each layer's exchange in chunks gives the one-process loss and
-    gradients (the chunks' exchanges queue on a side stream on CUDA; here they are gloo's)."""
+    """TURBOMOE_EP_CHUNKS: each layer's exchange in chunks (on CUDA their exchanges queue on a
+    side stream; here they are gloo's), and TURBOMOE_EP_RECOMPUTE: the owner's experts keep only
+    their input and gate/up output; both give the one-process loss and gradients."""
     base = build(family, seed=3)
     batches = [make_batch(seed=r, pad=r % 3) for r in range(world)]
     ref = _reference(base, batches)
-    env = {"TURBOMOE_EP_CHUNKS": str(chunks)}
+    env = {"TURBOMOE_EP_CHUNKS": str(chunks), "TURBOMOE_EP_RECOMPUTE": recompute}
     results = run_ranks(
         with_env_worker, world, tmp_path, env, parity_worker, base, batches, world, None, "auto"
     )
@@ -325,14 +327,20 @@ def test_token_chunks_differing_across_ranks_fail_everywhere(tmp_path: Path) -> 
         assert "TURBOMOE_EP_CHUNKS differs across the expert-parallel ranks" in message, message
 
 
-def test_chunk_bounds_and_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunk_bounds_and_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
     from turbomoe.parallel.chunked import chunk_bounds
-    from turbomoe.parallel.dispatch import configured_chunks
+    from turbomoe.parallel.dispatch import configured_chunks, configured_recompute
 
     assert chunk_bounds(13, 3) == [(0, 5), (5, 10), (10, 13)]
     assert chunk_bounds(4, 3) == [(0, 2), (2, 4), (4, 4)]  # an empty last chunk
     assert chunk_bounds(0, 2) == [(0, 0), (0, 0)]
     assert configured_chunks() == 1
+    assert not configured_recompute()
+    monkeypatch.setenv("TURBOMOE_EP_RECOMPUTE", "1")
+    assert configured_recompute()
+    monkeypatch.setenv("TURBOMOE_EP_RECOMPUTE", "yes")
+    with pytest.raises(ValueError, match="TURBOMOE_EP_RECOMPUTE"):
+        configured_recompute()
     monkeypatch.setenv("TURBOMOE_EP_CHUNKS", "4")
     assert configured_chunks() == 4
     for bad in ("0", "9", "two"):

@@ -115,6 +115,20 @@ CHUNKS_ENV = "TURBOMOE_EP_CHUNKS"
 MAX_CHUNKS = 8
 
 
+# The owner's experts keep only their input and gate/up output for the backward
+# (moe_experts(recompute=True), ops/moe_lean.py) when TURBOMOE_EP_RECOMPUTE=1: ~250 MB less a
+# layer at 4 ranks on the Qwen3-30B-A3B shape, for a re-gather and an activation pass in the
+# backward. Off until measured on GPUs (perf-notes.md).
+RECOMPUTE_ENV = "TURBOMOE_EP_RECOMPUTE"
+
+
+def configured_recompute() -> bool:
+    text = os.environ.get(RECOMPUTE_ENV, "0")
+    if text not in ("0", "1"):
+        raise ValueError(f"{RECOMPUTE_ENV}={text!r} must be 0 or 1")
+    return text == "1"
+
+
 def configured_chunks() -> int:
     text = os.environ.get(CHUNKS_ENV, "1")
     try:
@@ -413,4 +427,5 @@ def local_experts(module: nn.Module, sent: Dispatched) -> torch.Tensor:
         activation="silu",
         interleaved=not getattr(module, "is_concatenated", True),
         routed_pairs=sent.routed_pairs,
+        recompute=configured_recompute(),
     )

@@ -23,19 +23,32 @@ TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-2, 5e-2)}
 
 
 @pytest.mark.parametrize(
-    ("family", "dtype", "chunks"),
+    ("family", "dtype", "env"),
     [
-        ("qwen3_moe", "bf16", 1),
-        ("qwen3_moe", "fp32", 1),
-        ("deepseek_v3", "bf16", 1),
-        ("deepseek_v3", "fp32", 1),
-        # TURBOMOE_EP_CHUNKS: the exchanges on a side stream, overlapped with the experts
-        ("qwen3_moe", "fp32", 2),
-        ("qwen3_moe", "bf16", 3),
+        ("qwen3_moe", "bf16", {}),
+        ("qwen3_moe", "fp32", {}),
+        ("deepseek_v3", "bf16", {}),
+        ("deepseek_v3", "fp32", {}),
+        # the exchanges in token chunks on a side stream, overlapped with the experts
+        ("qwen3_moe", "fp32", {"TURBOMOE_EP_CHUNKS": "2"}),
+        ("qwen3_moe", "bf16", {"TURBOMOE_EP_CHUNKS": "3"}),
+        # the owner's lean autograd record
+        ("qwen3_moe", "fp32", {"TURBOMOE_EP_RECOMPUTE": "1"}),
+        ("deepseek_v3", "bf16", {"TURBOMOE_EP_RECOMPUTE": "1", "TURBOMOE_EP_CHUNKS": "2"}),
+    ],
+    ids=[
+        "qwen3_moe-bf16",
+        "qwen3_moe-fp32",
+        "deepseek_v3-bf16",
+        "deepseek_v3-fp32",
+        "qwen3_moe-fp32-chunks2",
+        "qwen3_moe-bf16-chunks3",
+        "qwen3_moe-fp32-recompute",
+        "deepseek_v3-bf16-recompute-chunks2",
     ],
 )
 def test_expert_parallel_matches_one_gpu(
-    family: str, dtype: str, chunks: int, tmp_path: Path
+    family: str, dtype: str, env: dict[str, str], tmp_path: Path
 ) -> None:
     gpus = torch.cuda.device_count()
     if gpus < 2:
@@ -44,8 +57,8 @@ def test_expert_parallel_matches_one_gpu(
     out = tmp_path / "parity.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={world}", str(MAIN), family, dtype, str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TURBOMOE_EP_CHUNKS=str(chunks))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     loss_tol, grad_tol = TOLERANCES[dtype]
