@@ -37,6 +37,8 @@ from turbomoe.hf.attention_graphs import (
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.graph_step import GraphedStep
 
+ALLOCATION_MARKS = ("step start", "forward end", "backward end")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -96,6 +98,9 @@ class RunResult:
     bwd_ms_mean: float | None = 0.0
     cuda_graph: bool = False
     attention_graphs: bool = False
+    # GiB allocated at step start / forward end / backward end, largest over the timed steps
+    # (CUDA; where the peak comes from: states, + saved activations, + gradients).
+    allocated_gib: dict[str, float] = field(default_factory=dict)
     weights_fingerprint: float = 0.0
     error: str | None = None
     profile: Profile | None = None
@@ -189,6 +194,10 @@ def _train(
         loss = _forward_backward(model, batch, timer, graphed)
         fwd, bwd = timer.elapsed_ms()
         result.losses.append(float(loss))
+        if i >= settings.warmup and timer.cuda and graphed is None:
+            for name, nbytes in zip(ALLOCATION_MARKS, timer.allocated, strict=True):
+                gib = nbytes / 2**30
+                result.allocated_gib[name] = max(result.allocated_gib.get(name, 0.0), gib)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if result.attention_graphs and i == settings.warmup - 1:

@@ -24,10 +24,15 @@ class StepTimer:
         if self.cuda:
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         self._times = [0.0, 0.0, 0.0]
+        # Bytes allocated at step start, forward end and backward end (CUDA): what the states,
+        # the saved activations and the gradients add up to at each mark (a host-side counter,
+        # no synchronisation).
+        self.allocated = [0, 0, 0]
 
     def _mark(self, index: int) -> None:
         if self.cuda:
             self._events[index].record()
+            self.allocated[index] = torch.cuda.memory_allocated()
         else:
             self._times[index] = time.perf_counter()
 
