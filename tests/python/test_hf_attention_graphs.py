@@ -65,3 +65,20 @@ def test_release_restores_the_class_forwards() -> None:
     batch = make_batch()
     loss, _, _ = loss_and_grads(model, batch)
     assert torch.isfinite(loss)
+
+
+def test_auto_capture_waits_for_a_cuda_training_call_and_releases() -> None:
+    from turbomoe.hf.attention_graphs import enable_attention_graphs
+
+    model = build_model("qwen3_moe")
+    batch = make_batch()
+    want_loss, want_grads, _ = loss_and_grads(model, batch)
+    auto = enable_attention_graphs(model)
+    for _ in range(2):  # CPU: nothing is recorded, so nothing is captured, and nothing changes
+        got_loss, got_grads, _ = loss_and_grads(model, batch)
+        assert torch.equal(got_loss, want_loss)
+        assert all(torch.equal(got_grads[n], want_grads[n]) for n in want_grads)
+    assert auto.graphs is None and auto.failure is None
+    auto.release()
+    assert all("forward" not in m.__dict__ for m in attention_modules(model))
+    assert not model._forward_pre_hooks

@@ -371,3 +371,21 @@ def test_gemm_sm_margin_knob(monkeypatch: pytest.MonkeyPatch) -> None:
             _native.call("tm_set_gemm_sm_margin", -3)
     finally:
         _native.call("tm_set_gemm_sm_margin", 0)
+
+
+def test_attention_graphs_need_replicated_dense_parameters() -> None:
+    """The check runs before anything collective, so one process shows it."""
+    from turbomoe.parallel.shard import finish
+
+    model = build("qwen3_moe", seed=1)
+    with pytest.raises(ValueError, match="attention_graphs needs replicated dense parameters"):
+        finish(
+            model,
+            None,  # type: ignore[arg-type]
+            [],
+            fsdp=True,
+            mp_policy=None,
+            reshard_after_forward=True,
+            grad_sync="auto",
+            attention_graphs=True,
+        )

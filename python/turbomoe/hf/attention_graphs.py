@@ -27,6 +27,10 @@ layer's graphs with a warning.
     graphs = capture_attention_graphs(model)  # after one eager step (records the shapes)
     ...
     graphs.release()  # restores the eager forwards and frees the graphs' memory pool
+
+or, capturing by itself at the first forward after an eager training step,
+``enable_attention_graphs(model)`` (what ``parallelize(..., attention_graphs=True)`` uses).
+Packed or padded batches carry an attention mask, so their attention always runs eagerly.
 """
 
 from __future__ import annotations
@@ -274,3 +278,50 @@ def capture_attention_graphs(model: nn.Module, num_warmup_iters: int = 1) -> Att
         state.parameters = _parameters_key(module)
         state.replays = 0
     return AttentionGraphs(list(modules))
+
+
+class AutoAttentionGraphs:
+    """Captures a model's attention graphs by itself: prepares the model now, and a forward
+    pre-hook captures at the first forward after one eager CUDA training step has recorded every
+    layer's call (no collective inside, so ranks may capture independently). A failed capture
+    warns once and leaves the attention eager. ``release`` undoes everything."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if prepare_attention_graphs(model) == 0:
+            raise ValueError(f"{type(model).__name__} has no '{ATTENTION_SUFFIX}' modules to graph")
+        self.model = model
+        self.graphs: AttentionGraphs | None = None
+        self.failure: str | None = None
+        self._hook = model.register_forward_pre_hook(self._maybe_capture)
+
+    def _ready(self) -> bool:
+        if self.graphs is not None or self.failure is not None or not torch.is_grad_enabled():
+            return False
+        if not all(_state(m).seen is not None for m in attention_modules(self.model)):
+            return False  # (a CPU model never gets here: its calls are never recorded)
+        return not torch.cuda.is_current_stream_capturing()
+
+    def _maybe_capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._ready():
+            return
+        try:
+            self.graphs = capture_attention_graphs(self.model)
+        except Exception as exc:  # a graph is an optimisation: never fail the step for it
+            self.failure = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"attention graphs were not captured ({self.failure}); the attention runs eagerly",
+                stacklevel=2,
+            )
+
+    def release(self) -> None:
+        self._hook.remove()
+        AttentionGraphs(attention_modules(self.model)).release()
+        self.graphs = None
+
+
+def enable_attention_graphs(model: nn.Module) -> AutoAttentionGraphs:
+    """Replays ``model``'s attention from CUDA graphs from its second training step on (see
+    :class:`AutoAttentionGraphs`); for steps that cannot be captured whole, such as the
+    expert-parallel one. Batches must keep one shape and come without an attention mask (and
+    with ``use_cache=False``) for the graphs to replay; other calls run eagerly."""
+    return AutoAttentionGraphs(model)

@@ -65,6 +65,7 @@ class AutoModelForCausalLM:
         mp_policy: Any = None,
         reshard_after_forward: bool = True,
         grad_sync: Literal["auto", "manual"] = "auto",
+        attention_graphs: bool = False,
         **kwargs: Any,
     ) -> nn.Module:
         """Load a causal LM with its experts sharded over ``ep_size`` ranks.
@@ -73,7 +74,8 @@ class AutoModelForCausalLM:
         environment if needed). ``dtype`` defaults to the checkpoint's ``config.dtype``;
         ``device`` to this rank's CUDA device under NCCL, else the CPU. Other keyword arguments
         go to ``AutoConfig.from_pretrained`` (``attn_implementation`` and
-        ``experts_implementation`` to the model). The model is returned in eval mode, like
+        ``experts_implementation`` to the model); ``attention_graphs`` as in
+        :func:`~turbomoe.parallel.parallelize`. The model is returned in eval mode, like
         transformers does.
         """
         from transformers import AutoConfig
@@ -115,6 +117,7 @@ class AutoModelForCausalLM:
             mp_policy=mp_policy,
             reshard_after_forward=reshard_after_forward,
             grad_sync=grad_sync,
+            attention_graphs=attention_graphs,
         )
         return model
 

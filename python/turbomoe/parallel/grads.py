@@ -63,6 +63,8 @@ class ParallelState:
     sync_queued: bool = False
     # grad_sync="auto" with replicated dense parameters: their all-reduce runs in the backward.
     overlap: DenseGradOverlap | None = None
+    # parallelize(..., attention_graphs=True): the attention replayed from CUDA graphs.
+    attention_graphs: Any = None
 
     @property
     def world_group(self) -> ProcessGroup:

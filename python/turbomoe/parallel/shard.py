@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from turbomoe.hf.attention_graphs import enable_attention_graphs
 from turbomoe.parallel.comm import peer_exchange
 from turbomoe.parallel.dispatch import ep_experts_forward, install_capacity_hook
 from turbomoe.parallel.grads import (
@@ -185,6 +186,7 @@ def parallelize(
     mp_policy: Any = None,
     reshard_after_forward: bool = True,
     grad_sync: Literal["auto", "manual"] = "auto",
+    attention_graphs: bool = False,
 ) -> nn.Module:
     """Shard the experts over ep, replicate them over dp, and shard or replicate the rest.
 
@@ -194,7 +196,9 @@ def parallelize(
     fused or foreach optimizer ``split_param_groups(model.parameters())`` then.
     ``mp_policy``/``reshard_after_forward`` go to ``fully_shard``. ``grad_sync="auto"`` reduces
     gradients at the end of every backward; "manual" leaves it to
-    :func:`turbomoe.parallel.sync_grads`. With ep_size = 1 on one rank, or without a process
+    :func:`turbomoe.parallel.sync_grads`. ``attention_graphs``: replay each layer's attention
+    from CUDA graphs from the second training step on (``turbomoe.hf.attention_graphs``; needs
+    replicated dense parameters). With ep_size = 1 on one rank, or without a process
     group, this returns the model unchanged. Raises ValueError when ep_size does not divide the
     world size or the experts, or ep_size > 1 without a process group.
     """
@@ -216,6 +220,7 @@ def parallelize(
         mp_policy=mp_policy,
         reshard_after_forward=reshard_after_forward,
         grad_sync=grad_sync,
+        attention_graphs=attention_graphs,
     )
     return model
 
@@ -229,9 +234,15 @@ def finish(
     mp_policy: Any,
     reshard_after_forward: bool,
     grad_sync: str,
+    attention_graphs: bool = False,
 ) -> None:
     """Everything after the experts are sharded (and, for the loader, filled)."""
     use_fsdp = mesh.size(0) > 1 if fsdp is None else fsdp
+    if attention_graphs and use_fsdp:
+        raise ValueError(
+            "attention_graphs needs replicated dense parameters: FSDP's sharded ones move "
+            "between steps (pass fsdp=False, or attention_graphs=False)"
+        )
     if use_fsdp:
         wrap_dense(
             model,
@@ -241,11 +252,12 @@ def finish(
             reshard_after_forward=reshard_after_forward,
         )
     scale_expert_grads(expert_params, mesh.size(1))
-    setattr(
-        model,
-        STATE_ATTR,
-        ParallelState(mesh=mesh, ep_size=mesh.size(1), fsdp=use_fsdp, expert_params=expert_params),
+    state = ParallelState(
+        mesh=mesh, ep_size=mesh.size(1), fsdp=use_fsdp, expert_params=expert_params
     )
+    setattr(model, STATE_ATTR, state)
+    if attention_graphs:
+        state.attention_graphs = enable_attention_graphs(model)
     if grad_sync == "auto":
         install_auto_sync(model)
     if expert_params:

@@ -144,3 +144,16 @@ def test_parameters_moved_after_the_capture_drop_the_graphs() -> None:
     with pytest.warns(UserWarning, match="parameters changed storage"):
         _twins_agree(model, eager, [_tiny_batch(1)], 1e-5, 1e-4)
     assert graphs.replays == len(attention_modules(model)) - 1  # layer 0 ran eagerly
+
+
+def test_auto_capture_from_the_second_step_matches_the_eager_twin() -> None:
+    from turbomoe.hf.attention_graphs import enable_attention_graphs
+
+    model = build_model("qwen3_moe").to(CUDA)
+    eager = copy.deepcopy(model)
+    auto = enable_attention_graphs(model)
+    _twins_agree(model, eager, [_tiny_batch(i) for i in range(4)], 1e-5, 1e-4)
+    assert auto.failure is None and auto.graphs is not None
+    assert auto.graphs.replays == 3 * len(attention_modules(model))  # steps 2-4
+    auto.release()
+    assert not model._forward_pre_hooks
