@@ -238,3 +238,23 @@ def capture_routing(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def qwen3_30b_layer_and_batches(
+    device: torch.device, count: int = 4, seq: int = 1024
+) -> tuple[PreTrainedModel, list[dict[str, Any]]]:
+    """One bf16 decoder layer of the Qwen3-30B-A3B shape (the bench's builder, seed 0) and
+    ``count`` seeded batches of ``seq`` random tokens with labels, ``use_cache=False``."""
+    from turbomoe.bench.models import build_model as build_bench_model
+    from turbomoe.bench.models import qwen3_30b_a3b_config
+
+    config = qwen3_30b_a3b_config(1)
+    model = build_bench_model(
+        config, device=device, dtype=torch.bfloat16, seed=0, experts_implementation=None
+    )
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
+        batches.append({"input_ids": ids, "labels": ids, "use_cache": False})
+    return model, batches

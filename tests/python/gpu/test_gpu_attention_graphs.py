@@ -11,11 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from hf_models import build_model, make_batch, rel_err
+from hf_models import build_model, make_batch, qwen3_30b_layer_and_batches, rel_err
 
 import turbomoe  # noqa: F401  (patches the models onto turbomoe's ops)
-from turbomoe.bench.models import build_model as build_bench_model
-from turbomoe.bench.models import qwen3_30b_a3b_config
 from turbomoe.hf.attention_graphs import (
     attention_modules,
     capture_attention_graphs,
@@ -100,15 +98,7 @@ def test_other_calls_run_eagerly_and_stay_correct() -> None:
 
 
 def test_one_qwen3_30b_layer_bf16_graphs_match_the_eager_twin() -> None:
-    config = qwen3_30b_a3b_config(1)
-    model = build_bench_model(
-        config, device=CUDA, dtype=torch.bfloat16, seed=0, experts_implementation=None
-    )
-    gen = torch.Generator().manual_seed(5)
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, config.vocab_size, (1, 1024), generator=gen).to(CUDA)
-        batches.append({"input_ids": ids, "labels": ids, "use_cache": False})
+    model, batches = qwen3_30b_layer_and_batches(CUDA)
     eager, graphs = _prepared_pair(model, batches[0])
     _twins_agree(model, eager, batches[1:], 1e-3, 2e-2)
     assert graphs.replays == 3

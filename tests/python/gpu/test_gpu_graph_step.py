@@ -10,11 +10,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hf_models import build_model, make_batch, rel_err
+from hf_models import build_model, make_batch, qwen3_30b_layer_and_batches, rel_err
 
 import turbomoe  # noqa: F401  (patches the models onto turbomoe's ops)
-from turbomoe.bench.models import build_model as build_bench_model
-from turbomoe.bench.models import qwen3_30b_a3b_config
 from turbomoe.train.graph_step import GraphedStep, GraphStepError
 
 pytestmark = pytest.mark.gpu
@@ -78,15 +76,7 @@ def test_tiny_model_fp32_replays_match_eager_steps() -> None:
 
 
 def test_one_qwen3_30b_layer_bf16_replays_match_eager_steps() -> None:
-    config = qwen3_30b_a3b_config(1)
-    model = build_bench_model(
-        config, device=CUDA, dtype=torch.bfloat16, seed=0, experts_implementation=None
-    )
-    gen = torch.Generator().manual_seed(5)
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, config.vocab_size, (1, 1024), generator=gen).to(CUDA)
-        batches.append({"input_ids": ids, "labels": ids, "use_cache": False})
+    model, batches = qwen3_30b_layer_and_batches(CUDA)
     step = _compare_runs(model, batches, loss_rtol=1e-3, grad_rtol=2e-2)
     assert step.stats.replays == 2 and step.stats.captures == 1
 
