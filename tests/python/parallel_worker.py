@@ -481,9 +481,10 @@ def with_env_worker(
 
 
 def chunks_mismatch_worker(rank: int, world: int, base: nn.Module) -> str:
-    """Every rank sets a different TURBOMOE_EP_CHUNKS: the forward must fail on every rank with
-    the same clear error, not hang in mismatched exchanges."""
-    os.environ["TURBOMOE_EP_CHUNKS"] = str(1 + rank)
+    """Every rank sets a different TURBOMOE_EP_CHUNKS (with 2 ranks: rank 1 an invalid one): the
+    forward must fail on every rank with a clear error, not hang in mismatched exchanges or in
+    the agreement."""
+    os.environ["TURBOMOE_EP_CHUNKS"] = str(1 + rank) if world > 2 or rank == 0 else "x"
     model = copy.deepcopy(base)
     tp.parallelize(model, ep_size=world)
     try:

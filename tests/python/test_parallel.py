@@ -323,8 +323,11 @@ def test_token_chunks_and_recompute_match_one_process(
 
 def test_token_chunks_differing_across_ranks_fail_everywhere(tmp_path: Path) -> None:
     base = build("qwen3_moe", seed=2)
-    for message in run_ranks(chunks_mismatch_worker, 2, tmp_path, base):
+    for message in run_ranks(chunks_mismatch_worker, 4, tmp_path / "four", base):
         assert "TURBOMOE_EP_CHUNKS differs across the expert-parallel ranks" in message, message
+    invalid, told = run_ranks(chunks_mismatch_worker, 2, tmp_path / "two", base)
+    assert "TURBOMOE_EP_CHUNKS='x' is not an integer" in told, told  # rank 1's own error
+    assert "TURBOMOE_EP_CHUNKS is invalid on another expert-parallel rank" in invalid, invalid
 
 
 def test_chunk_bounds_and_knobs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,11 @@ def _agree(shard: ExpertShard, tokens: int, bad: torch.Tensor | None) -> tuple[i
     count every rank configured): one small all-reduce and one host read. Raises ValueError on
     every rank when the ranks' ``TURBOMOE_EP_CHUNKS`` differ (their exchanges would not pair)."""
     device = torch.device("cuda", torch.cuda.current_device()) if _on_nccl(shard) else None
-    chunks = configured_chunks()
+    # A bad value is reported after the all-reduce, so that no rank is left waiting in it.
+    try:
+        chunks, problem = configured_chunks(), None
+    except ValueError as exc:
+        chunks, problem = 0, exc
     flag = torch.zeros((), dtype=torch.int64) if bad is None else bad.to(torch.int64).cpu()
     values = torch.stack(
         [
@@ -65,6 +69,10 @@ def _agree(shard: ExpertShard, tokens: int, bad: torch.Tensor | None) -> tuple[i
         values = values.to(device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX, group=shard.group)
     capacity, any_bad, most, minus_least = values.tolist()
+    if problem is not None:
+        raise problem
+    if minus_least == 0:
+        raise ValueError(f"{CHUNKS_ENV} is invalid on another expert-parallel rank")
     if most != -minus_least:
         raise ValueError(
             f"{CHUNKS_ENV} differs across the expert-parallel ranks (from {-minus_least} to "
