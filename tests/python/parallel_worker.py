@@ -492,3 +492,28 @@ def chunks_mismatch_worker(rank: int, world: int, base: nn.Module) -> str:
     except ValueError as exc:
         return str(exc)
     return "no error"
+
+
+def graph_step_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
+    """GraphedStep over an expert-parallel model (on CPU it runs each step eagerly, after
+    agreeing nothing extra): the same loss and gradients as the plain step, twice in a row."""
+    from turbomoe.train.graph_step import GraphedStep
+
+    batch = make_batch(seed=rank)
+    plain = copy.deepcopy(base)
+    tp.parallelize(plain, ep_size=world)
+    graphed = copy.deepcopy(base)
+    tp.parallelize(graphed, ep_size=world)
+    step = GraphedStep(graphed, warmup_steps=1)
+    out: dict[str, Any] = {"parallel": step.parallel, "same": []}
+    for _ in range(2):
+        want = plain(**batch).loss
+        want.backward()
+        got = step(**batch)
+        same = torch.equal(got, want.detach())
+        want_grads, got_grads = full_grads(plain), full_grads(graphed)
+        same = same and all(torch.equal(got_grads[n], g) for n, g in want_grads.items())
+        out["same"].append(same)
+        plain.zero_grad(set_to_none=True)
+        graphed.zero_grad(set_to_none=True)
+    return out

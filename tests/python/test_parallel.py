@@ -23,6 +23,7 @@ from parallel_worker import (
     chunks_mismatch_worker,
     concat,
     dispatch_worker,
+    graph_step_worker,
     load_worker,
     make_batch,
     overlap_recovery_worker,
@@ -392,3 +393,12 @@ def test_attention_graphs_need_replicated_dense_parameters() -> None:
             grad_sync="auto",
             attention_graphs=True,
         )
+
+
+def test_graphed_step_accepts_an_expert_parallel_model(tmp_path: Path) -> None:
+    """EP 2 has padded expert buffers, so GraphedStep takes the model (on CUDA it captures
+    the whole step); on gloo its calls are the plain steps."""
+    base = build("qwen3_moe", seed=6)
+    for result in run_ranks(graph_step_worker, 2, tmp_path, base):
+        assert result["parallel"] is True
+        assert result["same"] == [True, True]

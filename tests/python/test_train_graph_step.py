@@ -102,14 +102,33 @@ def test_no_grad_and_unhashable_arguments_are_refused() -> None:
         step(**batch, output_hidden_states=[True])
 
 
-def test_settings_and_parallel_models_are_checked() -> None:
+def test_settings_are_checked() -> None:
     model = build_model("qwen3_moe")
     with pytest.raises(ValueError, match="warmup_steps"):
         GraphedStep(model, warmup_steps=0)
     with pytest.raises(ValueError, match="max_graphs"):
         GraphedStep(model, max_graphs=-1)
-    setattr(model, STATE_ATTR, ParallelState(mesh=None, ep_size=2, fsdp=False))  # type: ignore[arg-type]
-    with pytest.raises(GraphStepError, match="single-GPU"):
+
+
+def _parallel_state(model: torch.nn.Module, ep_size: int, fsdp: bool) -> None:
+    setattr(model, STATE_ATTR, ParallelState(mesh=None, ep_size=ep_size, fsdp=fsdp))  # type: ignore[arg-type]
+
+
+def test_expert_parallel_models_are_captured_only_when_nothing_reads_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = build_model("qwen3_moe")
+    _parallel_state(model, ep_size=2, fsdp=False)  # padded buffers, replicated dense weights
+    assert GraphedStep(model).parallel
+    _parallel_state(model, ep_size=4, fsdp=False)
+    with pytest.raises(GraphStepError, match="TURBOMOE_EP_PADDED_MAX_EP=2"):
+        GraphedStep(model)
+    _parallel_state(model, ep_size=2, fsdp=True)
+    with pytest.raises(GraphStepError, match="under FSDP"):
+        GraphedStep(model)
+    _parallel_state(model, ep_size=2, fsdp=False)
+    monkeypatch.setenv("TURBOMOE_EP_CHUNKS", "2")
+    with pytest.raises(GraphStepError, match="TURBOMOE_EP_CHUNKS"):
         GraphedStep(model)
 
 

@@ -94,6 +94,8 @@ def install_capacity_hook(model: nn.Module) -> None:
     shard = shards[0]
 
     def agree(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if shard.capacity.frozen:  # agreed before a captured step (parallel/capture.py)
+            return
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor):

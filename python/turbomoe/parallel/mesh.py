@@ -33,6 +33,8 @@ class StepCapacity:
     def __init__(self) -> None:
         self.value: int | None = None
         self.chunks = 1  # token chunks per layer (TURBOMOE_EP_CHUNKS), agreed with the value
+        # Set while a captured step runs: the value was agreed before it, outside the graph.
+        self.frozen = False
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,11 @@ other signatures run eagerly with a one-time warning. Pad batches to one length 
 ``turbomoe finetune`` does with packing) to stay on the graph. Parameters or buffers moved to new
 storage (``model.to``, ``load_state_dict(assign=True)``) are detected and recaptured.
 
-On CPU every call runs eagerly. Expert- or FSDP-parallel models are refused: their exchange
-reads the routed-token counts on the host once per layer.
+On CPU every call runs eagerly. An expert-parallel model (``turbomoe.parallelize``) is captured
+when its step needs nothing from the host (``turbomoe.parallel.capture``: padded expert buffers,
+replicated dense weights, one chunk); each call then agrees the exchange size with the other
+ranks before the step, and the graph is keyed by it. Other parallel models (FSDP, EP beyond the
+padded bound) are refused with the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 
 from turbomoe.hf.capture import keep_causal_skip_while_capturing
+from turbomoe.parallel.capture import agree_capacity, frozen_capacity
 
 LossFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 Output = torch.Tensor | tuple[torch.Tensor, ...]
@@ -104,7 +108,7 @@ class GraphedStep:
             raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
         if max_graphs < 0:
             raise ValueError(f"max_graphs must be >= 0, got {max_graphs}")
-        _refuse_parallel(model)
+        self.parallel = _refuse_parallel(model)
         self.model = model
         self.loss_fn = loss_fn
         self.warmup_steps = warmup_steps
@@ -133,6 +137,18 @@ class GraphedStep:
         key = _signature(self.model, batch)  # checked on CPU too: the same calls work on both
         if not _on_cuda(trainable, batch):
             return self._eager(batch)
+        if self.parallel:
+            # Every rank, every step: the exchange size, agreed here rather than inside the
+            # forward, keys the graph (ranks may replay and run eagerly side by side: they issue
+            # the same exchanges in the same order).
+            tokens = _tokens(batch)
+            capacity = agree_capacity(self.model, tokens)
+            key = (*key, ("ep_capacity", capacity))
+            with frozen_capacity(self.model):
+                return self._step(key, batch, trainable)
+        return self._step(key, batch, trainable)
+
+    def _step(self, key: Hashable, batch: dict[str, Any], trainable: list[nn.Parameter]) -> Output:
         storage = _storage_fingerprint(self.model)
         if storage != self._storage:
             self.reset()  # the graphs read parameters at addresses that are gone
@@ -169,7 +185,13 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         try:
             positions_generated = batch.get("position_ids") is None
-            with keep_causal_skip_while_capturing(positions_generated), torch.cuda.graph(graph):
+            # Thread-local capture under expert parallelism: NCCL's watchdog thread keeps making
+            # CUDA calls while this thread captures.
+            mode = "thread_local" if self.parallel else "global"
+            with (
+                keep_causal_skip_while_capturing(positions_generated),
+                torch.cuda.graph(graph, capture_error_mode=mode),
+            ):
                 outputs, as_tuple = _checked_outputs(self.loss_fn(self.model, **arguments))
                 outputs[0].backward()
         except Exception as exc:
@@ -230,15 +252,23 @@ def _checked_outputs(output: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
     return outputs, as_tuple
 
 
-def _refuse_parallel(model: nn.Module) -> None:
+def _refuse_parallel(model: nn.Module) -> bool:
+    """Whether the model is expert-parallel (and capturable); raises when it cannot be."""
+    from turbomoe.parallel.capture import capture_refusal
     from turbomoe.parallel.grads import DTensor
     from turbomoe.parallel.shard import is_parallelized
 
-    if is_parallelized(model) or any(isinstance(p, DTensor) for p in model.parameters()):
-        raise GraphStepError(
-            "GraphedStep runs single-GPU models only: the expert-parallel exchange and FSDP "
-            "synchronise with the host inside the step"
-        )
+    if not is_parallelized(model):
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise GraphStepError(
+                "GraphedStep cannot capture FSDP's all-gathers and hooks: shard with "
+                "turbomoe.parallelize and replicated dense parameters, or run eagerly"
+            )
+        return False
+    why = capture_refusal(model)
+    if why is not None:
+        raise GraphStepError(f"this expert-parallel step cannot be captured: {why}")
+    return True
 
 
 def _require_no_grads(model: nn.Module, trainable: list[nn.Parameter]) -> None:
@@ -249,6 +279,16 @@ def _require_no_grads(model: nn.Module, trainable: list[nn.Parameter]) -> None:
             "add to earlier ones: accumulate over a larger batch, or run accumulated "
             f"micro-batches eagerly ({type(model).__name__})"
         )
+
+
+def _tokens(batch: dict[str, Any]) -> int:
+    ids = batch.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids.numel()
+    embeds = batch.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor):
+        return embeds.shape[:-1].numel()
+    raise GraphStepError("an expert-parallel step needs input_ids or inputs_embeds in the batch")
 
 
 def _on_cuda(trainable: list[nn.Parameter], batch: dict[str, Any]) -> bool:
