@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA graph (turbomoe.train.GraphedStep; captured during the warm-up)",
     )
     runs.add_argument(
+        "--ep-cuda-graph",
+        action="store_true",
+        help="under torchrun, replay turbomoe's whole step from a CUDA graph when nothing in it "
+        "reads the host (expert parallelism up to TURBOMOE_EP_PADDED_MAX_EP, default 2; "
+        "replicated dense weights); otherwise, or without it, the attention graphs",
+    )
+    runs.add_argument(
         "--no-attention-graphs",
         dest="attention_graphs",
         action="store_false",
@@ -173,6 +180,11 @@ def _check_environment(args: argparse.Namespace) -> torch.device:
         raise BenchError(
             f"--warmup {args.warmup}: the CUDA-graphed turbomoe run needs >= 2 warm-up steps "
             "(eager warm-up, then the capture); raise --warmup or pass --no-cuda-graph"
+        )
+    if args.device == "cuda" and ranks > 1 and args.ep_cuda_graph and args.warmup < 2:
+        raise BenchError(
+            f"--warmup {args.warmup}: --ep-cuda-graph needs >= 2 warm-up steps (eager warm-up, "
+            "then the capture)"
         )
     if args.device == "cuda" and ranks > 1 and args.attention_graphs and args.warmup < 1:
         raise BenchError(
@@ -256,6 +268,7 @@ def _payload(
             "attn_implementation": args.attn_implementation,
             "cuda_graph": args.cuda_graph,
             "attention_graphs": args.attention_graphs,
+            "ep_cuda_graph": args.ep_cuda_graph,
         },
         "active_matmul_params": counts.total,
         "flops_per_token": flops,
@@ -360,6 +373,7 @@ def _run(
         ep_dense_fsdp=args.ep_dense == "fsdp",
         cuda_graph=args.cuda_graph,
         attention_graphs=args.attention_graphs,
+        ep_cuda_graph=args.ep_cuda_graph,
         ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)

@@ -34,6 +34,7 @@ from turbomoe.hf.attention_graphs import (
     capture_attention_graphs,
     prepare_attention_graphs,
 )
+from turbomoe.parallel.capture import capture_refusal
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.graph_step import GraphedStep
 
@@ -58,6 +59,9 @@ class Settings:
     cuda_graph: bool = True  # one GPU: turbomoe's step replayed from a CUDA graph (GraphedStep)
     # Under torchrun: turbomoe's attention replayed from per-layer CUDA graphs.
     attention_graphs: bool = True
+    # Under torchrun: turbomoe's whole step replayed from a CUDA graph when nothing in it reads
+    # the host (turbomoe.parallel.capture); else the attention graphs above.
+    ep_cuda_graph: bool = False
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
@@ -318,6 +322,12 @@ def run_one(
             result.weights_fingerprint = weights_fingerprint(model)
             if settings.ranks is not None:
                 model, result.parallelism = _shard(model, spec, settings)
+                if result.attention_graphs and settings.ep_cuda_graph:
+                    why = capture_refusal(model)
+                    if why is None:
+                        result.cuda_graph, result.attention_graphs = True, False
+                    else:
+                        log(f"[{spec.name}] the step is not captured whole: {why}")
             optimizer, result.optimizer = make_optimizer(model, settings)
             log(
                 f"[{spec.name}] experts={result.experts_implementation} "
