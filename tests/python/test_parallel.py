@@ -155,12 +155,26 @@ def test_a_failed_backward_leaves_no_stale_buckets(tmp_path: Path) -> None:
                 assert torch.equal(got, want), (rank, name, rel_err(got, want))
 
 
-def test_parallel_ep8_on_eight_gloo_ranks(tmp_path: Path) -> None:
-    """EP = 8 over 8 processes: one expert per rank."""
+@pytest.mark.parametrize("env", [{}, {"TURBOMOE_EP_CHUNKS": "2", "TURBOMOE_EP_RECOMPUTE": "1"}])
+def test_parallel_ep8_on_eight_gloo_ranks(env: dict[str, str], tmp_path: Path) -> None:
+    """EP = 8 over 8 processes: one expert per rank; also in token chunks with the owner's lean
+    autograd record (the 8-GPU headline run's code path)."""
     base = build("qwen3_moe", seed=5)
     batches = [make_batch(seed=r, batch=1, seq=6) for r in range(8)]
     ref = _reference(base, batches)
-    results = run_ranks(parity_worker, 8, tmp_path, base, batches, 8, None, "auto", timeout_s=58.0)
+    results = run_ranks(
+        with_env_worker,
+        8,
+        tmp_path,
+        env,
+        parity_worker,
+        base,
+        batches,
+        8,
+        None,
+        "auto",
+        timeout_s=58.0,
+    )
     _check_parity(results, ref)
 
 
