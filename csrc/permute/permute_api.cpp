@@ -89,17 +89,22 @@ tm_status tm_gather_rows(const tm_tensor* src, const tm_tensor* sorted_pairs,
     const Arg d(dst, "dst");
     s.floating().ndim_is(2).rows_contiguous();
     if (top_k < 1) invalid("top_k is " + std::to_string(top_k) + ", expected >= 1");
-    const int64_t pairs = s.size(0) * top_k;
+    const int64_t token_pairs = s.size(0) * top_k;
     d.floating().ndim_is(2).same_dtype(s).rows_contiguous();
     d.size_is(1, s.size(1), "hidden size of src");
-    // dst may be shorter than T*top_k when the caller knows how many pairs are routed (the
+    sp.dtype_in({TM_DTYPE_INT32}).ndim_is(1).contiguous();
+    // Pairs past src's tokens are allowed (they give zero rows), fewer than its tokens are not.
+    const int64_t pairs = sp.size(0);
+    if (pairs < token_pairs) {
+      invalid("sorted_pairs has " + std::to_string(pairs) + " entries, fewer than the " +
+              std::to_string(token_pairs) + " pairs of src (tokens * top_k)");
+    }
+    // dst may be shorter than the pairs when the caller knows how many are routed (the
     // expert-parallel owner does): rows past offsets[E] are only padding.
     if (d.size(0) > pairs) {
       invalid("dst has " + std::to_string(d.size(0)) + " rows, more than the " +
-              std::to_string(pairs) + " pairs of src (tokens * top_k)");
+              std::to_string(pairs) + " entries of sorted_pairs");
     }
-    sp.dtype_in({TM_DTYPE_INT32}).ndim_is(1).size_is(0, pairs, "tokens of src * top_k");
-    sp.contiguous();
     turbomoe::check_expert_offsets_shape(off);
     const int32_t device = turbomoe::common_device({&s, &sp, &off, &d});
     turbomoe::require_cuda_build(device, "tm_gather_rows");

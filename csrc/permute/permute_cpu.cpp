@@ -51,11 +51,12 @@ void gather_cpu(const Arg& src, const Arg& sorted_pairs, const Arg& offsets, int
                 const Arg& dst) {
   const int64_t rows = dst.size(0), hidden = dst.size(1), tokens = src.size(0);
   const int64_t used = offsets.ptr<const int32_t>()[offsets.size(0) - 1];
+  const int64_t pairs = sorted_pairs.size(0);
   const int32_t* sorted = sorted_pairs.ptr<const int32_t>();
   for (int64_t r = 0; r < used; ++r) {
-    if (sorted[r] < 0 || sorted[r] >= tokens * top_k) {
+    if (sorted[r] < 0 || sorted[r] >= pairs) {
       invalid("sorted_pairs[" + std::to_string(r) + "] is " + std::to_string(sorted[r]) +
-              ", outside [0, " + std::to_string(tokens * top_k) + ")");
+              ", outside [0, " + std::to_string(pairs) + ")");
     }
   }
   const size_t elem = dtype_size(src.dtype()), row_bytes = static_cast<size_t>(hidden) * elem;
@@ -63,8 +64,9 @@ void gather_cpu(const Arg& src, const Arg& sorted_pairs, const Arg& offsets, int
   auto* out = static_cast<char*>(dst.data());
   for (int64_t r = 0; r < rows; ++r) {
     char* d = out + r * dst.stride(0) * elem;
-    if (r < used) {
-      std::memcpy(d, in + (sorted[r] / top_k) * src.stride(0) * elem, row_bytes);
+    const int64_t token = r < used ? sorted[r] / top_k : tokens;
+    if (token < tokens) {
+      std::memcpy(d, in + token * src.stride(0) * elem, row_bytes);
     } else {
       std::memset(d, 0, row_bytes);  // all-zero bits are +0 in every floating dtype
     }

@@ -239,6 +239,33 @@ TEST(Gather, ShortDstHoldsExactlyTheRoutedRows) {
   }
 }
 
+// The expert-parallel dispatch names a "zero token" past src for the padding of its blocks:
+// those pairs give zero rows, without a padded copy of src. Pairs past sorted_pairs' own
+// length are still errors.
+TEST(Gather, PairsPastTheTokensOfSrcGiveZeroRows) {
+  auto rng = turbomoe::testing::rng_for_test();
+  const int64_t tokens = 3, top_k = 2, hidden = 8, pairs = 10;  // 2 tokens' worth of padding
+  HostTensor src({tokens, hidden}, TM_DTYPE_FLOAT32), dst({pairs, hidden}, TM_DTYPE_FLOAT32);
+  HostTensor sorted({pairs}, TM_DTYPE_INT32), off({2}, TM_DTYPE_INT32);
+  src.fill_uniform(rng);
+  dst.poison();
+  const int32_t order[pairs] = {5, 8, 0, 6, 9, 1, 7, 2, 3, 4};
+  for (int64_t r = 0; r < pairs; ++r) sorted.set(r, order[r]);
+  off.set(0, 0);
+  off.set(1, pairs);
+  TM_ASSERT_OK(tm_gather_rows(src.desc(), sorted.desc(), off.desc(), top_k, dst.desc(), nullptr));
+  for (int64_t r = 0; r < pairs; ++r) {
+    const int64_t token = order[r] / top_k;
+    for (int64_t h = 0; h < hidden; ++h) {
+      const double expected = token < tokens ? src.get(token * hidden + h) : 0.0;
+      ASSERT_EQ(dst.get(r * hidden + h), expected) << "row " << r;
+    }
+  }
+  sorted.set(4, pairs);  // past every pair there is: an error, not a zero row
+  TM_EXPECT_ERROR(tm_gather_rows(src.desc(), sorted.desc(), off.desc(), top_k, dst.desc(), nullptr),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs[4] is 10");
+}
+
 INSTANTIATE_TEST_SUITE_P(Gather, GatherTest,
                          ::testing::Values(TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16));
 

@@ -142,8 +142,10 @@ TM_API tm_status tm_permute_plan(const tm_tensor* topk_ids, int64_t num_experts,
                                  void* stream);
 
 /* dst[r] = src[sorted_pairs[r] / top_k] for r < offsets[E]; rows >= offsets[E] are zeroed.
- * src [T,H], sorted_pairs [T*top_k], dst [M,H] with offsets[E] <= M <= T*top_k (M = T*top_k
- * unless the caller knows how many pairs are routed), same float dtype, rows contiguous. */
+ * src [T,H], sorted_pairs [P] with P >= T*top_k, dst [M,H] with offsets[E] <= M <= P (M = P
+ * unless the caller knows how many pairs are routed), same float dtype, rows contiguous. Pairs
+ * in [T*top_k, P) name tokens past src and give zero rows: the expert-parallel dispatch pads its
+ * blocks that way without a padded copy of src. */
 TM_API tm_status tm_gather_rows(const tm_tensor* src, const tm_tensor* sorted_pairs,
                                 const tm_tensor* expert_offsets, int64_t top_k, tm_tensor* dst,
                                 void* stream);

@@ -257,3 +257,27 @@ def test_permute_opcheck():
         torch.ops.turbomoe.combine_backward_rows.default,
         (grad_out, pair_to_row, None, TOKENS * TOP_K),
     )
+
+
+def test_gather_rows_pairs_past_the_tokens_give_zero_rows_and_no_gradient():
+    """The expert-parallel dispatch's padding: pairs naming tokens past x (here tokens 3 and 4 of
+    a 3-token x) come out as zero rows; the backward needs pair_to_row for x's own pairs."""
+    g = torch.Generator().manual_seed(11)
+    top_k, hidden = 2, 6
+    x = torch.randn(3, hidden, generator=g, requires_grad=True)
+    order = torch.tensor([5, 8, 0, 6, 9, 1, 7, 2, 3, 4], dtype=torch.int32)
+    offsets = torch.tensor([0, 10], dtype=torch.int32)
+    inverse = invert_sorted_pairs(order)
+    out = gather_rows(x, order, offsets, top_k, pair_to_row=inverse[: 3 * top_k])
+    tokens = order.long() // top_k
+    want = torch.where((tokens < 3)[:, None], x.detach()[tokens.clamp(max=2)], 0.0)
+    assert torch.equal(out.detach(), want)
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    want_grad = torch.zeros_like(x)
+    for r, t in enumerate(tokens.tolist()):
+        if t < 3:
+            want_grad[t] += weights[r]
+    assert torch.allclose(x.grad, want_grad)
+    with pytest.raises(ValueError, match="pair_to_row has 10 entries"):
+        gather_rows(x, order, offsets, top_k, pair_to_row=inverse)

@@ -271,13 +271,15 @@ def gather_rows(
     pair_to_row: torch.Tensor | None = None,
     rows: int | None = None,
 ) -> torch.Tensor:
-    """Token rows in expert order: out[r] = x[sorted_pairs[r] // top_k] → [T*K, H].
+    """Token rows in expert order: out[r] = x[sorted_pairs[r] // top_k] → [P, H].
 
-    Rows past expert_offsets[E] (dropped pairs) are zero. ``rows``: return only that many rows
-    instead of T*K, for a caller that knows how many pairs are routed (it must be at least
-    expert_offsets[E]; the CPU checks it, on CUDA the copy stops at ``rows``). Differentiable
-    with respect to x; the backward is an unweighted combine, which needs pair_to_row: pass the
-    one permute_plan returned, or it is rebuilt from sorted_pairs.
+    Rows past expert_offsets[E] (dropped pairs) are zero, and so are rows whose pair names a
+    token past x (sorted_pairs may have P >= T*K entries: the expert-parallel dispatch pads its
+    blocks that way). ``rows``: return only that many rows instead of P, for a caller that knows
+    how many pairs are routed (it must be at least expert_offsets[E]; the CPU checks it, on CUDA
+    the copy stops at ``rows``). Differentiable with respect to x; the backward is an unweighted
+    combine, which needs pair_to_row for x's T*K pairs: pass the one permute_plan returned (or
+    its first T*K entries), or it is rebuilt from sorted_pairs.
     """
     if top_k <= 0:
         raise ValueError(f"top_k must be > 0, got {top_k}")
@@ -287,7 +289,12 @@ def gather_rows(
     elif not 0 <= rows <= pairs:
         raise ValueError(f"rows must be in [0, {pairs}] (the pairs of sorted_pairs), got {rows}")
     if pair_to_row is None:
-        pair_to_row = invert_sorted_pairs(sorted_pairs)
+        pair_to_row = invert_sorted_pairs(sorted_pairs)[: x.shape[0] * top_k]
+    if pair_to_row.shape[0] != x.shape[0] * top_k:
+        raise ValueError(
+            f"pair_to_row has {pair_to_row.shape[0]} entries; x's {x.shape[0]} tokens have "
+            f"{x.shape[0] * top_k} pairs"
+        )
     return _gather_rows_eager(
         x.contiguous(),
         sorted_pairs.contiguous(),

@@ -265,17 +265,22 @@ def launch_dispatch(
     ``stream`` when given, a side stream the caller joins through ``receive``); None when no
     rank has a token (capacity 0)."""
     group, ranks = shard.group, shard.ep_size
-    tokens, hidden = hidden_states.shape
+    tokens = hidden_states.shape[0]
     used = ranks * capacity
     if used == 0:
         return None
     lay = _layout(shard, top_k_index, top_k_weights, capacity, in_forward)
-    # The zero token past the real ones feeds the padding rows of every block.
-    zeros = hidden_states.new_zeros((capacity + 1 - tokens, hidden))
-    padded = torch.cat([hidden_states, zeros])
     # [0, used] built on the device: a tensor from a host list would be a synchronising copy.
     offsets = torch.arange(2, dtype=torch.int32, device=hidden_states.device) * used
-    rows = ops.gather_rows(padded, lay.send_pairs, offsets, ranks, pair_to_row=lay.send_cells)
+    # The padding rows of every block name the "zero token" past the real ones (cell C·R + r):
+    # the gather writes zeros there, so the tokens need no padded copy.
+    rows = ops.gather_rows(
+        hidden_states,
+        lay.send_pairs,
+        offsets,
+        ranks,
+        pair_to_row=lay.send_cells[: tokens * ranks],
+    )
     top_k = lay.meta.shape[1] // 2
     with _on(stream, inputs=(rows, lay.meta)):
         # Ids and weights travel as one float32 exchange (local ids are far below 2^24, so
