@@ -64,6 +64,8 @@ def main() -> int:
             "grad_rel_worst": max(worst, key=worst.get),
             "grads_compared": len(worst),
             "missing": missing,
+            # Set process-wide by the first chunked layer (TURBOMOE_EP_CHUNKS > 1), else 0.
+            "gemm_sm_margin": turbomoe._native.lib().tm_gemm_sm_margin() if cuda else None,
         }
         out_path.write_text(json.dumps(report, indent=1))
     dist.barrier()
