@@ -25,6 +25,7 @@ from parallel_worker import build, concat, make_batch, parity_worker, rel_err
 
 import turbomoe
 import turbomoe.parallel as tp
+from turbomoe import _native
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -65,7 +66,7 @@ def main() -> int:
             "grads_compared": len(worst),
             "missing": missing,
             # Set process-wide by the first chunked layer (TURBOMOE_EP_CHUNKS > 1), else 0.
-            "gemm_sm_margin": turbomoe._native.lib().tm_gemm_sm_margin() if cuda else None,
+            "gemm_sm_margin": _native.lib().tm_gemm_sm_margin() if cuda else None,
         }
         out_path.write_text(json.dumps(report, indent=1))
     dist.barrier()
