@@ -24,7 +24,6 @@ and sums are the same); the expert weights' gradients become a sum over the chun
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from turbomoe.parallel.dispatch import (
     local_experts,
     receive,
 )
+from turbomoe.parallel.knobs import env_int
 from turbomoe.parallel.mesh import ExpertShard
 from turbomoe.parallel.nvlink import configured_ctas
 
@@ -51,16 +51,7 @@ def gemm_sm_margin() -> int:
     else the push's thread blocks (TURBOMOE_EP_NVLINK_CTAS) and two more (the barrier and a
     copy). Without it the persistent GEMM holds every SM and an exchange launched beside it
     waits for the GEMM's end (its blocks fit on no SM), so nothing would overlap."""
-    text = os.environ.get(MARGIN_ENV)
-    if text is None:
-        return configured_ctas() + 2
-    try:
-        margin = int(text)
-    except ValueError:
-        raise ValueError(f"{MARGIN_ENV}={text!r} is not an integer") from None
-    if not 0 <= margin <= 1024:
-        raise ValueError(f"{MARGIN_ENV}={margin} must be in [0, 1024]")
-    return margin
+    return env_int(MARGIN_ENV, configured_ctas() + 2, 0, 1024)
 
 
 def _leave_sms_to_exchanges() -> None:

@@ -27,7 +27,6 @@ weights travel with the rows, so their gradient comes back through the reverse e
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -37,6 +36,7 @@ from torch import nn
 
 from turbomoe import ops
 from turbomoe.parallel.comm import exchange_blocks
+from turbomoe.parallel.knobs import env_int, env_switch
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard
 
 
@@ -116,7 +116,7 @@ def install_capacity_hook(model: nn.Module) -> None:
 # Qwen3-30B-A3B shape: ~100 GB), so the owner reads its routed-pair count (one local,
 # non-collective sync) and sizes the buffers exactly. TURBOMOE_EP_PADDED_MAX_EP overrides the
 # bound (an A/B knob for measuring what that sync costs).
-PADDED_EXPERT_BUFFERS_MAX_EP = int(os.environ.get("TURBOMOE_EP_PADDED_MAX_EP", "2"))
+PADDED_EXPERT_BUFFERS_MAX_EP = env_int("TURBOMOE_EP_PADDED_MAX_EP", 2, 1, 1 << 20)
 
 # A layer's tokens can go through the exchange in chunks (``TURBOMOE_EP_CHUNKS``, default 1):
 # on CUDA every exchange then runs on a side stream, so that one chunk's exchanges overlap
@@ -133,21 +133,11 @@ RECOMPUTE_ENV = "TURBOMOE_EP_RECOMPUTE"
 
 
 def configured_recompute() -> bool:
-    text = os.environ.get(RECOMPUTE_ENV, "0")
-    if text not in ("0", "1"):
-        raise ValueError(f"{RECOMPUTE_ENV}={text!r} must be 0 or 1")
-    return text == "1"
+    return env_switch(RECOMPUTE_ENV, False)
 
 
 def configured_chunks() -> int:
-    text = os.environ.get(CHUNKS_ENV, "1")
-    try:
-        chunks = int(text)
-    except ValueError:
-        raise ValueError(f"{CHUNKS_ENV}={text!r} is not an integer") from None
-    if not 1 <= chunks <= MAX_CHUNKS:
-        raise ValueError(f"{CHUNKS_ENV}={chunks} must be in [1, {MAX_CHUNKS}]")
-    return chunks
+    return env_int(CHUNKS_ENV, 1, 1, MAX_CHUNKS)
 
 
 class _RoutedPairs:

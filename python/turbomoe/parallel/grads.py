@@ -19,7 +19,6 @@ multiply by the world size (what HF Trainer does with ``num_items_in_batch``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
 from turbomoe.parallel.buckets import average
+from turbomoe.parallel.knobs import env_int, env_switch
 from turbomoe.parallel.overlap import DenseGradOverlap
 
 try:
@@ -209,7 +209,7 @@ def install_auto_sync(model: nn.Module) -> None:
             torch.autograd.Variable._execution_engine.queue_callback(run)  # type: ignore[attr-defined]
 
     dense = _replicated_dense(model, state.expert_params)
-    if dense and dist.get_world_size() > 1 and os.environ.get(_OVERLAP_ENV, "0") == "1":
+    if dense and dist.get_world_size() > 1 and env_switch(_OVERLAP_ENV, False):
         # Its own communicator: the expert exchange's all-to-alls keep their stream and order.
         group = dist.new_group(ranks=list(range(dist.get_world_size())), pg_options=_pg_options())
         state.overlap = DenseGradOverlap(dense, group, _BUCKET_ELEMENTS, queue)
@@ -238,7 +238,7 @@ def _pg_options() -> Any:
     blocks (SMs) for its kernels (default 4; 0 leaves it to NCCL), since they run beside the
     backward's kernels. 48 layers on 4 H200s, one launch, 6 steps each: fastest step 373 ms
     with 4, 434 ms without the overlap, 473 ms with NCCL's own choice."""
-    ctas = int(os.environ.get(_OVERLAP_CTAS_ENV, "4"))
+    ctas = env_int(_OVERLAP_CTAS_ENV, 4, 0, 1024)
     if ctas <= 0 or dist.get_backend() != "nccl":
         return None
     from torch.distributed import ProcessGroupNCCL

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from turbomoe import _native
+from turbomoe.parallel.knobs import env_int
 
 HANDLE_BYTES = 64  # TM_PEER_HANDLE_BYTES
 MAX_RANKS = 8  # TM_PEER_MAX_RANKS
@@ -40,22 +41,9 @@ DEFAULT_CTAS = 16
 DEFAULT_TIMEOUT_S = 300.0
 
 
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not an integer") from None
-
-
 def configured_ctas() -> int:
     """Thread blocks (SMs) each push may occupy."""
-    ctas = _env_int("TURBOMOE_EP_NVLINK_CTAS", DEFAULT_CTAS)
-    if not 1 <= ctas <= 1024:
-        raise ValueError(f"TURBOMOE_EP_NVLINK_CTAS={ctas} must be in [1, 1024]")
-    return ctas
+    return env_int("TURBOMOE_EP_NVLINK_CTAS", DEFAULT_CTAS, 1, 1024)
 
 
 def configured_timeout_s() -> float:
