@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from turbomoe import ops
+from turbomoe.parallel.chunked import chunk_bounds, side_stream
 from turbomoe.parallel.comm import exchange_blocks
 from turbomoe.parallel.knobs import env_int, env_switch
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard
@@ -400,21 +401,33 @@ def ep_experts_forward(
             f"{tuple(hidden_states.shape)} and {tuple(top_k_index.shape)}"
         )
     agreed = agreement(shard, top_k_index)
-    if agreed.chunks > 1:
-        # Imported here: chunked.py builds on this module's pieces.
-        from turbomoe.parallel.chunked import chunked_experts_forward
-
-        return chunked_experts_forward(
-            module, shard, hidden_states, top_k_index, top_k_weights, agreed
-        )
-    sending = launch_dispatch(
-        shard, hidden_states, top_k_index, top_k_weights, agreed.capacity, agreed.in_forward
-    )
-    if sending is None:  # no rank has a token: nothing to exchange
+    chunks = agreed.chunks
+    capacity = -(-agreed.capacity // chunks)  # every rank's chunks fit: ⌈T/n⌉ ≤ ⌈C/n⌉
+    if capacity == 0:  # no rank has a token: nothing to exchange
         return hidden_states.new_zeros((0, hidden_states.shape[1])) * hidden_states.sum()
-    sent = receive(sending, top_k_weights.dtype)
-    outputs = local_experts(module, sent)
-    return combine_back(shard, outputs, sent.layout).to(hidden_states.dtype)
+    # Chunks on CUDA: every exchange on a side stream, overlapped with the other chunks'
+    # experts (parallel/chunked.py). One chunk: everything on the current stream.
+    stream = side_stream(hidden_states.device) if chunks > 1 and hidden_states.is_cuda else None
+    sendings = []
+    for lo, hi in chunk_bounds(hidden_states.shape[0], chunks):
+        sending = launch_dispatch(
+            shard,
+            hidden_states[lo:hi],
+            top_k_index[lo:hi],
+            top_k_weights[lo:hi],
+            capacity,
+            agreed.in_forward,
+            stream,
+        )
+        assert sending is not None  # capacity > 0
+        sendings.append(sending)
+    returns = []
+    for sending in sendings:
+        sent = receive(sending, top_k_weights.dtype)
+        returns.append(launch_return(shard, local_experts(module, sent), sent.layout, stream))
+    parts = [finish_return(shard, back) for back in returns]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.to(hidden_states.dtype)
 
 
 def local_experts(module: nn.Module, sent: Dispatched) -> torch.Tensor:
