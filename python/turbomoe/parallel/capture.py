@@ -20,7 +20,7 @@ from torch import nn
 
 from turbomoe.parallel.dispatch import (
     PADDED_EXPERT_BUFFERS_MAX_EP,
-    _agree,
+    agree_step,
     configured_chunks,
     expert_shard,
 )
@@ -57,9 +57,7 @@ def agree_capacity(model: nn.Module, tokens: int) -> int | None:
     shards = _shards(model)
     if not shards:
         return None
-    capacity, _, chunks = _agree(shards[0], tokens, None)
-    shards[0].capacity.value, shards[0].capacity.chunks = capacity, chunks
-    return capacity
+    return agree_step(shards[0], tokens)
 
 
 @contextlib.contextmanager

@@ -97,18 +97,32 @@ def install_capacity_hook(model: nn.Module) -> None:
     def agree(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if shard.capacity.frozen:  # agreed before a captured step (parallel/capture.py)
             return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        if isinstance(ids, torch.Tensor):
-            tokens = ids.numel()
-        elif isinstance(embeds, torch.Tensor):
-            tokens = embeds.shape[:-1].numel()
-        else:
+        tokens = step_tokens(
+            kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        )
+        if tokens is None:
             shard.capacity.value = None  # unknown: each layer agrees for itself
             return
-        shard.capacity.value, _, shard.capacity.chunks = _agree(shard, tokens, None)
+        agree_step(shard, tokens)
 
     model.register_forward_pre_hook(agree, with_kwargs=True)
+
+
+def step_tokens(input_ids: Any, inputs_embeds: Any) -> int | None:
+    """This rank's tokens in a model call (batch x sequence), or None when neither is given."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.numel()
+    if isinstance(inputs_embeds, torch.Tensor):
+        return inputs_embeds.shape[:-1].numel()
+    return None
+
+
+def agree_step(shard: ExpertShard, tokens: int) -> int:
+    """Agrees the exchange's block size for a model step of ``tokens`` tokens on this rank (a
+    collective) and keeps it, with the chunk count, for every layer; returns it."""
+    capacity, _, chunks = _agree(shard, tokens, None)
+    shard.capacity.value, shard.capacity.chunks = capacity, chunks
+    return capacity
 
 
 # Up to this many ranks the owner's expert buffers are sized for every received slot (R·C·K

@@ -46,6 +46,7 @@ from torch import nn
 
 from turbomoe.hf.capture import keep_causal_skip_while_capturing
 from turbomoe.parallel.capture import agree_capacity, frozen_capacity
+from turbomoe.parallel.dispatch import step_tokens
 
 LossFn = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 Output = torch.Tensor | tuple[torch.Tensor, ...]
@@ -282,13 +283,12 @@ def _require_no_grads(model: nn.Module, trainable: list[nn.Parameter]) -> None:
 
 
 def _tokens(batch: dict[str, Any]) -> int:
-    ids = batch.get("input_ids")
-    if isinstance(ids, torch.Tensor):
-        return ids.numel()
-    embeds = batch.get("inputs_embeds")
-    if isinstance(embeds, torch.Tensor):
-        return embeds.shape[:-1].numel()
-    raise GraphStepError("an expert-parallel step needs input_ids or inputs_embeds in the batch")
+    tokens = step_tokens(batch.get("input_ids"), batch.get("inputs_embeds"))
+    if tokens is None:
+        raise GraphStepError(
+            "an expert-parallel step needs input_ids or inputs_embeds in the batch"
+        )
+    return tokens
 
 
 def _on_cuda(trainable: list[nn.Parameter], batch: dict[str, Any]) -> bool:
