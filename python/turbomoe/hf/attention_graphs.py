@@ -220,14 +220,6 @@ class AttentionGraphs:
         self.modules = []
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed tensors
-        return False
-    return isinstance(t, DTensor)
-
-
 def _state(module: nn.Module) -> _LayerState:
     state = getattr(module, _STATE_ATTR, None)
     if not isinstance(state, _LayerState):
@@ -252,9 +244,11 @@ def capture_attention_graphs(model: nn.Module, num_warmup_iters: int = 1) -> Att
             f"{len(missing)} attention module(s) (first: layer {missing[0]}) ran no eager CUDA "
             "training forward since prepare_attention_graphs: run one step first"
         )
+    from turbomoe.parallel.grads import DTensor  # here: turbomoe.parallel imports this module
+
     for module in modules:
         for p in module.parameters():
-            if _is_dtensor(p):
+            if isinstance(p, DTensor):
                 raise ValueError("attention graphs need plain parameters, not FSDP's DTensors")
             if p.device.type != "cuda":
                 raise ValueError("attention graphs need the attention's parameters on CUDA")
@@ -290,6 +284,9 @@ class AutoAttentionGraphs:
         if prepare_attention_graphs(model) == 0:
             raise ValueError(f"{type(model).__name__} has no '{ATTENTION_SUFFIX}' modules to graph")
         self.model = model
+        # Found once: the pre-hook runs in every forward until the capture (or forever, when
+        # batches never qualify), and a walk over a 48-layer model's modules costs host time.
+        self.modules = attention_modules(model)
         self.graphs: AttentionGraphs | None = None
         self.failure: str | None = None
         self._hook = model.register_forward_pre_hook(self._maybe_capture)
@@ -297,7 +294,7 @@ class AutoAttentionGraphs:
     def _ready(self) -> bool:
         if self.graphs is not None or self.failure is not None or not torch.is_grad_enabled():
             return False
-        if not all(_state(m).seen is not None for m in attention_modules(self.model)):
+        if not all(_state(m).seen is not None for m in self.modules):
             return False  # (a CPU model never gets here: its calls are never recorded)
         return not torch.cuda.is_current_stream_capturing()
 
@@ -315,7 +312,7 @@ class AutoAttentionGraphs:
 
     def release(self) -> None:
         self._hook.remove()
-        AttentionGraphs(attention_modules(self.model)).release()
+        AttentionGraphs(self.modules).release()
         self.graphs = None
 
 
