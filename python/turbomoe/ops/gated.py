@@ -106,5 +106,11 @@ def gated(
     interleaved: bool = False,
 ) -> torch.Tensor:
     """The experts' activation of a fused gate/up projection: "silu" or GPT-OSS's "clamped"."""
-    variant = SILU if activation == "silu" else CLAMPED
-    return _gated_eager(gate_up, variant, alpha, limit, interleaved)
+    return _gated_eager(gate_up, *gated_args(activation, alpha, limit, interleaved))
+
+
+def gated_args(
+    activation: str, alpha: float, limit: float, interleaved: bool
+) -> tuple[int, float, float, bool]:
+    """The op's (variant, alpha, limit, interleaved) for an activation name."""
+    return (SILU if activation == "silu" else CLAMPED, alpha, limit, interleaved)

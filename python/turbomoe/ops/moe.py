@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from turbomoe.ops.activation import CLAMPED, SILU
-from turbomoe.ops.gated import gated
+from turbomoe.ops.gated import gated, gated_args
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.moe_lean import lean_applies, lean_experts
-from turbomoe.ops.permute import combine, gather_rows, permute_plan
+from turbomoe.ops.permute import combine, gather_rows, gathered_rows, permute_plan
 
 ACTIVATIONS = ("silu", "clamped")
 
@@ -90,11 +89,6 @@ def moe_experts(
         and down_bias is None
         and lean_applies(hidden, top_k_weights, gate_up_proj, down_proj)
     ):
-        pairs = sorted_pairs.shape[0]
-        rows = pairs if routed_pairs is None else routed_pairs
-        if not 0 <= rows <= pairs:
-            raise ValueError(f"routed_pairs must be in [0, {pairs}], got {rows}")
-        variant = SILU if activation == "silu" else CLAMPED
         out = lean_experts(
             hidden,
             top_k_weights,
@@ -102,8 +96,8 @@ def moe_experts(
             down_proj,
             (sorted_pairs, pair_to_row, offsets),
             top_k,
-            rows,
-            (variant, alpha, limit, interleaved),
+            gathered_rows(sorted_pairs, routed_pairs),
+            gated_args(activation, alpha, limit, interleaved),
         )
         return out.to(hidden.dtype)
     x = gather_rows(

@@ -262,6 +262,17 @@ def invert_sorted_pairs(sorted_pairs: torch.Tensor) -> torch.Tensor:
     return inverse[:pairs].contiguous()
 
 
+def gathered_rows(sorted_pairs: torch.Tensor, rows: int | None) -> int:
+    """The rows a gather over ``sorted_pairs`` returns: all its pairs, or the ``rows`` a caller
+    that knows how many are routed asks for (checked against the pairs)."""
+    pairs = sorted_pairs.shape[0]
+    if rows is None:
+        return pairs
+    if not 0 <= rows <= pairs:
+        raise ValueError(f"rows must be in [0, {pairs}] (the pairs of sorted_pairs), got {rows}")
+    return rows
+
+
 def gather_rows(
     x: torch.Tensor,
     sorted_pairs: torch.Tensor,
@@ -283,11 +294,7 @@ def gather_rows(
     """
     if top_k <= 0:
         raise ValueError(f"top_k must be > 0, got {top_k}")
-    pairs = sorted_pairs.shape[0]
-    if rows is None:
-        rows = pairs
-    elif not 0 <= rows <= pairs:
-        raise ValueError(f"rows must be in [0, {pairs}] (the pairs of sorted_pairs), got {rows}")
+    rows = gathered_rows(sorted_pairs, rows)
     if pair_to_row is None:
         pair_to_row = invert_sorted_pairs(sorted_pairs)[: x.shape[0] * top_k]
     if pair_to_row.shape[0] != x.shape[0] * top_k:
