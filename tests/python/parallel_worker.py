@@ -13,6 +13,7 @@ The scenario functions below run inside the children.
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing as mp
 import os
 import time
@@ -517,3 +518,13 @@ def graph_step_worker(rank: int, world: int, base: nn.Module) -> dict[str, Any]:
         plain.zero_grad(set_to_none=True)
         graphed.zero_grad(set_to_none=True)
     return out
+
+
+def finish_main(out_path: Path, report: dict[str, Any] | None) -> int:
+    """End of a torchrun check script: rank 0 (the one with a report) writes it as JSON, then
+    every rank leaves the process group together."""
+    if report is not None:
+        out_path.write_text(json.dumps(report, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0

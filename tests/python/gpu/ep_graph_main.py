@@ -11,7 +11,6 @@ usage: torchrun --nproc_per_node=2 ep_graph_main.py OUT.json
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/python: parallel_worker
 
-from parallel_worker import build, full_grads, make_batch, rel_err
+from parallel_worker import build, finish_main, full_grads, make_batch, rel_err
 
 import turbomoe
 import turbomoe.parallel as tp
@@ -69,10 +68,8 @@ def main() -> int:
             "eager_steps": step.stats.eager_steps,
             "missing": missing,
         }
-        out_path.write_text(json.dumps(report, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+        return finish_main(out_path, report)
+    return finish_main(out_path, None)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ usage: torchrun --nproc_per_node=N ep_parity_main.py FAMILY DTYPE OUT.json
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/python: parallel_worker
 
-from parallel_worker import build, concat, make_batch, parity_worker, rel_err
+from parallel_worker import build, concat, finish_main, make_batch, parity_worker, rel_err
 
 import turbomoe
 import turbomoe.parallel as tp
@@ -68,10 +67,8 @@ def main() -> int:
             # Set process-wide by the first chunked layer (TURBOMOE_EP_CHUNKS > 1), else 0.
             "gemm_sm_margin": _native.lib().tm_gemm_sm_margin() if cuda else None,
         }
-        out_path.write_text(json.dumps(report, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+        return finish_main(out_path, report)
+    return finish_main(out_path, None)
 
 
 if __name__ == "__main__":
