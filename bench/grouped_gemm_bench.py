@@ -46,9 +46,18 @@ VARIANTS = {
     "split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "split"},  # 4 stages, two-piece epilogue
     "direct": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct"},  # fragment stores, 4 stages
     "noskip": {"TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
-    "v1": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct", "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
+    "notrim": {"TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0"},  # grad-weight: whole tail chunk
+    "v1": {
+        "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
+        "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",
+        "TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0",
+    },
 }
-VARIANT_KEYS = ("TURBOMOE_HOPPER_GEMM_EPILOGUE", "TURBOMOE_HOPPER_GEMM_SKIP_HALVES")
+VARIANT_KEYS = (
+    "TURBOMOE_HOPPER_GEMM_EPILOGUE",
+    "TURBOMOE_HOPPER_GEMM_SKIP_HALVES",
+    "TURBOMOE_HOPPER_GEMM_TRIM_TAIL",
+)
 
 
 def set_variant(name: str) -> None:
@@ -136,12 +145,16 @@ class Ours:
 
 
 def make_counts(total: int, experts: int, kind: str, gen: torch.Generator) -> list[int]:
-    """Rows per expert. balanced: as equal as possible. skewed: multinomial over log-normal
-    expert popularity (sigma 0.6: max/mean about 2, like a trained router's spread)."""
+    """Rows per expert. balanced: as equal as possible. uniform: multinomial over equal expert
+    popularity (what a random-initialised router gives: counts spread by ~sqrt(mean), expert
+    boundaries at arbitrary rows). skewed: multinomial over log-normal expert popularity (sigma
+    0.6: max/mean about 2, like a trained router's spread)."""
     if kind == "balanced":
         base, extra = divmod(total, experts)
         return [base + (1 if e < extra else 0) for e in range(experts)]
-    logits = torch.randn(experts, generator=gen) * 0.6
+    if kind not in ("uniform", "skewed"):
+        raise ValueError(f"routing is {kind!r}, expected balanced, uniform or skewed")
+    logits = torch.randn(experts, generator=gen) * (0.6 if kind == "skewed" else 0.0)
     probs = torch.softmax(logits, 0)
     sample = torch.multinomial(probs, total, replacement=True, generator=gen)
     return torch.bincount(sample, minlength=experts).tolist()

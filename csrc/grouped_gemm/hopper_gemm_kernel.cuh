@@ -78,6 +78,10 @@ struct Params {
   // Forward / grad-input: a consumer whose 64 rows of the tile all lie past the expert's end
   // skips its WGMMAs (the other one then has the tensor cores to itself).
   int32_t skip_empty_halves;
+  // Grad-weight: in an expert's last, partial reduction chunk, the 16-row WGMMA steps wholly
+  // past the expert's end are skipped, and only the rows of the step that straddles the end are
+  // cleared (otherwise the whole tail of the chunk is cleared and multiplied).
+  int32_t trim_tail;
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -516,33 +520,41 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(full_bar + 8 * s, phase);
         const uint32_t a_base = base + s * kStageBytes + consumer * kBoxBytes;
         const uint32_t b_base = base + s * kStageBytes + kTileABytes;
+        int steps = kBlockK / 16;  // 16-deep WGMMAs of this chunk
         if constexpr (P == Pass::kGradWeight) {
-          // The last chunk of an expert may hold rows of the next one (or rows past M): clear
-          // them in both operands so they add nothing (0 * garbage could still be NaN).
+          // The last chunk of an expert may hold rows of the next one (or rows past M). Rows
+          // that its WGMMAs read must add nothing: they are cleared in both operands (0 *
+          // garbage could still be NaN). Both consumers take the same branch (same tile).
           const int valid = tile.row_end - (tile.row0 + k * kBlockK);
           if (valid < kBlockK) {
-            const int clear_rows = kBlockK - valid;
-            const int chunks = 6 * clear_rows * 8;  // 6 boxes x rows x 16-byte chunks
-            uint8_t* stage = smem + s * kStageBytes;
-            for (int i = ctid; i < chunks; i += 256) {
-              const int box = i / (clear_rows * 8);
-              const int rem = i - box * clear_rows * 8;
-              const int row = valid + (rem >> 3);
-              *reinterpret_cast<uint4*>(stage + box * kBoxBytes + row * 128 + (rem & 7) * 16) =
-                  make_uint4(0, 0, 0, 0);
+            if (p.trim_tail != 0) steps = ceil_div(valid, 16);
+            const int clear_rows = 16 * steps - valid;
+            if (clear_rows > 0) {
+              const int chunks = 6 * clear_rows * 8;  // 6 boxes x rows x 16-byte chunks
+              uint8_t* stage = smem + s * kStageBytes;
+              for (int i = ctid; i < chunks; i += 256) {
+                const int box = i / (clear_rows * 8);
+                const int rem = i - box * clear_rows * 8;
+                const int row = valid + (rem >> 3);
+                *reinterpret_cast<uint4*>(stage + box * kBoxBytes + row * 128 + (rem & 7) * 16) =
+                    make_uint4(0, 0, 0, 0);
+              }
+              // Generic-proxy stores must be visible to the WGMMA (async proxy) of both
+              // consumers.
+              asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+              named_barrier(1, 256);
             }
-            // Generic-proxy stores must be visible to the WGMMA (async proxy) of both consumers.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            named_barrier(1, 256);
           }
         }
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
-          const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
-          wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db,
-                                                             (k > 0 || kk > 0) ? 1 : 0);
+          if (kk < steps) {
+            const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
+            const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
+            wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db,
+                                                               (k > 0 || kk > 0) ? 1 : 0);
+          }
         }
         wgmma_commit();
         // Keep one stage of WGMMAs in flight; the one before it is done, so its stage is free.
