@@ -47,6 +47,7 @@ VARIANTS = {
     "direct": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct"},  # fragment stores, 4 stages
     "noskip": {"TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
     "notrim": {"TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0"},  # grad-weight: whole tail chunk
+    "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
     "v1": {
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
         "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",

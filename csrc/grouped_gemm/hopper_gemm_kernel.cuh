@@ -42,13 +42,16 @@ inline constexpr int kMaxExperts = 1024;
 inline constexpr int kEpiDirect = 0;
 inline constexpr int kEpiTma = 1;
 inline constexpr int kEpiTmaSplit = 2;
+// kEpiTmaDeferred: kEpiTma whose stores of a finished tile run while the next tile's first
+// WGMMAs do (the tile is held meanwhile as 64 registers of bf16 pairs).
+inline constexpr int kEpiTmaDeferred = 3;
 inline constexpr int kMaxExpertsSplit = 200;
 
 // Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
 // staging buffer, the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
 template <int kEpi>
 struct Layout {
-  static constexpr int kStages = kEpi == kEpiTma ? 3 : 4;
+  static constexpr int kStages = kEpi == kEpiTma || kEpi == kEpiTmaDeferred ? 3 : 4;
   static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : 1;
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
@@ -60,6 +63,7 @@ struct Layout {
 };
 inline constexpr int kSmemLimit = 227 * 1024;
 static_assert(Layout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
+static_assert(Layout<kEpiTmaDeferred>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
 
@@ -264,6 +268,23 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA), "n"(TransB));
 }
 
+// The first `kSteps` 16-deep WGMMAs of a stage as one commit group, behind their own fence (with
+// the fence and commit outside the branch that picks kSteps, ptxas injects fences on every
+// path). The first scales the accumulators by first_scale (0: overwrite), the others add.
+template <int kSteps, bool kTransA, bool kTransB, uint32_t kStepA, uint32_t kStepB, uint32_t kLboA,
+          uint32_t kLboB>
+__device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, uint32_t b_base,
+                                            int first_scale) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
+    const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
+    wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db, kk > 0 ? 1 : first_scale);
+  }
+  wgmma_commit();
+}
+
 // One output tile of the schedule.
 struct Tile {
   int expert;
@@ -365,6 +386,82 @@ __device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUte
     }
     for (int i = 0; i < nb; ++i) {
       tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row);
+    }
+  }
+}
+
+// A finished tile half, as its epilogue needs it.
+struct Finished {
+  int half_row0;  // first output row of the consumer's half
+  int row_limit;  // rows at or past it are not written
+  int col0;
+  int expert;
+  bool staged;  // through the TMA staging buffer (else row-by-row stores)
+};
+
+// Stores a consumer's finished half-tile, held as bf16 pairs (see the kernel), into a bf16
+// output: whole halves through the swizzled staging buffer and TMA bulk stores, which drain
+// while the consumer runs on; a half that straddles the expert's end row by row.
+template <Pass P, int kEpi>
+__device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const Finished& f,
+                                             const Params& p, const CUtensorMap* map_out,
+                                             uint32_t epi, int consumer, int wg_tid, int lane,
+                                             int frag_row) {
+  using L = Layout<kEpi>;
+  if (f.staged) {
+    constexpr int kPieces = L::kEpiPieces;
+    constexpr int kBoxesPerPiece = 4 / kPieces;
+#pragma unroll
+    for (int piece = 0; piece < kPieces; ++piece) {
+      // The previous bulk stores must have read the buffer before it is rewritten.
+      if (wg_tid == 0) bulk_wait_read();
+      named_barrier(2 + consumer, 128);
+#pragma unroll
+      for (int jj = 0; jj < 8 * kBoxesPerPiece; ++jj) {
+        // 8-column chunk j of the half-tile: box jj/8 of the piece; its 16-byte chunk j%8 of
+        // each 128-byte row sits at (j%8) ^ (row%8) (the 128-byte swizzle, which also keeps the
+        // eight rows of one store on distinct banks).
+        const int j = piece * 8 * kBoxesPerPiece + jj;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = frag_row + 8 * half;
+          const uint32_t addr =
+              epi + (jj >> 3) * kBoxBytes + r * 128 + (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
+          st_shared_u32(addr, packed[2 * j + half]);
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      named_barrier(2 + consumer, 128);
+      if (wg_tid == 0) {
+        for (int cb = 0; cb < kBoxesPerPiece; ++cb) {
+          const int c = f.col0 + 64 * (piece * kBoxesPerPiece + cb);
+          if (c >= p.out_cols) break;
+          if constexpr (P == Pass::kGradWeight) {
+            tma_store_3d(map_out, epi + cb * kBoxBytes, c, f.half_row0, f.expert);
+          } else {
+            tma_store_2d(map_out, epi + cb * kBoxBytes, c, f.half_row0);
+          }
+        }
+        bulk_commit();
+      }
+    }
+  } else {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    if constexpr (P == Pass::kGradWeight) {
+      out += static_cast<int64_t>(f.expert) * p.out_expert_stride;
+    }
+    const int c0 = f.col0 + 2 * (lane & 3);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = f.half_row0 + frag_row + 8 * half;
+      if (r < f.row_limit) {
+        __nv_bfloat16* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int c = c0 + 8 * j;
+          if (c < p.out_cols) *reinterpret_cast<uint32_t*>(row_ptr + c) = packed[2 * j + half];
+        }
+      }
     }
   }
 }
@@ -484,7 +581,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr uint32_t kLboB = kTransB ? kBoxBytes : 16;
     const uint32_t epi = base + L::kEpiOffset + consumer * (L::kEpiBytes / kConsumers);
 
+    // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
+    // 8*(i/4) + 2*(lane%4) + i%2.
+    const int frag_row = warp_in_wg * 16 + (lane >> 2);
+    constexpr bool kDefer = kEpi == kEpiTmaDeferred;
     float acc[128];
+    // A finished tile in bf16 pairs (pair 2j + h: fragments 4j + 2h and 4j + 2h + 1), waiting
+    // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred).
+    uint32_t packed[64];
+    Finished pending{};
+    bool has_pending = false;
+    auto flush = [&]() {
+      if constexpr (kTmaEpilogue) {
+        store_packed<P, kEpi>(packed, pending, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
+      }
+      has_pending = false;
+    };
     uint32_t it = 0;
     for (int t = static_cast<int>(blockIdx.x); t < total_tiles; t += static_cast<int>(gridDim.x)) {
       const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
@@ -500,6 +612,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const bool idle =
           P != Pass::kGradWeight && p.skip_empty_halves != 0 && half_row0 >= row_limit;
+      // Without a WGMMA of this tile to hide behind, the previous tile is stored now.
+      if (kDefer && has_pending && (idle || tile.k_iters == 0)) flush();
       if (idle) {
         // Nothing of ours to compute, but every stage still needs our release.
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
@@ -546,17 +660,24 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
         }
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          if (kk < steps) {
-            const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
-            const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
-            wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db,
-                                                               (k > 0 || kk > 0) ? 1 : 0);
-          }
+        // One straight-line sequence per step count: WGMMAs issued under a per-step condition
+        // make the compiler fence the accumulators between them.
+        const int first_scale = k > 0 ? 1 : 0;
+        if (steps == 4) {
+          issue_steps<4, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
+        } else if (steps == 3) {
+          issue_steps<3, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
+        } else if (steps == 2) {
+          issue_steps<2, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
+        } else {
+          issue_steps<1, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
         }
-        wgmma_commit();
+        // The previous tile's stores overlap this tile's first WGMMAs.
+        if (kDefer && has_pending) flush();
         // Keep one stage of WGMMAs in flight; the one before it is done, so its stage is free.
         wgmma_wait<1>();
         fence_acc(acc);
@@ -567,52 +688,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_acc(acc);
       if (tile.k_iters > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
 
-      // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
-      // 8*(i/4) + 2*(lane%4) + i%2.
-      const int frag_row = warp_in_wg * 16 + (lane >> 2);
       // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
       // expert's end is stored row by row.
-      bool staged = false;
-      if constexpr (kTmaEpilogue) staged = half_row0 + 64 <= row_limit || P == Pass::kGradWeight;
-      if (staged) {
-        if constexpr (kTmaEpilogue) {
-          constexpr int kPieces = L::kEpiPieces;
-          constexpr int kBoxesPerPiece = 4 / kPieces;
+      Finished done{};
+      done.half_row0 = half_row0;
+      done.row_limit = row_limit;
+      done.col0 = tile.col0;
+      done.expert = tile.expert;
+      done.staged = kTmaEpilogue && (half_row0 + 64 <= row_limit || P == Pass::kGradWeight);
+      if constexpr (kTmaEpilogue) {
 #pragma unroll
-          for (int piece = 0; piece < kPieces; ++piece) {
-            // The previous bulk stores must have read the buffer before it is rewritten.
-            if (wg_tid == 0) bulk_wait_read();
-            named_barrier(2 + consumer, 128);
+        for (int j = 0; j < 32; ++j) {
 #pragma unroll
-            for (int jj = 0; jj < 8 * kBoxesPerPiece; ++jj) {
-              // 8-column chunk j of the half-tile: box jj/8 of the piece; its 16-byte chunk
-              // j%8 of each 128-byte row sits at (j%8) ^ (row%8) (the 128-byte swizzle, which
-              // also keeps the eight rows of one store on distinct banks).
-              const int j = piece * 8 * kBoxesPerPiece + jj;
-#pragma unroll
-              for (int half = 0; half < 2; ++half) {
-                const int r = frag_row + 8 * half;
-                const uint32_t addr = epi + (jj >> 3) * kBoxBytes + r * 128 +
-                                      (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
-                st_shared_u32(addr, pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]));
-              }
-            }
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            named_barrier(2 + consumer, 128);
-            if (wg_tid == 0) {
-              for (int cb = 0; cb < kBoxesPerPiece; ++cb) {
-                const int c = tile.col0 + 64 * (piece * kBoxesPerPiece + cb);
-                if (c >= p.out_cols) break;
-                if constexpr (P == Pass::kGradWeight) {
-                  tma_store_3d(&map_out, epi + cb * kBoxBytes, c, half_row0, tile.expert);
-                } else {
-                  tma_store_2d(&map_out, epi + cb * kBoxBytes, c, half_row0);
-                }
-              }
-              bulk_commit();
-            }
+          for (int h = 0; h < 2; ++h) {
+            packed[2 * j + h] = pack_bf16(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
           }
         }
+        pending = done;
+        has_pending = true;
+        if constexpr (!kDefer) flush();
       } else {
         OutT* out = static_cast<OutT*>(p.out);
         if constexpr (P == Pass::kGradWeight) {
@@ -635,6 +729,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    if (kDefer && has_pending) flush();
     if constexpr (kTmaEpilogue) {
       // Shared memory must outlive the bulk stores that read it.
       if (wg_tid == 0) bulk_wait_all();
