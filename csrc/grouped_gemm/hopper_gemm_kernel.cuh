@@ -48,14 +48,19 @@ inline constexpr int kEpiTmaDeferred = 3;
 inline constexpr int kMaxExpertsSplit = 200;
 
 // Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
-// staging buffer, the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
+// staging buffer, one 64 x 64 box of zeros (the source of the grad-weight's zero tiles, where
+// it fits), the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
 template <int kEpi>
 struct Layout {
   static constexpr int kStages = kEpi == kEpiTma || kEpi == kEpiTmaDeferred ? 3 : 4;
   static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : 1;
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
-  static constexpr int kBarOffset = kEpiOffset + kEpiBytes;
+  // The split epilogue's 4 stages leave no room for the zero box.
+  static constexpr bool kZeroBox = kEpi == kEpiTma || kEpi == kEpiTmaDeferred;
+  static constexpr int kZeroOffset = kEpiOffset + kEpiBytes;
+  static constexpr int kZeroBytes = kZeroBox ? kBoxBytes : 0;
+  static constexpr int kBarOffset = kZeroOffset + kZeroBytes;
   static constexpr int kSchedOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int smem_bytes(int num_experts) {
     return kSchedOffset + 2 * (num_experts + 2) * 4 + 1024;  // + alignment slack
@@ -173,6 +178,12 @@ __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// Waits until at most N committed groups of bulk stores are still being performed.
+template <int N>
+__device__ __forceinline__ void bulk_wait_pending() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
@@ -285,6 +296,21 @@ __device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, 
   wgmma_commit();
 }
 
+// The i-th tile of CTA `cta` among `grid`: rounds of `grid` consecutive tiles, dealt forwards in
+// even rounds and backwards in odd ones. With tiles in descending order of work (grad-weight),
+// each CTA's sum of work stays within about one tile of the others'.
+__device__ __forceinline__ int snake_tile(int i, int cta, int grid) {
+  return i * grid + ((i & 1) != 0 ? grid - 1 - cta : cta);
+}
+
+// The i-th tile of this CTA: grad-weight snakes (above), the other passes deal round-robin.
+template <Pass P>
+__device__ __forceinline__ int cta_tile(int i) {
+  const int cta = static_cast<int>(blockIdx.x);
+  const int grid = static_cast<int>(gridDim.x);
+  return P == Pass::kGradWeight ? snake_tile(i, cta, grid) : i * grid + cta;
+}
+
 // One output tile of the schedule.
 struct Tile {
   int expert;
@@ -309,6 +335,8 @@ __device__ __forceinline__ int upper_index(const int32_t* table, int hi, int t) 
   return lo;
 }
 
+// Grad-weight tile t walks the experts in `order` (tile_begin's space; see the kernel); the
+// other passes walk tile_begin's prefix sums.
 template <Pass P>
 __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_t* tile_begin,
                                             const int32_t* row_begin) {
@@ -318,7 +346,7 @@ __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_
     const int n_blocks = ceil_div(p.out_rows, kBlockM);
     const int k_blocks = ceil_div(p.out_cols, kBlockN);
     const int per_expert = n_blocks * k_blocks;
-    const int e = t / per_expert;
+    const int e = tile_begin[t / per_expert];
     const int local = t - e * per_expert;
     const int nb = local / k_blocks;
     tile.expert = e;
@@ -500,7 +528,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int e = tid; e <= num_experts; e += kThreads) {
     row_begin[e] = min(max(p.offsets[e], 0), p.m);
   }
+  __shared__ int active_experts;  // grad-weight: experts with rows
+  const uint32_t zero_box = base + L::kZeroOffset;
+  if constexpr (L::kZeroBox) {
+    for (int i = tid; i < kBoxBytes / 16; i += kThreads) {
+      *reinterpret_cast<uint4*>(smem + L::kZeroOffset + 16 * i) = make_uint4(0, 0, 0, 0);
+    }
+    // The zeros are read by TMA (the async proxy).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
   if (tid == 0) {
+    active_experts = 0;
     row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_bar + 8 * s, 1);
@@ -514,8 +552,33 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   int total_tiles;
+  int zero_tiles = 0;  // grad-weight with a zero box: tiles of experts without rows
   if constexpr (P == Pass::kGradWeight) {
-    total_tiles = num_experts * ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
+    // The grad-weight's work per tile is its expert's row count, and real routing is skewed
+    // (a few experts take most rows, many none). order (in tile_begin's space) lists the
+    // experts with rows first, most rows first (ties by index), then the empty ones; the CTAs
+    // deal the tiles in that order with snake_tile. With a zero box the empty experts' zero
+    // tiles are not computed at all: one thread per CTA stores them from the zero box
+    // while the consumers compute.
+    int32_t* order = tile_begin;
+    for (int e = tid; e < num_experts; e += kThreads) {
+      const int rows = row_begin[e + 1] - row_begin[e];
+      int rank = 0;
+      for (int f = 0; f < num_experts; ++f) {
+        const int other = row_begin[f + 1] - row_begin[f];
+        rank += (other > rows || (other == rows && f < e)) ? 1 : 0;
+      }
+      order[rank] = e;
+      if (rows > 0) atomicAdd(&active_experts, 1);
+    }
+    __syncthreads();
+    const int per_expert = ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
+    if constexpr (L::kZeroBox) {
+      total_tiles = active_experts * per_expert;
+      zero_tiles = (num_experts - active_experts) * per_expert;
+    } else {
+      total_tiles = num_experts * per_expert;
+    }
   } else {
     // tile_begin[e] = tiles of experts before e (m-blocks x n-blocks each): a warp-wide scan.
     if (tid < 32) {
@@ -548,8 +611,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {
       uint32_t it = 0;
-      for (int t = static_cast<int>(blockIdx.x); t < total_tiles;
-           t += static_cast<int>(gridDim.x)) {
+      for (int i = 0;; ++i) {
+        const int t = cta_tile<P>(i);
+        if (t >= total_tiles) break;
         const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
         const int na = a_boxes<P>(tile, p);
         const int nb = b_boxes<P>(tile, p);
@@ -563,6 +627,28 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_expect_tx(bar, stage_bytes);
           issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar);
         }
+      }
+    } else if (tid == 32 && zero_tiles > 0) {
+      // The zero tiles of experts without rows: TMA stores of the zero box, at most a few
+      // tiles in flight so that they share the memory system with the operand loads.
+      if constexpr (L::kZeroBox) {
+        const int k_blocks = ceil_div(p.out_cols, kBlockN);
+        const int per_expert = ceil_div(p.out_rows, kBlockM) * k_blocks;
+        for (int z = static_cast<int>(blockIdx.x); z < zero_tiles;
+             z += static_cast<int>(gridDim.x)) {
+          const int expert = tile_begin[active_experts + z / per_expert];
+          const int local = z % per_expert;
+          const int row0 = (local / k_blocks) * kBlockM;
+          const int col0 = (local % k_blocks) * kBlockN;
+          for (int r = row0; r < min(row0 + kBlockM, p.out_rows); r += 64) {
+            for (int c = col0; c < min(col0 + kBlockN, p.out_cols); c += 64) {
+              tma_store_3d(&map_out, zero_box, c, r, expert);
+            }
+          }
+          bulk_commit();
+          bulk_wait_pending<4>();
+        }
+        bulk_wait_all();
       }
     }
   } else {
@@ -598,7 +684,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       has_pending = false;
     };
     uint32_t it = 0;
-    for (int t = static_cast<int>(blockIdx.x); t < total_tiles; t += static_cast<int>(gridDim.x)) {
+    for (int i = 0;; ++i) {
+      const int t = cta_tile<P>(i);
+      if (t >= total_tiles) break;
       const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
       // First output row of this consumer's half and the rows it may write.
       int half_row0;
