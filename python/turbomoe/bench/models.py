@@ -104,16 +104,21 @@ def tiny_config(family: str = "qwen3_moe", layers: int = 1, **overrides: Any) ->
     return AutoConfig.for_model(family, **fields)
 
 
-def init_weights_(model: torch.nn.Module, seed: int) -> None:
+def init_weights_(
+    model: torch.nn.Module, seed: int, *, prefix: str = "", std: float | None = None
+) -> None:
     """Overwrite every parameter with values that depend only on (seed, name, shape, dtype).
 
     Same scheme as HF's own init: normal(0, initializer_range) for matrices, ones for norm
     weights, zeros for biases. Buffers (RoPE frequencies, DeepSeek's correction bias) are left as
-    HF computes them, which is deterministic.
+    HF computes them, which is deterministic. ``prefix`` names a submodule as the whole model
+    would (``"model.layers.3."``), so one layer built alone gets the weights it has in the model;
+    ``std`` defaults to the model config's ``initializer_range``.
     """
-    std = float(getattr(model.config, "initializer_range", 0.02))
+    if std is None:
+        std = float(getattr(model.config, "initializer_range", 0.02))
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters(prefix=prefix.rstrip(".")):
             if name.endswith("bias"):
                 param.zero_()
             elif param.dim() == 1 and "norm" in name:
