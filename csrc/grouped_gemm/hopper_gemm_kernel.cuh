@@ -91,6 +91,9 @@ struct Params {
   // past the expert's end are skipped, and only the rows of the step that straddles the end are
   // cleared (otherwise the whole tail of the chunk is cleared and multiplied).
   int32_t trim_tail;
+  // Grad-weight: tiles in descending order of work, snaking over the CTAs, and empty experts'
+  // zero tiles stored from the zero box (0: expert order, dealt round-robin, all computed).
+  int32_t balance_grad_weight;
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -305,10 +308,11 @@ __device__ __forceinline__ int snake_tile(int i, int cta, int grid) {
 
 // The i-th tile of this CTA: grad-weight snakes (above), the other passes deal round-robin.
 template <Pass P>
-__device__ __forceinline__ int cta_tile(int i) {
+__device__ __forceinline__ int cta_tile(int i, const Params& p) {
   const int cta = static_cast<int>(blockIdx.x);
   const int grid = static_cast<int>(gridDim.x);
-  return P == Pass::kGradWeight ? snake_tile(i, cta, grid) : i * grid + cta;
+  return P == Pass::kGradWeight && p.balance_grad_weight != 0 ? snake_tile(i, cta, grid)
+                                                              : i * grid + cta;
 }
 
 // One output tile of the schedule.
@@ -561,19 +565,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     // tiles are not computed at all: one thread per CTA stores them from the zero box
     // while the consumers compute.
     int32_t* order = tile_begin;
+    const bool balance = p.balance_grad_weight != 0;
     for (int e = tid; e < num_experts; e += kThreads) {
       const int rows = row_begin[e + 1] - row_begin[e];
       int rank = 0;
-      for (int f = 0; f < num_experts; ++f) {
+      for (int f = 0; balance && f < num_experts; ++f) {
         const int other = row_begin[f + 1] - row_begin[f];
         rank += (other > rows || (other == rows && f < e)) ? 1 : 0;
       }
-      order[rank] = e;
+      order[balance ? rank : e] = e;
       if (rows > 0) atomicAdd(&active_experts, 1);
     }
     __syncthreads();
     const int per_expert = ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
-    if constexpr (L::kZeroBox) {
+    if (L::kZeroBox && balance) {
       total_tiles = active_experts * per_expert;
       zero_tiles = (num_experts - active_experts) * per_expert;
     } else {
@@ -612,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       uint32_t it = 0;
       for (int i = 0;; ++i) {
-        const int t = cta_tile<P>(i);
+        const int t = cta_tile<P>(i, p);
         if (t >= total_tiles) break;
         const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
         const int na = a_boxes<P>(tile, p);
@@ -685,7 +690,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     uint32_t it = 0;
     for (int i = 0;; ++i) {
-      const int t = cta_tile<P>(i);
+      const int t = cta_tile<P>(i, p);
       if (t >= total_tiles) break;
       const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
       // First output row of this consumer's half and the rows it may write.
