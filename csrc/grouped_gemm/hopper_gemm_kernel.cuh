@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "grouped_gemm/tile_schedule.h"
+
 namespace turbomoe::hopper_gemm {
 
 inline constexpr int kBlockM = 128;  // output rows of a CTA tile (2 consumer warpgroups x 64)
@@ -299,14 +301,8 @@ __device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, 
   wgmma_commit();
 }
 
-// The i-th tile of CTA `cta` among `grid`: rounds of `grid` consecutive tiles, dealt forwards in
-// even rounds and backwards in odd ones. With tiles in descending order of work (grad-weight),
-// each CTA's sum of work stays within about one tile of the others'.
-__device__ __forceinline__ int snake_tile(int i, int cta, int grid) {
-  return i * grid + ((i & 1) != 0 ? grid - 1 - cta : cta);
-}
-
-// The i-th tile of this CTA: grad-weight snakes (above), the other passes deal round-robin.
+// The i-th tile of this CTA: grad-weight snakes (tile_schedule.h), the other passes deal
+// round-robin.
 template <Pass P>
 __device__ __forceinline__ int cta_tile(int i, const Params& p) {
   const int cta = static_cast<int>(blockIdx.x);
@@ -558,23 +554,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   int total_tiles;
   int zero_tiles = 0;  // grad-weight with a zero box: tiles of experts without rows
   if constexpr (P == Pass::kGradWeight) {
-    // The grad-weight's work per tile is its expert's row count, and real routing is skewed
-    // (a few experts take most rows, many none). order (in tile_begin's space) lists the
-    // experts with rows first, most rows first (ties by index), then the empty ones; the CTAs
-    // deal the tiles in that order with snake_tile. With a zero box the empty experts' zero
-    // tiles are not computed at all: one thread per CTA stores them from the zero box
-    // while the consumers compute.
+    // order (in tile_begin's space, unused otherwise by this pass) lists the experts in
+    // descending order of rows (tile_schedule.h), the empty ones last. With a zero box the empty
+    // experts' zero tiles are not computed at all: one thread per CTA stores them from the zero
+    // box while the consumers compute.
     int32_t* order = tile_begin;
     const bool balance = p.balance_grad_weight != 0;
     for (int e = tid; e < num_experts; e += kThreads) {
-      const int rows = row_begin[e + 1] - row_begin[e];
-      int rank = 0;
-      for (int f = 0; balance && f < num_experts; ++f) {
-        const int other = row_begin[f + 1] - row_begin[f];
-        rank += (other > rows || (other == rows && f < e)) ? 1 : 0;
-      }
-      order[balance ? rank : e] = e;
-      if (rows > 0) atomicAdd(&active_experts, 1);
+      order[balance ? rank_by_rows(row_begin, num_experts, e) : e] = e;
+      if (row_begin[e + 1] > row_begin[e]) atomicAdd(&active_experts, 1);
     }
     __syncthreads();
     const int per_expert = ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
