@@ -4,7 +4,9 @@
 `turbomoe bench` trains a randomly initialised Qwen3-30B-A3B shape with its real router. The
 expert GEMMs' speed depends on how many rows each expert gets, so this prints, for one batch of
 the bench's random tokens, each layer's rows per expert: the largest over the mean, how many
-experts get none, and how many 128-row tiles the forward needs against an even split.
+experts get none, how many 128-row tiles the forward needs against an even split, and, for expert
+parallelism over R ranks (rank r owning a contiguous block of experts), the busiest rank's rows
+over the mean: the rank every other one waits for.
 
 The layers run one at a time in float32 on the CPU (a 48-layer model never has to fit), with the
 bench's init scheme (turbomoe.bench.models.init_weights_, seeded by parameter name). Its CPU
@@ -28,6 +30,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ep", default="4,8", help="expert-parallel sizes to report (comma list)")
     args = ap.parse_args()
 
     from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
@@ -49,7 +52,10 @@ def main() -> int:
     positions = torch.arange(args.seq)[None]
     cos_sin = qwen3.Qwen3MoeRotaryEmbedding(config)(hidden, positions)
 
-    print(f"{'layer':>5s} {'max/mean':>8s} {'max':>5s} {'empty':>5s} {'tiles128':>8s} {'even':>5s}")
+    eps = [int(v) for v in args.ep.split(",") if v]
+    ep_head = "".join(f" {f'ep{r} max/mean':>13s}" for r in eps)
+    head = f"{'layer':>5s} {'max/mean':>8s} {'max':>5s} {'empty':>5s} {'tiles128':>8s} {'even':>5s}"
+    print(head + ep_head)
     for index in range(args.layers):
         layer = qwen3.Qwen3MoeDecoderLayer(config, index)
         init_weights_(layer, args.seed, prefix=f"model.layers.{index}.", std=std)
@@ -64,9 +70,12 @@ def main() -> int:
         counts = torch.bincount(chosen[0].reshape(-1), minlength=experts).float()
         tiles = int(torch.ceil(counts / 128).sum())
         even = -(-args.seq * top_k // 128)
+        ranks = "".join(
+            f" {float(counts.view(r, -1).sum(1).max() / (counts.sum() / r)):13.2f}" for r in eps
+        )
         print(
             f"{index:5d} {float(counts.max() / counts.mean()):8.2f} {int(counts.max()):5d} "
-            f"{int((counts == 0).sum()):5d} {tiles:8d} {even:5d}",
+            f"{int((counts == 0).sum()):5d} {tiles:8d} {even:5d}{ranks}",
             flush=True,
         )
         del layer
