@@ -102,6 +102,10 @@ def test_cpu_tiny_end_to_end(tmp_path: Path) -> None:
         # Random init: the loss starts near ln(vocab).
         assert abs(run["first_loss"] - math.log(payload["config"]["vocab"])) < 1.0
     runs = payload["runs"]
+    # Both runs route the first batch with the same weights: the same record, one per layer.
+    routing = runs["hf"]["routing"]
+    assert routing is not None and routing["layers"] == payload["config"]["layers"]
+    assert routing == runs["turbomoe"]["routing"]
     assert runs["hf"]["experts_implementation"] == "grouped_mm (transformers)"
     assert "turbomoe" in runs["turbomoe"]["experts_implementation"]
     ratios = payload["ratios"]
@@ -155,6 +159,8 @@ def test_two_gloo_ranks_fsdp_against_expert_parallel(tmp_path: Path) -> None:
     for run in (hf, tm):
         assert run["error"] is None
         assert len(run["tps_per_rank"]) == 2 and min(run["tps_per_rank"]) > 0
+        # Counted on both ranks and summed: the EP 2 rank load is reported.
+        assert "2" in run["routing"]["ep_busiest_over_mean"]
         assert run["tps_per_gpu"] == pytest.approx(sum(run["tps_per_rank"]) / 2)
     check = payload["ratios"]["loss_check"]
     assert check["ok"] and check["rel_diff"] < 1e-3  # same rank-0 batch, same weights

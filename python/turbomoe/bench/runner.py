@@ -28,6 +28,7 @@ from turbomoe.bench import distributed
 from turbomoe.bench.models import build_model, experts_backend_of, weights_fingerprint
 from turbomoe.bench.patching import patch_state
 from turbomoe.bench.profiling import Profile, profile_steps
+from turbomoe.bench.routing import RoutingRecorder, describe
 from turbomoe.bench.timing import StepTimer, synchronize
 from turbomoe.hf.attention_graphs import (
     AttentionGraphs,
@@ -106,6 +107,8 @@ class RunResult:
     # (CUDA; where the peak comes from: states, + saved activations, + gradients).
     allocated_gib: dict[str, float] = field(default_factory=dict)
     weights_fingerprint: float = 0.0
+    # The first warm-up step's routing (turbomoe.bench.routing.summarise), for both runs.
+    routing: dict[str, Any] | None = None
     error: str | None = None
     profile: Profile | None = None
 
@@ -188,7 +191,11 @@ def _train(
     # A graphed run's peak is taken from its capture on: the replays allocate nothing, and the
     # graph's pool keeps the capture's working set (activations included) for every replay.
     window_start = settings.warmup - 1 if graphed is not None else settings.warmup
+    # Counts the first step's routing (an eager warm-up step, or the first timed step without
+    # warm-up, whose few bincounts then land in its time).
+    recorder = RoutingRecorder(model)
     for i, batch in enumerate(batches):
+        recorder.active = i == 0
         if i == window_start:
             synchronize(device)
             if device.type == "cuda":
@@ -202,6 +209,7 @@ def _train(
             for name, nbytes in zip(ALLOCATION_MARKS, timer.allocated, strict=True):
                 gib = nbytes / 2**30
                 result.allocated_gib[name] = max(result.allocated_gib.get(name, 0.0), gib)
+        recorder.active = False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if result.attention_graphs and i == settings.warmup - 1:
@@ -212,6 +220,9 @@ def _train(
     synchronize(device)
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    recorder.close()
+    world = settings.ranks.world if settings.ranks is not None else 1
+    result.routing = recorder.summary(tuple(sorted({world, 4, 8} - {1})))
     if graphed is not None:
         if graphed.stats.replays < settings.steps:
             raise RuntimeError(
@@ -336,6 +347,8 @@ def run_one(
             )
             fwd_ms, bwd_ms, attention = _train(model, optimizer, batches, settings, result)
             _summarise(result, fwd_ms, bwd_ms, settings)
+            if result.routing is not None:
+                log(f"[{spec.name}] {describe(result.routing)}")
             if settings.profile_steps > 0:
                 log(f"[{spec.name}] profiling {settings.profile_steps} step(s) ...")
                 result.profile = _profile(model, batches[-1], settings, spec.name)

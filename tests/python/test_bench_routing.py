@@ -1,0 +1,103 @@
+"""The bench's routing record (turbomoe.bench.routing): counts from the experts calls, per-layer
+figures, expert-parallel rank loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from turbomoe.bench.models import build_model, tiny_config
+from turbomoe.bench.routing import RoutingRecorder, describe, summarise
+
+
+def test_summarise_per_layer_figures() -> None:
+    table = torch.tensor(
+        [
+            [4.0, 4.0, 4.0, 4.0],  # even
+            [13.0, 0.0, 0.0, 3.0],  # one hot expert, two empty
+        ],
+        dtype=torch.float64,
+    )
+    out = summarise(table, ep_sizes=(1, 2, 3, 4))
+    assert out["layers"] == 2 and out["experts"] == 4
+    assert out["largest_over_mean"] == [1.0, 13.0 / 4.0]
+    assert out["empty_experts"] == [0, 2]
+    # 1 rank says nothing and 3 does not divide 4 experts: only EP 2 and EP 4.
+    assert set(out["ep_busiest_over_mean"]) == {"2", "4"}
+    # EP 2 of the second layer: ranks hold 13 + 0 and 0 + 3 rows of 16, the mean is 8.
+    assert out["ep_busiest_over_mean"]["2"] == [1.0, 13.0 / 8.0]
+    assert out["ep_busiest_over_mean"]["4"] == out["largest_over_mean"]
+    line = describe(out)
+    assert "empty" in line and "EP 2 busiest rank" in line
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_recorder_counts_every_routed_row_while_active(family: str) -> None:
+    config = tiny_config(family, layers=2)
+    model = build_model(
+        config,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        seed=0,
+        experts_implementation="grouped_mm",
+    )
+    recorder = RoutingRecorder(model)
+    experts = recorder.num_experts
+    top_k = config.num_experts_per_tok
+    ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(ids)  # inactive: nothing is counted
+        assert recorder.counts() is None
+        recorder.active = True
+        model(ids)
+        recorder.active = False
+        model(ids)
+    table = recorder.counts()
+    assert table is not None and table.shape == (2, experts)
+    # Every token sends top_k rows to distinct experts, once per layer.
+    assert table.sum(1).tolist() == [ids.numel() * top_k] * 2
+    assert (table <= ids.numel()).all()
+    recorder.close()
+    recorder.active = True
+    with torch.no_grad():
+        model(ids)
+    assert torch.equal(recorder.counts(), table)  # the hooks are gone
+
+
+def test_recorder_without_experts_records_nothing() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    recorder = RoutingRecorder(model)
+    recorder.active = True
+    model(torch.randn(2, 4))
+    assert recorder.counts() is None and recorder.summary() is None
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.gate_up_proj = torch.nn.Parameter(torch.zeros(experts, 2, 3))
+
+    def forward(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return hidden
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"num_experts": experts})()
+        self.experts = _Experts(experts)
+
+
+def test_recorder_skips_dropped_slots_and_takes_keyword_calls() -> None:
+    model = _Model(experts=4)
+    recorder = RoutingRecorder(model)
+    recorder.active = True
+    hidden = torch.zeros(3, 3)
+    index = torch.tensor([[0, 3], [3, 4], [4, 1]])  # 4: a dropped slot's sentinel id
+    model.experts(hidden, index, torch.ones(3, 2))
+    model.experts(hidden, top_k_index=index, top_k_weights=torch.ones(3, 2))
+    table = recorder.counts()
+    assert table is not None
+    assert table.tolist() == [[2.0, 2.0, 0.0, 4.0]]  # two calls of one layer, sentinels dropped
