@@ -5,8 +5,9 @@
 expert GEMMs' speed depends on how many rows each expert gets, so this prints, for one batch of
 the bench's random tokens, each layer's rows per expert: the largest over the mean, how many
 experts get none, how many 128-row tiles the forward needs against an even split, and, for expert
-parallelism over R ranks (rank r owning a contiguous block of experts), the busiest rank's rows
-over the mean: the rank every other one waits for.
+parallelism over R ranks, the busiest rank's rows over the mean (the rank every other one waits
+for) with contiguous expert blocks ("blocks") and with a placement by load planned from the same
+counts ("placed", turbomoe.parallel.placement).
 
 The layers run one at a time in float32 on the CPU (a 48-layer model never has to fit), with the
 bench's init scheme (turbomoe.bench.models.init_weights_, seeded by parameter name). Its CPU
@@ -23,6 +24,7 @@ import argparse
 import torch
 
 from turbomoe.bench.models import init_weights_, qwen3_30b_a3b_config
+from turbomoe.bench.routing import summarise
 
 
 def main() -> int:
@@ -52,8 +54,8 @@ def main() -> int:
     positions = torch.arange(args.seq)[None]
     cos_sin = qwen3.Qwen3MoeRotaryEmbedding(config)(hidden, positions)
 
-    eps = [int(v) for v in args.ep.split(",") if v]
-    ep_head = "".join(f" {f'ep{r} max/mean':>13s}" for r in eps)
+    eps = tuple(int(v) for v in args.ep.split(",") if v)
+    ep_head = "".join(f" {f'ep{r} blocks':>10s} {f'ep{r} placed':>10s}" for r in eps)
     head = f"{'layer':>5s} {'max/mean':>8s} {'max':>5s} {'empty':>5s} {'tiles128':>8s} {'even':>5s}"
     print(head + ep_head)
     for index in range(args.layers):
@@ -67,15 +69,19 @@ def main() -> int:
             out = layer(hidden, position_ids=positions, position_embeddings=cos_sin)
         hidden = out[0] if isinstance(out, tuple) else out
         hook.remove()
-        counts = torch.bincount(chosen[0].reshape(-1), minlength=experts).float()
+        counts = torch.bincount(chosen[0].reshape(-1), minlength=experts).double()
+        row = summarise(counts[None], eps)
         tiles = int(torch.ceil(counts / 128).sum())
         even = -(-args.seq * top_k // 128)
         ranks = "".join(
-            f" {float(counts.view(r, -1).sum(1).max() / (counts.sum() / r)):13.2f}" for r in eps
+            f" {row['ep_busiest_over_mean'][str(r)][0]:10.2f}"
+            f" {row['ep_placed_busiest_over_mean'][str(r)][0]:10.2f}"
+            for r in eps
+            if str(r) in row["ep_busiest_over_mean"]
         )
         print(
-            f"{index:5d} {float(counts.max() / counts.mean()):8.2f} {int(counts.max()):5d} "
-            f"{int((counts == 0).sum()):5d} {tiles:8d} {even:5d}{ranks}",
+            f"{index:5d} {row['largest_over_mean'][0]:8.2f} {int(counts.max()):5d} "
+            f"{row['empty_experts'][0]:5d} {tiles:8d} {even:5d}{ranks}",
             flush=True,
         )
         del layer

@@ -20,15 +20,27 @@ def test_summarise_per_layer_figures() -> None:
     )
     out = summarise(table, ep_sizes=(1, 2, 3, 4))
     assert out["layers"] == 2 and out["experts"] == 4
-    assert out["largest_over_mean"] == [1.0, 13.0 / 4.0]
+    assert out["largest_over_mean"] == [1.0, 13.0 / 4.0]  # 3.25 exactly
     assert out["empty_experts"] == [0, 2]
     # 1 rank says nothing and 3 does not divide 4 experts: only EP 2 and EP 4.
     assert set(out["ep_busiest_over_mean"]) == {"2", "4"}
     # EP 2 of the second layer: ranks hold 13 + 0 and 0 + 3 rows of 16, the mean is 8.
-    assert out["ep_busiest_over_mean"]["2"] == [1.0, 13.0 / 8.0]
+    assert out["ep_busiest_over_mean"]["2"] == [1.0, 13.0 / 8.0]  # 1.625 exactly
     assert out["ep_busiest_over_mean"]["4"] == out["largest_over_mean"]
+    # Placed by load over 2 ranks: 13 alone against 3 + 0 + 0 still leaves 13 of a mean of 8;
+    # over 4 ranks every expert has its own rank, so placement cannot change anything.
+    assert out["ep_placed_busiest_over_mean"]["2"] == [1.0, 13.0 / 8.0]
+    assert out["ep_placed_busiest_over_mean"]["4"] == out["ep_busiest_over_mean"]["4"]
     line = describe(out)
-    assert "empty" in line and "EP 2 busiest rank" in line
+    assert "empty" in line and "EP 2 busiest rank" in line and "placed by load" in line
+
+
+def test_summarise_placement_helps_where_blocks_are_uneven() -> None:
+    table = torch.tensor([[9.0, 7.0, 1.0, 1.0]], dtype=torch.float64)  # blocks: 16 | 2
+    out = summarise(table, ep_sizes=(2,))
+    # Figures are rounded to 3 decimals.
+    assert out["ep_busiest_over_mean"]["2"] == [pytest.approx(16.0 / 9.0, abs=1e-3)]
+    assert out["ep_placed_busiest_over_mean"]["2"] == [pytest.approx(10.0 / 9.0, abs=1e-3)]
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -4,7 +4,9 @@ The expert GEMMs' speed depends on how many rows each expert gets, and expert pa
 many each rank gets, so the bench reports the routing it trained on next to its timings: per
 layer, the largest expert's rows over the mean, the experts that got none, and for expert
 parallelism over R ranks (rank r owning a contiguous block of E / R experts) the busiest rank's
-rows over the mean, which every other rank waits for at that layer's exchange.
+rows over the mean, which every other rank waits for at that layer's exchange, and the same under
+a placement by load planned from these very counts (turbomoe.parallel.placement): what placing
+experts by load could recover at best.
 
 A forward pre-hook on each experts module counts its ``top_k_index`` (global expert ids, before
 any dispatch) while the recorder is active: one eager warm-up step, outside the timed window.
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from turbomoe.parallel.placement import plan_placement, rank_loads
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
@@ -108,14 +112,23 @@ def summarise(table: torch.Tensor, ep_sizes: tuple[int, ...]) -> dict[str, Any]:
         "largest_over_mean": [round(float(v), 3) for v in table.max(1).values / mean],
         "empty_experts": [int(v) for v in (table == 0).sum(1)],
         "ep_busiest_over_mean": {},
+        "ep_placed_busiest_over_mean": {},
     }
     for ranks in ep_sizes:
         if ranks <= 1 or experts % ranks != 0:
             continue
-        per_rank = table.view(table.shape[0], ranks, experts // ranks).sum(2)
-        busiest = per_rank.max(1).values / (per_rank.sum(1) / ranks)
-        out["ep_busiest_over_mean"][str(ranks)] = [round(float(v), 3) for v in busiest]
+        blocks, placed = [], []
+        for rows in table:
+            blocks.append(_busiest(rank_loads(rows, ranks)))
+            placed.append(_busiest(rank_loads(rows, ranks, plan_placement(rows, ranks))))
+        out["ep_busiest_over_mean"][str(ranks)] = blocks
+        out["ep_placed_busiest_over_mean"][str(ranks)] = placed
     return out
+
+
+def _busiest(loads: torch.Tensor) -> float:
+    mean = float(loads.mean())
+    return round(float(loads.max()) / mean, 3) if mean > 0 else 1.0
 
 
 def describe(summary: dict[str, Any]) -> str:
@@ -125,5 +138,9 @@ def describe(summary: dict[str, Any]) -> str:
         f"{statistics.median(summary['empty_experts']):.0f}/{summary['experts']} experts empty",
     ]
     for ranks, values in summary["ep_busiest_over_mean"].items():
-        parts.append(f"EP {ranks} busiest rank {statistics.median(values):.2f}x")
+        placed = summary["ep_placed_busiest_over_mean"][ranks]
+        parts.append(
+            f"EP {ranks} busiest rank {statistics.median(values):.2f}x "
+            f"({statistics.median(placed):.2f}x placed by load)"
+        )
     return "routing (median over layers): " + ", ".join(parts)
