@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig, 
 
 import turbomoe.parallel as tp
 from turbomoe.parallel import split_param_groups
+from turbomoe.parallel.checkpoint import gather_experts
 from turbomoe.parallel.dispatch import expert_shard
 from turbomoe.parallel.grads import DTensor
 from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts, shard_experts
@@ -231,9 +232,7 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
             grad = grad.full_tensor()
         elif shard is not None and shard.ep_size > 1:
             local = grad if grad is not None else torch.zeros_like(p)
-            parts = [torch.empty_like(local) for _ in range(shard.ep_size)]
-            dist.all_gather(parts, local.contiguous(), group=shard.group)
-            grad = torch.cat(parts)
+            grad = gather_experts(local, shard)  # expert order, whatever the placement
         out[name] = None if grad is None else grad.detach().clone()
     return out
 
@@ -267,6 +266,48 @@ def parity_worker(
     dist.all_reduce(loss)
     norm = tp.clip_grad_norm_(model, 1e9)
     return {"loss": loss, "grads": full_grads(model), "norm": norm}
+
+
+def placed_parity_worker(
+    rank: int,
+    world: int,
+    base: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    ep_size: int,
+    how: str,
+) -> dict[str, Any]:
+    """parity_worker's step with the experts placed on ranks by load ("balanced": from this
+    rank's batch, counted over all ranks) or by a seeded random permutation per layer; also the
+    gathered weights after placing (expert order) and the error of placing after a backward."""
+    model = copy.deepcopy(base)
+    tp.parallelize(model, ep_size=ep_size)
+    layers = len([m for _, m in find_experts(model) if expert_shard(m) is not None])
+    if how == "balanced":
+        slots = tp.balance_experts(model, batches[rank])
+    else:
+        gen = torch.Generator().manual_seed(1234)  # the same slots on every rank
+        slots = [torch.randperm(EXPERTS, generator=gen) for _ in range(layers)]
+        tp.place_experts(model, slots)
+    weights = tp.full_state_dict(model, rank0_only=False)
+    total = sum(label_count(b) for b in batches)
+    out = model(**batches[rank], num_items_in_batch=total)
+    (out.loss * world).backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    norm = tp.clip_grad_norm_(model, 1e9)
+    late = ""
+    try:
+        tp.place_experts(model, slots)
+    except ValueError as exc:
+        late = str(exc)
+    return {
+        "loss": loss,
+        "grads": full_grads(model),
+        "norm": norm,
+        "weights": weights,
+        "slots": slots,
+        "late": late,
+    }
 
 
 def dispatch_worker(

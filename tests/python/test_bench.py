@@ -136,9 +136,11 @@ def test_no_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--device cpu" in capsys.readouterr().err
 
 
-def test_two_gloo_ranks_fsdp_against_expert_parallel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["blocks", "load"])
+def test_two_gloo_ranks_fsdp_against_expert_parallel(placement: str, tmp_path: Path) -> None:
     """The multi-GPU protocol on CPU: torchrun with 2 gloo ranks, stock under per-layer FSDP2 and
-    turbomoe with expert parallelism 2, one JSON written by rank 0 only."""
+    turbomoe with expert parallelism 2 (experts in blocks or placed by load), one JSON written
+    by rank 0 only."""
     out = tmp_path / "bench.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -147,7 +149,7 @@ def test_two_gloo_ranks_fsdp_against_expert_parallel(tmp_path: Path) -> None:
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "turbomoe.bench", "--device", "cpu", "--steps", "2", "--warmup", "1"]
-    cmd += ["--json", str(out)]
+    cmd += ["--json", str(out), "--ep-placement", placement]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("turbomoe / stock:") == 1  # rank 0 alone prints the table
@@ -155,7 +157,8 @@ def test_two_gloo_ranks_fsdp_against_expert_parallel(tmp_path: Path) -> None:
     assert payload["world_size"] == 2 and payload["ok"]
     hf, tm = payload["runs"]["hf"], payload["runs"]["turbomoe"]
     assert hf["parallelism"] == "FSDP2 per layer over 2"
-    assert tm["parallelism"] == "EP 2 over gloo, dense replicated"
+    placed = ", experts placed by load" if placement == "load" else ""
+    assert tm["parallelism"] == "EP 2 over gloo, dense replicated" + placed
     for run in (hf, tm):
         assert run["error"] is None
         assert len(run["tps_per_rank"]) == 2 and min(run["tps_per_rank"]) > 0

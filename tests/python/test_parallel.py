@@ -29,6 +29,7 @@ from parallel_worker import (
     overlap_recovery_worker,
     overlap_worker,
     parity_worker,
+    placed_parity_worker,
     rel_err,
     run_ranks,
     save_worker,
@@ -39,6 +40,7 @@ from parallel_worker import (
 import turbomoe
 import turbomoe.parallel as tp
 from turbomoe import ops
+from turbomoe.bench.routing import RoutingRecorder
 
 
 @pytest.fixture(autouse=True)
@@ -247,6 +249,45 @@ def test_parallelize_needs_a_process_group() -> None:
         tp.parallelize(model, ep_size=2)
     assert tp.parallelize(model, ep_size=1) is model  # one process, ep 1: a no-op
     assert not tp.is_parallelized(model)
+
+
+@pytest.mark.parametrize(
+    ("family", "world", "how"),
+    [("qwen3_moe", 2, "random"), ("deepseek_v3", 4, "balanced"), ("mixtral", 2, "balanced")],
+)
+def test_experts_placed_by_load_match_one_process(
+    family: str, world: int, how: str, tmp_path: Path
+) -> None:
+    """Experts moved off their contiguous blocks (turbomoe.parallel.placement): the same loss and
+    gradients as one process, weights and gradients gathered back in expert order, and a
+    placement after the backward refused."""
+    base = build(family, seed=3)
+    batches = [make_batch(seed=r, pad=r % 3) for r in range(world)]
+    ref = _reference(base, batches)
+    # The rows each expert gets when one process runs every batch.
+    counted = copy.deepcopy(base)
+    recorder = RoutingRecorder(counted)
+    recorder.active = True
+    with torch.no_grad():
+        counted(**{k: v for k, v in concat(batches).items() if k != "labels"})
+    rows = recorder.counts()
+    assert rows is not None
+    results = run_ranks(placed_parity_worker, world, tmp_path, base, batches, world, how)
+    _check_parity(results, ref)
+    want = base.state_dict()
+    for rank, result in enumerate(results):
+        assert result["weights"].keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(result["weights"][key], value), (rank, key)
+        assert "before the first backward" in result["late"], rank
+        for slots, counts in zip(result["slots"], rows, strict=True):
+            assert sorted(slots.tolist()) == list(range(EXPERTS))
+            if how == "balanced":
+                # Planned from every rank's rows: the one-process routing of all the batches.
+                assert torch.equal(slots, tp.plan_placement(counts, world)), rank
+        if how == "random":
+            moved = sum(int((s != torch.arange(EXPERTS)).sum()) for s in result["slots"])
+            assert moved > 0, "every placement was the identity: nothing was tested"
 
 
 def test_save_pretrained_gives_a_stock_checkpoint(tmp_path: Path, stock_transformers: None) -> None:

@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "after the backward (default; measured faster) or sharded by FSDP2 (less memory)",
     )
     runs.add_argument(
+        "--ep-placement",
+        choices=["blocks", "load"],
+        default="blocks",
+        help="under torchrun: turbomoe's experts in contiguous blocks per rank (default), or "
+        "placed by the first batch's routing so that ranks receive even rows "
+        "(turbomoe.parallel.balance_experts)",
+    )
+    runs.add_argument(
         "--ep-transport",
         choices=["auto", "nvlink", "nccl"],
         default=None,
@@ -269,6 +277,7 @@ def _payload(
             "cuda_graph": args.cuda_graph,
             "attention_graphs": args.attention_graphs,
             "ep_cuda_graph": args.ep_cuda_graph,
+            "ep_placement": args.ep_placement,
         },
         "active_matmul_params": counts.total,
         "flops_per_token": flops,
@@ -374,6 +383,7 @@ def _run(
         cuda_graph=args.cuda_graph,
         attention_graphs=args.attention_graphs,
         ep_cuda_graph=args.ep_cuda_graph,
+        ep_placement=args.ep_placement,
         ranks=ranks,
     )
     flops = flops_per_token(config, args.seq)

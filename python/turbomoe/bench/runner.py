@@ -37,6 +37,7 @@ from turbomoe.hf.attention_graphs import (
 )
 from turbomoe.parallel.capture import capture_refusal
 from turbomoe.parallel.optim_groups import split_param_groups
+from turbomoe.parallel.placement import balance_experts
 from turbomoe.train.graph_step import GraphedStep
 
 ALLOCATION_MARKS = ("step start", "forward end", "backward end")
@@ -63,6 +64,9 @@ class Settings:
     # Under torchrun: turbomoe's whole step replayed from a CUDA graph when nothing in it reads
     # the host (turbomoe.parallel.capture); else the attention graphs above.
     ep_cuda_graph: bool = False
+    # Under torchrun: turbomoe's experts in contiguous blocks ("blocks") or placed by the first
+    # batch's routing ("load", turbomoe.parallel.balance_experts).
+    ep_placement: str = "blocks"
     ranks: distributed.Ranks | None = None  # under torchrun: this process's place
 
     @property
@@ -279,15 +283,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _shard(
-    model: torch.nn.Module, spec: RunSpec, settings: Settings
+    model: torch.nn.Module, spec: RunSpec, settings: Settings, first_batch: torch.Tensor
 ) -> tuple[torch.nn.Module, str]:
-    """The multi-GPU layout of DESIGN §6: FSDP2 per layer for stock, EP = world for turbomoe."""
+    """The multi-GPU layout of DESIGN §6: FSDP2 per layer for stock, EP = world for turbomoe
+    (its experts placed by the first batch's routing under ``ep_placement="load"``)."""
     assert settings.ranks is not None
     world = settings.ranks.world
     if spec.patched:
         dense = "FSDP2" if settings.ep_dense_fsdp else "replicated"
         model = distributed.shard_turbomoe(model, world, settings.ep_dense_fsdp)
-        return model, f"EP {world} over {distributed.ep_transport(model)}, dense {dense}"
+        layout = f"EP {world} over {distributed.ep_transport(model)}, dense {dense}"
+        if settings.ep_placement == "load" and world > 1:
+            balance_experts(model, {"input_ids": first_batch})
+            layout += ", experts placed by load"
+        return model, layout
     return distributed.shard_stock(model, settings.dtype), f"FSDP2 per layer over {world}"
 
 
@@ -332,7 +341,7 @@ def run_one(
             result.experts_implementation = experts_backend_of(model)
             result.weights_fingerprint = weights_fingerprint(model)
             if settings.ranks is not None:
-                model, result.parallelism = _shard(model, spec, settings)
+                model, result.parallelism = _shard(model, spec, settings, batches[0])
                 if result.attention_graphs and settings.ep_cuda_graph:
                     why = capture_refusal(model)
                     if why is None:

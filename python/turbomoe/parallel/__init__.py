@@ -12,6 +12,8 @@
   full standard HF checkpoint (``model.save_pretrained`` does the same on a parallelized model).
 - :func:`split_param_groups` gives a fused/foreach optimizer its parameters with FSDP's DTensors
   and the plain expert shards in separate groups (torch rejects a group that mixes them).
+- :func:`balance_experts` / :func:`place_experts` place experts on ranks by load instead of in
+  contiguous blocks (:mod:`turbomoe.parallel.placement`), before training starts.
 
 A peer that dies or never arrives turns into an error after the process group's timeout
 (``init_process_group(timeout=...)``, or :func:`init_distributed`'s ``timeout_s``), not a hang.
@@ -23,12 +25,14 @@ from turbomoe.parallel.dispatch import ep_experts_forward, expert_shard
 from turbomoe.parallel.grads import clip_grad_norm_, sync_dense_grads, sync_grads
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard, build_mesh, init_distributed
 from turbomoe.parallel.optim_groups import split_param_groups
+from turbomoe.parallel.placement import balance_experts, place_experts, plan_placement
 from turbomoe.parallel.shard import find_experts, is_parallelized, parallelize
 
 __all__ = [
     "EP_ATTR",
     "AutoModelForCausalLM",
     "ExpertShard",
+    "balance_experts",
     "build_mesh",
     "clip_grad_norm_",
     "ep_experts_forward",
@@ -38,6 +42,8 @@ __all__ = [
     "init_distributed",
     "is_parallelized",
     "parallelize",
+    "place_experts",
+    "plan_placement",
     "save_pretrained",
     "split_param_groups",
     "sync_dense_grads",

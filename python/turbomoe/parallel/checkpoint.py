@@ -21,13 +21,19 @@ from torch import nn
 
 from turbomoe.parallel.dispatch import expert_shard
 from turbomoe.parallel.grads import DTensor
+from turbomoe.parallel.mesh import ExpertShard
 from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts
 
 
-def _gather_experts(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+def gather_experts(local: torch.Tensor, shard: ExpertShard) -> torch.Tensor:
+    """The full [E, ...] tensor of one expert weight (or its gradient) from every rank's block,
+    in expert order (a collective over the ep group: every rank calls it)."""
+    parts = [torch.empty_like(local) for _ in range(shard.ep_size)]
+    dist.all_gather(parts, local.contiguous(), group=shard.group)
+    full = torch.cat(parts, dim=0)  # in slot order
+    if shard.slot_of is not None:
+        full = full.index_select(0, shard.slot_of.to(full.device))
+    return full
 
 
 def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -37,20 +43,20 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, t
     rank0_only, ranks other than 0 get an empty dict and never hold more than one full tensor.
     """
     keep = not rank0_only or dist.get_rank() == 0
-    expert_keys: dict[str, dist.ProcessGroup] = {}
+    expert_keys: dict[str, ExpertShard] = {}
     for name, module in find_experts(model):
         shard = expert_shard(module)
         if shard is not None and shard.ep_size > 1:
             prefix = f"{name}." if name else ""
             for weight in EXPERT_WEIGHTS:
-                expert_keys[prefix + weight] = shard.group
+                expert_keys[prefix + weight] = shard
     full: dict[str, torch.Tensor] = {}
     # state_dict() order is the same on every rank, so the collectives pair up.
     for key, value in model.state_dict().items():
         if isinstance(value, DTensor):
             value = value.full_tensor()
         elif key in expert_keys:
-            value = _gather_experts(value.detach(), expert_keys[key])
+            value = gather_experts(value.detach(), expert_keys[key])
         if keep:
             full[key] = value.detach().cpu()
     return full

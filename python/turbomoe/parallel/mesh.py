@@ -47,6 +47,10 @@ class ExpertShard:
     num_experts: int  # global E
     world_size: int  # ep_size · dp_size: gradients are averaged over all of it
     capacity: StepCapacity = field(default_factory=StepCapacity)
+    # Placement by load (turbomoe.parallel.placement): expert e sits at slot slot_of[e] ([E]
+    # int64, on the experts' device), and this rank owns slots expert_range. None: expert e at
+    # slot e (contiguous blocks).
+    slot_of: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict[int, object]) -> ExpertShard:
         return self  # a process group is a shared handle, never copied
@@ -57,7 +61,8 @@ class ExpertShard:
 
     @property
     def expert_range(self) -> tuple[int, int]:
-        """Global ids [first, last + 1) of the experts this rank owns."""
+        """Slots [first, last + 1) this rank owns: the global expert ids of its experts unless
+        the experts were placed by load (slot_of)."""
         first = self.ep_rank * self.num_local
         return first, first + self.num_local
 

@@ -1,20 +1,35 @@
 """Expert placement by load: which expert-parallel rank should own which experts.
 
-Today rank r owns the contiguous block of experts [r·E/R, (r+1)·E/R). Real routing is skewed (the
-bench model sends ~15× the mean rows to its hottest experts and none to most), so the rank that
-owns the hot experts receives 1.3–2.4× the mean rows at EP 4 and every other rank waits for it at
-each layer's exchange (docs/perf-notes.md). A placement that spreads the load evens that out.
+By default rank r owns the contiguous block of experts [r·E/R, (r+1)·E/R). Real routing is skewed
+(the bench model sends ~15× the mean rows to its hottest experts and none to most), so the rank
+that owns the hot experts receives 1.3–2.4× the mean rows at EP 4 and every other rank waits for
+it at each layer's exchange (docs/perf-notes.md). A placement that spreads the load evens it out.
 
-``plan_placement`` is the planner: longest-processing-time-first with equal capacity, i.e. the
-experts in descending order of rows, each to the least-loaded rank that still has a free slot.
-The result keeps every rank's expert count at E/R, so the sharded weights keep their shapes.
+- :func:`plan_placement`: longest-processing-time-first with equal capacity, i.e. the experts in
+  descending order of rows, each to the least-loaded rank that still has a free slot. Every rank
+  keeps E/R experts, so the sharded weights keep their shapes.
+- :func:`place_experts`: moves a parallelized model's experts to given slots (per layer). The
+  experts module then maps the router's expert ids to slots before the dispatch; checkpoints and
+  gathered weights stay in expert order (HF's keys and layout are unchanged).
+- :func:`balance_experts`: counts one batch's routing and places every layer's experts by it.
+
+Place experts before the first backward and before creating the optimizer: the parameters keep
+their identity but their contents move between ranks, and optimizer states would not follow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+from collections.abc import Mapping, Sequence
 
 import torch
+from torch import nn
+
+from turbomoe.parallel.checkpoint import gather_experts
+from turbomoe.parallel.dispatch import expert_shard
+from turbomoe.parallel.mesh import EP_ATTR
+from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts
 
 
 def plan_placement(rows: torch.Tensor, ranks: int) -> torch.Tensor:
@@ -55,3 +70,63 @@ def rank_loads(rows: torch.Tensor, ranks: int, slot: torch.Tensor | None = None)
     owner = (torch.arange(experts) if slot is None else slot.cpu()) // (experts // ranks)
     loads = torch.zeros(ranks, dtype=torch.float64)
     return loads.index_add_(0, owner, rows.detach().to(torch.float64).cpu())
+
+
+def _sharded_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in find_experts(model) if expert_shard(m) is not None]
+
+
+def place_experts(model: nn.Module, slots: Sequence[torch.Tensor]) -> None:
+    """Put expert e of the i-th sharded MoE layer at slot ``slots[i][e]`` (a collective: every
+    rank calls it with the same slots). Validates everything before moving anything."""
+    experts = _sharded_experts(model)
+    if not experts:
+        raise ValueError("place_experts needs a model parallelized with ep_size > 1")
+    if len(slots) != len(experts):
+        raise ValueError(f"{len(slots)} placements for {len(experts)} sharded MoE layers")
+    for (name, module), slot in zip(experts, slots, strict=True):
+        count = expert_shard(module).num_experts  # type: ignore[union-attr]
+        if slot.shape != (count,) or sorted(slot.tolist()) != list(range(count)):
+            raise ValueError(f"{name}: the slots must be a permutation of 0..{count - 1}")
+        for weight in EXPERT_WEIGHTS:
+            if getattr(module, weight).grad is not None:
+                raise ValueError(
+                    f"{name}.{weight} has a gradient: place experts before the first backward "
+                    "and before creating the optimizer"
+                )
+    for (_, module), slot in zip(experts, slots, strict=True):
+        shard = expert_shard(module)
+        assert shard is not None
+        first, last = shard.expert_range
+        for weight in EXPERT_WEIGHTS:
+            param = getattr(module, weight)
+            full = gather_experts(param.detach(), shard)  # expert order
+            held = torch.argsort(slot)[first:last].to(full.device)  # experts in my slots
+            param.data = full.index_select(0, held).contiguous()
+        placed = slot.to(device=getattr(module, EXPERT_WEIGHTS[0]).device, dtype=torch.int64)
+        setattr(module, EP_ATTR, dataclasses.replace(shard, slot_of=placed))
+
+
+@torch.no_grad()
+def balance_experts(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Run one forward of ``batch`` (this rank's model inputs; labels are ignored), count every
+    layer's routing over all ranks, and place each layer's experts by it
+    (:func:`plan_placement`, :func:`place_experts`). A collective. Returns the slots placed."""
+    from turbomoe.bench.routing import RoutingRecorder
+
+    experts = _sharded_experts(model)
+    if not experts:
+        raise ValueError("balance_experts needs a model parallelized with ep_size > 1")
+    ranks = expert_shard(experts[0][1]).ep_size  # type: ignore[union-attr]
+    recorder = RoutingRecorder(model)
+    recorder.active = True
+    try:
+        model(**{key: value for key, value in batch.items() if key != "labels"})
+    finally:
+        recorder.close()
+    table = recorder.counts()
+    if table is None or table.shape[0] != len(experts):
+        raise RuntimeError("the forward did not route through every sharded MoE layer")
+    slots = [plan_placement(rows, ranks) for rows in table]
+    place_experts(model, slots)
+    return slots

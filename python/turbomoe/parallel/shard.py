@@ -91,7 +91,19 @@ def _sharded_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
+    slot_of = getattr(self, EP_ATTR).slot_of
+    if slot_of is not None:
+        top_k_index = slots_of_ids(top_k_index, slot_of)
     return ep_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def slots_of_ids(ids: torch.Tensor, slot_of: torch.Tensor) -> torch.Tensor:
+    """Router expert ids -> the slots that hold those experts (placement by load). Ids outside
+    [0, E) pass through unchanged, so that the dispatch's own check reports them."""
+    experts = slot_of.shape[0]
+    valid = (ids >= 0) & (ids < experts)
+    slots = slot_of.to(ids.dtype)[ids.clamp(0, experts - 1)]
+    return torch.where(valid, slots, ids)
 
 
 def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
