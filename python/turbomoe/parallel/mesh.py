@@ -50,7 +50,7 @@ class ExpertShard:
     # Placement by load (turbomoe.parallel.placement): expert e sits at slot slot_of[e] ([E]
     # int64, on the experts' device), and this rank owns slots expert_range. None: expert e at
     # slot e (contiguous blocks).
-    slot_of: torch.Tensor | None = None
+    slot_of: torch.Tensor | None = field(default=None, compare=False)
 
     def __deepcopy__(self, memo: dict[int, object]) -> ExpertShard:
         return self  # a process group is a shared handle, never copied

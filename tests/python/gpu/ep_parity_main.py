@@ -20,7 +20,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/python: parallel_worker
 
-from parallel_worker import build, concat, finish_main, make_batch, parity_worker, rel_err
+from parallel_worker import (
+    build,
+    concat,
+    finish_main,
+    make_batch,
+    parity_worker,
+    placed_parity_worker,
+    rel_err,
+)
 
 import turbomoe
 import turbomoe.parallel as tp
@@ -43,7 +51,12 @@ def main() -> int:
     batches = [
         {k: v.to(device) for k, v in make_batch(seed=r, pad=r % 3).items()} for r in range(world)
     ]
-    result = parity_worker(rank, world, base, batches, world, None, "auto")
+    # TM_TEST_PLACEMENT=balanced|random: the experts placed on ranks by load or at random.
+    placement = os.environ.get("TM_TEST_PLACEMENT")
+    if placement:
+        result = placed_parity_worker(rank, world, base, batches, world, placement)
+    else:
+        result = parity_worker(rank, world, base, batches, world, None, "auto")
     if rank == 0:
         model = copy.deepcopy(base)
         out = model(**concat(batches))

@@ -35,6 +35,9 @@ TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-2, 5e-2)}
         # the owner's lean autograd record
         ("qwen3_moe", "fp32", {"TURBOMOE_EP_RECOMPUTE": "1"}),
         ("deepseek_v3", "bf16", {"TURBOMOE_EP_RECOMPUTE": "1", "TURBOMOE_EP_CHUNKS": "2"}),
+        # the experts placed on ranks by load (turbomoe.parallel.balance_experts)
+        ("deepseek_v3", "bf16", {"TM_TEST_PLACEMENT": "balanced"}),
+        ("qwen3_moe", "fp32", {"TM_TEST_PLACEMENT": "random"}),
     ],
     ids=[
         "qwen3_moe-bf16",
@@ -45,6 +48,8 @@ TOLERANCES = {"fp32": (1e-5, 1e-4), "bf16": (2e-2, 5e-2)}
         "qwen3_moe-bf16-chunks3",
         "qwen3_moe-fp32-recompute",
         "deepseek_v3-bf16-recompute-chunks2",
+        "deepseek_v3-bf16-placed-by-load",
+        "qwen3_moe-fp32-placed-at-random",
     ],
 )
 def test_expert_parallel_matches_one_gpu(
