@@ -275,12 +275,13 @@ def placed_parity_worker(
     batches: list[dict[str, torch.Tensor]],
     ep_size: int,
     how: str,
+    fsdp: bool | None = None,
 ) -> dict[str, Any]:
     """parity_worker's step with the experts placed on ranks by load ("balanced": from this
     rank's batch, counted over all ranks) or by a seeded random permutation per layer; also the
     gathered weights after placing (expert order) and the error of placing after a backward."""
     model = copy.deepcopy(base)
-    tp.parallelize(model, ep_size=ep_size)
+    tp.parallelize(model, ep_size=ep_size, fsdp=fsdp)
     layers = len([m for _, m in find_experts(model) if expert_shard(m) is not None])
     if how == "balanced":
         slots = tp.balance_experts(model, batches[rank])

@@ -252,11 +252,15 @@ def test_parallelize_needs_a_process_group() -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "world", "how"),
-    [("qwen3_moe", 2, "random"), ("deepseek_v3", 4, "balanced"), ("mixtral", 2, "balanced")],
+    ("family", "world", "how", "fsdp"),
+    [
+        ("qwen3_moe", 2, "random", None),
+        ("deepseek_v3", 4, "balanced", None),
+        ("mixtral", 2, "balanced", True),  # dense parameters under FSDP2
+    ],
 )
 def test_experts_placed_by_load_match_one_process(
-    family: str, world: int, how: str, tmp_path: Path
+    family: str, world: int, how: str, fsdp: bool | None, tmp_path: Path
 ) -> None:
     """Experts moved off their contiguous blocks (turbomoe.parallel.placement): the same loss and
     gradients as one process, weights and gradients gathered back in expert order, and a
@@ -272,7 +276,7 @@ def test_experts_placed_by_load_match_one_process(
         counted(**{k: v for k, v in concat(batches).items() if k != "labels"})
     rows = recorder.counts()
     assert rows is not None
-    results = run_ranks(placed_parity_worker, world, tmp_path, base, batches, world, how)
+    results = run_ranks(placed_parity_worker, world, tmp_path, base, batches, world, how, fsdp)
     _check_parity(results, ref)
     want = base.state_dict()
     for rank, result in enumerate(results):
