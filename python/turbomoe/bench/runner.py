@@ -196,10 +196,10 @@ def _train(
     # graph's pool keeps the capture's working set (activations included) for every replay.
     window_start = settings.warmup - 1 if graphed is not None else settings.warmup
     # Counts the first step's routing (an eager warm-up step, or the first timed step without
-    # warm-up, whose few bincounts then land in its time).
+    # warm-up, whose few counting kernels then land in its time).
     recorder = RoutingRecorder(model)
+    recorder.active = True
     for i, batch in enumerate(batches):
-        recorder.active = i == 0
         if i == window_start:
             synchronize(device)
             if device.type == "cuda":
@@ -213,7 +213,8 @@ def _train(
             for name, nbytes in zip(ALLOCATION_MARKS, timer.allocated, strict=True):
                 gib = nbytes / 2**30
                 result.allocated_gib[name] = max(result.allocated_gib.get(name, 0.0), gib)
-        recorder.active = False
+        if i == 0:
+            recorder.close()  # no hook left in the modules' call path of the timed steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if result.attention_graphs and i == settings.warmup - 1:
@@ -224,7 +225,6 @@ def _train(
     synchronize(device)
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    recorder.close()
     world = settings.ranks.world if settings.ranks is not None else 1
     result.routing = recorder.summary(tuple(sorted({world, 4, 8} - {1})))
     if graphed is not None:
