@@ -311,6 +311,35 @@ def placed_parity_worker(
     }
 
 
+def replaced_training_worker(
+    rank: int,
+    world: int,
+    base: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    move_optimizer: bool,
+) -> dict[str, Any]:
+    """Two AdamW steps on expert parallelism over every rank, the experts placed at random
+    between them (with the optimizer's states moved along, or left where they were); returns
+    the full weights after the second step, in expert order."""
+    model = copy.deepcopy(base)
+    tp.parallelize(model, ep_size=world)
+    optimizer = torch.optim.AdamW(
+        split_param_groups(p for p in model.parameters()), lr=1e-2, foreach=False
+    )
+    layers = len([m for _, m in find_experts(model) if expert_shard(m) is not None])
+    gen = torch.Generator().manual_seed(99)  # the same slots on every rank
+    slots = [torch.randperm(EXPERTS, generator=gen) for _ in range(layers)]
+    total = sum(label_count(b) for b in batches)
+    for step in range(2):
+        out = model(**batches[rank], num_items_in_batch=total)
+        (out.loss * world).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            tp.place_experts(model, slots, optimizer if move_optimizer else None)
+    return {"weights": tp.full_state_dict(model, rank0_only=False)}
+
+
 def dispatch_worker(
     rank: int,
     world: int,

@@ -31,6 +31,7 @@ from parallel_worker import (
     parity_worker,
     placed_parity_worker,
     rel_err,
+    replaced_training_worker,
     run_ranks,
     save_worker,
     timeout_worker,
@@ -292,6 +293,31 @@ def test_experts_placed_by_load_match_one_process(
         if how == "random":
             moved = sum(int((s != torch.arange(EXPERTS)).sum()) for s in result["slots"])
             assert moved > 0, "every placement was the identity: nothing was tested"
+
+
+def test_experts_placed_again_between_steps_move_their_optimizer_states(tmp_path: Path) -> None:
+    """Placement planned again mid-training: with the optimizer passed, AdamW's moments move with
+    their experts and two steps equal one process's; left behind, they visibly do not."""
+    base = build("qwen3_moe", seed=5)
+    batches = [make_batch(seed=r) for r in range(2)]
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    for _ in range(2):
+        model(**concat(batches)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    want = model.state_dict()
+    moved = run_ranks(replaced_training_worker, 2, tmp_path / "moved", base, batches, True)
+    for rank, result in enumerate(moved):
+        for key, value in want.items():
+            assert rel_err(result["weights"][key], value) <= 1e-5, (rank, key)
+    stale = run_ranks(replaced_training_worker, 2, tmp_path / "stale", base, batches, False)
+    worst = max(
+        rel_err(stale[0]["weights"][key], value)
+        for key, value in want.items()
+        if key.endswith(("gate_up_proj", "down_proj"))
+    )
+    assert worst > 1e-3, worst  # the control: moments left behind change the second step
 
 
 def test_save_pretrained_gives_a_stock_checkpoint(tmp_path: Path, stock_transformers: None) -> None:

@@ -13,8 +13,9 @@ it at each layer's exchange (docs/perf-notes.md). A placement that spreads the l
   gathered weights stay in expert order (HF's keys and layout are unchanged).
 - :func:`balance_experts`: counts one batch's routing and places every layer's experts by it.
 
-Place experts before the first backward and before creating the optimizer: the parameters keep
-their identity but their contents move between ranks, and optimizer states would not follow.
+Place experts before the first backward, or between steps with the optimizer passed along: the
+parameters keep their identity while their contents move between ranks, and an optimizer's
+per-parameter states (AdamW's moments) must move with them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from turbomoe.parallel.checkpoint import gather_experts
 from turbomoe.parallel.dispatch import expert_shard
-from turbomoe.parallel.mesh import EP_ATTR
+from turbomoe.parallel.mesh import EP_ATTR, ExpertShard
 from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts
 
 
@@ -76,9 +77,18 @@ def _sharded_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in find_experts(model) if expert_shard(m) is not None]
 
 
-def place_experts(model: nn.Module, slots: Sequence[torch.Tensor]) -> None:
+def place_experts(
+    model: nn.Module,
+    slots: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Put expert e of the i-th sharded MoE layer at slot ``slots[i][e]`` (a collective: every
-    rank calls it with the same slots). Validates everything before moving anything."""
+    rank calls it with the same slots). Validates everything before moving anything.
+
+    With ``optimizer``, its per-parameter states shaped like an expert weight (AdamW's moments)
+    move with the weights, so placement can be planned again between steps; without one, call it
+    before the optimizer holds any state. Never with gradients pending (between a backward and
+    ``zero_grad(set_to_none=True)``)."""
     experts = _sharded_experts(model)
     if not experts:
         raise ValueError("place_experts needs a model parallelized with ep_size > 1")
@@ -89,29 +99,45 @@ def place_experts(model: nn.Module, slots: Sequence[torch.Tensor]) -> None:
         if slot.shape != (count,) or sorted(slot.tolist()) != list(range(count)):
             raise ValueError(f"{name}: the slots must be a permutation of 0..{count - 1}")
         for weight in EXPERT_WEIGHTS:
-            if getattr(module, weight).grad is not None:
+            param = getattr(module, weight)
+            if param.grad is not None:
                 raise ValueError(
-                    f"{name}.{weight} has a gradient: place experts before the first backward "
-                    "and before creating the optimizer"
+                    f"{name}.{weight} has a gradient: place experts before the first backward, "
+                    "or between steps after zero_grad(set_to_none=True)"
                 )
     for (_, module), slot in zip(experts, slots, strict=True):
         shard = expert_shard(module)
         assert shard is not None
         first, last = shard.expert_range
+        held = torch.argsort(slot)[first:last]  # the experts of my new slots, in slot order
         for weight in EXPERT_WEIGHTS:
             param = getattr(module, weight)
-            full = gather_experts(param.detach(), shard)  # expert order
-            held = torch.argsort(slot)[first:last].to(full.device)  # experts in my slots
-            param.data = full.index_select(0, held).contiguous()
+            param.data = _moved(param.detach(), shard, held)
+            state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    state[key] = _moved(value, shard, held)
         placed = slot.to(device=getattr(module, EXPERT_WEIGHTS[0]).device, dtype=torch.int64)
         setattr(module, EP_ATTR, dataclasses.replace(shard, slot_of=placed))
 
 
+def _moved(local: torch.Tensor, shard: ExpertShard, held: torch.Tensor) -> torch.Tensor:
+    """This rank's block of a [E, ...] expert tensor after the move: every rank's block gathered
+    in expert order, then the experts ``held`` (a collective)."""
+    full = gather_experts(local, shard)
+    return full.index_select(0, held.to(full.device)).contiguous()
+
+
 @torch.no_grad()
-def balance_experts(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+def balance_experts(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[torch.Tensor]:
     """Run one forward of ``batch`` (this rank's model inputs; labels are ignored), count every
     layer's routing over all ranks, and place each layer's experts by it
-    (:func:`plan_placement`, :func:`place_experts`). A collective. Returns the slots placed."""
+    (:func:`plan_placement`, :func:`place_experts`, which moves ``optimizer``'s states too).
+    A collective. Returns the slots placed."""
     from turbomoe.bench.routing import RoutingRecorder
 
     experts = _sharded_experts(model)
@@ -128,5 +154,5 @@ def balance_experts(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list
     if table is None or table.shape[0] != len(experts):
         raise RuntimeError("the forward did not route through every sharded MoE layer")
     slots = [plan_placement(rows, ranks) for rows in table]
-    place_experts(model, slots)
+    place_experts(model, slots, optimizer)
     return slots
