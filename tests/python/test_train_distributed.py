@@ -11,7 +11,8 @@ tokens, so the loss curves, the gradient norms and the final weights agree to ro
 Checked: exit codes; only rank 0 prints the banner, progress and summary and writes the run
 files; the final checkpoint (every expert, gathered from both ranks) loads in stock transformers
 in a fresh process with turbomoe disabled, with the reference's weights and logits; a run
-resumed from the step-2 checkpoint takes the same step 3 as the uninterrupted run.
+resumed from the step-2 checkpoint takes the same step 3 as the uninterrupted run. The same with
+the experts placed on the ranks by load (train.ep_placement=load), resumed into that placement.
 """
 
 from __future__ import annotations
@@ -300,3 +301,58 @@ def test_validation_with_fewer_batches_than_ranks(tmp_path: Path) -> None:
     val = [r["val_loss"] for r in _records(out) if "val_loss" in r]
     assert reference.summary.val_loss is not None
     assert val == [pytest.approx(reference.summary.val_loss, rel=1e-5)]
+
+
+@pytest.fixture(scope="module")
+def placed_runs(runs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same training with train.ep_placement=load, and a resume of it from step 2."""
+    root = tmp_path_factory.mktemp("placed")
+    placed = root / "placed"
+    args = ["--train.ep_size=2", "--train.ep_placement=load"]
+    _finish(_launch([f"--train.output_dir={placed}", *args, "--checkpoint.every_steps=2"], placed))
+    resumed = root / "resumed"
+    step2 = step_dir(placed / CHECKPOINTS_DIR, 2)
+    _finish(_launch([f"--train.output_dir={resumed}", *args, f"--resume={step2}"], resumed))
+    return {"placed": placed, "resumed": resumed, "step2": step2}
+
+
+def test_placed_experts_train_like_one_process_and_resume(
+    runs: dict[str, Any], placed_runs: dict[str, Any]
+) -> None:
+    """Experts placed by the first batch's routing: the same loss curve as one process, the
+    placement kept in each rank's training state, the resumed step 3 the uninterrupted one, and
+    the final checkpoint's weights (expert order) those of the contiguous-block run."""
+    import torch
+    from safetensors.torch import load_file
+
+    got = _records(placed_runs["placed"])
+    want = _records(runs["reference"].output_dir)
+    for g, w in zip(got, want, strict=True):
+        assert abs(g["loss"] - w["loss"]) <= 1e-4, (g["step"], g["loss"], w["loss"])
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), g["step"]
+    slots = [
+        torch.load(placed_runs["step2"] / f"training_state-rank{r}.pt", weights_only=True)[
+            "expert_slots"
+        ]
+        for r in range(WORLD)
+    ]
+    assert slots[0] is not None and len(slots[0]) > 0
+    moved = sum(int((s != torch.arange(s.numel())).sum()) for s in slots[0])
+    assert moved > 0, "the placement is the contiguous blocks: the resume path went untested"
+    for rank_slots in slots:
+        for a, b in zip(rank_slots, slots[0], strict=True):
+            assert torch.equal(a, b)  # every rank saved the same placement
+            assert sorted(a.tolist()) == list(range(a.numel()))
+    (resumed,) = _records(placed_runs["resumed"])
+    uninterrupted = got[STEPS - 1]
+    assert resumed["step"] == STEPS
+    assert abs(resumed["loss"] - uninterrupted["loss"]) <= 1e-6, (resumed, uninterrupted)
+
+    final = step_dir(placed_runs["placed"] / CHECKPOINTS_DIR, STEPS)
+    blocks = step_dir(runs["ep2"] / CHECKPOINTS_DIR, STEPS)
+    placed_weights = load_file(str(final / "model.safetensors"))
+    block_weights = load_file(str(blocks / "model.safetensors"))
+    assert placed_weights.keys() == block_weights.keys()
+    for key, value in block_weights.items():
+        diff = float((placed_weights[key].float() - value.float()).norm())
+        assert diff <= 1e-4 * max(float(value.float().norm()), 1e-12), key

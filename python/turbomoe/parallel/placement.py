@@ -128,6 +128,19 @@ def _moved(local: torch.Tensor, shard: ExpertShard, held: torch.Tensor) -> torch
     return full.index_select(0, held.to(full.device)).contiguous()
 
 
+def expert_slots(model: nn.Module) -> list[torch.Tensor] | None:
+    """Each sharded MoE layer's slots (CPU int64 [E]), as :func:`place_experts` takes them, or
+    None while every layer keeps its contiguous blocks."""
+    shards = [expert_shard(m) for _, m in _sharded_experts(model)]
+    if not any(s is not None and s.slot_of is not None for s in shards):
+        return None
+    return [
+        torch.arange(s.num_experts) if s.slot_of is None else s.slot_of.detach().cpu()
+        for s in shards
+        if s is not None
+    ]
+
+
 @torch.no_grad()
 def balance_experts(
     model: nn.Module,

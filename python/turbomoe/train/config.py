@@ -118,6 +118,13 @@ class TrainSection:
     ep_size: int = _key(
         1, "expert-parallel ranks under torchrun (must divide the world size)", low=1
     )
+    ep_placement: str = _key(
+        "blocks",
+        "with ep_size > 1: each rank owns a contiguous block of experts, or 'load': the experts "
+        "are placed by the first batch's routing so that ranks receive even rows "
+        "(turbomoe.parallel.balance_experts); checkpoints keep the placement for resuming",
+        choices=("blocks", "load"),
+    )
     cuda_graph: bool = _key(
         False,
         "one process: replay each training step from a CUDA graph (turbomoe.train."

@@ -48,6 +48,25 @@ def parallelize(model: Any, ep_size: int, ranks: Ranks) -> Any:
     return tm_parallelize(model, ep_size)
 
 
+def balance_experts(model: Any, inputs: dict[str, torch.Tensor]) -> None:
+    """Experts placed on the ranks by this batch's routing (turbomoe.parallel.placement)."""
+    from turbomoe.parallel.placement import balance_experts as tm_balance_experts
+
+    tm_balance_experts(model, inputs)
+
+
+def expert_slots(model: Any) -> list[torch.Tensor] | None:
+    from turbomoe.parallel.placement import expert_slots as tm_expert_slots
+
+    return tm_expert_slots(model)
+
+
+def place_experts(model: Any, slots: list[torch.Tensor]) -> None:
+    from turbomoe.parallel.placement import place_experts as tm_place_experts
+
+    tm_place_experts(model, slots)
+
+
 def is_parallelized(model: Any) -> bool:
     from turbomoe.parallel import is_parallelized as tm_is_parallelized
 

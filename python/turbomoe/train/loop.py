@@ -35,10 +35,13 @@ from turbomoe.train.distributed import (
     all_mean,
     all_sum,
     any_true,
+    balance_experts,
     barrier,
+    expert_slots,
     init_from_env,
     local_device,
     parallelize,
+    place_experts,
 )
 from turbomoe.train.encode import encode_rows
 from turbomoe.train.interrupt import StopRequest
@@ -184,7 +187,13 @@ class _Run:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, schedule.peak_lr, c.optim, self.device)
-        state = self._restore(resume, optimizer, stream, schedule)
+        state = self._restore(resume, model, optimizer, stream, schedule)
+        if resume is None and c.train.ep_placement == "load" and c.train.ep_size > 1:
+            # The first batch's routing, counted over all ranks, without consuming it.
+            position = stream.state_dict()
+            first = next(stream)
+            stream.load_state_dict(position)
+            balance_experts(model, first.to(self.device).model_inputs())
 
         if self.ranks.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -247,6 +256,7 @@ class _Run:
     def _restore(
         self,
         resume: Path | None,
+        model: Any,
         optimizer: torch.optim.Optimizer,
         stream: BatchStream,
         schedule: WarmupCosine,
@@ -259,6 +269,9 @@ class _Run:
             TRAINING_STATE if self.ranks.world == 1 else f"training_state-rank{self.ranks.rank}.pt"
         )
         saved = torch.load(resume / name, weights_only=True, map_location="cpu")
+        if saved.get("expert_slots") is not None:
+            # The experts go back where they were trained, with the moments saved for them.
+            place_experts(model, saved["expert_slots"])
         optimizer.load_state_dict(saved["optimizer"])
         # Each rank's own position (ranks stop at different batch indices); older: the shared one.
         stream.load_state_dict(saved.get("data", trainer["data"]))
@@ -540,6 +553,8 @@ class _Run:
             "rng": rng.capture(),
             "data": self.stream.state_dict(),  # this rank's position
         }
+        if self.parallel:
+            training["expert_slots"] = expert_slots(self.model)  # None: contiguous blocks
         if self.parallel:
             save_checkpoint_parallel(
                 self.model,
