@@ -25,6 +25,7 @@ import torch
 
 from turbomoe.bench.models import init_weights_, qwen3_30b_a3b_config
 from turbomoe.bench.routing import summarise
+from turbomoe.parallel.routing_counts import RoutingRecorder
 
 
 def main() -> int:
@@ -41,7 +42,7 @@ def main() -> int:
     config._attn_implementation = "sdpa"
     config._experts_implementation = "eager"
     std = float(config.initializer_range)
-    experts, top_k = config.num_experts, config.num_experts_per_tok
+    top_k = config.num_experts_per_tok
 
     # The bench's first batch (turbomoe.bench.runner.make_batches, rank 0).
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -61,16 +62,16 @@ def main() -> int:
     for index in range(args.layers):
         layer = qwen3.Qwen3MoeDecoderLayer(config, index)
         init_weights_(layer, args.seed, prefix=f"model.layers.{index}.", std=std)
-        chosen: list[torch.Tensor] = []  # the router's (logits, weights, expert ids)
-        hook = layer.mlp.gate.register_forward_hook(
-            lambda _m, _i, out, into=chosen: into.append(out[2])
-        )
+        recorder = RoutingRecorder(layer)
+        recorder.active = True
         with torch.no_grad():
             out = layer(hidden, position_ids=positions, position_embeddings=cos_sin)
         hidden = out[0] if isinstance(out, tuple) else out
-        hook.remove()
-        counts = torch.bincount(chosen[0].reshape(-1), minlength=experts).double()
-        row = summarise(counts[None], eps)
+        recorder.close()
+        table = recorder.counts()
+        assert table is not None and table.shape == (1, config.num_experts)
+        counts = table[0]
+        row = summarise(table, eps)
         tiles = int(torch.ceil(counts / 128).sum())
         even = -(-args.seq * top_k // 128)
         ranks = "".join(

@@ -249,14 +249,30 @@ def parity_worker(
     fsdp: bool | None,
     grad_sync: str,
     checkpointing: bool = False,
+    placement: str | None = None,
 ) -> dict[str, Any]:
     """One forward/backward of this rank's batch; the loss is normalised by the global label
     count and scaled by the world size, because gradients are averaged over ranks. Also the
-    gradient norm clip_grad_norm_ finds (with a bound that clips nothing)."""
+    gradient norm clip_grad_norm_ finds (with a bound that clips nothing).
+
+    ``placement``: the experts first placed on ranks by load ("balanced": from this rank's
+    batch, counted over all ranks) or by a seeded random permutation per layer ("random"); then
+    also the slots, the gathered weights after placing (expert order) and the error of placing
+    again after the backward."""
     model = copy.deepcopy(base)
     if checkpointing:  # the layer forwards, token exchanges included, rerun inside backward
         model.gradient_checkpointing_enable()
     tp.parallelize(model, ep_size=ep_size, fsdp=fsdp, grad_sync=grad_sync)  # type: ignore[arg-type]
+    placed: dict[str, Any] = {}
+    if placement == "balanced":
+        placed["slots"] = tp.balance_experts(model, batches[rank])
+    elif placement == "random":
+        gen = torch.Generator().manual_seed(1234)  # the same slots on every rank
+        layers = len([m for _, m in find_experts(model) if expert_shard(m) is not None])
+        placed["slots"] = [torch.randperm(EXPERTS, generator=gen) for _ in range(layers)]
+        tp.place_experts(model, placed["slots"])
+    if placement is not None:
+        placed["weights"] = tp.full_state_dict(model, rank0_only=False)
     total = sum(label_count(b) for b in batches)
     out = model(**batches[rank], num_items_in_batch=total)
     (out.loss * world).backward()
@@ -265,50 +281,13 @@ def parity_worker(
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
     norm = tp.clip_grad_norm_(model, 1e9)
-    return {"loss": loss, "grads": full_grads(model), "norm": norm}
-
-
-def placed_parity_worker(
-    rank: int,
-    world: int,
-    base: nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    ep_size: int,
-    how: str,
-    fsdp: bool | None = None,
-) -> dict[str, Any]:
-    """parity_worker's step with the experts placed on ranks by load ("balanced": from this
-    rank's batch, counted over all ranks) or by a seeded random permutation per layer; also the
-    gathered weights after placing (expert order) and the error of placing after a backward."""
-    model = copy.deepcopy(base)
-    tp.parallelize(model, ep_size=ep_size, fsdp=fsdp)
-    layers = len([m for _, m in find_experts(model) if expert_shard(m) is not None])
-    if how == "balanced":
-        slots = tp.balance_experts(model, batches[rank])
-    else:
-        gen = torch.Generator().manual_seed(1234)  # the same slots on every rank
-        slots = [torch.randperm(EXPERTS, generator=gen) for _ in range(layers)]
-        tp.place_experts(model, slots)
-    weights = tp.full_state_dict(model, rank0_only=False)
-    total = sum(label_count(b) for b in batches)
-    out = model(**batches[rank], num_items_in_batch=total)
-    (out.loss * world).backward()
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
-    norm = tp.clip_grad_norm_(model, 1e9)
-    late = ""
-    try:
-        tp.place_experts(model, slots)
-    except ValueError as exc:
-        late = str(exc)
-    return {
-        "loss": loss,
-        "grads": full_grads(model),
-        "norm": norm,
-        "weights": weights,
-        "slots": slots,
-        "late": late,
-    }
+    if placement is not None:
+        try:
+            tp.place_experts(model, placed["slots"])
+            placed["late"] = ""
+        except ValueError as exc:
+            placed["late"] = str(exc)
+    return {"loss": loss, "grads": full_grads(model), "norm": norm, **placed}
 
 
 def replaced_training_worker(

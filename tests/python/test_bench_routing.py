@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from turbomoe.bench.models import build_model, tiny_config
-from turbomoe.bench.routing import RoutingRecorder, describe, summarise
+from turbomoe.bench.routing import describe, routing_summary, summarise
+from turbomoe.parallel.routing_counts import RoutingRecorder
+from turbomoe.parallel.shard import find_experts, global_experts
 
 
 def test_summarise_per_layer_figures() -> None:
@@ -54,7 +56,7 @@ def test_recorder_counts_every_routed_row_while_active(family: str) -> None:
         experts_implementation="grouped_mm",
     )
     recorder = RoutingRecorder(model)
-    experts = recorder.num_experts
+    experts = global_experts(find_experts(model)[0][1])
     top_k = config.num_experts_per_tok
     ids = torch.randint(0, config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -81,13 +83,14 @@ def test_recorder_without_experts_records_nothing() -> None:
     recorder = RoutingRecorder(model)
     recorder.active = True
     model(torch.randn(2, 4))
-    assert recorder.counts() is None and recorder.summary() is None
+    assert recorder.counts() is None and routing_summary(recorder) is None
 
 
 class _Experts(torch.nn.Module):
     def __init__(self, experts: int) -> None:
         super().__init__()
         self.gate_up_proj = torch.nn.Parameter(torch.zeros(experts, 2, 3))
+        self.down_proj = torch.nn.Parameter(torch.zeros(experts, 3, 1))
 
     def forward(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -98,7 +101,6 @@ class _Experts(torch.nn.Module):
 class _Model(torch.nn.Module):
     def __init__(self, experts: int) -> None:
         super().__init__()
-        self.config = type("Config", (), {"num_experts": experts})()
         self.experts = _Experts(experts)
 
 

@@ -29,7 +29,6 @@ from parallel_worker import (
     overlap_recovery_worker,
     overlap_worker,
     parity_worker,
-    placed_parity_worker,
     rel_err,
     replaced_training_worker,
     run_ranks,
@@ -41,7 +40,7 @@ from parallel_worker import (
 import turbomoe
 import turbomoe.parallel as tp
 from turbomoe import ops
-from turbomoe.bench.routing import RoutingRecorder
+from turbomoe.parallel.routing_counts import RoutingRecorder
 
 
 @pytest.fixture(autouse=True)
@@ -277,7 +276,9 @@ def test_experts_placed_by_load_match_one_process(
         counted(**{k: v for k, v in concat(batches).items() if k != "labels"})
     rows = recorder.counts()
     assert rows is not None
-    results = run_ranks(placed_parity_worker, world, tmp_path, base, batches, world, how, fsdp)
+    results = run_ranks(
+        parity_worker, world, tmp_path, base, batches, world, fsdp, "auto", False, how
+    )
     _check_parity(results, ref)
     want = base.state_dict()
     for rank, result in enumerate(results):

@@ -8,9 +8,8 @@ rows over the mean, which every other rank waits for at that layer's exchange, a
 a placement by load planned from these very counts (turbomoe.parallel.placement): what placing
 experts by load could recover at best.
 
-A forward pre-hook on each experts module counts its ``top_k_index`` (global expert ids, before
-any dispatch) while the recorder is active: one eager warm-up step, outside the timed window.
-Under torchrun the counts are summed over the ranks.
+The counts come from :class:`turbomoe.parallel.routing_counts.RoutingRecorder`, active for one
+eager warm-up step, outside the timed window; under torchrun they are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -19,87 +18,18 @@ import statistics
 from typing import Any
 
 import torch
-from torch import nn
 
 from turbomoe.parallel.placement import plan_placement, rank_loads
-
-EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
-
-
-def _num_experts(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("num_experts", "n_routed_experts", "num_local_experts"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+from turbomoe.parallel.routing_counts import RoutingRecorder
 
 
-def _top_k_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The experts call's ``(hidden, top_k_index, top_k_weights)``, positional or by name."""
-    index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
-    if isinstance(index, torch.Tensor) and not index.is_floating_point():
-        return index
-    return None
-
-
-class RoutingRecorder:
-    """Counts the rows each expert of each MoE layer receives while ``active`` is true."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.num_experts = _num_experts(model)
-        self.active = False
-        self._counts: list[torch.Tensor | None] = []
-        self._handles: list[Any] = []
-        if self.num_experts is None:
-            return
-        for module in model.modules():
-            weight = getattr(module, EXPERT_WEIGHTS[0], None)
-            if not (isinstance(weight, torch.Tensor) and weight.dim() == 3):
-                continue
-            slot = len(self._counts)
-            self._counts.append(None)
-            self._handles.append(
-                module.register_forward_pre_hook(self._hook(slot), with_kwargs=True)
-            )
-
-    def _hook(self, slot: int) -> Any:
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if not self.active or self.num_experts is None:
-                return
-            index = _top_k_index(args, kwargs)
-            if index is None:
-                return
-            # Counted through a sort (bincount on CUDA refuses deterministic mode); ids past the
-            # last expert (a dropped slot's sentinel) are rows of no expert.
-            ids = index.detach().reshape(-1).sort().values
-            bounds = torch.arange(self.num_experts + 1, device=ids.device, dtype=ids.dtype)
-            edges = torch.searchsorted(ids, bounds)
-            counts = edges[1:] - edges[:-1]
-            previous = self._counts[slot]
-            self._counts[slot] = counts if previous is None else previous + counts
-
-        return hook
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def counts(self) -> torch.Tensor | None:
-        """[layers, experts] rows per expert (float64 on CPU), summed over the ranks of an
-        initialised process group (every rank must call this); None if nothing was recorded."""
-        recorded = [c for c in self._counts if c is not None]
-        if not recorded or len(recorded) != len(self._counts):
-            return None
-        table = torch.stack(recorded).to(torch.float64)  # on the device that counted
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(table)
-        return table.cpu()
-
-    def summary(self, ep_sizes: tuple[int, ...] = (4, 8)) -> dict[str, Any] | None:
-        table = self.counts()
-        return None if table is None else summarise(table, ep_sizes)
+def routing_summary(
+    recorder: RoutingRecorder, ep_sizes: tuple[int, ...] = (4, 8)
+) -> dict[str, Any] | None:
+    """The recorder's counts (a collective under torch.distributed), summarised; None if it
+    recorded nothing."""
+    table = recorder.counts()
+    return None if table is None else summarise(table, ep_sizes)
 
 
 def summarise(table: torch.Tensor, ep_sizes: tuple[int, ...]) -> dict[str, Any]:

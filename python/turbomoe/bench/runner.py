@@ -28,7 +28,7 @@ from turbomoe.bench import distributed
 from turbomoe.bench.models import build_model, experts_backend_of, weights_fingerprint
 from turbomoe.bench.patching import patch_state
 from turbomoe.bench.profiling import Profile, profile_steps
-from turbomoe.bench.routing import RoutingRecorder, describe
+from turbomoe.bench.routing import describe, routing_summary
 from turbomoe.bench.timing import StepTimer, synchronize
 from turbomoe.hf.attention_graphs import (
     AttentionGraphs,
@@ -38,6 +38,7 @@ from turbomoe.hf.attention_graphs import (
 from turbomoe.parallel.capture import capture_refusal
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.parallel.placement import balance_experts
+from turbomoe.parallel.routing_counts import RoutingRecorder
 from turbomoe.train.graph_step import GraphedStep
 
 ALLOCATION_MARKS = ("step start", "forward end", "backward end")
@@ -226,7 +227,7 @@ def _train(
     if device.type == "cuda":
         result.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     world = settings.ranks.world if settings.ranks is not None else 1
-    result.routing = recorder.summary(tuple(sorted({world, 4, 8} - {1})))
+    result.routing = routing_summary(recorder, tuple(sorted({world, 4, 8} - {1})))
     if graphed is not None:
         if graphed.stats.replays < settings.steps:
             raise RuntimeError(

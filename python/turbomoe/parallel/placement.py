@@ -30,6 +30,7 @@ from torch import nn
 from turbomoe.parallel.checkpoint import gather_experts
 from turbomoe.parallel.dispatch import expert_shard
 from turbomoe.parallel.mesh import EP_ATTR, ExpertShard
+from turbomoe.parallel.routing_counts import RoutingRecorder
 from turbomoe.parallel.shard import EXPERT_WEIGHTS, find_experts
 
 
@@ -151,8 +152,6 @@ def balance_experts(
     layer's routing over all ranks, and place each layer's experts by it
     (:func:`plan_placement`, :func:`place_experts`, which moves ``optimizer``'s states too).
     A collective. Returns the slots placed."""
-    from turbomoe.bench.routing import RoutingRecorder
-
     experts = _sharded_experts(model)
     if not experts:
         raise ValueError("balance_experts needs a model parallelized with ep_size > 1")

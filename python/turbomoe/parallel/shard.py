@@ -55,7 +55,8 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _global_experts(module: nn.Module) -> int:
+def global_experts(module: nn.Module) -> int:
+    """Experts of an experts module, all ranks' together (its own count before sharding)."""
     shard = getattr(module, EP_ATTR, None)
     if isinstance(shard, ExpertShard):
         return shard.num_experts
@@ -122,7 +123,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
     for name, module in experts:
         if isinstance(getattr(module, EP_ATTR, None), ExpertShard):
             raise ValueError(f"{name} is already sharded (parallelize was called twice)")
-        check_experts_divide(_global_experts(module), ep_size, name)
+        check_experts_divide(global_experts(module), ep_size, name)
         reason = _unsupported(name, module)
         if reason is not None:
             raise ValueError(f"expert parallelism does not support {reason}")
@@ -135,7 +136,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
             group=group,
             ep_size=ep_size,
             ep_rank=ep_rank,
-            num_experts=_global_experts(module),
+            num_experts=global_experts(module),
             world_size=mesh.size(),
             capacity=capacity,
         )

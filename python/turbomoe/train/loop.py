@@ -555,7 +555,6 @@ class _Run:
         }
         if self.parallel:
             training["expert_slots"] = expert_slots(self.model)  # None: contiguous blocks
-        if self.parallel:
             save_checkpoint_parallel(
                 self.model,
                 self.tokenizer,

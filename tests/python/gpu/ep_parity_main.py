@@ -26,7 +26,6 @@ from parallel_worker import (
     finish_main,
     make_batch,
     parity_worker,
-    placed_parity_worker,
     rel_err,
 )
 
@@ -52,11 +51,8 @@ def main() -> int:
         {k: v.to(device) for k, v in make_batch(seed=r, pad=r % 3).items()} for r in range(world)
     ]
     # TM_TEST_PLACEMENT=balanced|random: the experts placed on ranks by load or at random.
-    placement = os.environ.get("TM_TEST_PLACEMENT")
-    if placement:
-        result = placed_parity_worker(rank, world, base, batches, world, placement)
-    else:
-        result = parity_worker(rank, world, base, batches, world, None, "auto")
+    placement = os.environ.get("TM_TEST_PLACEMENT") or None
+    result = parity_worker(rank, world, base, batches, world, None, "auto", False, placement)
     if rank == 0:
         model = copy.deepcopy(base)
         out = model(**concat(batches))
