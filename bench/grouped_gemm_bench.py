@@ -46,9 +46,23 @@ VARIANTS = {
     "split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "split"},  # 4 stages, two-piece epilogue
     "direct": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct"},  # fragment stores, 4 stages
     "noskip": {"TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
-    "v1": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct", "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
+    "notrim": {"TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0"},  # grad-weight: whole tail chunk
+    # grad-weight: expert order dealt round-robin, zero tiles computed (the schedule before)
+    "nobalance": {"TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0"},
+    "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
+    "v1": {
+        "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
+        "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",
+        "TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0",
+        "TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0",
+    },
 }
-VARIANT_KEYS = ("TURBOMOE_HOPPER_GEMM_EPILOGUE", "TURBOMOE_HOPPER_GEMM_SKIP_HALVES")
+VARIANT_KEYS = (
+    "TURBOMOE_HOPPER_GEMM_EPILOGUE",
+    "TURBOMOE_HOPPER_GEMM_SKIP_HALVES",
+    "TURBOMOE_HOPPER_GEMM_TRIM_TAIL",
+    "TURBOMOE_HOPPER_GEMM_BALANCE_DW",
+)
 
 
 def set_variant(name: str) -> None:

@@ -2,7 +2,9 @@
 # The GPU suite: the one script to run on the GPU machine. Everything it writes goes under
 # ${OUT:-out}: one log per stage, gpu_pytest.xml, bench.json / bench.png / bench.txt, env.txt.
 #
-# Stages: build (cmake + ninja, CUDA required, sm_90a) -> ctest -> compute-sanitizer memcheck on
+# Stages: build (cmake + ninja, CUDA required, sm_90a) -> ctest -> the grouped GEMM through the
+# library (bench/grouped_gemm_bench.py: edge cases, then each pass on the Qwen3-30B-A3B expert
+# shapes checked and timed against torch._grouped_mm) -> compute-sanitizer memcheck on
 # a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark -> `turbomoe
 # finetune` with a model path on one GPU and under torchrun (scripts/finetune_device.sh). Each
 # stage's
@@ -15,6 +17,7 @@
 #   OUT=out                 output folder
 #   SKIP_TESTS=1            skip ctest, sanitizer and pytest (the build still runs)
 #   SKIP_SANITIZER=1        skip the memcheck stage only
+#   SKIP_GEMM=1             skip the grouped-GEMM stage; GEMM_ARGS="..." replaces its bench flags
 #   SKIP_BENCH=1            skip the benchmark
 #   SKIP_FINETUNE=1         skip the finetune runs
 #   SKIP_MULTIGPU=1         skip the multi-GPU stage (with 2+ GPUs: bench/ep_dispatch_bench.py,
@@ -41,6 +44,10 @@ CUDA_ARCHS=${CUDA_ARCHS:-90a-real}
 PYTHON=${PYTHON:-python3}
 SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_SANITIZER=${SKIP_SANITIZER:-0}
+SKIP_GEMM=${SKIP_GEMM:-0}
+# 32k routed rows (the 12-layer bench's), the model's skewed routing and balanced; the second
+# variant is the grad-weight schedule before the ranked one, timed beside it.
+GEMM_ARGS=${GEMM_ARGS:---rows 32768 --routing model,balanced --variants default,nobalance --reps 20 --rounds 2}
 SKIP_BENCH=${SKIP_BENCH:-0}
 SKIP_FINETUNE=${SKIP_FINETUNE:-0}
 SKIP_MULTIGPU=${SKIP_MULTIGPU:-0}
@@ -53,6 +60,7 @@ PYTEST_ARGS=${PYTEST_ARGS:-}
 SANITIZER_K=${SANITIZER_K:-bf16 and not 4096 and not 151936 and not 131072}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 CTEST_TIMEOUT=${CTEST_TIMEOUT:-120}
+GEMM_TIMEOUT=${GEMM_TIMEOUT:-150}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-150}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
@@ -71,7 +79,7 @@ export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 export TURBOMOE_LIBRARY=$LIB
 
 declare -A STATUS DETAIL
-ORDER=(build ctest sanitizer pytest bench finetune multigpu)
+ORDER=(build ctest gemm sanitizer pytest bench finetune multigpu)
 for s in "${ORDER[@]}"; do STATUS[$s]=skipped; DETAIL[$s]=""; done
 
 # run_stage NAME TIMEOUT_S CMD... : runs CMD with its output in $OUT/NAME.log; sets RC.
@@ -142,9 +150,9 @@ fi
 
 # ---- tests -------------------------------------------------------------------------------
 if [ "${STATUS[build]}" != ok ]; then
-  for s in ctest sanitizer pytest bench finetune multigpu; do DETAIL[$s]="no library"; done
+  for s in ctest gemm sanitizer pytest bench finetune multigpu; do DETAIL[$s]="no library"; done
 elif [ "$SKIP_TESTS" = 1 ]; then
-  for s in ctest sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
+  for s in ctest gemm sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
 else
   # ctest
   if grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
@@ -161,6 +169,39 @@ else
       DETAIL[ctest]="no result line (rc $RC)"
     fi
     if [ "$RC" -eq 0 ]; then STATUS[ctest]=ok; else STATUS[ctest]=FAILED; fi
+  fi
+
+  # The grouped GEMM through the library's C ABI: correctness of every pass and variant first
+  # (a wrong result fails the stage), then the timings against torch._grouped_mm (gemm.txt).
+  if [ "$SKIP_GEMM" = 1 ]; then
+    DETAIL[gemm]="SKIP_GEMM=1"
+  else
+    read -r -a gemm_args <<<"$GEMM_ARGS"
+    # shellcheck disable=SC2016 # $1 and $@ belong to the inner shell
+    run_stage gemm "$GEMM_TIMEOUT" bash -c '
+      out=$1; shift
+      "$@" >"$out/gemm.txt"' _ "$OUT" \
+      "$PYTHON" bench/grouped_gemm_bench.py --impl native --lib "$LIB" --json "$OUT/gemm.json" \
+      "${gemm_args[@]}"
+    DETAIL[gemm]=$("$PYTHON" - "$OUT/gemm.json" <<'PY' 2>/dev/null || echo "no gemm.json (rc $RC)"
+import json
+import sys
+
+p = json.load(open(sys.argv[1]))
+edge_ok = all(r.get("ok", r.get("status") == "declined") for r in p["edge"])
+rows = [r for r in p["rows"] if "speedup" in r]
+wrong = [r for r in p["rows"] if not r.get("ok", False)]
+slowest = min(rows, key=lambda r: r["speedup"]) if rows else None
+parts = [f"edge cases {'ok' if edge_ok else 'WRONG'}", f"{len(p['rows']) - len(wrong)}/{len(p['rows'])} passes correct"]
+if slowest is not None:
+    parts.append(
+        f"slowest vs _grouped_mm {slowest['speedup']:.2f}x ({slowest['shape']} {slowest['routing']} "
+        f"{slowest['pass']})"
+    )
+print("; ".join(parts))
+PY
+    )
+    if [ "$RC" -eq 0 ]; then STATUS[gemm]=ok; else STATUS[gemm]=FAILED; fi
   fi
 
   # compute-sanitizer memcheck on a subset of the GPU op tests. Without the caching allocator
@@ -355,6 +396,10 @@ if [ -s "$OUT/finetune.log" ]; then
   echo
   cat "$OUT/finetune.log"
 fi
+if [ -s "$OUT/gemm.txt" ]; then
+  echo
+  sed -n '/^dense peak/,$p' "$OUT/gemm.txt"
+fi
 for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
   if [ -s "$OUT/$f" ]; then
     echo
@@ -363,7 +408,7 @@ for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
 done
 # At most 8 files come back from the device: the logs travel as one archive.
 (cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log env.txt \
-  ep_dispatch.txt bench_multi.txt bench_multi2.txt)
+  gemm.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt)
 failed=()
 echo
 echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="

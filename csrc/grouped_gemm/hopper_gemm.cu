@@ -124,8 +124,11 @@ CUtensorMap make_map(const void* data, int rank, const uint64_t* dims, const uin
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct   (see hopper_gemm_kernel.cuh)
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred
+//                                   (see hopper_gemm_kernel.cuh)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
+//   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
+//   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::string(v) == value;
@@ -167,6 +170,8 @@ template <Pass P>
 void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
                 const CUtensorMap* out_map, Params p, int grid, int device, cudaStream_t stream) {
   p.skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
+  p.trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
+  p.balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
   if (out_dtype == TM_DTYPE_FLOAT32) {
     launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
@@ -174,6 +179,8 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
              p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
+  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
   } else {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);
   }

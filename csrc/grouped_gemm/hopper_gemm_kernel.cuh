@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "grouped_gemm/tile_schedule.h"
+
 namespace turbomoe::hopper_gemm {
 
 inline constexpr int kBlockM = 128;  // output rows of a CTA tile (2 consumer warpgroups x 64)
@@ -42,17 +44,25 @@ inline constexpr int kMaxExperts = 1024;
 inline constexpr int kEpiDirect = 0;
 inline constexpr int kEpiTma = 1;
 inline constexpr int kEpiTmaSplit = 2;
+// kEpiTmaDeferred: kEpiTma whose stores of a finished tile run while the next tile's first
+// WGMMAs do (the tile is held meanwhile as 64 registers of bf16 pairs).
+inline constexpr int kEpiTmaDeferred = 3;
 inline constexpr int kMaxExpertsSplit = 200;
 
 // Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
-// staging buffer, the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
+// staging buffer, one 64 x 64 box of zeros (the source of the grad-weight's zero tiles, where
+// it fits), the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
 template <int kEpi>
 struct Layout {
-  static constexpr int kStages = kEpi == kEpiTma ? 3 : 4;
+  static constexpr int kStages = kEpi == kEpiTma || kEpi == kEpiTmaDeferred ? 3 : 4;
   static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : 1;
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
-  static constexpr int kBarOffset = kEpiOffset + kEpiBytes;
+  // The split epilogue's 4 stages leave no room for the zero box.
+  static constexpr bool kZeroBox = kEpi == kEpiTma || kEpi == kEpiTmaDeferred;
+  static constexpr int kZeroOffset = kEpiOffset + kEpiBytes;
+  static constexpr int kZeroBytes = kZeroBox ? kBoxBytes : 0;
+  static constexpr int kBarOffset = kZeroOffset + kZeroBytes;
   static constexpr int kSchedOffset = kBarOffset + 2 * kStages * 8;
   static constexpr int smem_bytes(int num_experts) {
     return kSchedOffset + 2 * (num_experts + 2) * 4 + 1024;  // + alignment slack
@@ -60,6 +70,7 @@ struct Layout {
 };
 inline constexpr int kSmemLimit = 227 * 1024;
 static_assert(Layout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
+static_assert(Layout<kEpiTmaDeferred>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
 
@@ -78,6 +89,13 @@ struct Params {
   // Forward / grad-input: a consumer whose 64 rows of the tile all lie past the expert's end
   // skips its WGMMAs (the other one then has the tensor cores to itself).
   int32_t skip_empty_halves;
+  // Grad-weight: in an expert's last, partial reduction chunk, the 16-row WGMMA steps wholly
+  // past the expert's end are skipped, and only the rows of the step that straddles the end are
+  // cleared (otherwise the whole tail of the chunk is cleared and multiplied).
+  int32_t trim_tail;
+  // Grad-weight: tiles in descending order of work, snaking over the CTAs, and empty experts'
+  // zero tiles stored from the zero box (0: expert order, dealt round-robin, all computed).
+  int32_t balance_grad_weight;
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -163,6 +181,12 @@ __device__ __forceinline__ void bulk_wait_read() {
 // Waits until the committed bulk stores are complete (their writes performed).
 __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// Waits until at most N committed groups of bulk stores are still being performed.
+template <int N>
+__device__ __forceinline__ void bulk_wait_pending() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
@@ -260,6 +284,33 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA), "n"(TransB));
 }
 
+// The first `kSteps` 16-deep WGMMAs of a stage as one commit group, behind their own fence (with
+// the fence and commit outside the branch that picks kSteps, ptxas injects fences on every
+// path). The first scales the accumulators by first_scale (0: overwrite), the others add.
+template <int kSteps, bool kTransA, bool kTransB, uint32_t kStepA, uint32_t kStepB, uint32_t kLboA,
+          uint32_t kLboB>
+__device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, uint32_t b_base,
+                                            int first_scale) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
+    const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
+    wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db, kk > 0 ? 1 : first_scale);
+  }
+  wgmma_commit();
+}
+
+// The i-th tile of this CTA: grad-weight snakes (tile_schedule.h), the other passes deal
+// round-robin.
+template <Pass P>
+__device__ __forceinline__ int cta_tile(int i, const Params& p) {
+  const int cta = static_cast<int>(blockIdx.x);
+  const int grid = static_cast<int>(gridDim.x);
+  return P == Pass::kGradWeight && p.balance_grad_weight != 0 ? snake_tile(i, cta, grid)
+                                                              : i * grid + cta;
+}
+
 // One output tile of the schedule.
 struct Tile {
   int expert;
@@ -284,6 +335,8 @@ __device__ __forceinline__ int upper_index(const int32_t* table, int hi, int t) 
   return lo;
 }
 
+// Grad-weight tile t walks the experts in `order` (tile_begin's space; see the kernel); the
+// other passes walk tile_begin's prefix sums.
 template <Pass P>
 __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_t* tile_begin,
                                             const int32_t* row_begin) {
@@ -293,14 +346,13 @@ __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_
     const int n_blocks = ceil_div(p.out_rows, kBlockM);
     const int k_blocks = ceil_div(p.out_cols, kBlockN);
     const int per_expert = n_blocks * k_blocks;
-    const int e = t / per_expert;
-    const int local = t - e * per_expert;
-    const int nb = local / k_blocks;
+    const GradWeightTile g = grad_weight_tile(t, tile_begin, k_blocks, per_expert);
+    const int e = g.expert;
     tile.expert = e;
     tile.row0 = row_begin[e];
     tile.row_end = row_begin[e + 1];
-    tile.out_row0 = nb * kBlockM;
-    tile.col0 = (local - nb * k_blocks) * kBlockN;
+    tile.out_row0 = g.out_block * kBlockM;
+    tile.col0 = g.col_block * kBlockN;
     tile.k_iters = ceil_div(tile.row_end - tile.row0, kBlockK);
   } else {
     // Entry num_experts is the virtual expert owning rows [offsets[E], M): written as zeros.
@@ -365,6 +417,82 @@ __device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUte
   }
 }
 
+// A finished tile half, as its epilogue needs it.
+struct Finished {
+  int half_row0;  // first output row of the consumer's half
+  int row_limit;  // rows at or past it are not written
+  int col0;
+  int expert;
+  bool staged;  // through the TMA staging buffer (else row-by-row stores)
+};
+
+// Stores a consumer's finished half-tile, held as bf16 pairs (see the kernel), into a bf16
+// output: whole halves through the swizzled staging buffer and TMA bulk stores, which drain
+// while the consumer runs on; a half that straddles the expert's end row by row.
+template <Pass P, int kEpi>
+__device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const Finished& f,
+                                             const Params& p, const CUtensorMap* map_out,
+                                             uint32_t epi, int consumer, int wg_tid, int lane,
+                                             int frag_row) {
+  using L = Layout<kEpi>;
+  if (f.staged) {
+    constexpr int kPieces = L::kEpiPieces;
+    constexpr int kBoxesPerPiece = 4 / kPieces;
+#pragma unroll
+    for (int piece = 0; piece < kPieces; ++piece) {
+      // The previous bulk stores must have read the buffer before it is rewritten.
+      if (wg_tid == 0) bulk_wait_read();
+      named_barrier(2 + consumer, 128);
+#pragma unroll
+      for (int jj = 0; jj < 8 * kBoxesPerPiece; ++jj) {
+        // 8-column chunk j of the half-tile: box jj/8 of the piece; its 16-byte chunk j%8 of
+        // each 128-byte row sits at (j%8) ^ (row%8) (the 128-byte swizzle, which also keeps the
+        // eight rows of one store on distinct banks).
+        const int j = piece * 8 * kBoxesPerPiece + jj;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = frag_row + 8 * half;
+          const uint32_t addr =
+              epi + (jj >> 3) * kBoxBytes + r * 128 + (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
+          st_shared_u32(addr, packed[2 * j + half]);
+        }
+      }
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      named_barrier(2 + consumer, 128);
+      if (wg_tid == 0) {
+        for (int cb = 0; cb < kBoxesPerPiece; ++cb) {
+          const int c = f.col0 + 64 * (piece * kBoxesPerPiece + cb);
+          if (c >= p.out_cols) break;
+          if constexpr (P == Pass::kGradWeight) {
+            tma_store_3d(map_out, epi + cb * kBoxBytes, c, f.half_row0, f.expert);
+          } else {
+            tma_store_2d(map_out, epi + cb * kBoxBytes, c, f.half_row0);
+          }
+        }
+        bulk_commit();
+      }
+    }
+  } else {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    if constexpr (P == Pass::kGradWeight) {
+      out += static_cast<int64_t>(f.expert) * p.out_expert_stride;
+    }
+    const int c0 = f.col0 + 2 * (lane & 3);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = f.half_row0 + frag_row + 8 * half;
+      if (r < f.row_limit) {
+        __nv_bfloat16* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const int c = c0 + 8 * j;
+          if (c < p.out_cols) *reinterpret_cast<uint32_t*>(row_ptr + c) = packed[2 * j + half];
+        }
+      }
+    }
+  }
+}
+
 #endif  // sm_90a device code
 
 // TMA epilogues (bf16 outputs only): a consumer writes its accumulators into a swizzled staging
@@ -399,7 +527,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int e = tid; e <= num_experts; e += kThreads) {
     row_begin[e] = min(max(p.offsets[e], 0), p.m);
   }
+  __shared__ int active_experts;  // grad-weight: experts with rows
+  const uint32_t zero_box = base + L::kZeroOffset;
+  if constexpr (L::kZeroBox) {
+    for (int i = tid; i < kBoxBytes / 16; i += kThreads) {
+      *reinterpret_cast<uint4*>(smem + L::kZeroOffset + 16 * i) = make_uint4(0, 0, 0, 0);
+    }
+    // The zeros are read by TMA (the async proxy).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
   if (tid == 0) {
+    active_experts = 0;
     row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_bar + 8 * s, 1);
@@ -413,8 +551,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   int total_tiles;
+  int zero_tiles = 0;  // grad-weight with a zero box: tiles of experts without rows
   if constexpr (P == Pass::kGradWeight) {
-    total_tiles = num_experts * ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
+    // order (in tile_begin's space, unused otherwise by this pass) lists the experts in
+    // descending order of rows (tile_schedule.h), the empty ones last. With a zero box the empty
+    // experts' zero tiles are not computed at all: one thread per CTA stores them from the zero
+    // box while the consumers compute.
+    int32_t* order = tile_begin;
+    const bool balance = p.balance_grad_weight != 0;
+    for (int e = tid; e < num_experts; e += kThreads) {
+      order[balance ? rank_by_rows(row_begin, num_experts, e) : e] = e;
+      if (row_begin[e + 1] > row_begin[e]) atomicAdd(&active_experts, 1);
+    }
+    __syncthreads();
+    const int per_expert = ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
+    if (L::kZeroBox && balance) {
+      total_tiles = active_experts * per_expert;
+      zero_tiles = (num_experts - active_experts) * per_expert;
+    } else {
+      total_tiles = num_experts * per_expert;
+    }
   } else {
     // tile_begin[e] = tiles of experts before e (m-blocks x n-blocks each): a warp-wide scan.
     if (tid < 32) {
@@ -447,8 +603,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {
       uint32_t it = 0;
-      for (int t = static_cast<int>(blockIdx.x); t < total_tiles;
-           t += static_cast<int>(gridDim.x)) {
+      for (int i = 0;; ++i) {
+        const int t = cta_tile<P>(i, p);
+        if (t >= total_tiles) break;
         const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
         const int na = a_boxes<P>(tile, p);
         const int nb = b_boxes<P>(tile, p);
@@ -462,6 +619,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_expect_tx(bar, stage_bytes);
           issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar);
         }
+      }
+    } else if (tid == 32 && zero_tiles > 0) {
+      // The zero tiles of experts without rows: TMA stores of the zero box, at most a few
+      // tiles in flight so that they share the memory system with the operand loads.
+      if constexpr (L::kZeroBox) {
+        const int k_blocks = ceil_div(p.out_cols, kBlockN);
+        const int per_expert = ceil_div(p.out_rows, kBlockM) * k_blocks;
+        for (int z = static_cast<int>(blockIdx.x); z < zero_tiles;
+             z += static_cast<int>(gridDim.x)) {
+          const GradWeightTile g =
+              grad_weight_tile(z, tile_begin + active_experts, k_blocks, per_expert);
+          const int expert = g.expert;
+          const int row0 = g.out_block * kBlockM;
+          const int col0 = g.col_block * kBlockN;
+          for (int r = row0; r < min(row0 + kBlockM, p.out_rows); r += 64) {
+            for (int c = col0; c < min(col0 + kBlockN, p.out_cols); c += 64) {
+              tma_store_3d(&map_out, zero_box, c, r, expert);
+            }
+          }
+          bulk_commit();
+          bulk_wait_pending<4>();
+        }
+        bulk_wait_all();
       }
     }
   } else {
@@ -480,9 +660,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr uint32_t kLboB = kTransB ? kBoxBytes : 16;
     const uint32_t epi = base + L::kEpiOffset + consumer * (L::kEpiBytes / kConsumers);
 
+    // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
+    // 8*(i/4) + 2*(lane%4) + i%2.
+    const int frag_row = warp_in_wg * 16 + (lane >> 2);
+    constexpr bool kDefer = kEpi == kEpiTmaDeferred;
     float acc[128];
+    // A finished tile in bf16 pairs (pair 2j + h: fragments 4j + 2h and 4j + 2h + 1), waiting
+    // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred).
+    uint32_t packed[64];
+    Finished pending{};
+    bool has_pending = false;
+    auto flush = [&]() {
+      if constexpr (kTmaEpilogue) {
+        store_packed<P, kEpi>(packed, pending, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
+      }
+      has_pending = false;
+    };
     uint32_t it = 0;
-    for (int t = static_cast<int>(blockIdx.x); t < total_tiles; t += static_cast<int>(gridDim.x)) {
+    for (int i = 0;; ++i) {
+      const int t = cta_tile<P>(i, p);
+      if (t >= total_tiles) break;
       const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
       // First output row of this consumer's half and the rows it may write.
       int half_row0;
@@ -496,6 +693,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const bool idle =
           P != Pass::kGradWeight && p.skip_empty_halves != 0 && half_row0 >= row_limit;
+      // Without a WGMMA of this tile to hide behind, the previous tile is stored now.
+      if (kDefer && has_pending && (idle || tile.k_iters == 0)) flush();
       if (idle) {
         // Nothing of ours to compute, but every stage still needs our release.
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
@@ -516,35 +715,50 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(full_bar + 8 * s, phase);
         const uint32_t a_base = base + s * kStageBytes + consumer * kBoxBytes;
         const uint32_t b_base = base + s * kStageBytes + kTileABytes;
+        int steps = kBlockK / 16;  // 16-deep WGMMAs of this chunk
         if constexpr (P == Pass::kGradWeight) {
-          // The last chunk of an expert may hold rows of the next one (or rows past M): clear
-          // them in both operands so they add nothing (0 * garbage could still be NaN).
+          // The last chunk of an expert may hold rows of the next one (or rows past M). Rows
+          // that its WGMMAs read must add nothing: they are cleared in both operands (0 *
+          // garbage could still be NaN). Both consumers take the same branch (same tile).
           const int valid = tile.row_end - (tile.row0 + k * kBlockK);
           if (valid < kBlockK) {
-            const int clear_rows = kBlockK - valid;
-            const int chunks = 6 * clear_rows * 8;  // 6 boxes x rows x 16-byte chunks
-            uint8_t* stage = smem + s * kStageBytes;
-            for (int i = ctid; i < chunks; i += 256) {
-              const int box = i / (clear_rows * 8);
-              const int rem = i - box * clear_rows * 8;
-              const int row = valid + (rem >> 3);
-              *reinterpret_cast<uint4*>(stage + box * kBoxBytes + row * 128 + (rem & 7) * 16) =
-                  make_uint4(0, 0, 0, 0);
+            if (p.trim_tail != 0) steps = ceil_div(valid, 16);
+            const int clear_rows = 16 * steps - valid;
+            if (clear_rows > 0) {
+              const int chunks = 6 * clear_rows * 8;  // 6 boxes x rows x 16-byte chunks
+              uint8_t* stage = smem + s * kStageBytes;
+              for (int i = ctid; i < chunks; i += 256) {
+                const int box = i / (clear_rows * 8);
+                const int rem = i - box * clear_rows * 8;
+                const int row = valid + (rem >> 3);
+                *reinterpret_cast<uint4*>(stage + box * kBoxBytes + row * 128 + (rem & 7) * 16) =
+                    make_uint4(0, 0, 0, 0);
+              }
+              // Generic-proxy stores must be visible to the WGMMA (async proxy) of both
+              // consumers.
+              asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+              named_barrier(1, 256);
             }
-            // Generic-proxy stores must be visible to the WGMMA (async proxy) of both consumers.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            named_barrier(1, 256);
           }
         }
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBlockK / 16; ++kk) {
-          const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
-          const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
-          wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db,
-                                                             (k > 0 || kk > 0) ? 1 : 0);
+        // One straight-line sequence per step count: WGMMAs issued under a per-step condition
+        // make the compiler fence the accumulators between them.
+        const int first_scale = k > 0 ? 1 : 0;
+        if (steps == 4) {
+          issue_steps<4, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
+        } else if (steps == 3) {
+          issue_steps<3, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
+        } else if (steps == 2) {
+          issue_steps<2, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
+        } else {
+          issue_steps<1, kTransA, kTransB, kStepA, kStepB, kLboA, kLboB>(acc, a_base, b_base,
+                                                                         first_scale);
         }
-        wgmma_commit();
+        // The previous tile's stores overlap this tile's first WGMMAs.
+        if (kDefer && has_pending) flush();
         // Keep one stage of WGMMAs in flight; the one before it is done, so its stage is free.
         wgmma_wait<1>();
         fence_acc(acc);
@@ -555,52 +769,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_acc(acc);
       if (tile.k_iters > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
 
-      // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
-      // 8*(i/4) + 2*(lane%4) + i%2.
-      const int frag_row = warp_in_wg * 16 + (lane >> 2);
       // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
       // expert's end is stored row by row.
-      bool staged = false;
-      if constexpr (kTmaEpilogue) staged = half_row0 + 64 <= row_limit || P == Pass::kGradWeight;
-      if (staged) {
-        if constexpr (kTmaEpilogue) {
-          constexpr int kPieces = L::kEpiPieces;
-          constexpr int kBoxesPerPiece = 4 / kPieces;
+      Finished done{};
+      done.half_row0 = half_row0;
+      done.row_limit = row_limit;
+      done.col0 = tile.col0;
+      done.expert = tile.expert;
+      done.staged = kTmaEpilogue && (half_row0 + 64 <= row_limit || P == Pass::kGradWeight);
+      if constexpr (kTmaEpilogue) {
 #pragma unroll
-          for (int piece = 0; piece < kPieces; ++piece) {
-            // The previous bulk stores must have read the buffer before it is rewritten.
-            if (wg_tid == 0) bulk_wait_read();
-            named_barrier(2 + consumer, 128);
+        for (int j = 0; j < 32; ++j) {
 #pragma unroll
-            for (int jj = 0; jj < 8 * kBoxesPerPiece; ++jj) {
-              // 8-column chunk j of the half-tile: box jj/8 of the piece; its 16-byte chunk
-              // j%8 of each 128-byte row sits at (j%8) ^ (row%8) (the 128-byte swizzle, which
-              // also keeps the eight rows of one store on distinct banks).
-              const int j = piece * 8 * kBoxesPerPiece + jj;
-#pragma unroll
-              for (int half = 0; half < 2; ++half) {
-                const int r = frag_row + 8 * half;
-                const uint32_t addr = epi + (jj >> 3) * kBoxBytes + r * 128 +
-                                      (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
-                st_shared_u32(addr, pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]));
-              }
-            }
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            named_barrier(2 + consumer, 128);
-            if (wg_tid == 0) {
-              for (int cb = 0; cb < kBoxesPerPiece; ++cb) {
-                const int c = tile.col0 + 64 * (piece * kBoxesPerPiece + cb);
-                if (c >= p.out_cols) break;
-                if constexpr (P == Pass::kGradWeight) {
-                  tma_store_3d(&map_out, epi + cb * kBoxBytes, c, half_row0, tile.expert);
-                } else {
-                  tma_store_2d(&map_out, epi + cb * kBoxBytes, c, half_row0);
-                }
-              }
-              bulk_commit();
-            }
+          for (int h = 0; h < 2; ++h) {
+            packed[2 * j + h] = pack_bf16(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
           }
         }
+        pending = done;
+        has_pending = true;
+        if constexpr (!kDefer) flush();
       } else {
         OutT* out = static_cast<OutT*>(p.out);
         if constexpr (P == Pass::kGradWeight) {
@@ -623,6 +810,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    if (kDefer && has_pending) flush();
     if constexpr (kTmaEpilogue) {
       // Shared memory must outlive the bulk stores that read it.
       if (wg_tid == 0) bulk_wait_all();

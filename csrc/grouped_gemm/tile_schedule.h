@@ -1,0 +1,60 @@
+// How the Hopper grouped GEMM's persistent CTAs share the grad-weight tiles, as plain functions
+// that the kernel and the CPU tests share.
+//
+// A grad-weight tile's work is its expert's row count, and real routing is skewed (a few experts
+// take most rows, many none). The tiles go in descending order of their expert's rows (experts
+// with rows first, most rows first, ties by index; then the empty ones) and are dealt in snake
+// order: longest-processing-time-first, so that each CTA's sum of work stays within about one
+// tile of the others'.
+#pragma once
+
+#include <cstdint>
+
+#ifndef TM_HOST_DEVICE
+#if defined(__CUDACC__)
+#define TM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TM_HOST_DEVICE inline
+#endif
+#endif
+
+namespace turbomoe::hopper_gemm {
+
+// The i-th tile of CTA `cta` among `grid`: rounds of `grid` consecutive tiles, dealt forwards in
+// even rounds and backwards in odd ones. A CTA's tiles rise with i, so it stops at the first one
+// past the end.
+TM_HOST_DEVICE int snake_tile(int i, int cta, int grid) {
+  return i * grid + ((i & 1) != 0 ? grid - 1 - cta : cta);
+}
+
+// Expert e's place in the descending order of rows (row_begin: [E+1] non-decreasing bounds).
+// Quadratic in E: the kernel's threads rank their experts in parallel, in shared memory.
+TM_HOST_DEVICE int rank_by_rows(const int32_t* row_begin, int num_experts, int e) {
+  const int rows = row_begin[e + 1] - row_begin[e];
+  int rank = 0;
+  for (int f = 0; f < num_experts; ++f) {
+    const int other = row_begin[f + 1] - row_begin[f];
+    rank += (other > rows || (other == rows && f < e)) ? 1 : 0;
+  }
+  return rank;
+}
+
+// Which output tile of which expert grad-weight tile t is, where `order` lists the experts in
+// the order their tiles are walked (each expert's n_blocks x k_blocks tiles consecutive, row
+// blocks outer). t counts from the start of `order`: the slot in the order is t / per_expert,
+// the tile within the expert t % per_expert (not anything derived from the expert's id, which
+// `order` permutes).
+struct GradWeightTile {
+  int expert;
+  int out_block;  // block of the output's rows (kBlockM each)
+  int col_block;  // block of the output's columns (kBlockN each)
+};
+TM_HOST_DEVICE GradWeightTile grad_weight_tile(int t, const int32_t* order, int k_blocks,
+                                               int per_expert) {
+  const int slot = t / per_expert;
+  const int local = t - slot * per_expert;
+  const int out_block = local / k_blocks;
+  return GradWeightTile{order[slot], out_block, local - out_block * k_blocks};
+}
+
+}  // namespace turbomoe::hopper_gemm
