@@ -113,8 +113,7 @@ TEST(TileSchedule, GradWeightTilesCoverEveryExpertTileOnce) {
           ASSERT_LT(g.out_block, n_blocks);
           ASSERT_GE(g.col_block, 0);
           ASSERT_LT(g.col_block, k_blocks);
-          ++seen[static_cast<size_t>((g.expert * n_blocks + g.out_block) * k_blocks +
-                                     g.col_block)];
+          ++seen[static_cast<size_t>((g.expert * n_blocks + g.out_block) * k_blocks + g.col_block)];
         };
         for (int t = 0; t < active * per_expert; ++t) {
           mark(grad_weight_tile(t, order.data(), k_blocks, per_expert), true);
@@ -123,8 +122,7 @@ TEST(TileSchedule, GradWeightTilesCoverEveryExpertTileOnce) {
           mark(grad_weight_tile(z, order.data() + active, k_blocks, per_expert), false);
         }
         for (size_t i = 0; i < seen.size(); ++i) {
-          ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << experts << " experts x "
-                                << per_expert;
+          ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << experts << " experts x " << per_expert;
         }
       }
     }
