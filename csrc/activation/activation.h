@@ -6,6 +6,10 @@
 
 namespace turbomoe::activation {
 
+// The params of tm_swiglu_* (and of the fused GEMM + SwiGLU): a known variant, and for the
+// clamped one a positive limit and a finite alpha; else TM_ERR_INVALID_ARGUMENT.
+const tm_swiglu_params& check_swiglu_params(const tm_swiglu_params* params);
+
 void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& gate, const Arg& up, const Arg& out);
 void swiglu_backward_cpu(const tm_swiglu_params& p, const Arg& grad_out, const Arg& gate,
                          const Arg& up, const Arg& grad_gate, const Arg& grad_up);

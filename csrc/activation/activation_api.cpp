@@ -9,6 +9,12 @@ namespace {
 
 using turbomoe::Arg;
 
+void check_matrix(const Arg& a) { a.floating().ndim_is(2); }
+
+}  // namespace
+
+namespace turbomoe::activation {
+
 const tm_swiglu_params& check_swiglu_params(const tm_swiglu_params* params) {
   const auto& p = turbomoe::check_params(params, "params");
   if (p.variant != TM_SWIGLU_SILU && p.variant != TM_SWIGLU_CLAMPED) {
@@ -21,16 +27,14 @@ const tm_swiglu_params& check_swiglu_params(const tm_swiglu_params* params) {
   return p;
 }
 
-void check_matrix(const Arg& a) { a.floating().ndim_is(2); }
-
-}  // namespace
+}  // namespace turbomoe::activation
 
 extern "C" {
 
 tm_status tm_swiglu_forward(const tm_swiglu_params* params, const tm_tensor* gate,
                             const tm_tensor* up, tm_tensor* out, void* stream) {
   return turbomoe::guard(__func__, [&] {
-    const auto& p = check_swiglu_params(params);
+    const auto& p = turbomoe::activation::check_swiglu_params(params);
     const Arg g(gate, "gate"), u(up, "up"), o(out, "out");
     check_matrix(g);
     u.floating().same_shape(g).same_dtype(g);
@@ -50,7 +54,7 @@ tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_tensor* gr
                              const tm_tensor* gate, const tm_tensor* up, tm_tensor* grad_gate,
                              tm_tensor* grad_up, void* stream) {
   return turbomoe::guard(__func__, [&] {
-    const auto& p = check_swiglu_params(params);
+    const auto& p = turbomoe::activation::check_swiglu_params(params);
     const Arg go(grad_out, "grad_out"), g(gate, "gate"), u(up, "up");
     const Arg gg(grad_gate, "grad_gate"), gu(grad_up, "grad_up");
     check_matrix(g);

@@ -13,6 +13,15 @@ void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const A
 // dw [E,N,K] = dy_e^T . x_e; zero for experts without rows.
 void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw);
 
+// gate_up [M,2I] = x . w[e]^T, act [M,I] = the gated activation of gate_up's halves as stored.
+void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& x, const Arg& w, const Arg& offsets,
+                        const Arg& gate_up, const Arg& act);
+void swiglu_forward_cuda(const tm_swiglu_params& p, const Arg& x, const Arg& w, const Arg& offsets,
+                         const Arg& gate_up, const Arg& act, void* stream);
+
+// Columns [col0, col0 + cols) of a 2-D tensor, as a descriptor of the same storage.
+tm_tensor column_block(const tm_tensor& t, int64_t col0, int64_t cols);
+
 // SMs the persistent CUDA kernels leave free (tm_set_gemm_sm_margin).
 int sm_margin();
 

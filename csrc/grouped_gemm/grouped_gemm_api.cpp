@@ -2,6 +2,7 @@
 #include <atomic>
 #include <string>
 
+#include "activation/activation.h"
 #include "common/device.h"
 #include "grouped_gemm/grouped_gemm.h"
 #include "permute/expert_offsets.h"
@@ -150,6 +151,36 @@ tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* 
         [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
         [&] {
           TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa, stream));
+        });
+  });
+}
+
+tm_status tm_grouped_gemm_swiglu_forward(const tm_swiglu_params* params, const tm_tensor* x,
+                                         const tm_tensor* w, const tm_tensor* expert_offsets,
+                                         tm_tensor* gate_up, tm_tensor* act, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const auto& p = turbomoe::activation::check_swiglu_params(params);
+    const Arg xa(x, "x"), wa(w, "w"), off(expert_offsets, "expert_offsets");
+    const Arg gua(gate_up, "gate_up"), aa(act, "act");
+    check_matrix(xa);
+    const int64_t experts = check_weight(wa, xa, xa.size(1), "K, the columns of x");
+    if (wa.size(1) % 2 != 0) {
+      invalid("w has " + std::to_string(wa.size(1)) +
+              " rows per expert, expected an even 2I (the gate rows, then the up rows)");
+    }
+    check_offsets(off, experts, "E + 1, E from w");
+    check_matrix(gua);
+    check_output_dtype(gua, xa);
+    gua.size_is(0, xa.size(0), "M, the rows of x").size_is(1, wa.size(1), "2I, from w");
+    check_matrix(aa);
+    aa.same_dtype(gua);
+    aa.size_is(0, xa.size(0), "M, the rows of x").size_is(1, wa.size(1) / 2, "I, from w");
+    run(
+        "tm_grouped_gemm_swiglu_forward", {&xa, &wa, &off, &gua, &aa}, off, xa.size(0), gua,
+        [&] { turbomoe::grouped_gemm::swiglu_forward_cpu(p, xa, wa, off, gua, aa); },
+        [&] {
+          TM_CUDA_ONLY(
+              turbomoe::grouped_gemm::swiglu_forward_cuda(p, xa, wa, off, gua, aa, stream));
         });
   });
 }

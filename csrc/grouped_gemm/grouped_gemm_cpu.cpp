@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "activation/activation.h"
 #include "common/numeric.h"
 #include "grouped_gemm/grouped_gemm.h"
 
@@ -130,6 +131,25 @@ void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const 
       }
     }
   });
+}
+
+tm_tensor column_block(const tm_tensor& t, int64_t col0, int64_t cols) {
+  tm_tensor block = t;
+  block.sizes[1] = cols;
+  if (t.data != nullptr) {
+    block.data = static_cast<char*>(t.data) +
+                 col0 * t.strides[1] * static_cast<int64_t>(dtype_size(t.dtype));
+  }
+  return block;
+}
+
+void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& x, const Arg& w, const Arg& offsets,
+                        const Arg& gate_up, const Arg& act) {
+  forward_cpu(x, w, offsets, gate_up);
+  const int64_t inter = act.size(1);
+  const tm_tensor gate = column_block(gate_up.t(), 0, inter);
+  const tm_tensor up = column_block(gate_up.t(), inter, inter);
+  activation::swiglu_forward_cpu(p, Arg(&gate, "gate"), Arg(&up, "up"), act);
 }
 
 }  // namespace turbomoe::grouped_gemm

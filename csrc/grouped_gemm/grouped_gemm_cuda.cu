@@ -2,6 +2,7 @@
 // the generic tiled kernel.
 #include <string>
 
+#include "activation/activation.h"
 #include "common/cuda_utils.cuh"
 #include "grouped_gemm/grouped_gemm.h"
 #include "grouped_gemm/hopper_gemm.h"
@@ -55,6 +56,21 @@ void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const
                 x.stride(0), 0, dw.data(), dw.stride(1), dw.stride(0), offsets.ptr<const int32_t>(),
                 expert_count(offsets), dy.size(0), dw.size(2), 0, dw.size(1)},
                stream);
+}
+
+void swiglu_forward_cuda(const tm_swiglu_params& p, const Arg& x, const Arg& w, const Arg& offsets,
+                         const Arg& gate_up, const Arg& act, void* stream) {
+  require_unit_last_stride(w);
+  cuda::DeviceGuard device(x.t().device_index);
+  if (hopper_grouped_gemm_swiglu_forward(p, x.t(), w.t(), offsets.t(), gate_up.t(), act.t(),
+                                         stream)) {
+    return;
+  }
+  forward_cuda(x, w, offsets, gate_up, stream);
+  const int64_t inter = act.size(1);
+  const tm_tensor gate = column_block(gate_up.t(), 0, inter);
+  const tm_tensor up = column_block(gate_up.t(), inter, inter);
+  activation::swiglu_forward_cuda(p, Arg(&gate, "gate"), Arg(&up, "up"), act, stream);
 }
 
 }  // namespace turbomoe::grouped_gemm

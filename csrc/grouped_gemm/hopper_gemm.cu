@@ -152,16 +152,17 @@ void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
 }
 
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.
+// out2: the SwiGLU forward's activation map (the other passes pass any map; it is not read).
 template <Pass P, typename OutT, int kEpi>
-void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
-            int grid, int device, cudaStream_t stream) {
+void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out,
+            const CUtensorMap& out2, const Params& p, int grid, int device, cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
   // A static of this instantiation: one record per kernel (all of them share one type).
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
-  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
+  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, out2, p);
   cuda::check_launch("hopper grouped_gemm_kernel");
 }
 
@@ -173,16 +174,17 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   p.trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
   p.balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
   if (out_dtype == TM_DTYPE_FLOAT32) {
-    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
+    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, a, p, grid, device, stream);
   } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, a, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
              p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, a, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, a, p, grid, device,
+                                                           stream);
   } else {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, a, p, grid, device, stream);
   }
 }
 
@@ -262,7 +264,93 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
   return true;
 }
 
+// gate_up [M, 2I] and act [M, I] of the SwiGLU forward: bf16, rows the epilogue can store in
+// pairs.
+bool swiglu_outputs_ok(const tm_tensor& gate_up, const tm_tensor& act, int64_t m, int64_t inter) {
+  return gate_up.dtype == TM_DTYPE_BFLOAT16 && act.dtype == TM_DTYPE_BFLOAT16 &&
+         pair_store_output(gate_up, 2) && pair_store_output(act, 2) && gate_up.sizes[0] == m &&
+         gate_up.sizes[1] == 2 * inter && act.sizes[0] == m && act.sizes[1] == inter;
+}
+
 }  // namespace
+
+bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm_tensor& x,
+                                        const tm_tensor& w, const tm_tensor& expert_offsets,
+                                        const tm_tensor& gate_up, const tm_tensor& act,
+                                        void* stream) {
+  if (disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_SWIGLU", "0")) return false;
+  int64_t num_experts = 0;
+  if (!tma_operand(x, 2) || !tma_operand(w, 3) || !offsets_ok(expert_offsets, &num_experts) ||
+      w.sizes[0] != num_experts) {
+    return false;
+  }
+  const int64_t m = x.sizes[0];
+  const int64_t k = x.sizes[1];
+  const int64_t n = w.sizes[1];
+  const int64_t inter = n / 2;
+  // Whole 64-column boxes of gate and of up: a box never straddles the two halves.
+  if (w.sizes[2] != k || n % 2 != 0 || inter % 64 != 0 ||
+      !swiglu_outputs_ok(gate_up, act, m, inter)) {
+    return false;
+  }
+  if (x.device_index != w.device_index || x.device_index != gate_up.device_index ||
+      x.device_index != act.device_index || x.device_index != expert_offsets.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(x.device_index);
+  int sm_count = 0;
+  if (!device_ok(x.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  const uint64_t x_dims[2] = {static_cast<uint64_t>(k), static_cast<uint64_t>(m)};
+  const uint64_t x_strides[1] = {static_cast<uint64_t>(x.strides[0])};
+  const uint32_t x_box[2] = {64, hopper_gemm::kBlockM};
+  const uint64_t w_dims[3] = {static_cast<uint64_t>(k), static_cast<uint64_t>(n),
+                              static_cast<uint64_t>(num_experts)};
+  const uint64_t w_strides[2] = {static_cast<uint64_t>(w.strides[1]),
+                                 static_cast<uint64_t>(w.strides[0])};
+  // 128 gate rows and 128 up rows a stage, 64 K values each.
+  const uint32_t w_box[3] = {64, hopper_gemm::kBlockN / 2, 1};
+  const CUtensorMap map_a = make_map(x.data, 2, x_dims, x_strides, x_box);
+  const CUtensorMap map_b = make_map(w.data, 3, w_dims, w_strides, w_box);
+
+  Params p{};
+  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
+  p.out = gate_up.data;
+  p.out_row_stride = gate_up.strides[0];
+  p.out2 = act.data;
+  p.out2_row_stride = act.strides[0];
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.m = static_cast<int32_t>(m);
+  p.reduce = static_cast<int32_t>(k);
+  p.out_rows = static_cast<int32_t>(m);
+  p.out_cols = static_cast<int32_t>(inter);
+  p.gate_rows = static_cast<int32_t>(inter);
+  p.swiglu_variant = params.variant;
+  p.swiglu_alpha = params.alpha;
+  p.swiglu_limit = params.limit;
+  p.skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
+  constexpr int kCols = hopper_gemm::tile_cols<Pass::kForwardSwiglu>();
+  const int64_t n_blocks = hopper_gemm::ceil_div(static_cast<int>(inter), kCols);
+  const int64_t max_tiles = (m / hopper_gemm::kBlockM + num_experts + 1) * n_blocks;
+  const int grid = static_cast<int>(max_tiles < sm_count ? max_tiles : sm_count);
+  const cudaStream_t s = cuda::as_stream(stream);
+  if (tma_storable(gate_up) && tma_storable(act) &&
+      !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
+    const uint64_t gu_dims[2] = {static_cast<uint64_t>(n), static_cast<uint64_t>(m)};
+    const uint64_t gu_strides[1] = {static_cast<uint64_t>(gate_up.strides[0])};
+    const uint64_t act_dims[2] = {static_cast<uint64_t>(inter), static_cast<uint64_t>(m)};
+    const uint64_t act_strides[1] = {static_cast<uint64_t>(act.strides[0])};
+    const uint32_t box[2] = {64, 64};
+    const CUtensorMap map_gate_up = make_map(gate_up.data, 2, gu_dims, gu_strides, box);
+    const CUtensorMap map_act = make_map(act.data, 2, act_dims, act_strides, box);
+    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiTma>(
+        map_a, map_b, map_gate_up, map_act, p, grid, x.device_index, s);
+  } else {
+    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiDirect>(
+        map_a, map_b, map_a, map_a, p, grid, x.device_index, s);
+  }
+  return true;
+}
 
 bool hopper_grouped_gemm_forward(const tm_tensor& x, const tm_tensor& w,
                                  const tm_tensor& expert_offsets, const tm_tensor& y,

@@ -28,6 +28,16 @@ bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,
                                         const tm_tensor& expert_offsets, const tm_tensor& dx,
                                         void* stream);
 
+// gate_up [M,2I] = x [M,K] . w[e]^T (w [E,2I,K]: the I gate rows, then the I up rows) and
+// act [M,I] = the gated activation of gate_up's halves as stored (bf16), in one pass: the
+// activation runs in the GEMM's epilogue. Covered: the forward's conditions, bf16 outputs,
+// I a multiple of 64. Rows >= offsets[E] of both outputs are zeroed.
+// TURBOMOE_HOPPER_GEMM_SWIGLU=0 declines (the caller then runs the GEMM and the activation).
+bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm_tensor& x,
+                                        const tm_tensor& w, const tm_tensor& expert_offsets,
+                                        const tm_tensor& gate_up, const tm_tensor& act,
+                                        void* stream);
+
 // dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows).
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
                                          const tm_tensor& expert_offsets, const tm_tensor& dw,

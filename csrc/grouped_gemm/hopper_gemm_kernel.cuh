@@ -11,6 +11,9 @@
 //   forward    D = x . w^T   A = x rows      K-major,  B = w[e] rows   K-major
 //   grad-input D = dy . w    A = dy rows     K-major,  B = w[e]        N(output)-major
 //   grad-weight D = dy^T . x A = dy^T        MN-major, B = x           MN-major
+//   forward + SwiGLU          A = x rows      K-major,  B = 128 gate rows and the 128 up rows of
+//                                                       the same columns of w[e], K-major; the
+//                                                       epilogue stores gate/up and act(gate, up)
 // The reduction of the grad-weight pass runs over an expert's rows; its last 64-row chunk may
 // reach into the next expert, whose rows are cleared in shared memory before the WGMMA.
 #pragma once
@@ -20,6 +23,7 @@
 
 #include <cstdint>
 
+#include "activation/swiglu_math.h"
 #include "grouped_gemm/tile_schedule.h"
 
 namespace turbomoe::hopper_gemm {
@@ -74,7 +78,17 @@ static_assert(Layout<kEpiTmaDeferred>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
 
-enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2 };
+enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2, kForwardSwiglu = 3 };
+
+__host__ __device__ constexpr bool is_forward(Pass p) {
+  return p == Pass::kForward || p == Pass::kForwardSwiglu;
+}
+// Output columns of a tile: the SwiGLU forward's 256 accumulator columns are 128 gate and the
+// 128 up columns of the same index, which make 128 activation columns.
+template <Pass P>
+__host__ __device__ constexpr int tile_cols() {
+  return P == Pass::kForwardSwiglu ? kBlockN / 2 : kBlockN;
+}
 
 struct Params {
   const int32_t* offsets;  // [E+1]
@@ -96,6 +110,14 @@ struct Params {
   // Grad-weight: tiles in descending order of work, snaking over the CTAs, and empty experts'
   // zero tiles stored from the zero box (0: expert order, dealt round-robin, all computed).
   int32_t balance_grad_weight;
+  // Forward + SwiGLU: out is gate_up [M, 2I] (the gate columns, then the up columns, as w's
+  // rows), out2 the activation [M, I]; out_cols = gate_rows = I.
+  void* out2;
+  int64_t out2_row_stride;
+  int32_t gate_rows;
+  int32_t swiglu_variant;
+  float swiglu_alpha;
+  float swiglu_limit;
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -364,7 +386,7 @@ __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_
     tile.row0 = row_begin[e] + (local - nb * m_blocks) * kBlockM;
     tile.row_end = row_begin[e + 1];
     tile.out_row0 = 0;
-    tile.col0 = nb * kBlockN;
+    tile.col0 = nb * tile_cols<P>();
     tile.k_iters = e < num_experts ? ceil_div(p.reduce, kBlockK) : 0;
   }
   return tile;
@@ -389,18 +411,25 @@ __device__ __forceinline__ int a_boxes(const Tile& tile, const Params& p) {
 }
 template <Pass P>
 __device__ __forceinline__ int b_boxes(const Tile& tile, const Params& p) {
-  return P == Pass::kForward ? 4 : min(4, ceil_div(p.out_cols - tile.col0, 64));
+  return is_forward(P) ? 4 : min(4, ceil_div(p.out_cols - tile.col0, 64));
 }
 
 // Loads reduction chunk k of a tile into a stage.
 template <Pass P>
 __device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
                                             const Tile& tile, int k, int na, int nb, uint32_t a_dst,
-                                            uint32_t b_dst, uint32_t bar) {
+                                            uint32_t b_dst, uint32_t bar, const Params& p) {
   const int kk = k * kBlockK;
   if constexpr (P == Pass::kForward) {
     tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
     tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
+  } else if constexpr (P == Pass::kForwardSwiglu) {
+    // Two 128-row boxes make the same swizzled 256-row operand as one (the pattern repeats
+    // every 8 rows): the gate rows, then the up rows of the same columns. Past 2I TMA fills
+    // zeros; a last gate box reaching past I reads up rows whose columns are never stored.
+    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
+    tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
+    tma_load_3d(map_b, b_dst + 2 * kBoxBytes, bar, kk, p.gate_rows + tile.col0, tile.expert);
   } else if constexpr (P == Pass::kGradInput) {
     tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
     for (int i = 0; i < nb; ++i) {
@@ -493,6 +522,102 @@ __device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const
   }
 }
 
+// Forward + SwiGLU: the activation of two columns from their gate and up accumulators, each
+// rounded to bf16 first, so that act equals the activation kernel applied to the stored gate_up.
+__device__ __forceinline__ uint32_t swiglu_pair(const Params& p, float g0, float g1, float u0,
+                                                float u1) {
+  auto rounded = [](float v) { return __bfloat162float(__float2bfloat16_rn(v)); };
+  const int v = p.swiglu_variant;
+  return pack_bf16(
+      activation::swiglu_value(v, p.swiglu_alpha, p.swiglu_limit, rounded(g0), rounded(u0)),
+      activation::swiglu_value(v, p.swiglu_alpha, p.swiglu_limit, rounded(g1), rounded(u1)));
+}
+
+// Writes 8 * kChunkCols 8-column chunks of a consumer's half-tile (value(j, half): the bf16
+// pair of chunk j at fragment row frag_row + 8 * half) into the staging boxes, 64 columns a box,
+// in the 128-byte swizzle the output maps use, and makes them visible to the bulk stores.
+template <int kChunks, typename Value>
+__device__ __forceinline__ void stage_chunks(uint32_t epi, int lane, int frag_row, int consumer,
+                                             Value&& value) {
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = frag_row + 8 * half;
+      const uint32_t addr =
+          epi + (j >> 3) * kBoxBytes + r * 128 + (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
+      st_shared_u32(addr, value(j, half));
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  named_barrier(2 + consumer, 128);
+}
+
+// Forward + SwiGLU epilogue of a consumer's finished 64 x 256 half-tile: acc[i] (i < 64) holds
+// gate column col0 + c(i), acc[i + 64] the up column of the same index (c(i) = 8 * (i / 4) +
+// 2 * (lane % 4) + i % 2). Stores gate_up's gate and up pieces (64 x 128 each) and the
+// activation's 64 x 128 piece; columns at or past I are not stored (I % 64 == 0, host-checked).
+__device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Finished& f,
+                                             const Params& p, const CUtensorMap* map_gate_up,
+                                             const CUtensorMap* map_act, uint32_t epi, int consumer,
+                                             int wg_tid, int lane, int frag_row) {
+  const int inter = p.gate_rows;
+  if (f.staged) {
+    // The previous bulk stores must have read the buffer before it is rewritten.
+    if (wg_tid == 0) bulk_wait_read();
+    named_barrier(2 + consumer, 128);
+    // Boxes 0 and 1: the gate columns; boxes 2 and 3: the up columns.
+    stage_chunks<32>(epi, lane, frag_row, consumer, [&](int j, int half) {
+      return pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+    });
+    if (wg_tid == 0) {
+      for (int cb = 0; cb < 4; ++cb) {
+        const int c = f.col0 + 64 * (cb & 1);
+        if (c < inter) {
+          tma_store_2d(map_gate_up, epi + cb * kBoxBytes, (cb >= 2 ? inter : 0) + c, f.half_row0);
+        }
+      }
+      bulk_commit();
+      bulk_wait_read();  // the activation reuses boxes 0 and 1
+    }
+    named_barrier(2 + consumer, 128);
+    stage_chunks<16>(epi, lane, frag_row, consumer, [&](int j, int half) {
+      const int i = 4 * j + 2 * half;
+      return swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
+    });
+    if (wg_tid == 0) {
+      for (int cb = 0; cb < 2; ++cb) {
+        const int c = f.col0 + 64 * cb;
+        if (c < inter) tma_store_2d(map_act, epi + cb * kBoxBytes, c, f.half_row0);
+      }
+      bulk_commit();
+    }
+    return;
+  }
+  __nv_bfloat16* gate_up = static_cast<__nv_bfloat16*>(p.out);
+  __nv_bfloat16* act = static_cast<__nv_bfloat16*>(p.out2);
+  const int c0 = f.col0 + 2 * (lane & 3);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = f.half_row0 + frag_row + 8 * half;
+    if (r < f.row_limit) {
+      __nv_bfloat16* gu_row = gate_up + static_cast<int64_t>(r) * p.out_row_stride;
+      __nv_bfloat16* act_row = act + static_cast<int64_t>(r) * p.out2_row_stride;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int c = c0 + 8 * j;
+        if (c < inter) {
+          const int i = 4 * j + 2 * half;
+          *reinterpret_cast<uint32_t*>(gu_row + c) = pack_bf16(acc[i], acc[i + 1]);
+          *reinterpret_cast<uint32_t*>(gu_row + inter + c) = pack_bf16(acc[i + 64], acc[i + 65]);
+          *reinterpret_cast<uint32_t*>(act_row + c) =
+              swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
+        }
+      }
+    }
+  }
+}
+
 #endif  // sm_90a device code
 
 // TMA epilogues (bf16 outputs only): a consumer writes its accumulators into a swizzled staging
@@ -503,12 +628,16 @@ template <Pass P, typename OutT, int kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                         const __grid_constant__ CUtensorMap map_b,
-                        const __grid_constant__ CUtensorMap map_out, const Params p) {
+                        const __grid_constant__ CUtensorMap map_out,
+                        const __grid_constant__ CUtensorMap map_out2, const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
   static_assert(!kTmaEpilogue || sizeof(OutT) == 2, "the TMA epilogue stages bf16 tiles");
+  static_assert(P != Pass::kForwardSwiglu ||
+                    (sizeof(OutT) == 2 && kEpi != kEpiTmaSplit && kEpi != kEpiTmaDeferred),
+                "the SwiGLU forward stores bf16 through the whole-box or the direct epilogue");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
@@ -547,6 +676,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_b);
     if constexpr (kTmaEpilogue) prefetch_tensor_map(&map_out);
+    if constexpr (kTmaEpilogue && P == Pass::kForwardSwiglu) prefetch_tensor_map(&map_out2);
   }
   __syncthreads();
 
@@ -574,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // tile_begin[e] = tiles of experts before e (m-blocks x n-blocks each): a warp-wide scan.
     if (tid < 32) {
-      const int n_blocks = ceil_div(p.out_cols, kBlockN);
+      const int n_blocks = ceil_div(p.out_cols, tile_cols<P>());
       int carry = 0;
       for (int first = 0; first <= num_experts; first += 32) {
         const int e = first + lane;
@@ -617,7 +747,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t bar = full_bar + 8 * s;
           const uint32_t a_dst = base + s * kStageBytes;
           mbar_arrive_expect_tx(bar, stage_bytes);
-          issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar);
+          issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar, p);
         }
       }
     } else if (tid == 32 && zero_tiles > 0) {
@@ -651,7 +781,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int wg_tid = tid & 127;
     const int warp_in_wg = wg_tid / 32;
     constexpr bool kTransA = P == Pass::kGradWeight;
-    constexpr bool kTransB = P != Pass::kForward;
+    constexpr bool kTransB = !is_forward(P);
     // Byte step of the descriptors per 16-deep WGMMA: along the 128-byte row when K-major,
     // two 8-row swizzle groups when MN-major.
     constexpr uint32_t kStepA = kTransA ? 2048 : 32;
@@ -769,6 +899,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_acc(acc);
       if (tile.k_iters > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
 
+      if constexpr (P == Pass::kForwardSwiglu) {
+        Finished done{};
+        done.half_row0 = half_row0;
+        done.row_limit = row_limit;
+        done.col0 = tile.col0;
+        done.expert = tile.expert;
+        done.staged = kTmaEpilogue && half_row0 + 64 <= row_limit;
+        store_swiglu(acc, done, p, &map_out, &map_out2, epi, consumer, wg_tid, lane, frag_row);
+        continue;
+      }
       // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
       // expert's end is stored row by row.
       Finished done{};

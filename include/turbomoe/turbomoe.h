@@ -325,6 +325,16 @@ TM_API tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_ten
                                     const tm_tensor* gate, const tm_tensor* up,
                                     tm_tensor* grad_gate, tm_tensor* grad_up, void* stream);
 
+/* gate_up [M,2I] = x [M,K] . w[e]^T per expert (w [E,2I,K]: the I gate rows, then the I up rows)
+ * and act [M,I] = the gated activation of gate_up's two halves as stored, i.e. the same as
+ * tm_grouped_gemm_forward followed by tm_swiglu_forward on gate_up's halves. On Hopper with bf16
+ * outputs and I a multiple of 64 the activation runs in the GEMM's epilogue (the gate/up output
+ * is not read back); elsewhere the two ops run in turn. gate_up and act: rows contiguous, of the
+ * dtype of x or float32 (both the same). Rows >= offsets[E] of both are zeroed. */
+TM_API tm_status tm_grouped_gemm_swiglu_forward(const tm_swiglu_params* params, const tm_tensor* x,
+                                                const tm_tensor* w, const tm_tensor* expert_offsets,
+                                                tm_tensor* gate_up, tm_tensor* act, void* stream);
+
 /* ---------------------------------------------------------------- RMSNorm
  * y = weight * cast(x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) in float32, over the last dim.
  * x, y [R,H] rows contiguous; weight [H] or NULL; rstd [R] f32 or NULL (saved for backward).
