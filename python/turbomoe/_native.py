@@ -133,6 +133,10 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_set_gemm_sm_margin": (_I32, [_I32]),
     "tm_gemm_sm_margin": (_I32, []),
     "tm_swiglu_forward": (_I32, [ctypes.POINTER(SwigluParams), _T, _T, _T, _P]),
+    "tm_grouped_gemm_swiglu_forward": (
+        _I32,
+        [ctypes.POINTER(SwigluParams), _T, _T, _T, _T, _T, _P],
+    ),
     "tm_swiglu_backward": (_I32, [ctypes.POINTER(SwigluParams), _T, _T, _T, _T, _T, _P]),
     "tm_rmsnorm_forward": (_I32, [_T, _T, _F, _T, _T, _P]),
     "tm_rmsnorm_backward_workspace_size": (_I32, [_I64, _I64, _I32, _SZP]),

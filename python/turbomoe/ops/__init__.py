@@ -4,6 +4,7 @@ implementation so they appear by name in the profiler and trace under ``torch.co
 from turbomoe.ops.activation import clamped_swiglu, silu_mul, swiglu
 from turbomoe.ops.ep_layout import SendPlan, ep_layout, ep_send_plan
 from turbomoe.ops.gated import gated
+from turbomoe.ops.gated_gemm import grouped_gemm_gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.loss import cross_entropy, linear_cross_entropy
 from turbomoe.ops.loss_total import linear_cross_entropy_total
@@ -24,6 +25,7 @@ __all__ = [
     "gated",
     "gather_rows",
     "grouped_gemm",
+    "grouped_gemm_gated",
     "linear_cross_entropy",
     "linear_cross_entropy_total",
     "moe_experts",

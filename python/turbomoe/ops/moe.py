@@ -3,8 +3,9 @@
 Hugging Face's eager experts loop over experts in Python (one gather, two GEMMs, an activation
 and an ``index_add_`` per expert, plus a host sync to find the experts hit). Here the same
 computation is a fixed sequence of whole-layer calls with no host sync: plan the permutation,
-gather the token rows into expert order, one grouped GEMM for gate/up, the gated activation on
-strided views of its output, one grouped GEMM for down, and a weighted combine back to token
+gather the token rows into expert order, one grouped GEMM for gate/up with the gated activation
+(fused into its epilogue on Hopper; biases or interleaved columns take the GEMM and the
+activation op in turn), one grouped GEMM for down, and a weighted combine back to token
 order. Every step is a custom op with its own backward, so autograd and torch.compile see
 named ops, and the gradient reaches hidden, the routing weights, the expert weights and biases.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from turbomoe.ops.gated import gated, gated_args
+from turbomoe.ops.gated_gemm import grouped_gemm_gated
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.moe_lean import lean_applies, lean_experts
 from turbomoe.ops.permute import combine, gather_rows, gathered_rows, permute_plan
@@ -104,10 +106,15 @@ def moe_experts(
         hidden, sorted_pairs, offsets, top_k, pair_to_row=pair_to_row, rows=routed_pairs
     )
     rows = x.shape[0]
-    gate_up = grouped_gemm(x, gate_up_proj, offsets)
-    if gate_up_bias is not None:
-        gate_up = gate_up + _row_bias(gate_up_bias.to(gate_up.dtype), offsets, rows)
-    act = gated(gate_up, activation, alpha, limit, interleaved)
+    if gate_up_bias is None and not interleaved:
+        # One op: on Hopper the activation runs in the gate/up GEMM's epilogue.
+        variant, alpha_, limit_, _ = gated_args(activation, alpha, limit, interleaved)
+        _, act = grouped_gemm_gated(x, gate_up_proj, offsets, variant, alpha_, limit_)
+    else:
+        gate_up = grouped_gemm(x, gate_up_proj, offsets)
+        if gate_up_bias is not None:
+            gate_up = gate_up + _row_bias(gate_up_bias.to(gate_up.dtype), offsets, rows)
+        act = gated(gate_up, activation, alpha, limit, interleaved)
     out_rows = grouped_gemm(act, down_proj, offsets)
     if down_bias is not None:
         out_rows = out_rows + _row_bias(down_bias.to(out_rows.dtype), offsets, rows)

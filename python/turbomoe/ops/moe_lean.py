@@ -32,6 +32,7 @@ import torch
 from turbomoe.ops._eager import _eager_ok as eager_ok
 from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eager
 from turbomoe.ops.gated import _gated_eager as gated_activation_eager
+from turbomoe.ops.gated_gemm import _grouped_gemm_gated_eager as grouped_gemm_gated_eager
 from turbomoe.ops.grouped_gemm import _backward_input_eager as grouped_gemm_backward_input_eager
 from turbomoe.ops.grouped_gemm import _backward_weight_eager as grouped_gemm_backward_weight_eager
 from turbomoe.ops.grouped_gemm import _grouped_gemm_eager as grouped_gemm_eager
@@ -62,9 +63,13 @@ class _LeanExperts(torch.autograd.Function):
     ) -> torch.Tensor:
         plan = (sorted_pairs, pair_to_row, offsets)
         x = _gather(hidden, plan, top_k, rows)
-        gate_up = grouped_gemm_eager(x, gate_up_proj, offsets)
+        variant, alpha, limit, interleaved = activation
+        if interleaved:
+            gate_up = grouped_gemm_eager(x, gate_up_proj, offsets)
+            act = gated_activation_eager(gate_up, *activation)
+        else:  # the activation in the gate/up GEMM's epilogue (on Hopper)
+            gate_up, act = grouped_gemm_gated_eager(x, gate_up_proj, offsets, variant, alpha, limit)
         del x
-        act = gated_activation_eager(gate_up, *activation)
         out_rows = grouped_gemm_eager(act, down_proj, offsets)
         del act
         out = combine_eager(out_rows, pair_to_row, weights, top_k)

@@ -354,6 +354,92 @@ def test_grouped_gemm_grad_weight_ignores_rows_outside_each_expert(
     assert err < 1e-2, f"seed {seed}: rel error {err}"
 
 
+# ------------------------------------------------------------- grouped GEMM + gated activation
+
+
+def torch_grouped_gemm_gated(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, variant: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_up = torch_grouped_gemm(x, w, offsets)
+    gate, up = gate_up.chunk(2, dim=-1)
+    if variant == tops.activation.SILU:
+        return gate_up, torch.nn.functional.silu(gate) * up
+    gate, up = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+    return gate_up, (up + 1) * gate * torch.sigmoid(1.702 * gate)
+
+
+GATED_GEMMS = [
+    # (tokens, top_k, experts, I, K, large): I a multiple of 64 runs the activation in the
+    # Hopper GEMM's epilogue (bf16), I = 40 the GEMM and then the activation op; the last is
+    # Qwen3-30B-A3B's gate/up at 512 tokens
+    (13, 2, 5, 64, 72, False),
+    (64, 8, 16, 192, 256, False),
+    (40, 4, 6, 40, 64, False),
+    (512, 8, 128, 768, 2048, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", [1, 2], ids=["silu", "clamped"])
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "inter", "k", "large"), GATED_GEMMS)
+def test_grouped_gemm_gated(tokens, top_k, experts, inter, k, large, variant, dtype):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[ids == 0] = experts  # expert 0 idle, its pairs dropped (rows past offsets[E])
+    _sorted, _p2r, offsets = tops.permute_plan(ids, experts)
+    x = torch.randn(tokens * top_k, k, generator=gen)
+    w = torch.randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * 3
+
+    def fn(x_: torch.Tensor, w_: torch.Tensor, off: torch.Tensor) -> object:
+        return tops.grouped_gemm_gated(x_, w_, off, variant, 1.702, 7.0)
+
+    def reference(x_: torch.Tensor, w_: torch.Tensor, off: torch.Tensor) -> object:
+        return torch_grouped_gemm_gated(x_, w_, off, variant)
+
+    check(fn, [x, w, offsets], [0, 1], dtype, seed, 1e-4, reference if large else None)
+
+
+@pytest.mark.parametrize("routing", ["uniform", "model"])
+def test_grouped_gemm_gated_epilogue_equals_gemm_then_activation(routing: str) -> None:
+    """The activation in the Hopper GEMM's epilogue gives what the library's composed path gives
+    (TURBOMOE_HOPPER_GEMM_SWIGLU=0: the grouped GEMM, then the activation kernel on its rounded
+    halves): gate_up bitwise (same tiles and reduction order), act to the last bit or within one
+    bf16 rounding. Rows straddle experts (whole-box and row-by-row stores), a tail of unrouted
+    rows comes out zero, and the model-like routing leaves most experts empty."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    experts, k, inter = 128, 2048, 768
+    if routing == "model":
+        bias = torch.randn(experts, generator=gen) * 3.0
+        ids = (bias + torch.randn(512, experts, generator=gen)).topk(8, -1).indices
+    else:
+        ids = torch.rand(512, experts, generator=gen).topk(8, -1).indices
+    counts = torch.bincount(ids.reshape(-1), minlength=experts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    rows = int(offsets[-1]) + 77
+    x = torch.randn(rows, k, generator=gen).to(BF16).to(CUDA)
+    w = (torch.randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * 3).to(BF16).to(CUDA)
+    off = offsets.to(CUDA)
+    op = torch.ops.turbomoe.grouped_gemm_gated
+    outs = {}
+    for fused in (True, False):
+        os.environ["TURBOMOE_HOPPER_GEMM_SWIGLU"] = "1" if fused else "0"
+        try:
+            poison()
+            outs[fused] = [t.cpu() for t in op(x, w, off, 1, 1.0, 1.0)]
+        finally:
+            os.environ.pop("TURBOMOE_HOPPER_GEMM_SWIGLU", None)
+    (gate_up, act), (ref_gate_up, ref_act) = outs[True], outs[False]
+    assert torch.isfinite(gate_up).all() and torch.isfinite(act).all(), f"seed {seed}"
+    assert torch.equal(gate_up, ref_gate_up), f"seed {seed}: gate_up differs"
+    assert float(act[int(offsets[-1]) :].abs().max()) == 0.0, f"seed {seed}: unrouted rows"
+    differ = int((act != ref_act).sum())
+    err = rel(act, ref_act)
+    assert err < 1e-3, f"seed {seed}: act rel {err:.3g}, {differ} elements differ"
+    print(f"act elements differing from the composed path: {differ} of {act.numel()}")
+
+
 # ----------------------------------------------------------------------------- MoE experts
 
 
