@@ -12,7 +12,9 @@ One process, one GPU, same inputs for both:
 
 Shapes are Qwen3-30B-A3B's experts: gate/up (K 2048 -> N 1536) and down (K 768 -> N 2048),
 128 experts, 8,192 / 32,768 / 131,072 routed rows, balanced and skewed ("real-ish") routing,
-passes forward (y = x w^T), grad-input (dx = dy w) and grad-weight (dw_e = dy_e^T x_e).
+passes forward (y = x w^T), grad-input (dx = dy w) and grad-weight (dw_e = dy_e^T x_e), and
+(--passes fwd_gated, gate/up only, --impl native) the forward with SwiGLU in the epilogue against
+torch._grouped_mm followed by silu(gate) * up (TFLOP/s counts the GEMM's FLOPs).
 
 Implementations ("--impl"):
   hopper  the internal entry points through bench/hopper_selftest.cu's library (--lib)
@@ -138,7 +140,32 @@ class Ours:
             return self._hopper("hs_backward_weight", dy, x, offsets, dw)
         return self._native("tm_grouped_gemm_backward_weight", dy, x, offsets, dw)
 
+    def forward_gated(self, ins: dict, act: torch.Tensor) -> bool:
+        """gate_up and SwiGLU in one library call (the activation in the epilogue on Hopper);
+        act is the checked output, gate_up a scratch buffer of the inputs."""
+        if self.impl != "native":
+            return False  # the selftest harness builds the plain passes only
+        x, w = ins["x"], ins["w"]
+        gate_up = ins.get("gate_up")
+        if gate_up is None:
+            gate_up = ins["gate_up"] = torch.empty(x.shape[0], w.shape[1], **_like(x))
+        d = self.native.describe
+        params = self.native.make_params(self.native.SwigluParams, variant=1, alpha=1.0, limit=1.0)
+        self.native.call(
+            "tm_grouped_gemm_swiglu_forward",
+            params,
+            d(x),
+            d(w),
+            d(ins["offsets"]),
+            d(gate_up),
+            d(act),
+            self.native.stream_for(x),
+        )
+        return True
+
     def run(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
+        if pass_ == "fwd_gated":
+            return self.forward_gated(ins, out)
         if pass_ == "fwd":
             return self.forward(ins["x"], ins["w"], ins["offsets"], out)
         if pass_ == "dx":
@@ -197,11 +224,18 @@ def offsets_from(counts: list[int], device: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- reference
 
 
+def _like(t: torch.Tensor) -> dict:
+    return {"dtype": t.dtype, "device": t.device}
+
+
 def reference(pass_: str, ins: dict, rows_total: int) -> torch.Tensor:
     """float32 result of a pass, rows past offsets[E] zero."""
     off = ins["offsets"].tolist()
     E = len(off) - 1
     w = ins["w"]
+    if pass_ == "fwd_gated":
+        gate, up = reference("fwd", ins, rows_total).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
     if pass_ == "fwd":
         x = ins["x"]
         out = torch.zeros(rows_total, w.shape[1], dtype=torch.float32, device=x.device)
@@ -226,6 +260,8 @@ def reference(pass_: str, ins: dict, rows_total: int) -> torch.Tensor:
 
 def out_shape(pass_: str, ins: dict, rows_total: int) -> tuple[int, ...]:
     E, N, K = ins["w"].shape
+    if pass_ == "fwd_gated":
+        return (rows_total, N // 2)
     if pass_ == "fwd":
         return (rows_total, N)
     if pass_ == "dx":
@@ -274,6 +310,10 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
     def fwd(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["x"], ins["w"].transpose(1, 2), offs=ins["offsets"][1:])
 
+    def fwd_gated(ins: dict) -> torch.Tensor:
+        gate, up = fwd(ins).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
     def dx(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["dy"], ins["w"], offs=ins["offsets"][1:])
 
@@ -283,7 +323,7 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
     def dw_kn(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["x"].t(), ins["dy"], offs=ins["offsets"][1:])
 
-    return {"fwd": fwd, "dx": dx, "dw": dw_nk, "dw_kn": dw_kn}[pass_]
+    return {"fwd": fwd, "fwd_gated": fwd_gated, "dx": dx, "dw": dw_nk, "dw_kn": dw_kn}[pass_]
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -482,7 +522,7 @@ def main() -> int:
     ap.add_argument("--rows", default="8192,32768,131072")
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--routing", default="balanced,skewed")
-    ap.add_argument("--passes", default="fwd,dx,dw")
+    ap.add_argument("--passes", default="fwd,dx,dw", help="of fwd, dx, dw, fwd_gated")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -536,6 +576,8 @@ def main() -> int:
                 sets = [make_inputs(counts, K, N, "cuda", gen) for _ in range(args.sets)]
                 skew = max(counts) / (rows / args.experts)
                 for pass_ in args.passes.split(","):
+                    if pass_ == "fwd_gated" and shape_name != "gate_up":
+                        continue  # the gated epilogue belongs to the gate/up projection
                     dt = dw_dtype if pass_ == "dw" else torch.bfloat16
                     row = {
                         "shape": shape_name,

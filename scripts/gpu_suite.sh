@@ -47,7 +47,7 @@ SKIP_SANITIZER=${SKIP_SANITIZER:-0}
 SKIP_GEMM=${SKIP_GEMM:-0}
 # 32k routed rows (the 12-layer bench's), the model's skewed routing and balanced; the second
 # variant is the grad-weight schedule before the ranked one, timed beside it.
-GEMM_ARGS=${GEMM_ARGS:---rows 32768 --routing model,balanced --variants default,nobalance --reps 20 --rounds 2}
+GEMM_ARGS=${GEMM_ARGS:---rows 32768 --routing model,balanced --passes fwd,fwd_gated,dx,dw --variants default,nobalance --reps 20 --rounds 2}
 SKIP_BENCH=${SKIP_BENCH:-0}
 SKIP_FINETUNE=${SKIP_FINETUNE:-0}
 SKIP_MULTIGPU=${SKIP_MULTIGPU:-0}
