@@ -16,7 +16,7 @@
 # Knobs (environment):
 #   OUT=out                 output folder
 #   SKIP_TESTS=1            skip ctest, sanitizer and pytest (the build still runs)
-#   SKIP_SANITIZER=1        skip the memcheck stage only
+#   SKIP_CTEST=1 / SKIP_SANITIZER=1 / SKIP_PYTEST=1   skip that stage only
 #   SKIP_GEMM=1             skip the grouped-GEMM stage; GEMM_ARGS="..." replaces its bench flags
 #   SKIP_BENCH=1            skip the benchmark
 #   SKIP_FINETUNE=1         skip the finetune runs
@@ -44,6 +44,8 @@ CUDA_ARCHS=${CUDA_ARCHS:-90a-real}
 PYTHON=${PYTHON:-python3}
 SKIP_TESTS=${SKIP_TESTS:-0}
 SKIP_SANITIZER=${SKIP_SANITIZER:-0}
+SKIP_CTEST=${SKIP_CTEST:-0}
+SKIP_PYTEST=${SKIP_PYTEST:-0}
 SKIP_GEMM=${SKIP_GEMM:-0}
 # 32k routed rows (the 12-layer bench's), the model's skewed routing and balanced; the second
 # variant is the grad-weight schedule before the ranked one, timed beside it.
@@ -155,7 +157,9 @@ elif [ "$SKIP_TESTS" = 1 ]; then
   for s in ctest gemm sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
 else
   # ctest
-  if grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
+  if [ "$SKIP_CTEST" = 1 ]; then
+    DETAIL[ctest]="SKIP_CTEST=1"
+  elif grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
     DETAIL[ctest]="GoogleTest missing"
   else
     run_stage ctest "$CTEST_TIMEOUT" ctest --test-dir "$BUILD_DIR" --output-on-failure -j 8 --timeout 100
@@ -241,6 +245,9 @@ PY
 
   # The GPU pytest suite (marker gpu; the conftest runs it only with TURBOMOE_GPU_TESTS=1).
   read -r -a pytest_extra <<<"$PYTEST_ARGS"
+  if [ "$SKIP_PYTEST" = 1 ]; then
+    DETAIL[pytest]="SKIP_PYTEST=1"
+  else
   run_stage pytest "$PYTEST_TIMEOUT" env TURBOMOE_GPU_TESTS=1 \
     "$PYTHON" -m pytest tests/python/gpu -q -rfE -p no:cacheprovider \
     --junitxml="$OUT/gpu_pytest.xml" "${pytest_extra[@]}"
@@ -259,6 +266,7 @@ PY
   if [ "$RC" -eq 0 ]; then STATUS[pytest]=ok; else
     STATUS[pytest]=FAILED
     DETAIL[pytest]+=" (pytest rc $RC)"
+  fi
   fi
 fi
 
