@@ -1,7 +1,7 @@
-// CUDA kernels of RMSNorm. Forward: one warp per row. Backward: a team of threads (see
-// rmsnorm.h) per row, each thread keeping a few vectors of x and grad_y in registers so that
-// the row is read from memory once; every team owns a fixed run of rows and keeps its
-// grad_weight partial sums in registers (in the workspace past the cached columns), and two
+// CUDA kernels of RMSNorm. Forward: one warp per row (part of a warp for narrow rows). Backward: a
+// team of threads (see rmsnorm.h) per row, each thread keeping a few vectors of x and grad_y in
+// registers so that the row is read from memory once; every team owns a fixed run of rows and keeps
+// its grad_weight partial sums in registers (in the workspace past the cached columns), and two
 // reduction kernels add the partial rows in a fixed order, so grad_weight is deterministic
 // without atomics.
 #include <type_traits>
@@ -46,28 +46,36 @@ __device__ __forceinline__ void load_weight(const W* weight, int64_t c, float (&
   }
 }
 
-// One warp per row, two passes over it (the second hits L1): measured faster on H200 than
-// teams holding the row in registers, for hidden sizes 128 to 7168.
+// A team of `team` lanes per row (a power of two up to 32: a warp for wide rows, part of one
+// for rows narrower than 32 vectors, e.g. the per-head q/k norms of 128 values, which would
+// otherwise leave half of each warp idle), two passes over the row (the second hits L1):
+// measured faster on H200 than teams holding the row in registers, for hidden sizes 128 to 7168.
 template <typename X, typename W, typename Y, int N>
 __global__ void __launch_bounds__(kForwardWarps * 32)
-    forward_kernel(int64_t rows, int64_t hidden, float eps, const X* x, int64_t x_stride,
+    forward_kernel(int team, int64_t rows, int64_t hidden, float eps, const X* x, int64_t x_stride,
                    const W* weight, Y* y, int64_t y_stride, float* rstd, int64_t rstd_stride) {
-  const int64_t r = int64_t(blockIdx.x) * kForwardWarps + threadIdx.x / 32;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  if (r >= rows) return;  // whole warps leave; nothing below synchronises the block
-  const X* xr = x + r * x_stride;
+  const int warp_lane = static_cast<int>(threadIdx.x) % 32;
+  const int lane = warp_lane % team;
+  const int64_t r =
+      (int64_t(blockIdx.x) * kForwardWarps + threadIdx.x / 32) * (32 / team) + warp_lane / team;
+  const bool active = r < rows;
+  const X* xr = x + (active ? r : 0) * x_stride;
   float sum_sq = 0.0f;
-  for (int64_t c = int64_t(lane) * N; c < hidden; c += 32 * N) {
+  for (int64_t c = int64_t(lane) * N; active && c < hidden; c += int64_t(team) * N) {
     float v[N];
     cuda::load_floats<N>(xr + c, v);
 #pragma unroll
     for (int i = 0; i < N; ++i) sum_sq += v[i] * v[i];
   }
-  sum_sq = cuda::warp_sum(sum_sq);
+  // Within the team (xor offsets below `team` stay inside it); every lane of the warp takes part.
+  for (int offset = team / 2; offset > 0; offset >>= 1) {
+    sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+  }
+  if (!active) return;  // nothing below synchronises
   const float rs = rsqrtf(sum_sq / static_cast<float>(hidden) + eps);
   if (lane == 0 && rstd != nullptr) rstd[r * rstd_stride] = rs;
   Y* yr = y + r * y_stride;
-  for (int64_t c = int64_t(lane) * N; c < hidden; c += 32 * N) {
+  for (int64_t c = int64_t(lane) * N; c < hidden; c += int64_t(team) * N) {
     float v[N], w[N];
     cuda::load_floats<N>(xr + c, v);
     load_weight<N>(weight, c, w);
@@ -215,7 +223,12 @@ void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, con
   const int64_t rows = x.size(0), hidden = x.size(1);
   const bool vec = hidden % cuda::kVecElems == 0 && cuda::vectorisable(x) &&
                    cuda::vectorisable(y) && (!weight || cuda::vectorisable(*weight));
-  const unsigned blocks = static_cast<unsigned>((rows + kForwardWarps - 1) / kForwardWarps);
+  // Lanes per row: enough for one pass of vectors over the row, at most a warp.
+  const int64_t vectors = (hidden + (vec ? cuda::kVecElems : 1) - 1) / (vec ? cuda::kVecElems : 1);
+  int team = 1;
+  while (team < 32 && team < vectors) team *= 2;
+  const int64_t rows_per_block = int64_t(kForwardWarps) * (32 / team);
+  const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
   float* rstd_ptr = rstd ? rstd->ptr<float>() : nullptr;
   const int64_t rstd_stride = rstd ? rstd->stride(0) : 0;
   const int32_t w_dtype = weight ? weight->dtype() : x.dtype();
@@ -227,7 +240,7 @@ void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, con
         using Y = Elem<decltype(y_tag)>;
         auto kernel = vec ? forward_kernel<X, W, Y, cuda::kVecElems> : forward_kernel<X, W, Y, 1>;
         kernel<<<blocks, kForwardWarps * 32, 0, cuda::as_stream(stream)>>>(
-            rows, hidden, eps, x.ptr<const X>(), x.stride(0),
+            team, rows, hidden, eps, x.ptr<const X>(), x.stride(0),
             static_cast<const W*>(data_or_null(weight)), y.ptr<Y>(), y.stride(0), rstd_ptr,
             rstd_stride);
       });
