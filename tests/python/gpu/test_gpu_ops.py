@@ -389,7 +389,11 @@ def test_grouped_gemm_gated(tokens, top_k, experts, inter, k, large, variant, dt
     ids[ids == 0] = experts  # expert 0 idle, its pairs dropped (rows past offsets[E])
     _sorted, _p2r, offsets = tops.permute_plan(ids, experts)
     x = torch.randn(tokens * top_k, k, generator=gen)
-    w = torch.randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * 3
+    # Against the CPU op (same dtype, same rounding points) gate/up spread widely (x3), so that
+    # the clamped variant's limit of 7 is crossed often. The float64 reference of the large case
+    # does not round gate_up before the activation: there an element within a bf16 rounding of
+    # the limit gets the other side's gradient, so gate/up stay ~N(0, 1), rarely near 7.
+    w = torch.randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * (1 if large else 3)
 
     def fn(x_: torch.Tensor, w_: torch.Tensor, off: torch.Tensor) -> object:
         return tops.grouped_gemm_gated(x_, w_, off, variant, 1.702, 7.0)
