@@ -26,7 +26,8 @@
 #   BENCH_ARGS="..."        extra `python -m turbomoe.bench` flags (word-split; later flags win,
 #                           e.g. BENCH_ARGS="--layers 4 --profile --record")
 #   SANITIZER_K="..."       pytest -k expression for the memcheck subset of test_gpu_ops.py
-#   PYTEST_ARGS="..."       extra pytest flags for the GPU suite
+#   PYTEST_ARGS="..."       extra pytest flags for the GPU suite (word-split)
+#   PYTEST_K="..."          a pytest -k expression for the GPU suite (one argument, spaces kept)
 #   JOBS=16  BUILD_DIR=build/gpu  CUDA_ARCHS=90a-real  PYTHON=python3
 #   *_TIMEOUT               per-stage limits in seconds (BUILD, CTEST, SANITIZER, PYTEST, BENCH)
 #   SUITE_BUDGET=560        seconds for all stages together: a stage is cut to what is left, so
@@ -246,6 +247,7 @@ PY
 
   # The GPU pytest suite (marker gpu; the conftest runs it only with TURBOMOE_GPU_TESTS=1).
   read -r -a pytest_extra <<<"$PYTEST_ARGS"
+  if [ -n "${PYTEST_K:-}" ]; then pytest_extra+=(-k "$PYTEST_K"); fi
   if [ "$SKIP_PYTEST" = 1 ]; then
     DETAIL[pytest]="SKIP_PYTEST=1"
   else
