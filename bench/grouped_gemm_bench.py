@@ -52,8 +52,8 @@ VARIANTS = {
     # grad-weight: expert order dealt round-robin, zero tiles computed (the schedule before)
     "nobalance": {"TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0"},
     "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
-    # fwd_gated: the library's GEMM, then its activation kernel (no SwiGLU epilogue)
-    "nogated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "0"},
+    # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
+    "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
     "v1": {
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
         "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",

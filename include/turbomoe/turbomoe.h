@@ -330,7 +330,8 @@ TM_API tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_ten
  * tm_grouped_gemm_forward followed by tm_swiglu_forward on gate_up's halves. On Hopper with bf16
  * outputs and I a multiple of 64 the activation runs in the GEMM's epilogue (the gate/up output
  * is not read back); elsewhere the two ops run in turn. gate_up and act: rows contiguous, of the
- * dtype of x or float32 (both the same). Rows >= offsets[E] of both are zeroed. */
+ * dtype of x or float32 (both the same). Rows >= offsets[E] of both are zeroed. The fused pass is
+ * opt-in (environment TURBOMOE_HOPPER_GEMM_SWIGLU=1) while the two ops in turn measure faster. */
 TM_API tm_status tm_grouped_gemm_swiglu_forward(const tm_swiglu_params* params, const tm_tensor* x,
                                                 const tm_tensor* w, const tm_tensor* expert_offsets,
                                                 tm_tensor* gate_up, tm_tensor* act, void* stream);

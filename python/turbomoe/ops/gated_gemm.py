@@ -2,9 +2,10 @@
 
 ``grouped_gemm_gated(x, w, offsets)`` returns ``(gate_up, act)``: gate_up [M, 2I] = x · w[e]ᵀ
 (w [E, 2I, K], the gate rows then the up rows) and act [M, I] = act(gate) · up of gate_up's two
-halves as stored. On Hopper (bf16, I a multiple of 64) the activation runs in the grouped GEMM's
-epilogue, so the [M, 2I] output is written once and never read back in the forward; elsewhere the
-library runs the GEMM and the activation in turn, with the same result.
+halves as stored. With ``TURBOMOE_HOPPER_GEMM_SWIGLU=1`` on Hopper (bf16, I a multiple of 64) the
+activation runs in the grouped GEMM's epilogue, so the [M, 2I] output is written once and never
+read back in the forward; otherwise (the default while the two kernels in turn measure faster,
+docs/perf-notes.md) the library runs the GEMM and the activation kernel, with the same result.
 
 The backward is the composed one: d(gate_up) from the activation's backward on the saved gate_up
 (plus gate_up's own gradient, where a caller used it), then the grouped GEMM's grad-input and

@@ -4,7 +4,7 @@ Hugging Face's eager experts loop over experts in Python (one gather, two GEMMs,
 and an ``index_add_`` per expert, plus a host sync to find the experts hit). Here the same
 computation is a fixed sequence of whole-layer calls with no host sync: plan the permutation,
 gather the token rows into expert order, one grouped GEMM for gate/up with the gated activation
-(fused into its epilogue on Hopper; biases or interleaved columns take the GEMM and the
+(one library call that can fuse the two; biases or interleaved columns take the GEMM and the
 activation op in turn), one grouped GEMM for down, and a weighted combine back to token
 order. Every step is a custom op with its own backward, so autograd and torch.compile see
 named ops, and the gradient reaches hidden, the routing weights, the expert weights and biases.
@@ -107,7 +107,7 @@ def moe_experts(
     )
     rows = x.shape[0]
     if gate_up_bias is None and not interleaved:
-        # One op: on Hopper the activation runs in the gate/up GEMM's epilogue.
+        # One op (the activation can run in the gate/up GEMM's epilogue: ops/gated_gemm.py).
         variant, alpha_, limit_, _ = gated_args(activation, alpha, limit, interleaved)
         _, act = grouped_gemm_gated(x, gate_up_proj, offsets, variant, alpha_, limit_)
     else:

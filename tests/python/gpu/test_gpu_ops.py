@@ -379,10 +379,16 @@ GATED_GEMMS = [
 ]
 
 
+@pytest.mark.parametrize("epilogue", ["fused", "composed"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", [1, 2], ids=["silu", "clamped"])
 @pytest.mark.parametrize(("tokens", "top_k", "experts", "inter", "k", "large"), GATED_GEMMS)
-def test_grouped_gemm_gated(tokens, top_k, experts, inter, k, large, variant, dtype):
+def test_grouped_gemm_gated(
+    tokens, top_k, experts, inter, k, large, variant, dtype, epilogue, monkeypatch
+):
+    """Both library paths: the SwiGLU epilogue (opt-in, bf16 with I % 64 == 0) and the GEMM then
+    the activation kernel."""
+    monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_SWIGLU", "1" if epilogue == "fused" else "0")
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     ids = distinct_ids(tokens, top_k, experts, gen)
