@@ -136,3 +136,20 @@ def test_rope_opcheck():
     torch.library.opcheck(
         torch.ops.turbomoe.rope_backward.default, (torch.randn(2, 3, 7, 16), cos, sin, False)
     )
+
+
+def test_rope_keeps_the_layout_of_its_input():
+    """q/k arrive as [B, S, NH, D] buffers seen transposed; the rotation (and its gradient) keep
+    that layout, as stock's elementwise formula does, so that attention's output, allocated in
+    q's layout, needs no copy before o_proj."""
+    b, s, nh, d = 2, 7, 3, 16
+    buf = torch.randn(b, s, nh, d, requires_grad=True)
+    x = buf.transpose(1, 2)
+    cos, sin = tables(b, s, d, False)
+    out = apply_rope(x, cos, sin)
+    assert out.stride() == x.stride()
+    torch.testing.assert_close(out, reference(x, cos, sin, False), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out, buf, torch.randn_like(out))
+    assert grad.is_contiguous(), "the gradient of the [B, S, NH, D] buffer needs no copy"
+    contiguous = apply_rope(torch.randn(b, nh, s, d), cos, sin)
+    assert contiguous.is_contiguous()

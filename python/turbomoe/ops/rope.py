@@ -4,6 +4,13 @@ HF's ``x * cos + rotate_half(x) * sin`` materialises rotate_half and three tempo
 kernel reads x once (in whatever strides attention's transpose left it) and writes the result.
 The rotation is linear in x, so the backward is the transposed rotation of the gradient and needs
 nothing saved but cos and sin.
+
+Outputs keep their input's memory layout (``empty_like``), as stock's elementwise version does:
+q and k come out of the projections as [B, S, NH, D] buffers seen transposed, and cuDNN's SDPA
+allocates its output (and wants its output gradient) in q's layout. A [B, NH, S, D]-contiguous q
+would make attention's output [B, NH, S, D] too, so that ``transpose(1, 2).contiguous()`` before
+o_proj copies it, its gradient is copied back for the backward, and the rotated gradient needs a
+third copy before the q/k norms' backward.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ def _params(interleaved: bool) -> Any:
 
 @torch.library.custom_op("turbomoe::rope", mutates_args=())
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
     _native.call(
         "tm_rope_forward",
         _params(interleaved),
@@ -37,14 +44,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bo
 
 @_rope.register_fake
 def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("turbomoe::rope_backward", mutates_args=())
 def _rope_backward(
     grad_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> torch.Tensor:
-    grad_x = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device)
+    grad_x = torch.empty_like(grad_out)
     _native.call(
         "tm_rope_backward",
         _params(interleaved),
@@ -61,7 +68,7 @@ def _rope_backward(
 def _(
     grad_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> torch.Tensor:
-    return grad_out.new_empty(grad_out.shape)
+    return torch.empty_like(grad_out)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
