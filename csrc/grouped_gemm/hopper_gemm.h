@@ -11,8 +11,9 @@
 // expert_offsets int32 [E+1], E <= 1024; every bf16 operand with unit last-dim stride, 16-byte
 // aligned data and row strides that are multiples of 8 elements; output column count even.
 // Environment: TURBOMOE_DISABLE_HOPPER_GEMM=1 makes every function return false;
-// TURBOMOE_HOPPER_GEMM_EPILOGUE=tma|split|direct and TURBOMOE_HOPPER_GEMM_SKIP_HALVES=0|1 pick
-// kernel variants for A/B timing (hopper_gemm.cu; docs/perf-notes-gemm.md has the numbers).
+// TURBOMOE_HOPPER_GEMM_EPILOGUE=tma|split|direct|deferred, TURBOMOE_HOPPER_GEMM_SKIP_HALVES=0|1,
+// TURBOMOE_HOPPER_GEMM_TRIM_TAIL=0|1 and TURBOMOE_HOPPER_GEMM_BALANCE_DW=0|1 pick kernel variants
+// for A/B timing (hopper_gemm.cu; docs/perf-notes-gemm.md and perf-notes.md have the numbers).
 #pragma once
 
 #include "turbomoe/turbomoe.h"
