@@ -4,13 +4,8 @@
 
 #include <cmath>
 
+#include "common/host_device.h"
 #include "turbomoe/turbomoe.h"
-
-#if defined(__CUDACC__)
-#define TM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define TM_HOST_DEVICE inline
-#endif
 
 namespace turbomoe::activation {
 

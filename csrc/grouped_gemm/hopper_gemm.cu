@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "common/cuda_utils.cuh"
@@ -123,6 +124,33 @@ CUtensorMap make_map(const void* data, int rank, const uint64_t* dims, const uin
   return map;
 }
 
+// A row-major [rows, cols] bf16 matrix read or written as boxes of `box_rows` rows by 64 columns.
+CUtensorMap matrix_map(const tm_tensor& t, uint32_t box_rows) {
+  const uint64_t dims[2] = {static_cast<uint64_t>(t.sizes[1]), static_cast<uint64_t>(t.sizes[0])};
+  const uint64_t strides[1] = {static_cast<uint64_t>(t.strides[0])};
+  const uint32_t box[2] = {64, box_rows};
+  return make_map(t.data, 2, dims, strides, box);
+}
+
+// A per-expert [E, rows, cols] bf16 tensor (w, dw) as boxes of `box_rows` rows by 64 columns of
+// one expert.
+CUtensorMap expert_map(const tm_tensor& t, uint32_t box_rows) {
+  const uint64_t dims[3] = {static_cast<uint64_t>(t.sizes[2]), static_cast<uint64_t>(t.sizes[1]),
+                            static_cast<uint64_t>(t.sizes[0])};
+  const uint64_t strides[2] = {static_cast<uint64_t>(t.strides[1]),
+                               static_cast<uint64_t>(t.strides[0])};
+  const uint32_t box[3] = {64, box_rows, 1};
+  return make_map(t.data, 3, dims, strides, box);
+}
+
+// The persistent grid of a forward-like pass: no more CTAs than the most tiles `cols` output
+// columns can make (every expert's row blocks, one partial block each, plus the unrouted rows).
+int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, int sm_count) {
+  const int64_t n_blocks = hopper_gemm::ceil_div(static_cast<int>(cols), tile_cols);
+  const int64_t max_tiles = (m / hopper_gemm::kBlockM + num_experts + 1) * n_blocks;
+  return static_cast<int>(max_tiles < sm_count ? max_tiles : sm_count);
+}
+
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
 //   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred
 //                                   (see hopper_gemm_kernel.cuh)
@@ -131,7 +159,7 @@ CUtensorMap make_map(const void* data, int rank, const uint64_t* dims, const uin
 //   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == value;
+  return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
 }
 
 constexpr int kMaxCachedDevices = 64;
@@ -222,20 +250,10 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
   int sm_count = 0;
   if (!device_ok(a.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
 
-  const uint64_t a_dims[2] = {static_cast<uint64_t>(reduce), static_cast<uint64_t>(m)};
-  const uint64_t a_strides[1] = {static_cast<uint64_t>(a.strides[0])};
-  const uint32_t a_box[2] = {64, hopper_gemm::kBlockM};
-  const uint64_t w_dims[3] = {static_cast<uint64_t>(k), static_cast<uint64_t>(n),
-                              static_cast<uint64_t>(num_experts)};
-  const uint64_t w_strides[2] = {static_cast<uint64_t>(w.strides[1]),
-                                 static_cast<uint64_t>(w.strides[0])};
   // Forward reads w[e] as 256 rows of 64 K values; grad-input as four 64 x 64 boxes, 64 output
   // columns (K) by 64 reduction rows (N) each.
-  const uint32_t w_box_fwd[3] = {64, hopper_gemm::kBlockN, 1};
-  const uint32_t w_box_dx[3] = {64, 64, 1};
-  const CUtensorMap map_a = make_map(a.data, 2, a_dims, a_strides, a_box);
-  const CUtensorMap map_b =
-      make_map(w.data, 3, w_dims, w_strides, P == Pass::kForward ? w_box_fwd : w_box_dx);
+  const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);
+  const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
 
   Params p{};
   p.offsets = static_cast<const int32_t*>(offsets.data);
@@ -247,18 +265,11 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
   p.reduce = static_cast<int32_t>(reduce);
   p.out_rows = static_cast<int32_t>(m);
   p.out_cols = static_cast<int32_t>(cols);
-  const int64_t n_blocks = hopper_gemm::ceil_div(static_cast<int>(cols), hopper_gemm::kBlockN);
-  const int64_t max_tiles = (m / hopper_gemm::kBlockM + num_experts + 1) * n_blocks;
-  const int grid = static_cast<int>(max_tiles < sm_count ? max_tiles : sm_count);
+  const int grid = row_pass_grid(m, num_experts, cols, hopper_gemm::kBlockN, sm_count);
   // Stored as 64 x 64 boxes: 64 columns by one consumer's 64 rows.
   CUtensorMap map_out{};
   const bool tma_out = tma_storable(out);
-  if (tma_out) {
-    const uint64_t dims[2] = {static_cast<uint64_t>(cols), static_cast<uint64_t>(m)};
-    const uint64_t strides[1] = {static_cast<uint64_t>(out.strides[0])};
-    const uint32_t box[2] = {64, 64};
-    map_out = make_map(out.data, 2, dims, strides, box);
-  }
+  if (tma_out) map_out = matrix_map(out, 64);
   launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
                 cuda::as_stream(stream));
   return true;
@@ -303,17 +314,9 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
   int sm_count = 0;
   if (!device_ok(x.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
 
-  const uint64_t x_dims[2] = {static_cast<uint64_t>(k), static_cast<uint64_t>(m)};
-  const uint64_t x_strides[1] = {static_cast<uint64_t>(x.strides[0])};
-  const uint32_t x_box[2] = {64, hopper_gemm::kBlockM};
-  const uint64_t w_dims[3] = {static_cast<uint64_t>(k), static_cast<uint64_t>(n),
-                              static_cast<uint64_t>(num_experts)};
-  const uint64_t w_strides[2] = {static_cast<uint64_t>(w.strides[1]),
-                                 static_cast<uint64_t>(w.strides[0])};
   // 128 gate rows and 128 up rows a stage, 64 K values each.
-  const uint32_t w_box[3] = {64, hopper_gemm::kBlockN / 2, 1};
-  const CUtensorMap map_a = make_map(x.data, 2, x_dims, x_strides, x_box);
-  const CUtensorMap map_b = make_map(w.data, 3, w_dims, w_strides, w_box);
+  const CUtensorMap map_a = matrix_map(x, hopper_gemm::kBlockM);
+  const CUtensorMap map_b = expert_map(w, hopper_gemm::kBlockN / 2);
 
   Params p{};
   p.offsets = static_cast<const int32_t*>(expert_offsets.data);
@@ -331,20 +334,13 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
   p.swiglu_alpha = params.alpha;
   p.swiglu_limit = params.limit;
   p.skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
-  constexpr int kCols = hopper_gemm::tile_cols<Pass::kForwardSwiglu>();
-  const int64_t n_blocks = hopper_gemm::ceil_div(static_cast<int>(inter), kCols);
-  const int64_t max_tiles = (m / hopper_gemm::kBlockM + num_experts + 1) * n_blocks;
-  const int grid = static_cast<int>(max_tiles < sm_count ? max_tiles : sm_count);
+  const int grid = row_pass_grid(m, num_experts, inter,
+                                 hopper_gemm::tile_cols<Pass::kForwardSwiglu>(), sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
   if (tma_storable(gate_up) && tma_storable(act) &&
       !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
-    const uint64_t gu_dims[2] = {static_cast<uint64_t>(n), static_cast<uint64_t>(m)};
-    const uint64_t gu_strides[1] = {static_cast<uint64_t>(gate_up.strides[0])};
-    const uint64_t act_dims[2] = {static_cast<uint64_t>(inter), static_cast<uint64_t>(m)};
-    const uint64_t act_strides[1] = {static_cast<uint64_t>(act.strides[0])};
-    const uint32_t box[2] = {64, 64};
-    const CUtensorMap map_gate_up = make_map(gate_up.data, 2, gu_dims, gu_strides, box);
-    const CUtensorMap map_act = make_map(act.data, 2, act_dims, act_strides, box);
+    const CUtensorMap map_gate_up = matrix_map(gate_up, 64);
+    const CUtensorMap map_act = matrix_map(act, 64);
     launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiTma>(
         map_a, map_b, map_gate_up, map_act, p, grid, x.device_index, s);
   } else {
@@ -390,13 +386,8 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
 
   // Both operands are read as 64 x 64 boxes: 64 output indices (N of dy, K of x) by 64 rows.
-  const uint64_t dy_dims[2] = {static_cast<uint64_t>(n), static_cast<uint64_t>(m)};
-  const uint64_t dy_strides[1] = {static_cast<uint64_t>(dy.strides[0])};
-  const uint64_t x_dims[2] = {static_cast<uint64_t>(k), static_cast<uint64_t>(m)};
-  const uint64_t x_strides[1] = {static_cast<uint64_t>(x.strides[0])};
-  const uint32_t box[2] = {64, 64};
-  const CUtensorMap map_a = make_map(dy.data, 2, dy_dims, dy_strides, box);
-  const CUtensorMap map_b = make_map(x.data, 2, x_dims, x_strides, box);
+  const CUtensorMap map_a = matrix_map(dy, 64);
+  const CUtensorMap map_b = matrix_map(x, 64);
 
   Params p{};
   p.offsets = static_cast<const int32_t*>(expert_offsets.data);
@@ -414,14 +405,7 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   const int grid = static_cast<int>(tiles < sm_count ? tiles : sm_count);
   CUtensorMap map_out{};
   const bool tma_out = tma_storable(dw);
-  if (tma_out) {
-    const uint64_t dims[3] = {static_cast<uint64_t>(k), static_cast<uint64_t>(n),
-                              static_cast<uint64_t>(num_experts)};
-    const uint64_t strides[2] = {static_cast<uint64_t>(dw.strides[1]),
-                                 static_cast<uint64_t>(dw.strides[0])};
-    const uint32_t box[3] = {64, 64, 1};
-    map_out = make_map(dw.data, 3, dims, strides, box);
-  }
+  if (tma_out) map_out = expert_map(dw, 64);
   launch_out<Pass::kGradWeight>(dw.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
                                 dy.device_index, cuda::as_stream(stream));
   return true;

@@ -455,6 +455,28 @@ struct Finished {
   bool staged;  // through the TMA staging buffer (else row-by-row stores)
 };
 
+// Writes kChunks 8-column chunks of a consumer's half-tile (value(j, half): the bf16 pair of
+// chunk j at fragment row frag_row + 8 * half) into the staging boxes, 64 columns a box: chunk j
+// goes to box j / 8, and its 16 bytes of each 128-byte row to slot (j % 8) ^ (row % 8) (the
+// 128-byte swizzle the output maps use, which also keeps the eight rows of one store on distinct
+// banks). Then makes them visible to the bulk stores.
+template <int kChunks, typename Value>
+__device__ __forceinline__ void stage_chunks(uint32_t epi, int lane, int frag_row, int consumer,
+                                             Value&& value) {
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = frag_row + 8 * half;
+      const uint32_t addr =
+          epi + (j >> 3) * kBoxBytes + r * 128 + (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
+      st_shared_u32(addr, value(j, half));
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  named_barrier(2 + consumer, 128);
+}
+
 // Stores a consumer's finished half-tile, held as bf16 pairs (see the kernel), into a bf16
 // output: whole halves through the swizzled staging buffer and TMA bulk stores, which drain
 // while the consumer runs on; a half that straddles the expert's end row by row.
@@ -472,22 +494,11 @@ __device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const
       // The previous bulk stores must have read the buffer before it is rewritten.
       if (wg_tid == 0) bulk_wait_read();
       named_barrier(2 + consumer, 128);
-#pragma unroll
-      for (int jj = 0; jj < 8 * kBoxesPerPiece; ++jj) {
-        // 8-column chunk j of the half-tile: box jj/8 of the piece; its 16-byte chunk j%8 of
-        // each 128-byte row sits at (j%8) ^ (row%8) (the 128-byte swizzle, which also keeps the
-        // eight rows of one store on distinct banks).
-        const int j = piece * 8 * kBoxesPerPiece + jj;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = frag_row + 8 * half;
-          const uint32_t addr =
-              epi + (jj >> 3) * kBoxBytes + r * 128 + (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
-          st_shared_u32(addr, packed[2 * j + half]);
-        }
-      }
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      named_barrier(2 + consumer, 128);
+      // This piece's 8-column chunks jj are the half-tile's chunks first + jj.
+      const int first = piece * 8 * kBoxesPerPiece;
+      stage_chunks<8 * kBoxesPerPiece>(epi, lane, frag_row, consumer, [&](int jj, int half) {
+        return packed[2 * (first + jj) + half];
+      });
       if (wg_tid == 0) {
         for (int cb = 0; cb < kBoxesPerPiece; ++cb) {
           const int c = f.col0 + 64 * (piece * kBoxesPerPiece + cb);
@@ -531,26 +542,6 @@ __device__ __forceinline__ uint32_t swiglu_pair(const Params& p, float g0, float
   return pack_bf16(
       activation::swiglu_value(v, p.swiglu_alpha, p.swiglu_limit, rounded(g0), rounded(u0)),
       activation::swiglu_value(v, p.swiglu_alpha, p.swiglu_limit, rounded(g1), rounded(u1)));
-}
-
-// Writes 8 * kChunkCols 8-column chunks of a consumer's half-tile (value(j, half): the bf16
-// pair of chunk j at fragment row frag_row + 8 * half) into the staging boxes, 64 columns a box,
-// in the 128-byte swizzle the output maps use, and makes them visible to the bulk stores.
-template <int kChunks, typename Value>
-__device__ __forceinline__ void stage_chunks(uint32_t epi, int lane, int frag_row, int consumer,
-                                             Value&& value) {
-#pragma unroll
-  for (int j = 0; j < kChunks; ++j) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = frag_row + 8 * half;
-      const uint32_t addr =
-          epi + (j >> 3) * kBoxBytes + r * 128 + (((j & 7) ^ (r & 7)) << 4) + (lane & 3) * 4;
-      st_shared_u32(addr, value(j, half));
-    }
-  }
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  named_barrier(2 + consumer, 128);
 }
 
 // Forward + SwiGLU epilogue of a consumer's finished 64 x 256 half-tile: acc[i] (i < 64) holds

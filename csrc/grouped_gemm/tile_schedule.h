@@ -10,13 +10,7 @@
 
 #include <cstdint>
 
-#ifndef TM_HOST_DEVICE
-#if defined(__CUDACC__)
-#define TM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define TM_HOST_DEVICE inline
-#endif
-#endif
+#include "common/host_device.h"
 
 namespace turbomoe::hopper_gemm {
 

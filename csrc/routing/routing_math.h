@@ -4,15 +4,8 @@
 
 #include <cmath>
 
+#include "common/host_device.h"
 #include "turbomoe/turbomoe.h"
-
-#ifndef TM_HOST_DEVICE
-#if defined(__CUDACC__)
-#define TM_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define TM_HOST_DEVICE inline
-#endif
-#endif
 
 namespace turbomoe::routing {
 
