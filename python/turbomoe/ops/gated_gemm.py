@@ -24,6 +24,12 @@ from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eage
 from turbomoe.ops.grouped_gemm import _backward_input_eager, _backward_weight_eager, _weight_operand
 
 
+def _outputs(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (gate_up [M, 2I], act [M, I]) in x's dtype and device (also the fake's)."""
+    rows, n = x.shape[0], w.shape[1]
+    return x.new_empty((rows, n)), x.new_empty((rows, n // 2))
+
+
 @torch.library.custom_op("turbomoe::grouped_gemm_gated", mutates_args=())
 def _grouped_gemm_gated(
     x: torch.Tensor,
@@ -33,9 +39,7 @@ def _grouped_gemm_gated(
     alpha: float,
     limit: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, n = x.shape[0], w.shape[1]
-    gate_up = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    act = torch.empty((rows, n // 2), dtype=x.dtype, device=x.device)
+    gate_up, act = _outputs(x, w)
     _native.call(
         "tm_grouped_gemm_swiglu_forward",
         _native.make_params(_native.SwigluParams, variant=variant, alpha=alpha, limit=limit),
@@ -58,8 +62,7 @@ def _(
     alpha: float,
     limit: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, n = x.shape[0], w.shape[1]
-    return x.new_empty((rows, n)), x.new_empty((rows, n // 2))
+    return _outputs(x, w)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

@@ -282,6 +282,16 @@ def torch_grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) 
     return torch.cat(parts)
 
 
+def offsets_with_idle_expert(
+    tokens: int, top_k: int, experts: int, gen: torch.Generator
+) -> torch.Tensor:
+    """expert_offsets of random routing in which expert 0 gets no rows and its pairs are dropped
+    (so that some rows lie past offsets[E])."""
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[ids == 0] = experts
+    return tops.permute_plan(ids, experts)[2]
+
+
 GEMMS = [
     # (tokens, top_k, experts, N, K, large): odd small, medium, then Qwen3-30B-A3B's gate_up
     # and down projections at 512 tokens
@@ -298,9 +308,7 @@ GEMMS = [
 def test_grouped_gemm(tokens, top_k, experts, n, k, large, transposed, dtype):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    ids = distinct_ids(tokens, top_k, experts, gen)
-    ids[ids == 0] = experts  # expert 0 idle, its pairs dropped (rows past offsets[E])
-    _sorted, _p2r, offsets = tops.permute_plan(ids, experts)
+    offsets = offsets_with_idle_expert(tokens, top_k, experts, gen)
     x = torch.randn(tokens * top_k, k, generator=gen)
     shape = (experts, k, n) if transposed else (experts, n, k)
     w = torch.randn(shape, generator=gen) * k**-0.5
@@ -391,9 +399,7 @@ def test_grouped_gemm_gated(
     monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_SWIGLU", "1" if epilogue == "fused" else "0")
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    ids = distinct_ids(tokens, top_k, experts, gen)
-    ids[ids == 0] = experts  # expert 0 idle, its pairs dropped (rows past offsets[E])
-    _sorted, _p2r, offsets = tops.permute_plan(ids, experts)
+    offsets = offsets_with_idle_expert(tokens, top_k, experts, gen)
     x = torch.randn(tokens * top_k, k, generator=gen)
     # Against the CPU op (same dtype, same rounding points) gate/up spread widely (x3), so that
     # the clamped variant's limit of 7 is crossed often. The float64 reference of the large case
