@@ -180,17 +180,16 @@ void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
 }
 
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.
-// out2: the SwiGLU forward's activation map (the other passes pass any map; it is not read).
 template <Pass P, typename OutT, int kEpi>
-void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out,
-            const CUtensorMap& out2, const Params& p, int grid, int device, cudaStream_t stream) {
+void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
+            int grid, int device, cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
   // A static of this instantiation: one record per kernel (all of them share one type).
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
-  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, out2, p);
+  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
   cuda::check_launch("hopper grouped_gemm_kernel");
 }
 
@@ -202,17 +201,16 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   p.trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
   p.balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
   if (out_dtype == TM_DTYPE_FLOAT32) {
-    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, a, p, grid, device, stream);
+    launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, a, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
              p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, a, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, a, p, grid, device,
-                                                           stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
   } else {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, a, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);
   }
 }
 
@@ -337,15 +335,14 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
   const int grid = row_pass_grid(m, num_experts, inter,
                                  hopper_gemm::tile_cols<Pass::kForwardSwiglu>(), sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
-  if (tma_storable(gate_up) && tma_storable(act) &&
-      !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
+  // gate_up goes through the TMA epilogue where it can; the activation is stored from registers.
+  if (tma_storable(gate_up) && !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
     const CUtensorMap map_gate_up = matrix_map(gate_up, 64);
-    const CUtensorMap map_act = matrix_map(act, 64);
-    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiTma>(
-        map_a, map_b, map_gate_up, map_act, p, grid, x.device_index, s);
+    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiTma>(map_a, map_b, map_gate_up, p,
+                                                                      grid, x.device_index, s);
   } else {
-    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiDirect>(
-        map_a, map_b, map_a, map_a, p, grid, x.device_index, s);
+    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiDirect>(map_a, map_b, map_a, p,
+                                                                         grid, x.device_index, s);
   }
   return true;
 }

@@ -546,16 +546,16 @@ __device__ __forceinline__ uint32_t swiglu_pair(const Params& p, float g0, float
 
 // Forward + SwiGLU epilogue of a consumer's finished 64 x 256 half-tile: acc[i] (i < 64) holds
 // gate column col0 + c(i), acc[i + 64] the up column of the same index (c(i) = 8 * (i / 4) +
-// 2 * (lane % 4) + i % 2). Stores gate_up's gate and up pieces (64 x 128 each) and the
-// activation's 64 x 128 piece; columns at or past I are not stored (I % 64 == 0, host-checked).
-// Measured on H100 at 32k rows: 0.441 ms a call against 0.397 for the plain forward and the
-// activation kernel, because the second round waits, with both consumers idle, for the TMA
-// engine to read the first out of shared memory; hence opt-in (hopper_gemm.h). Next: the
-// activation stored from registers (commit 0684d63, not yet run on a GPU).
+// 2 * (lane % 4) + i % 2). gate_up's gate and up pieces (64 x 128 each) go through the staging
+// buffer and TMA like any tile; the activation's 64 x 128 piece is stored from registers. A
+// second staging round for it (the first version) had to wait, with both consumers idle, for the
+// TMA engine to read the first out of shared memory: 0.441 ms a call on H100 at 32k rows against
+// 0.397 for the plain forward and the activation kernel. Columns at or past I are not stored
+// (I % 64 == 0, host-checked).
 __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Finished& f,
                                              const Params& p, const CUtensorMap* map_gate_up,
-                                             const CUtensorMap* map_act, uint32_t epi, int consumer,
-                                             int wg_tid, int lane, int frag_row) {
+                                             uint32_t epi, int consumer, int wg_tid, int lane,
+                                             int frag_row) {
   const int inter = p.gate_rows;
   if (f.staged) {
     // The previous bulk stores must have read the buffer before it is rewritten.
@@ -573,21 +573,7 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
         }
       }
       bulk_commit();
-      bulk_wait_read();  // the activation reuses boxes 0 and 1
     }
-    named_barrier(2 + consumer, 128);
-    stage_chunks<16>(epi, lane, frag_row, consumer, [&](int j, int half) {
-      const int i = 4 * j + 2 * half;
-      return swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
-    });
-    if (wg_tid == 0) {
-      for (int cb = 0; cb < 2; ++cb) {
-        const int c = f.col0 + 64 * cb;
-        if (c < inter) tma_store_2d(map_act, epi + cb * kBoxBytes, c, f.half_row0);
-      }
-      bulk_commit();
-    }
-    return;
   }
   __nv_bfloat16* gate_up = static_cast<__nv_bfloat16*>(p.out);
   __nv_bfloat16* act = static_cast<__nv_bfloat16*>(p.out2);
@@ -603,8 +589,10 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
         const int c = c0 + 8 * j;
         if (c < inter) {
           const int i = 4 * j + 2 * half;
-          *reinterpret_cast<uint32_t*>(gu_row + c) = pack_bf16(acc[i], acc[i + 1]);
-          *reinterpret_cast<uint32_t*>(gu_row + inter + c) = pack_bf16(acc[i + 64], acc[i + 65]);
+          if (!f.staged) {
+            *reinterpret_cast<uint32_t*>(gu_row + c) = pack_bf16(acc[i], acc[i + 1]);
+            *reinterpret_cast<uint32_t*>(gu_row + inter + c) = pack_bf16(acc[i + 64], acc[i + 65]);
+          }
           *reinterpret_cast<uint32_t*>(act_row + c) =
               swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
         }
@@ -623,8 +611,7 @@ template <Pass P, typename OutT, int kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                         const __grid_constant__ CUtensorMap map_b,
-                        const __grid_constant__ CUtensorMap map_out,
-                        const __grid_constant__ CUtensorMap map_out2, const Params p) {
+                        const __grid_constant__ CUtensorMap map_out, const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
@@ -671,7 +658,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_b);
     if constexpr (kTmaEpilogue) prefetch_tensor_map(&map_out);
-    if constexpr (kTmaEpilogue && P == Pass::kForwardSwiglu) prefetch_tensor_map(&map_out2);
   }
   __syncthreads();
 
@@ -901,7 +887,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         done.col0 = tile.col0;
         done.expert = tile.expert;
         done.staged = kTmaEpilogue && half_row0 + 64 <= row_limit;
-        store_swiglu(acc, done, p, &map_out, &map_out2, epi, consumer, wg_tid, lane, frag_row);
+        store_swiglu(acc, done, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
         continue;
       }
       // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
