@@ -35,6 +35,8 @@
 #   PYTEST_ARGS="..."       extra pytest flags for the GPU suite (word-split)
 #   PYTEST_K="..."          a pytest -k expression for the GPU suite (one argument, spaces kept)
 #   JOBS=16  BUILD_DIR=build/gpu  CUDA_ARCHS=90a-real  PYTHON=python3
+#   PREBUILT_LIB=path       use this libturbomoe.so (built here for 90a, brought with `carry`)
+#                           instead of building, if it loads; the C++ tests are then not run
 #   *_TIMEOUT               per-stage limits in seconds (BUILD, CTEST, SANITIZER, PYTEST, BENCH)
 #   SUITE_BUDGET=560        seconds for all stages together: a stage is cut to what is left, so
 #                           the summary always prints within ~9.5 minutes
@@ -146,11 +148,27 @@ build() {
 # `timeout` runs programs, not shell functions: hand the functions to a child bash.
 export -f configure build
 export ROOT BUILD_DIR CUDA_ARCHS JOBS
-run_stage build "$BUILD_TIMEOUT" bash -c build
+# PREBUILT_LIB: a libturbomoe.so built elsewhere for sm_90a (it links neither Python nor torch and
+# carries its CUDA runtime), brought along with the device tool's `carry`; the build stage is
+# skipped when it loads here (it saves the build's minutes of a 10-minute call), else it builds.
+if [ -n "${PREBUILT_LIB:-}" ] && [ -f "$PREBUILT_LIB" ] &&
+  "$PYTHON" -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1])' "$PREBUILT_LIB" >"$OUT/build.log" 2>&1; then
+  LIB=$(cd "$(dirname "$PREBUILT_LIB")" && pwd)/$(basename "$PREBUILT_LIB")
+  export TURBOMOE_LIBRARY=$LIB
+  echo "TM_BUILD_TESTS=OFF (prebuilt library $LIB)" >>"$OUT/build.log"
+  echo "== build: using the prebuilt $LIB"
+  RC=0
+  USED_PREBUILT=1
+else
+  if [ -n "${PREBUILT_LIB:-}" ]; then echo "== build: PREBUILT_LIB=$PREBUILT_LIB does not load here"; fi
+  run_stage build "$BUILD_TIMEOUT" bash -c build
+fi
 if [ "$RC" -eq 0 ] && [ -f "$LIB" ]; then
   STATUS[build]=ok
   DETAIL[build]="$BUILD_DIR ($CUDA_ARCHS)"
-  if grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
+  if [ "${USED_PREBUILT:-0}" = 1 ]; then
+    DETAIL[build]="prebuilt $PREBUILT_LIB; C++ tests not built"
+  elif grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
     DETAIL[build]+="; no GoogleTest: C++ tests not built"
   fi
 else
