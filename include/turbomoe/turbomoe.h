@@ -409,6 +409,28 @@ TM_API tm_status tm_linear_cross_entropy_backward(
     const tm_tensor* weight, const tm_tensor* labels, const tm_tensor* lse, tm_tensor* grad_hidden,
     tm_tensor* grad_weight, void* workspace, size_t workspace_bytes, void* stream);
 
+/* ---------------------------------------------------------------- optimizer
+ * One AdamW step (decoupled weight decay) in place, element by element, in float32 from the
+ * stored values, rounded once into each tensor's dtype:
+ *   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+ *   p = p * (1 - lr * weight_decay) - lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+ * param f32/bf16; grad f32/bf16; exp_avg and exp_avg_sq f32/bf16, the same dtype; all
+ * contiguous, of one shape, not overlapping. step counts from 1 (this step included).
+ */
+typedef struct tm_adamw_params {
+  uint32_t struct_size;
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  int64_t step;
+} tm_adamw_params;
+
+TM_API tm_status tm_adamw_step(const tm_adamw_params* params, tm_tensor* param,
+                               const tm_tensor* grad, tm_tensor* exp_avg, tm_tensor* exp_avg_sq,
+                               void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -87,6 +87,18 @@ class LinearCeParams(ctypes.Structure):
     ]
 
 
+class AdamwParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("lr", ctypes.c_double),
+        ("beta1", ctypes.c_double),
+        ("beta2", ctypes.c_double),
+        ("eps", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("step", ctypes.c_int64),
+    ]
+
+
 def make_params(cls: type[ctypes.Structure], **fields: Any) -> ctypes.Structure:
     """A parameter struct with struct_size filled in."""
     return cls(struct_size=ctypes.sizeof(cls), **fields)
@@ -157,6 +169,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         _I32,
         [ctypes.POINTER(LinearCeParams), _T, _T, _T, _T, _T, _T, _T, _P, _SZ, _P],
     ),
+    "tm_adamw_step": (_I32, [ctypes.POINTER(AdamwParams), _T, _T, _T, _T, _P]),
 }
 
 

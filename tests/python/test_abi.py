@@ -59,6 +59,7 @@ STRUCT_CLASSES = {
     "tm_swiglu_params": _native.SwigluParams,
     "tm_rope_params": _native.RopeParams,
     "tm_linear_ce_params": _native.LinearCeParams,
+    "tm_adamw_params": _native.AdamwParams,
 }
 
 SCALARS = {

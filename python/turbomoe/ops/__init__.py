@@ -1,7 +1,9 @@
 """turbomoe's torch custom ops (``torch.ops.turbomoe.*``), each with autograd and a fake
-implementation so they appear by name in the profiler and trace under ``torch.compile``."""
+implementation so they appear by name in the profiler and trace under ``torch.compile``; and the
+in-place optimizer step ``adamw_step_`` (no autograd)."""
 
 from turbomoe.ops.activation import clamped_swiglu, silu_mul, swiglu
+from turbomoe.ops.adamw import adamw_step_, adamw_step_reason
 from turbomoe.ops.ep_layout import SendPlan, ep_layout, ep_send_plan
 from turbomoe.ops.gated import gated
 from turbomoe.ops.gated_gemm import grouped_gemm_gated
@@ -16,6 +18,8 @@ from turbomoe.ops.routing import route
 
 __all__ = [
     "SendPlan",
+    "adamw_step_",
+    "adamw_step_reason",
     "apply_rope",
     "clamped_swiglu",
     "combine",

@@ -2,15 +2,20 @@
 
 torch's AdamW keeps its moments in the parameter's dtype. With bfloat16 moments (optim.state_dtype)
 the optimizer state of a full fine-tune takes half the memory; the update itself is computed in
-float32 from the upcast moments, so only the stored state is rounded."""
+float32 from the upcast moments, so only the stored state is rounded. Each parameter's step is
+one pass of ``turbomoe.ops.adamw_step_`` (``TURBOMOE_FUSED_ADAMW=0``: the same step as tensor
+ops, some fifteen passes and float32 temporaries the size of the parameter)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from turbomoe import ops
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.config import OptimSection
 
@@ -42,6 +47,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        fused = os.environ.get("TURBOMOE_FUSED_ADAMW", "1") != "0"
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -54,18 +60,54 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
                 t = float(state["step"])
-                grad = p.grad.float()
-                m = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                update = (m / (1 - beta1**t)).div_(denom)
-                weight = p.float()
-                if group["weight_decay"]:
-                    weight.mul_(1 - group["lr"] * group["weight_decay"])
-                weight.add_(update, alpha=-group["lr"])
-                p.copy_(weight)
+                local = _local_tensors(p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if fused and local is not None and ops.adamw_step_reason(*local) is None:
+                    ops.adamw_step_(
+                        *local,
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        step=int(t),
+                    )
+                    continue
+                _step_with_tensor_ops(p, state, group, t)
+
+
+def _local_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The tensors themselves, or for DTensors laid out alike, their local shards (the step is
+    element-wise, so each rank updates its own shard); None for DTensors laid out differently
+    (a gradient still Partial, say) or mixed with plain tensors."""
+    dtensors = [isinstance(t, DTensor) for t in tensors]
+    if not any(dtensors):
+        return tensors
+    if not all(dtensors):
+        return None
+    first = tensors[0]
+    if any(t.placements != first.placements or t.device_mesh != first.device_mesh for t in tensors):
+        return None
+    return tuple(t.to_local() for t in tensors)
+
+
+def _step_with_tensor_ops(
+    p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], t: float
+) -> None:
+    """The same step as tensor ops: for what the fused step does not take (DTensors laid out
+    differently, half precision, non-contiguous tensors); also its reference in the tests."""
+    beta1, beta2 = group["betas"]
+    grad = p.grad.float()
+    m = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+    v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    state["exp_avg"].copy_(m)
+    state["exp_avg_sq"].copy_(v)
+    denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+    update = (m / (1 - beta1**t)).div_(denom)
+    weight = p.float()
+    if group["weight_decay"]:
+        weight.mul_(1 - group["lr"] * group["weight_decay"])
+    weight.add_(update, alpha=-group["lr"])
+    p.copy_(weight)
 
 
 def build_optimizer(
