@@ -413,7 +413,8 @@ TM_API tm_status tm_linear_cross_entropy_backward(
  * One AdamW step (decoupled weight decay) in place, element by element, in float32 from the
  * stored values, rounded once into each tensor's dtype:
  *   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
- *   p = p * (1 - lr * weight_decay) - lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+ *   p = p * (1 - lr * weight_decay)
+ *       - lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
  * param f32/bf16; grad f32/bf16; exp_avg and exp_avg_sq f32/bf16, the same dtype; all
  * contiguous, of one shape, not overlapping. step counts from 1 (this step included).
  */
