@@ -108,3 +108,31 @@ def test_library_rejects_bad_hyperparameters_and_shared_memory():
     with pytest.raises(ValueError, match="share memory"):
         tops.adamw_step_(p, g, m, m, step=1, **kwargs)
     assert torch.equal(p, before) and not m.any(), "a rejected call changed its tensors"
+
+
+def test_dtensor_parameters_step_on_their_local_shards(tmp_path, monkeypatch):
+    """FSDP2's DTensor parameters: the fused step runs on the local shards, in place, with the
+    result of the same step on plain tensors (a one-rank gloo mesh, Shard(0))."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    calls = []
+    monkeypatch.setattr(tm_optim, "_step_with_tensor_ops", lambda *a: calls.append(a))
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(3)
+        start, grad = torch.randn(12, 5).to(BF16), torch.randn(12, 5).to(BF16)
+        d = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        d.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        plain = torch.nn.Parameter(start.clone())
+        plain.grad = grad.clone()
+        AdamW([d], lr=1e-2, weight_decay=0.1).step()
+        AdamW([plain], lr=1e-2, weight_decay=0.1).step()
+        assert isinstance(d, DTensor) and not calls, "the DTensor took the tensor-op step"
+        assert torch.equal(d.to_local(), plain.detach())
+        assert not torch.equal(plain.detach(), start)
+    finally:
+        dist.destroy_process_group()
