@@ -550,8 +550,9 @@ __device__ __forceinline__ uint32_t swiglu_pair(const Params& p, float g0, float
 // buffer and TMA like any tile; the activation's 64 x 128 piece is stored from registers. A
 // second staging round for it (the first version) had to wait, with both consumers idle, for the
 // TMA engine to read the first out of shared memory: 0.441 ms a call on H100 at 32k rows against
-// 0.397 for the plain forward and the activation kernel. Columns at or past I are not stored
-// (I % 64 == 0, host-checked).
+// 0.397 for the plain forward and the activation kernel. This version: 0.428 against 0.396
+// (H100, tenth session): the register stores and the math stay exposed in the cooperative
+// schedule, hence still opt-in. Columns at or past I are not stored (I % 64 == 0, host-checked).
 __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Finished& f,
                                              const Params& p, const CUtensorMap* map_gate_up,
                                              uint32_t epi, int consumer, int wg_tid, int lane,
