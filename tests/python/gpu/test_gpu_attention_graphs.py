@@ -49,8 +49,8 @@ def _twins_agree(
     loss_rtol: float,
     grad_rtol: float,
 ) -> None:
-    """Each batch through both models, losses and gradients compared, then one AdamW step on
-    each, so that later replays run on weights the optimizer changed in place."""
+    """Each batch through both models, losses and gradients compared, then the same AdamW step
+    on each, so that later replays run on weights the optimizer changed in place."""
     opt_g = torch.optim.AdamW(graphed.parameters(), lr=1e-3)
     opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3)
     for i, batch in enumerate(batches):
@@ -61,9 +61,18 @@ def _twins_agree(
         bad = {n: rel_err(got_grads[n], want_grads[n]) for n in want_grads}
         bad = {n: e for n, e in bad.items() if not e <= grad_rtol}
         assert not bad, f"step {i}: gradients differ beyond rel {grad_rtol}: {bad}"
+        # Both twins take the graphed twin's update, so each step compares one replay with one
+        # eager call on equal weights: with each twin's own gradients, AdamW would turn the
+        # run-to-run noise of bf16 attention backwards in near-zero gradients into full-size
+        # steps (lr-sized, whatever the gradient's size) and the twins would drift apart.
+        for p, q in zip(graphed.parameters(), eager.parameters(), strict=True):
+            if p.grad is not None:
+                q.grad.copy_(p.grad)
         for opt in (opt_g, opt_e):
             opt.step()
             opt.zero_grad(set_to_none=True)
+        for (name, p), q in zip(graphed.named_parameters(), eager.parameters(), strict=True):
+            assert torch.equal(p, q), f"step {i}: {name} differs after the same update"
 
 
 def _prepared_pair(model: torch.nn.Module, batch: Batch) -> tuple[torch.nn.Module, object]:
