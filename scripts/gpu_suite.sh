@@ -5,7 +5,8 @@
 # Stages: build (cmake + ninja, CUDA required, sm_90a) -> ctest -> the grouped GEMM through the
 # library (bench/grouped_gemm_bench.py: edge cases, then each pass on the Qwen3-30B-A3B expert
 # shapes checked and timed against torch._grouped_mm) -> compute-sanitizer memcheck on
-# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark -> `turbomoe
+# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark and the AdamW
+# step benchmark (bench/optim_bench.py) -> `turbomoe
 # finetune` with a model path on one GPU and under torchrun (scripts/finetune_device.sh). Each
 # stage's
 # exit status is recorded and a failing stage does not stop the later ones (except that nothing
@@ -333,9 +334,23 @@ if ratios.get("speedup"):
 print(f"{p['config']['layers']} layers: " + "; ".join(parts))
 PY
   )
-  if [ "$RC" -eq 0 ]; then STATUS[bench]=ok; else
+  bench_rc=$RC
+  # The optimizer step, which the bench's TPS excludes and `turbomoe finetune` pays every step.
+  run_stage optim 90 "$PYTHON" bench/optim_bench.py --json "$OUT/optim.json"
+  optim_rc=$RC
+  DETAIL[bench]+=$("$PYTHON" - "$OUT/optim.json" <<'PY' 2>/dev/null || echo "; no optim.json (rc $optim_rc)"
+import json
+import sys
+
+runs = json.load(open(sys.argv[1]))["runs"]
+ms = {name.split(" (")[0]: r["ms"] for name, r in runs.items()}
+print(f"; AdamW step of one layer: fused {ms['turbomoe fused']:.2f} ms, tensor ops "
+      f"{ms['turbomoe tensor-ops']:.2f}, torch fused bf16 {ms['torch fused']:.2f}")
+PY
+  )
+  if [ "$bench_rc" -eq 0 ] && [ "$optim_rc" -eq 0 ]; then STATUS[bench]=ok; else
     STATUS[bench]=FAILED
-    DETAIL[bench]+=" (bench rc $RC)"
+    DETAIL[bench]+=" (bench rc $bench_rc, optim bench rc $optim_rc)"
   fi
 fi
 
@@ -442,8 +457,8 @@ for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
   fi
 done
 # At most 8 files come back from the device: the logs travel as one archive.
-(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log env.txt \
-  gemm.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt)
+(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt $(ls optim.json 2>/dev/null) 2>/dev/null &&
+  rm -f ./*.log env.txt gemm.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt optim.json)
 failed=()
 echo
 echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="
