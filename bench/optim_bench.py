@@ -8,6 +8,7 @@ Floors: bytes moved at the device copy rate measured in the same run (a large `c
 
   turbomoe fused      turbomoe.train.optim.AdamW, float32 moments (the finetune default), one
                       tm_adamw_step pass per parameter
+  turbomoe fused-bf16 the same with bfloat16 moments (what torch's fused AdamW stores)
   turbomoe tensor-ops the same optimizer with TURBOMOE_FUSED_ADAMW=0 (the step before the kernel)
   torch fused bf16    torch.optim.AdamW(fused=True): its moments in the parameters' dtype (bf16)
   torch foreach bf16  torch.optim.AdamW(foreach=True), same moments
@@ -85,6 +86,11 @@ def main() -> None:
             lambda ps: AdamW(ps, lr=1e-4, weight_decay=0.1),
             "1",
             2 + 2 + 4 + 4 + 2 + 4 + 4,
+        ),
+        "turbomoe fused-bf16 (bf16 moments)": (
+            lambda ps: AdamW(ps, lr=1e-4, weight_decay=0.1, state_dtype=torch.bfloat16),
+            "1",
+            2 * 7,
         ),
         "turbomoe tensor-ops (f32 moments)": (
             lambda ps: AdamW(ps, lr=1e-4, weight_decay=0.1),
