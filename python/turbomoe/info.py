@@ -27,6 +27,7 @@ OP_FAMILIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("rope", "rotary position embedding", ("tm_rope_",)),
     ("loss", "cross-entropy, fused linear cross-entropy", ("tm_cross_entropy_", "tm_linear_")),
     ("expert_parallel", "token dispatch/combine across GPUs", ("tm_ep_",)),
+    ("optim", "AdamW step (turbomoe.train.optim.AdamW)", ("tm_adamw_",)),
 )
 
 STOCK = "stock PyTorch"
