@@ -37,7 +37,8 @@
 #   PYTEST_K="..."          a pytest -k expression for the GPU suite (one argument, spaces kept)
 #   JOBS=16  BUILD_DIR=build/gpu  CUDA_ARCHS=90a-real  PYTHON=python3
 #   PREBUILT_LIB=path       use this libturbomoe.so (built here for 90a, brought with `carry`)
-#                           instead of building, if it loads; the C++ tests are then not run
+#                           instead of building, if it loads; a turbomoe_tests binary beside it
+#                           is run as the ctest stage (scripts/prebuild_device.sh makes both)
 #   *_TIMEOUT               per-stage limits in seconds (BUILD, CTEST, SANITIZER, PYTEST, BENCH)
 #   SUITE_BUDGET=560        seconds for all stages together: a stage is cut to what is left, so
 #                           the summary always prints within ~9.5 minutes
@@ -168,7 +169,7 @@ if [ "$RC" -eq 0 ] && [ -f "$LIB" ]; then
   STATUS[build]=ok
   DETAIL[build]="$BUILD_DIR ($CUDA_ARCHS)"
   if [ "${USED_PREBUILT:-0}" = 1 ]; then
-    DETAIL[build]="prebuilt $PREBUILT_LIB; C++ tests not built"
+    DETAIL[build]="prebuilt $PREBUILT_LIB"
   elif grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
     DETAIL[build]+="; no GoogleTest: C++ tests not built"
   fi
@@ -184,8 +185,18 @@ elif [ "$SKIP_TESTS" = 1 ]; then
   for s in ctest gemm sanitizer pytest; do DETAIL[$s]="SKIP_TESTS=1"; done
 else
   # ctest
+  prebuilt_tests=$(dirname "${PREBUILT_LIB:-.}")/turbomoe_tests
   if [ "$SKIP_CTEST" = 1 ]; then
     DETAIL[ctest]="SKIP_CTEST=1"
+  elif [ "${USED_PREBUILT:-0}" = 1 ] && [ -x "$prebuilt_tests" ]; then
+    # The GoogleTest binary built beside the prebuilt library (it links that library and the
+    # system's libstdc++), run directly: there is no CTest tree here.
+    run_stage ctest "$CTEST_TIMEOUT" env LD_LIBRARY_PATH="$(dirname "$LIB")" "$prebuilt_tests" \
+      --gtest_brief=1
+    passed=$(grep -Eo "\[  PASSED  \] [0-9]+" "$OUT/ctest.log" | grep -Eo "[0-9]+" || echo 0)
+    failed=$(grep -Eo "\[  FAILED  \] [0-9]+ tests?" "$OUT/ctest.log" | grep -Eo "[0-9]+" || echo 0)
+    DETAIL[ctest]="$passed/$((passed + failed)) passed (prebuilt turbomoe_tests)"
+    if [ "$RC" -eq 0 ]; then STATUS[ctest]=ok; else STATUS[ctest]=FAILED; fi
   elif grep -q "TM_BUILD_TESTS=OFF" "$OUT/build.log"; then
     DETAIL[ctest]="GoogleTest missing"
   else
