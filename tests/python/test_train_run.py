@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import signal
 import textwrap
 from pathlib import Path
@@ -302,3 +303,28 @@ def test_adamw_bf16_states_survive_a_state_dict_round_trip():
     again.load_state_dict(opt.state_dict())
     assert again.state[p]["exp_avg"].dtype == torch.bfloat16
     assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, math.inf])
+def test_clip_scales_like_torch_and_only_when_it_clips(max_norm, monkeypatch):
+    from turbomoe.train.step import clip_grad_norm_if_needed
+
+    torch.manual_seed(2)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ours, ref, strict=True):
+        p.grad = torch.randn(5, 3)
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    scaled = []
+    foreach_mul = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a: scaled.append(a) or foreach_mul(*a))
+    norm = clip_grad_norm_if_needed(ours, max_norm)
+    torch.testing.assert_close(norm, want)
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    # Only a norm above the bound costs a pass over the gradients.
+    assert len(scaled) == (1 if max_norm < float(want) else 0)
+    if max_norm == 0.5:
+        clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ours]))
+        assert float(clipped) == pytest.approx(0.5, rel=1e-4)
