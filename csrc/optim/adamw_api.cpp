@@ -71,7 +71,8 @@ void disjoint(std::initializer_list<const Arg*> args) {
 extern "C" {
 
 tm_status tm_adamw_step(const tm_adamw_params* params, tm_tensor* param, const tm_tensor* grad,
-                        tm_tensor* exp_avg, tm_tensor* exp_avg_sq, void* stream) {
+                        tm_tensor* exp_avg, tm_tensor* exp_avg_sq, const tm_tensor* grad_scale,
+                        void* stream) {
   return turbomoe::guard(__func__, [&] {
     const auto c = constants(turbomoe::check_params(params, "params"));
     const Arg p(param, "param"), g(grad, "grad"), m(exp_avg, "exp_avg"),
@@ -82,12 +83,23 @@ tm_status tm_adamw_step(const tm_adamw_params* params, tm_tensor* param, const t
     v.contiguous().same_shape(p).same_dtype(m);
     const int32_t device = turbomoe::common_device({&p, &g, &m, &v});
     disjoint({&p, &g, &m, &v});
+    const float* scale = nullptr;
+    if (grad_scale != nullptr) {
+      const Arg s(grad_scale, "grad_scale");
+      s.dtype_in({TM_DTYPE_FLOAT32});
+      if (s.numel() != 1) {
+        turbomoe::invalid("grad_scale has " + std::to_string(s.numel()) +
+                          " elements, expected one (a float32 scalar)");
+      }
+      turbomoe::common_device({&p, &s});
+      scale = s.ptr<const float>();
+    }
     turbomoe::require_cuda_build(device, "tm_adamw_step");
     if (p.numel() == 0) return;
     if (device == TM_DEVICE_CPU) {
-      turbomoe::optim::adamw_cpu(c, p, g, m, v);
+      turbomoe::optim::adamw_cpu(c, p, g, m, v, scale);
     } else {
-      TM_CUDA_ONLY(turbomoe::optim::adamw_cuda(c, p, g, m, v, stream));
+      TM_CUDA_ONLY(turbomoe::optim::adamw_cuda(c, p, g, m, v, scale, stream));
     }
   });
 }

@@ -5,8 +5,9 @@
 namespace turbomoe::optim {
 
 void adamw_cpu(const AdamwConstants& c, const Arg& param, const Arg& grad, const Arg& exp_avg,
-               const Arg& exp_avg_sq) {
+               const Arg& exp_avg_sq, const float* grad_scale) {
   const int64_t n = param.numel();
+  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   dispatch_floating(param.dtype(), [&](auto p_tag) {
     using P = decltype(p_tag);
     dispatch_floating(grad.dtype(), [&](auto g_tag) {
@@ -19,7 +20,8 @@ void adamw_cpu(const AdamwConstants& c, const Arg& param, const Arg& grad, const
         S* v = exp_avg_sq.ptr<S>();
         for (int64_t i = 0; i < n; ++i) {
           float mi = to_float(m[i]), vi = to_float(v[i]);
-          const float w = adamw_element(c, to_float(p[i]), to_float(g[i]), mi, vi);
+          const float gi = grad_scale != nullptr ? to_float(g[i]) * scale : to_float(g[i]);
+          const float w = adamw_element(c, to_float(p[i]), gi, mi, vi);
           m[i] = from_float<S>(mi);
           v[i] = from_float<S>(vi);
           p[i] = from_float<P>(w);

@@ -12,12 +12,18 @@ constexpr int kThreads = 256;
 template <typename P, typename G, typename S, int N>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(AdamwConstants c, int64_t n, P* __restrict__ param, const G* __restrict__ grad,
-                 S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq) {
+                 S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,
+                 const float* __restrict__ grad_scale) {
+  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x * N;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * N; i < n; i += stride) {
     float p[N], g[N], m[N], v[N];
     cuda::load_floats<N>(param + i, p);
     cuda::load_floats<N>(grad + i, g);
+    if (grad_scale != nullptr) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) g[k] *= scale;
+    }
     cuda::load_floats<N>(exp_avg + i, m);
     cuda::load_floats<N>(exp_avg_sq + i, v);
 #pragma unroll
@@ -38,7 +44,7 @@ bool aligned(const Arg& a) {
 }  // namespace
 
 void adamw_cuda(const AdamwConstants& c, const Arg& param, const Arg& grad, const Arg& exp_avg,
-                const Arg& exp_avg_sq, void* stream) {
+                const Arg& exp_avg_sq, const float* grad_scale, void* stream) {
   cuda::DeviceGuard device(param.t().device_index);
   const int64_t n = param.numel();
   // The vector body covers the largest multiple of 8 elements; a scalar launch takes the rest.
@@ -57,13 +63,13 @@ void adamw_cuda(const AdamwConstants& c, const Arg& param, const Arg& grad, cons
         const cudaStream_t s = cuda::as_stream(stream);
         if (body > 0) {
           adamw_kernel<P, G, S, cuda::kVecElems>
-              <<<cuda::blocks_for(body / cuda::kVecElems, kThreads), kThreads, 0, s>>>(c, body, p,
-                                                                                       g, m, v);
+              <<<cuda::blocks_for(body / cuda::kVecElems, kThreads), kThreads, 0, s>>>(
+                  c, body, p, g, m, v, grad_scale);
           cuda::check_launch("adamw_kernel");
         }
         if (n > body) {
           adamw_kernel<P, G, S, 1><<<cuda::blocks_for(n - body, kThreads), kThreads, 0, s>>>(
-              c, n - body, p + body, g + body, m + body, v + body);
+              c, n - body, p + body, g + body, m + body, v + body, grad_scale);
           cuda::check_launch("adamw_kernel");
         }
       });

@@ -51,7 +51,8 @@ TEST_P(AdamwTest, MatchesDoubleAdamwOverSteps) {
     for (int64_t step = 1; step <= 5; ++step) {
       grad.fill_uniform(rng, -2, 2);
       const tm_adamw_params p = params(step, weight_decay);
-      TM_ASSERT_OK(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr));
+      TM_ASSERT_OK(
+          tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr));
       // In double, each stored value rounded to its tensor's dtype as the step stores it.
       for (int64_t i = 0; i < n; ++i) {
         const auto k = static_cast<size_t>(i);
@@ -96,7 +97,7 @@ TEST(Adamw, FirstStepMovesEachParameterByLearningRateTimesSign) {
     grad.set(i, g[i]);
   }
   const tm_adamw_params p = params(1, 0.0);
-  TM_ASSERT_OK(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr));
+  TM_ASSERT_OK(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr));
   for (int i = 0; i < 4; ++i) {
     EXPECT_NEAR(param.get(i), 1.0 - p.lr * (g[i] > 0 ? 1 : -1), 1e-6) << i;
     EXPECT_NEAR(m.get(i), 0.1 * g[i], 1e-5 * std::abs(g[i])) << i;
@@ -104,40 +105,84 @@ TEST(Adamw, FirstStepMovesEachParameterByLearningRateTimesSign) {
   }
 }
 
+TEST(Adamw, GradScaleMultipliesTheGradient) {
+  // With grad_scale s the step equals the step on s * grad (the clipping factor, read on the
+  // tensors' device instead of a pass that rescales the gradients).
+  auto rng = turbomoe::testing::rng_for_test();
+  HostTensor p1({64}, TM_DTYPE_FLOAT32), g1({64}, TM_DTYPE_FLOAT32), m1({64}, TM_DTYPE_FLOAT32),
+      v1({64}, TM_DTYPE_FLOAT32);
+  HostTensor p2({64}, TM_DTYPE_FLOAT32), g2({64}, TM_DTYPE_FLOAT32), m2({64}, TM_DTYPE_FLOAT32),
+      v2({64}, TM_DTYPE_FLOAT32), scale({}, TM_DTYPE_FLOAT32);
+  p1.fill_uniform(rng, -1, 1);
+  scale.set(0, 0.25);
+  for (int64_t step = 1; step <= 3; ++step) {
+    g1.fill_uniform(rng, -3, 3);
+    for (int64_t i = 0; i < 64; ++i) {
+      if (step == 1) p2.set(i, p1.get(i));
+      g2.set(i, static_cast<double>(static_cast<float>(g1.get(i)) * 0.25f));
+    }
+    const tm_adamw_params p = params(step, 0.1);
+    TM_ASSERT_OK(
+        tm_adamw_step(&p, p1.desc(), g1.desc(), m1.desc(), v1.desc(), scale.desc(), nullptr));
+    TM_ASSERT_OK(tm_adamw_step(&p, p2.desc(), g2.desc(), m2.desc(), v2.desc(), nullptr, nullptr));
+  }
+  for (int64_t i = 0; i < 64; ++i) {
+    EXPECT_EQ(p1.get(i), p2.get(i)) << i;
+    EXPECT_EQ(m1.get(i), m2.get(i)) << i;
+    EXPECT_EQ(v1.get(i), v2.get(i)) << i;
+  }
+  // A scale that is not one float32 value.
+  HostTensor two({2}, TM_DTYPE_FLOAT32), half_scale({}, TM_DTYPE_BFLOAT16);
+  const tm_adamw_params p = params(4, 0.1);
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, p1.desc(), g1.desc(), m1.desc(), v1.desc(), two.desc(), nullptr),
+      TM_ERR_INVALID_ARGUMENT, "grad_scale");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, p1.desc(), g1.desc(), m1.desc(), v1.desc(), half_scale.desc(), nullptr),
+      TM_ERR_INVALID_ARGUMENT, "grad_scale");
+}
+
 TEST(Adamw, RejectsBadArguments) {
   HostTensor param({8}, TM_DTYPE_FLOAT32), grad({8}, TM_DTYPE_FLOAT32);
   HostTensor m({8}, TM_DTYPE_FLOAT32), v({8}, TM_DTYPE_FLOAT32), v16({8}, TM_DTYPE_BFLOAT16);
   HostTensor short_grad({7}, TM_DTYPE_FLOAT32), half({8}, TM_DTYPE_FLOAT16);
   tm_adamw_params p = params(1, 0.0);
-  TM_EXPECT_ERROR(tm_adamw_step(nullptr, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "params");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(nullptr, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "params");
   p.step = 0;
-  TM_EXPECT_ERROR(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "step");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "step");
   p = params(1, 0.0);
   p.beta2 = 1.0;
-  TM_EXPECT_ERROR(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "beta");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "beta");
   p = params(1, 0.0);
   p.lr = NAN;
-  TM_EXPECT_ERROR(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "lr");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "lr");
   p = params(1, 0.0);
-  TM_EXPECT_ERROR(tm_adamw_step(&p, param.desc(), short_grad.desc(), m.desc(), v.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "grad");
-  TM_EXPECT_ERROR(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v16.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "exp_avg_sq");
-  TM_EXPECT_ERROR(tm_adamw_step(&p, half.desc(), grad.desc(), m.desc(), v.desc(), nullptr),
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, param.desc(), short_grad.desc(), m.desc(), v.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "grad");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), v16.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "exp_avg_sq");
+  TM_EXPECT_ERROR(tm_adamw_step(&p, half.desc(), grad.desc(), m.desc(), v.desc(), nullptr, nullptr),
                   TM_ERR_INVALID_ARGUMENT, "param");
   // Two moments in one buffer.
-  TM_EXPECT_ERROR(tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), m.desc(), nullptr),
-                  TM_ERR_INVALID_ARGUMENT, "share memory");
+  TM_EXPECT_ERROR(
+      tm_adamw_step(&p, param.desc(), grad.desc(), m.desc(), m.desc(), nullptr, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "share memory");
   // A strided view.
   tm_tensor strided = *param.desc();
   strided.sizes[0] = 4;
   strided.strides[0] = 2;
   HostTensor g4({4}, TM_DTYPE_FLOAT32), m4({4}, TM_DTYPE_FLOAT32), v4({4}, TM_DTYPE_FLOAT32);
-  TM_EXPECT_ERROR(tm_adamw_step(&p, &strided, g4.desc(), m4.desc(), v4.desc(), nullptr),
+  TM_EXPECT_ERROR(tm_adamw_step(&p, &strided, g4.desc(), m4.desc(), v4.desc(), nullptr, nullptr),
                   TM_ERR_INVALID_ARGUMENT, "param");
 }
 

@@ -415,6 +415,8 @@ TM_API tm_status tm_linear_cross_entropy_backward(
  *   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
  *   p = p * (1 - lr * weight_decay)
  *       - lr * (m / (1 - beta1^step)) / (sqrt(v / (1 - beta2^step)) + eps)
+ * with g = grad * grad_scale in float32 when grad_scale is given (a float32 tensor of one element
+ * on the same device, read on the device: a gradient-clipping factor needs no host sync).
  * param f32/bf16; grad f32/bf16; exp_avg and exp_avg_sq f32/bf16, the same dtype; all
  * contiguous, of one shape, not overlapping. step counts from 1 (this step included).
  */
@@ -430,7 +432,7 @@ typedef struct tm_adamw_params {
 
 TM_API tm_status tm_adamw_step(const tm_adamw_params* params, tm_tensor* param,
                                const tm_tensor* grad, tm_tensor* exp_avg, tm_tensor* exp_avg_sq,
-                               void* stream);
+                               const tm_tensor* grad_scale, void* stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -169,7 +169,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         _I32,
         [ctypes.POINTER(LinearCeParams), _T, _T, _T, _T, _T, _T, _T, _P, _SZ, _P],
     ),
-    "tm_adamw_step": (_I32, [ctypes.POINTER(AdamwParams), _T, _T, _T, _T, _P]),
+    "tm_adamw_step": (_I32, [ctypes.POINTER(AdamwParams), _T, _T, _T, _T, _T, _P]),
 }
 
 

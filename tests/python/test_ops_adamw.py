@@ -136,3 +136,34 @@ def test_dtensor_parameters_step_on_their_local_shards(tmp_path, monkeypatch):
         assert not torch.equal(plain.detach(), start)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grad_scale_steps_like_clipped_gradients(fused, monkeypatch):
+    """step(grad_scale=s) takes the step of the gradients multiplied by s (a clipping factor on
+    the device) and leaves .grad as it was."""
+    monkeypatch.setenv("TURBOMOE_FUSED_ADAMW", "1" if fused else "0")
+    torch.manual_seed(4)
+    ours = torch.nn.Parameter(torch.randn(33, 7))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt = AdamW([ours], lr=1e-2, weight_decay=0.1)
+    ref_opt = AdamW([ref], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(33, 7) * 5
+        scale = (1.0 / grad.norm()).clamp(max=1.0)
+        ours.grad, ref.grad = grad.clone(), grad * scale
+        opt.step(grad_scale=scale)
+        ref_opt.step()
+        assert torch.equal(ours.grad, grad), "the step rescaled .grad"
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[ours]["exp_avg"], ref_opt.state[ref]["exp_avg"])
+
+
+def test_grad_scale_must_be_one_float32_value():
+    p, g = torch.randn(8), torch.randn(8)
+    m, v = torch.zeros(8), torch.zeros(8)
+    kwargs = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    with pytest.raises(ValueError, match="grad_scale"):
+        tops.adamw_step_(p, g, m, v, step=1, grad_scale=torch.ones(2), **kwargs)
+    with pytest.raises(TypeError, match="grad_scale"):
+        tops.adamw_step_(p, g, m, v, step=1, grad_scale=torch.ones((), dtype=BF16), **kwargs)

@@ -51,8 +51,13 @@ def adamw_step_(
     eps: float,
     weight_decay: float,
     step: int,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
-    """AdamW step number ``step`` (from 1) on ``param``, ``exp_avg``, ``exp_avg_sq`` in place."""
+    """AdamW step number ``step`` (from 1) on ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
+
+    ``grad_scale``: a float32 tensor of one element on the parameter's device multiplied into
+    the gradient as it is read (a clipping factor computed on the device: no host sync, no pass
+    that rescales the gradients)."""
     reason = adamw_step_reason(param, grad, exp_avg, exp_avg_sq)
     if reason is not None:
         raise ValueError(f"adamw_step_: {reason}")
@@ -72,5 +77,6 @@ def adamw_step_(
         _native.describe(grad),
         _native.describe(exp_avg),
         _native.describe(exp_avg_sq),
+        _native.describe(grad_scale),
         _native.stream_for(param),
     )

@@ -118,7 +118,7 @@ def sync_grads(model: nn.Module) -> None:
 sync_dense_grads = sync_grads
 
 
-def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The float32 sum of squares of all elements: per-tensor norms from one multi-tensor pass
     that reads each gradient once (``grad.float().pow(2).sum()`` per tensor wrote a float32 copy
     and its square: ~18 bytes an element moved instead of 2 for bf16 gradients)."""
@@ -160,7 +160,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, eps: float = 1e-6) -> tor
             kinds["expert"].append(grad)
         else:
             kinds["replicated"].append(grad)
-    replicated, fsdp, expert = (_sum_of_squares(kinds[k], device) for k in kinds)
+    replicated, fsdp, expert = (sum_of_squares(kinds[k], device) for k in kinds)
     if state.fsdp:
         dist.all_reduce(fsdp, group=state.world_group)
     if state.ep_size > 1:

@@ -46,7 +46,11 @@ class AdamW(torch.optim.Optimizer):
                     state[key] = state[key].to(self.state_dtype)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Any = None, *, grad_scale: torch.Tensor | None = None
+    ) -> None:
+        """One step; ``grad_scale`` (a float32 scalar tensor, e.g. a clipping factor computed
+        on the device) multiplies every gradient as the step reads it, leaving ``.grad`` as is."""
         fused = os.environ.get("TURBOMOE_FUSED_ADAMW", "1") != "0"
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -70,9 +74,10 @@ class AdamW(torch.optim.Optimizer):
                         eps=group["eps"],
                         weight_decay=group["weight_decay"],
                         step=int(t),
+                        grad_scale=_scale_on(grad_scale, p),
                     )
                     continue
-                _step_with_tensor_ops(p, state, group, t)
+                _step_with_tensor_ops(p, state, group, t, grad_scale)
 
 
 def _local_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -90,13 +95,27 @@ def _local_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     return tuple(t.to_local() for t in tensors)
 
 
+def _scale_on(grad_scale: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+    if grad_scale is None:
+        return None
+    return grad_scale.detach().to(device=p.device, dtype=torch.float32).reshape(())
+
+
 def _step_with_tensor_ops(
-    p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], t: float
+    p: torch.Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    t: float,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
     """The same step as tensor ops: for what the fused step does not take (DTensors laid out
     differently, half precision, non-contiguous tensors); also its reference in the tests."""
     beta1, beta2 = group["betas"]
     grad = p.grad.float()
+    if grad_scale is not None:
+        # A DTensor takes a Python scalar, not a plain tensor (a host sync on this rare path).
+        scale = _scale_on(grad_scale, p)
+        grad = grad * (float(scale) if isinstance(grad, DTensor) else scale)
     m = state["exp_avg"].float().lerp_(grad, 1 - beta1)
     v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     state["exp_avg"].copy_(m)

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from turbomoe.parallel.grads import sum_of_squares
 from turbomoe.train.batching import Batch
 from turbomoe.train.graph_step import GraphedStep
+from turbomoe.train.optim import AdamW
 
 
 def train_step(
@@ -68,9 +70,16 @@ def train_step(
         from turbomoe.parallel import clip_grad_norm_
 
         grad_norm = clip_grad_norm_(model, clip)
+        optimizer.step()
+    elif isinstance(optimizer, AdamW):
+        # The clipping factor stays on the device and the fused step multiplies it into each
+        # gradient as it reads it: no pass that rescales the gradients, no host sync.
+        grad_norm = sum_of_squares([p.grad for p in params], device).sqrt()
+        scale = (clip / (grad_norm + 1e-6)).clamp(max=1.0) if math.isfinite(clip) else None
+        optimizer.step(grad_scale=scale)
     else:
         grad_norm = clip_grad_norm_if_needed(params, clip)
-    optimizer.step()
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(total), None if aux_total is None else float(aux_total), float(grad_norm)
 

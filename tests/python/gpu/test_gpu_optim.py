@@ -1,6 +1,6 @@
 """The fused AdamW step on CUDA against the same op on CPU (the C++ reference), over several
-steps, for every dtype mix, sizes that leave a scalar tail, and storage offsets that rule out the
-vectorised body."""
+steps, for every dtype mix, sizes that leave a scalar tail, storage offsets that rule out the
+vectorised body, with and without a gradient scale read on the device."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ def _tensor(n: int, offset: int, dtype: torch.dtype, fill: torch.Tensor | None) 
     return t
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize(("param_dtype", "state_dtype"), [(F32, F32), (BF16, F32), (BF16, BF16)])
 @pytest.mark.parametrize(("n", "offset"), [(1, 0), (13, 0), (4099, 0), (1 << 20, 0), (4096, 3)])
-def test_adamw_step_matches_cpu(n, offset, param_dtype, state_dtype, weight_decay):
+def test_adamw_step_matches_cpu(n, offset, param_dtype, state_dtype, weight_decay, scaled):
     gen = torch.Generator().manual_seed(n + offset)
     start = torch.randn(n, generator=gen).to(param_dtype)
     cpu_p = start.clone()
@@ -38,9 +39,13 @@ def test_adamw_step_matches_cpu(n, offset, param_dtype, state_dtype, weight_deca
     gpu_v = _tensor(n, offset, state_dtype, torch.zeros(n, dtype=state_dtype))
     for step in range(1, 4):
         grad = torch.randn(n, generator=gen).to(param_dtype)
-        tops.adamw_step_(cpu_p, grad, cpu_m, cpu_v, weight_decay=weight_decay, step=step, **HYPER)
+        # A clipping factor read on the device (a 0-dim float32 tensor), or none.
+        scale = torch.tensor(0.37) if scaled else None
+        cpu_kw = {"weight_decay": weight_decay, "step": step, "grad_scale": scale, **HYPER}
+        tops.adamw_step_(cpu_p, grad, cpu_m, cpu_v, **cpu_kw)
         gpu_g = _tensor(n, offset, param_dtype, grad)
-        tops.adamw_step_(gpu_p, gpu_g, gpu_m, gpu_v, weight_decay=weight_decay, step=step, **HYPER)
+        gpu_kw = {**cpu_kw, "grad_scale": None if scale is None else scale.to(CUDA)}
+        tops.adamw_step_(gpu_p, gpu_g, gpu_m, gpu_v, **gpu_kw)
     torch.cuda.synchronize()
     assert not torch.equal(cpu_p, start), "the reference did not move the parameters"
     for got, want in ((gpu_p, cpu_p), (gpu_m, cpu_m), (gpu_v, cpu_v)):
