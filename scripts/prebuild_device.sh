@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds libturbomoe and its GoogleTest binary here for the GPU machine (sm_90a, CUDA required)
-# and copies both into .prebuilt/, a folder git ignores locally, so that a device call can
+# and copies both into .prebuilt/ (in .gitignore), so that a device call can
 # bring them with `carry` and skip the build (minutes of a 10-minute call):
 #   scripts/prebuild_device.sh
 #   run(carry=[".prebuilt"], command="PREBUILT_LIB=.prebuilt/libturbomoe.so ... scripts/gpu_suite.sh")
@@ -14,5 +14,5 @@ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA
 cmake --build "$BUILD_DIR" -j "${JOBS:-2}"
 mkdir -p .prebuilt
 cp "$BUILD_DIR/libturbomoe.so" "$BUILD_DIR/turbomoe_tests" .prebuilt/
-grep -qx "/.prebuilt/" .git/info/exclude 2>/dev/null || echo "/.prebuilt/" >>.git/info/exclude
+
 ls -l .prebuilt/
