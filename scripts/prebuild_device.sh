@@ -14,5 +14,4 @@ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTM_REQUIRE_CUDA
 cmake --build "$BUILD_DIR" -j "${JOBS:-2}"
 mkdir -p .prebuilt
 cp "$BUILD_DIR/libturbomoe.so" "$BUILD_DIR/turbomoe_tests" .prebuilt/
-
 ls -l .prebuilt/
