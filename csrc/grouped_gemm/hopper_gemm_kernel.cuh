@@ -477,6 +477,26 @@ __device__ __forceinline__ void stage_chunks(uint32_t epi, int lane, int frag_ro
   named_barrier(2 + consumer, 128);
 }
 
+// Row-by-row stores of a consumer's half-tile: store(r, c, j, half) for the column pair c, c + 1
+// of chunk j (c = col0 + 8 * j + 2 * (lane % 4)) at output row r = half_row0 + frag_row +
+// 8 * half, for kChunks chunks, skipping rows at or past row_limit and columns at or past cols.
+template <int kChunks, typename Store>
+__device__ __forceinline__ void for_each_pair(int half_row0, int row_limit, int col0, int cols,
+                                              int lane, int frag_row, Store&& store) {
+  const int c0 = col0 + 2 * (lane & 3);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half_row0 + frag_row + 8 * half;
+    if (r < row_limit) {
+#pragma unroll
+      for (int j = 0; j < kChunks; ++j) {
+        const int c = c0 + 8 * j;
+        if (c < cols) store(r, c, j, half);
+      }
+    }
+  }
+}
+
 // Stores a consumer's finished half-tile, held as bf16 pairs (see the kernel), into a bf16
 // output: whole halves through the swizzled staging buffer and TMA bulk stores, which drain
 // while the consumer runs on; a half that straddles the expert's end row by row.
@@ -517,19 +537,11 @@ __device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const
     if constexpr (P == Pass::kGradWeight) {
       out += static_cast<int64_t>(f.expert) * p.out_expert_stride;
     }
-    const int c0 = f.col0 + 2 * (lane & 3);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = f.half_row0 + frag_row + 8 * half;
-      if (r < f.row_limit) {
-        __nv_bfloat16* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          const int c = c0 + 8 * j;
-          if (c < p.out_cols) *reinterpret_cast<uint32_t*>(row_ptr + c) = packed[2 * j + half];
-        }
-      }
-    }
+    for_each_pair<32>(f.half_row0, f.row_limit, f.col0, p.out_cols, lane, frag_row,
+                      [&](int r, int c, int j, int half) {
+                        __nv_bfloat16* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
+                        *reinterpret_cast<uint32_t*>(row_ptr + c) = packed[2 * j + half];
+                      });
   }
 }
 
@@ -578,28 +590,18 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
   }
   __nv_bfloat16* gate_up = static_cast<__nv_bfloat16*>(p.out);
   __nv_bfloat16* act = static_cast<__nv_bfloat16*>(p.out2);
-  const int c0 = f.col0 + 2 * (lane & 3);
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = f.half_row0 + frag_row + 8 * half;
-    if (r < f.row_limit) {
-      __nv_bfloat16* gu_row = gate_up + static_cast<int64_t>(r) * p.out_row_stride;
-      __nv_bfloat16* act_row = act + static_cast<int64_t>(r) * p.out2_row_stride;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int c = c0 + 8 * j;
-        if (c < inter) {
-          const int i = 4 * j + 2 * half;
-          if (!f.staged) {
-            *reinterpret_cast<uint32_t*>(gu_row + c) = pack_bf16(acc[i], acc[i + 1]);
-            *reinterpret_cast<uint32_t*>(gu_row + inter + c) = pack_bf16(acc[i + 64], acc[i + 65]);
-          }
-          *reinterpret_cast<uint32_t*>(act_row + c) =
-              swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
+  for_each_pair<16>(
+      f.half_row0, f.row_limit, f.col0, inter, lane, frag_row, [&](int r, int c, int j, int half) {
+        __nv_bfloat16* gu_row = gate_up + static_cast<int64_t>(r) * p.out_row_stride;
+        __nv_bfloat16* act_row = act + static_cast<int64_t>(r) * p.out2_row_stride;
+        const int i = 4 * j + 2 * half;
+        if (!f.staged) {
+          *reinterpret_cast<uint32_t*>(gu_row + c) = pack_bf16(acc[i], acc[i + 1]);
+          *reinterpret_cast<uint32_t*>(gu_row + inter + c) = pack_bf16(acc[i + 64], acc[i + 65]);
         }
-      }
-    }
-  }
+        *reinterpret_cast<uint32_t*>(act_row + c) =
+            swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
+      });
 }
 
 #endif  // sm_90a device code
@@ -915,21 +917,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (P == Pass::kGradWeight) {
           out += static_cast<int64_t>(tile.expert) * p.out_expert_stride;
         }
-        const int c0 = tile.col0 + 2 * (lane & 3);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = half_row0 + frag_row + 8 * half;
-          if (r < row_limit) {
-            OutT* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) {
-              const int c = c0 + 8 * j;
-              if (c < p.out_cols) {
-                store_pair(row_ptr + c, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-              }
-            }
-          }
-        }
+        for_each_pair<32>(half_row0, row_limit, tile.col0, p.out_cols, lane, frag_row,
+                          [&](int r, int c, int j, int half) {
+                            OutT* row_ptr = out + static_cast<int64_t>(r) * p.out_row_stride;
+                            store_pair(row_ptr + c, acc[4 * j + 2 * half],
+                                       acc[4 * j + 2 * half + 1]);
+                          });
       }
     }
     if (kDefer && has_pending) flush();
