@@ -16,6 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from turbomoe import ops
+from turbomoe.ops.adamw import adamw_step_checked_
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.config import OptimSection
 
@@ -52,6 +53,7 @@ class AdamW(torch.optim.Optimizer):
         """One step; ``grad_scale`` (a float32 scalar tensor, e.g. a clipping factor computed
         on the device) multiplies every gradient as the step reads it, leaving ``.grad`` as is."""
         fused = os.environ.get("TURBOMOE_FUSED_ADAMW", "1") != "0"
+        scales: dict[torch.device, torch.Tensor] = {}  # grad_scale on each parameter device
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -66,7 +68,7 @@ class AdamW(torch.optim.Optimizer):
                 t = float(state["step"])
                 local = _local_tensors(p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if fused and local is not None and ops.adamw_step_reason(*local) is None:
-                    ops.adamw_step_(
+                    adamw_step_checked_(
                         *local,
                         lr=group["lr"],
                         beta1=beta1,
@@ -74,7 +76,7 @@ class AdamW(torch.optim.Optimizer):
                         eps=group["eps"],
                         weight_decay=group["weight_decay"],
                         step=int(t),
-                        grad_scale=_scale_on(grad_scale, p),
+                        grad_scale=_scale_on(grad_scale, p, scales),
                     )
                     continue
                 _step_with_tensor_ops(p, state, group, t, grad_scale)
@@ -95,10 +97,20 @@ def _local_tensors(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     return tuple(t.to_local() for t in tensors)
 
 
-def _scale_on(grad_scale: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+def _scale_on(
+    grad_scale: torch.Tensor | None,
+    p: torch.Tensor,
+    cache: dict[torch.device, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """grad_scale as a float32 scalar on p's device (once per device and step with a cache)."""
     if grad_scale is None:
         return None
-    return grad_scale.detach().to(device=p.device, dtype=torch.float32).reshape(())
+    if cache is not None and p.device in cache:
+        return cache[p.device]
+    scale = grad_scale.detach().to(device=p.device, dtype=torch.float32).reshape(())
+    if cache is not None:
+        cache[p.device] = scale
+    return scale
 
 
 def _step_with_tensor_ops(

@@ -74,7 +74,7 @@ def train_step(
     elif isinstance(optimizer, AdamW):
         # The clipping factor stays on the device and the fused step multiplies it into each
         # gradient as it reads it: no pass that rescales the gradients, no host sync.
-        grad_norm = sum_of_squares([p.grad for p in params], device).sqrt()
+        grad_norm = _grad_norm(params)
         scale = (clip / (grad_norm + 1e-6)).clamp(max=1.0) if math.isfinite(clip) else None
         optimizer.step(grad_scale=scale)
     else:
@@ -90,12 +90,18 @@ def clip_grad_norm_if_needed(params: list[torch.Tensor], max_norm: float) -> tor
     all gradients (4 bytes an element in bf16) on every step that clips nothing. Costs one host
     sync, which the step takes anyway to report the norm."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    norm = _grad_norm(params)
     if math.isfinite(max_norm) and grads:
         coef = max_norm / (float(norm) + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
     return norm
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The float32 2-norm of all gradients, on their device (one multi-tensor pass)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return sum_of_squares(grads, grads[0].device if grads else torch.device("cpu")).sqrt()
 
 
 def micro_loss(
