@@ -14,9 +14,20 @@ void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& gate, const Arg& u
 void swiglu_backward_cpu(const tm_swiglu_params& p, const Arg& grad_out, const Arg& gate,
                          const Arg& up, const Arg& grad_gate, const Arg& grad_up);
 
+// tm_swiglu_weighted_backward; weighted_act may be absent.
+void swiglu_weighted_backward_cpu(const tm_swiglu_params& p, const Arg& grad_rows, const Arg& gate,
+                                  const Arg& up, const Arg& row_weights, const Arg& grad_gate,
+                                  const Arg& grad_up, const Arg* weighted_act,
+                                  const Arg& grad_weights);
+
 void swiglu_forward_cuda(const tm_swiglu_params& p, const Arg& gate, const Arg& up, const Arg& out,
                          void* stream);
 void swiglu_backward_cuda(const tm_swiglu_params& p, const Arg& grad_out, const Arg& gate,
                           const Arg& up, const Arg& grad_gate, const Arg& grad_up, void* stream);
+
+void swiglu_weighted_backward_cuda(const tm_swiglu_params& p, const Arg& grad_rows, const Arg& gate,
+                                   const Arg& up, const Arg& row_weights, const Arg& grad_gate,
+                                   const Arg& grad_up, const Arg* weighted_act,
+                                   const Arg& grad_weights, void* stream);
 
 }  // namespace turbomoe::activation

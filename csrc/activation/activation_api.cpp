@@ -73,4 +73,37 @@ tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_tensor* gr
   });
 }
 
+tm_status tm_swiglu_weighted_backward(const tm_swiglu_params* params, const tm_tensor* grad_rows,
+                                      const tm_tensor* gate, const tm_tensor* up,
+                                      const tm_tensor* row_weights, tm_tensor* grad_gate,
+                                      tm_tensor* grad_up, tm_tensor* weighted_act,
+                                      tm_tensor* grad_weights, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const auto& p = turbomoe::activation::check_swiglu_params(params);
+    const Arg gr(grad_rows, "grad_rows"), g(gate, "gate"), u(up, "up");
+    const Arg w(row_weights, "row_weights"), gg(grad_gate, "grad_gate"), gu(grad_up, "grad_up");
+    const Arg gw(grad_weights, "grad_weights");
+    const auto wa = turbomoe::optional_arg(weighted_act, "weighted_act");
+    check_matrix(g);
+    u.floating().same_shape(g).same_dtype(g);
+    gr.floating().same_shape(g).same_dtype(g);
+    gg.floating().same_shape(g).same_dtype(g);
+    gu.floating().same_shape(g).same_dtype(g);
+    if (wa) wa->floating().same_shape(g).same_dtype(g);
+    w.floating().ndim_is(1).size_is(0, g.size(0), "rows of gate");
+    gw.dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, g.size(0), "rows of gate");
+    const int32_t device =
+        turbomoe::common_device({&gr, &g, &u, &w, &gg, &gu, wa ? &*wa : nullptr, &gw});
+    turbomoe::require_cuda_build(device, "tm_swiglu_weighted_backward");
+    if (g.size(0) == 0) return;
+    const Arg* wa_arg = wa ? &*wa : nullptr;
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::activation::swiglu_weighted_backward_cpu(p, gr, g, u, w, gg, gu, wa_arg, gw);
+    } else {
+      TM_CUDA_ONLY(turbomoe::activation::swiglu_weighted_backward_cuda(p, gr, g, u, w, gg, gu,
+                                                                       wa_arg, gw, stream));
+    }
+  });
+}
+
 }  // extern "C"

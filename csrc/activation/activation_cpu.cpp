@@ -52,4 +52,37 @@ void swiglu_backward_cpu(const tm_swiglu_params& p, const Arg& grad_out, const A
   });
 }
 
+// Row by row, in the composed ops' order and roundings (see tm_swiglu_weighted_backward).
+void swiglu_weighted_backward_cpu(const tm_swiglu_params& p, const Arg& grad_rows, const Arg& gate,
+                                  const Arg& up, const Arg& row_weights, const Arg& grad_gate,
+                                  const Arg& grad_up, const Arg* weighted_act,
+                                  const Arg& grad_weights) {
+  dispatch_floating(gate.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const auto rounded = [](float v) { return to_float(from_float<T>(v)); };
+    dispatch_floating(row_weights.dtype(), [&](auto w_tag) {
+      using W = decltype(w_tag);
+      for (int64_t r = 0; r < gate.size(0); ++r) {
+        const float w = to_float(row_weights.ptr<W>()[r * row_weights.stride(0)]);
+        const float w_rounded = rounded(w);
+        float dot = 0.0f;
+        for (int64_t c = 0; c < gate.size(1); ++c) {
+          const float g = to_float(at<T>(gate, r, c));
+          const float u = to_float(at<T>(up, r, c));
+          const float act = rounded(swiglu_value(p.variant, p.alpha, p.limit, g, u));
+          const float grad = to_float(at<T>(grad_rows, r, c));
+          dot += grad * act;
+          if (weighted_act != nullptr) at<T>(*weighted_act, r, c) = from_float<T>(act * w_rounded);
+          const float grad_act = rounded(w * grad);
+          float dg, du;
+          swiglu_grads(p.variant, p.alpha, p.limit, g, u, &dg, &du);
+          at<T>(grad_gate, r, c) = from_float<T>(grad_act * dg);
+          at<T>(grad_up, r, c) = from_float<T>(grad_act * du);
+        }
+        grad_weights.ptr<float>()[r * grad_weights.stride(0)] = dot;
+      }
+    });
+  });
+}
+
 }  // namespace turbomoe::activation

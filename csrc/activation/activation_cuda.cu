@@ -6,17 +6,11 @@
 // SwiGLU at ~1.1 TB/s on an H200 (docs/perf-notes.md), a third of the memory bandwidth.
 #include "activation/activation.h"
 #include "activation/swiglu_math.h"
+#include "activation/vector_io.cuh"
 #include "common/cuda_utils.cuh"
 
 namespace turbomoe::activation {
 namespace {
-
-struct View2d {
-  void* data;
-  int64_t s0, s1;
-};
-
-View2d view(const Arg& a) { return {a.data(), a.stride(0), a.stride(1)}; }
 
 template <typename In, typename Out>
 __global__ void swiglu_forward_kernel(tm_swiglu_params p, int64_t rows, int64_t cols, View2d g,
@@ -47,29 +41,6 @@ __global__ void swiglu_backward_kernel(tm_swiglu_params p, int64_t rows, int64_t
     cuda::store(static_cast<Out*>(dg.data) + r * dg.s0 + c * dg.s1, gov * dgv);
     cuda::store(static_cast<Out*>(du.data) + r * du.s0 + c * du.s1, gov * duv);
   }
-}
-
-// V consecutive elements of T, loaded or stored as one access of V * sizeof(T) bytes.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ void load_pack(const View2d& view, int64_t r, int64_t c, float* out) {
-  const auto pack =
-      *reinterpret_cast<const Pack<T, V>*>(static_cast<const T*>(view.data) + r * view.s0 + c);
-#pragma unroll
-  for (int j = 0; j < V; ++j) out[j] = cuda::load(&pack.v[j]);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_pack(const View2d& view, int64_t r, int64_t c,
-                                           const float* in) {
-  Pack<T, V> pack;
-#pragma unroll
-  for (int j = 0; j < V; ++j) cuda::store(&pack.v[j], in[j]);
-  *reinterpret_cast<Pack<T, V>*>(static_cast<T*>(view.data) + r * view.s0 + c) = pack;
 }
 
 // Vectorised forms: every view has unit column stride, row strides and base addresses aligned
@@ -116,27 +87,6 @@ __global__ void swiglu_backward_vec_kernel(tm_swiglu_params p, int64_t rows, int
 }
 
 constexpr int kThreads = 256;
-
-// True when the view can be read or written V elements (of elem_bytes each) at a time.
-bool vectorizable(const Arg& a, int v, int elem_bytes) {
-  const auto address = reinterpret_cast<uintptr_t>(a.data());
-  return a.stride(1) == 1 && (a.size(0) <= 1 || a.stride(0) % v == 0) && a.size(1) % v == 0 &&
-         address % static_cast<uintptr_t>(v * elem_bytes) == 0;
-}
-
-int dtype_bytes(int32_t dtype) { return dtype == TM_DTYPE_FLOAT32 ? 4 : 2; }
-
-// The vector width (elements) shared by all views: 16 bytes of the widest element type when
-// every view allows it, else 1 (the scalar kernel).
-int vector_width(std::initializer_list<const Arg*> views) {
-  int widest = 2;
-  for (const Arg* a : views) widest = dtype_bytes(a->dtype()) > widest ? 4 : widest;
-  const int v = 16 / widest;
-  for (const Arg* a : views) {
-    if (!vectorizable(*a, v, dtype_bytes(a->dtype()))) return 1;
-  }
-  return v;
-}
 
 }  // namespace
 

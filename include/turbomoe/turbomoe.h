@@ -325,6 +325,26 @@ TM_API tm_status tm_swiglu_backward(const tm_swiglu_params* params, const tm_ten
                                     const tm_tensor* gate, const tm_tensor* up,
                                     tm_tensor* grad_gate, tm_tensor* grad_up, void* stream);
 
+/* The routed experts' backward through the activation and the routing weight, in one pass (the
+ * lean experts, python/turbomoe/ops/moe_lean.py). For row r with weight w = row_weights[r] and
+ * U = grad_rows[r] (the down projection's grad-input before any weighting):
+ *   act          = act(gate, up), rounded to gate's dtype (as the forward stored it)
+ *   grad_weights[r] = <U, act> (float32 accumulation)
+ *   weighted_act = act * w, w first rounded to act's dtype (the down projection's dW operand)
+ *   grad_act     = w * U, rounded to grad_rows' dtype; grad_gate, grad_up = tm_swiglu_backward
+ *                  of grad_act at (gate, up)
+ * i.e. the composed tm_swiglu_forward, tm_combine_backward (K = 1), a scaling and
+ * tm_swiglu_backward, with the same roundings. grad_rows, gate, up, grad_gate, grad_up,
+ * weighted_act: [M,I] strided 2-D views of one floating dtype; row_weights [M] of any floating
+ * dtype; grad_weights [M] float32; weighted_act may be NULL (not computed).
+ */
+TM_API tm_status tm_swiglu_weighted_backward(const tm_swiglu_params* params,
+                                             const tm_tensor* grad_rows, const tm_tensor* gate,
+                                             const tm_tensor* up, const tm_tensor* row_weights,
+                                             tm_tensor* grad_gate, tm_tensor* grad_up,
+                                             tm_tensor* weighted_act, tm_tensor* grad_weights,
+                                             void* stream);
+
 /* gate_up [M,2I] = x [M,K] . w[e]^T per expert (w [E,2I,K]: the I gate rows, then the I up rows)
  * and act [M,I] = the gated activation of gate_up's two halves as stored, i.e. the same as
  * tm_grouped_gemm_forward followed by tm_swiglu_forward on gate_up's halves. On Hopper with bf16

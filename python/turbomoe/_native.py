@@ -150,6 +150,10 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         [ctypes.POINTER(SwigluParams), _T, _T, _T, _T, _T, _P],
     ),
     "tm_swiglu_backward": (_I32, [ctypes.POINTER(SwigluParams), _T, _T, _T, _T, _T, _P]),
+    "tm_swiglu_weighted_backward": (
+        _I32,
+        [ctypes.POINTER(SwigluParams), _T, _T, _T, _T, _T, _T, _T, _T, _P],
+    ),
     "tm_rmsnorm_forward": (_I32, [_T, _T, _F, _T, _T, _P]),
     "tm_rmsnorm_backward_workspace_size": (_I32, [_I64, _I64, _I32, _SZP]),
     "tm_rmsnorm_backward": (_I32, [_T, _T, _T, _T, _T, _T, _P, _SZ, _P]),

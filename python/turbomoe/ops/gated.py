@@ -62,6 +62,66 @@ def _(
     return gate_up.new_empty(gate_up.shape)
 
 
+@torch.library.custom_op("turbomoe::gated_activation_weighted_backward", mutates_args=())
+def gated_activation_weighted_backward(
+    grad_rows: torch.Tensor,
+    gate_up: torch.Tensor,
+    row_weights: torch.Tensor,
+    variant: int,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+    want_weighted_act: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed experts' backward through the activation and the routing weight, one pass.
+
+    For row r with weight w = row_weights[r] and U = grad_rows[r] (the down projection's
+    grad-input before weighting), act = act(gate_up[r]) as the forward stored it:
+    (d gate_up [M, 2I] of w·U, w·act [M, I] (a [0, I] tensor unless want_weighted_act),
+    ⟨U, act⟩ [M] float32). The same values, with the same roundings, as the activation, an
+    unweighted combine backward with one slot a row, a scaling and the activation's backward.
+    """
+    rows, inter = grad_rows.shape
+    grad_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    weighted_act = gate_up.new_empty((rows if want_weighted_act else 0, inter))
+    grad_row_weights = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
+    gate, up = _halves(gate_up, interleaved)
+    grad_gate, grad_up = _halves(grad_gate_up, interleaved)
+    _native.call(
+        "tm_swiglu_weighted_backward",
+        _native.make_params(_native.SwigluParams, variant=variant, alpha=alpha, limit=limit),
+        _native.describe(grad_rows),
+        _native.describe(gate),
+        _native.describe(up),
+        _native.describe(row_weights),
+        _native.describe(grad_gate),
+        _native.describe(grad_up),
+        _native.describe(weighted_act if want_weighted_act else None),
+        _native.describe(grad_row_weights),
+        _native.stream_for(gate_up),
+    )
+    return grad_gate_up, weighted_act, grad_row_weights
+
+
+@gated_activation_weighted_backward.register_fake
+def _(
+    grad_rows: torch.Tensor,
+    gate_up: torch.Tensor,
+    row_weights: torch.Tensor,
+    variant: int,
+    alpha: float,
+    limit: float,
+    interleaved: bool,
+    want_weighted_act: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, inter = grad_rows.shape
+    return (
+        gate_up.new_empty(gate_up.shape),
+        gate_up.new_empty((rows if want_weighted_act else 0, inter)),
+        gate_up.new_empty(rows, dtype=torch.float32),
+    )
+
+
 @torch.library.custom_op("turbomoe::gated_activation", mutates_args=())
 def gated_activation(
     gate_up: torch.Tensor, variant: int, alpha: float, limit: float, interleaved: bool
@@ -96,6 +156,7 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
 gated_activation.register_autograd(_backward, setup_context=_setup_context)
 _gated_eager = differentiable(gated_activation, _setup_context, _backward)
 _backward_eager = direct(gated_activation_backward)
+_weighted_backward_eager = direct(gated_activation_weighted_backward)
 
 
 def gated(

@@ -9,15 +9,16 @@ This version keeps the layer's input (which the caller usually holds anyway) and
 output only (3,584 values a row with H=2048, I=768, of which the input is shared), and its
 backward
 
-* re-gathers x from the input and recomputes the activation from gate/up (memory-bound passes);
+* re-gathers x from the input (a memory-bound pass);
 * never needs the down output: with g the token gradient, Gu[r] = g[t(r)] gathered unweighted
   and U = Gu · W_down (the down projection's grad-input GEMM before any weighting), the routing
   weight's gradient is ⟨g[t(r)], down(act_r)⟩ = ⟨U_r, act_r⟩, the activation's gradient is
-  w_r · U_r (both from one combine-backward pass with K = 1 over [M, I]), and W_down's gradient
-  is Guᵀ · (w ⊙ act).
+  w_r · U_r, and W_down's gradient is Guᵀ · (w ⊙ act). One pass over [M, I]
+  (``tm_swiglu_weighted_backward``) recomputes act from gate/up and produces ⟨U_r, act_r⟩,
+  w ⊙ act and gate/up's gradient: 6 elements of traffic a value against 14 for the activation,
+  combine-backward, scaling and activation-backward passes it replaced.
 
-Same GEMMs as the composed backward; one extra gather and activation pass, and the weighted
-combine-backward pass runs over [M,I] instead of [M,H]. Only without expert biases, in plain
+Same GEMMs as the composed backward; one extra gather. Only without expert biases, in plain
 eager mode (not compiling, plain tensors); otherwise ``moe_experts`` composes its ops as usual.
 """
 
@@ -30,13 +31,12 @@ import torch
 # The ops' eager entry points (no dispatcher round trip; inside this Function's forward and
 # backward no autograd graph is recorded).
 from turbomoe.ops._eager import _eager_ok as eager_ok
-from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eager
 from turbomoe.ops.gated import _gated_eager as gated_activation_eager
+from turbomoe.ops.gated import _weighted_backward_eager as weighted_activation_backward_eager
 from turbomoe.ops.gated_gemm import _grouped_gemm_gated_eager as grouped_gemm_gated_eager
 from turbomoe.ops.grouped_gemm import _backward_input_eager as grouped_gemm_backward_input_eager
 from turbomoe.ops.grouped_gemm import _backward_weight_eager as grouped_gemm_backward_weight_eager
 from turbomoe.ops.grouped_gemm import _grouped_gemm_eager as grouped_gemm_eager
-from turbomoe.ops.permute import _combine_backward_eager as combine_backward_eager
 from turbomoe.ops.permute import _combine_eager as combine_eager
 from turbomoe.ops.permute import _gather_rows_eager as gather_rows_eager
 
@@ -94,23 +94,18 @@ class _LeanExperts(torch.autograd.Function):
         row_weights = weights.reshape(-1)[pairs.clamp(min=0)] * routed
         gathered = _gather(grad_out, plan, top_k, rows)  # g[t(r)], unweighted
         unweighted = grouped_gemm_backward_input_eager(gathered, w_down, offsets)  # U
-        act = gated_activation_eager(gate_up, *ctx.activation)
-        identity = torch.arange(rows, dtype=torch.int32, device=act.device)
-        # K = 1 over the rows: grad_act[r] = w_r·U_r and ⟨U_r, act_r⟩ in one pass.
-        grad_act, grad_row_weights = combine_backward_eager(
-            unweighted, act, identity, row_weights.unsqueeze(1)
+        # One pass over the rows: act recomputed from gate/up, ⟨U_r, act_r⟩, w_r·act_r (W_down's
+        # gradient operand) and gate/up's gradient from w_r·U_r.
+        grad_gate_up, weighted_act, grad_row_weights = weighted_activation_backward_eager(
+            unweighted, gate_up, row_weights, *ctx.activation, ctx.needs_input_grad[3]
         )
         del unweighted
         grad_w_down = None
         if ctx.needs_input_grad[3]:
-            weighted_act = act * row_weights.unsqueeze(1).to(act.dtype)
             grad_w_down = grouped_gemm_backward_weight_eager(
                 gathered, weighted_act, offsets, w_down.dtype
             )
-            del weighted_act
-        del act, gathered
-        grad_gate_up = gated_activation_backward_eager(grad_act, gate_up, *ctx.activation)
-        del grad_act
+        del weighted_act, gathered
         grad_w_gate_up = None
         if ctx.needs_input_grad[2]:
             x = _gather(hidden, plan, top_k, rows)

@@ -610,6 +610,41 @@ def test_gated_activation(rows, inter, layout, activation, dtype):
     check(fused, [gate_up], [0], dtype, seed)
 
 
+# The lean experts' one-pass backward through the activation and the routing weight; widths that
+# are multiples of 8 take the 16-byte path, the others and interleaved columns the scalar one.
+WEIGHTED_CASES = [
+    (13, 24, "fused", True),
+    (4096, 768, "fused", True),
+    (1000, 20, "fused", True),
+    (77, 64, "interleaved", True),
+    (300, 128, "fused", False),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights_dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "clamped"])
+@pytest.mark.parametrize(("rows", "inter", "layout", "want_weighted"), WEIGHTED_CASES)
+def test_gated_activation_weighted_backward(
+    rows, inter, layout, want_weighted, activation, weights_dtype, dtype
+):
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    scale = 4.0 if activation == "clamped" else 2.0  # reach past the clamp limit of 7
+    grad_rows = torch.randn(rows, inter, generator=gen)
+    gate_up = torch.randn(rows, 2 * inter, generator=gen) * scale
+    row_weights = torch.rand(rows, generator=gen)
+    row_weights[: rows // 10] = 0.0  # rows past the routed ones
+    variant = 1 if activation == "silu" else 2
+    op = torch.ops.turbomoe.gated_activation_weighted_backward
+
+    def fn(g: torch.Tensor, gu: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w = w.to(weights_dtype)
+        return op(g, gu, w, variant, 1.702, 7.0, layout == "interleaved", want_weighted)
+
+    check(fn, [grad_rows, gate_up, row_weights], [], dtype, seed)
+
+
 # -------------------------------------------------------------------------- norms, RoPE, loss
 
 
