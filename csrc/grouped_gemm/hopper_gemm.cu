@@ -152,7 +152,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred | lsu
 //                                   (see hopper_gemm_kernel.cuh)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
@@ -207,6 +207,8 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
              p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
+  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "lsu") && p.out_cols % 8 == 0) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiLsu>(a, b, a, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
   } else {
