@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Hardware counters of the grouped-GEMM kernels, on the GPU machine, in one call:
 #
-#   run: NCU_PASSES=dw,fwd NCU_ROUTING=model,balanced bash scripts/gemm_ncu.sh
+#   run: NCU_PASSES=dw,fwd NCU_ROUTING=model,balanced NCU_VARIANTS=default,lsu \
+#        bash scripts/gemm_ncu.sh
 #        (carry .prebuilt from scripts/prebuild_device.sh, or set LIB)
 #
-# Runs bench/grouped_gemm_bench.py once per (routing) under Nsight Compute, each pass launched a
+# Runs bench/grouped_gemm_bench.py once per (variant, routing) under Nsight Compute, each pass launched a
 # few times, and profiles our kernel's launches only (not _grouped_mm's): speed of light (SM,
 # tensor pipe, DRAM), memory workload, warp stall reasons. Reports go to $OUT/ncu_*.txt. Clocks
 # stay as they are (--clock-control none): the machine's rules forbid changing them.
@@ -15,17 +16,22 @@ cd "$(dirname "$0")/.."
 LIB=${LIB:-.prebuilt/libturbomoe.so}
 PASSES=${NCU_PASSES:-dw,fwd}
 ROUTING=${NCU_ROUTING:-model,balanced}
+VARIANTS=${NCU_VARIANTS:-default}
 SHAPES=${NCU_SHAPES:-gate_up}
 ROWS=${NCU_ROWS:-32768}
 # Launches of our kernel to profile per run: the bench checks each pass once, then times it.
 LAUNCHES=${NCU_LAUNCHES:-6}
 IFS=, read -r -a routings <<<"$ROUTING"
-for routing in "${routings[@]}"; do
-  timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none -k 'regex:grouped_gemm_kernel' \
-    -c "$LAUNCHES" --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section ComputeWorkloadAnalysis --print-summary none \
-    python3 bench/grouped_gemm_bench.py --impl native --lib "$LIB" --rows "$ROWS" \
-    --shapes "$SHAPES" --routing "$routing" --passes "$PASSES" --reps 1 --warmup 0 \
-    --rounds 1 --sets 1 --skip-edge >"$OUT/ncu_${routing}.txt" 2>&1
-  echo "ncu ${routing}: rc $? ($(grep -c 'grouped_gemm_kernel' "$OUT/ncu_${routing}.txt") kernel reports)"
+IFS=, read -r -a variants <<<"$VARIANTS"
+for variant in "${variants[@]}"; do
+  for routing in "${routings[@]}"; do
+    report="$OUT/ncu_${variant}_${routing}.txt"
+    timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none -k 'regex:grouped_gemm_kernel' \
+      -c "$LAUNCHES" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --print-summary none \
+      python3 bench/grouped_gemm_bench.py --impl native --lib "$LIB" --rows "$ROWS" \
+      --shapes "$SHAPES" --routing "$routing" --passes "$PASSES" --reps 1 --warmup 0 \
+      --rounds 1 --sets 1 --skip-edge --variants "$variant" >"$report" 2>&1
+    echo "ncu ${variant} ${routing}: rc $? ($(grep -c 'grouped_gemm_kernel' "$report") reports)"
+  done
 done
