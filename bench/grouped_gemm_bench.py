@@ -55,6 +55,7 @@ VARIANTS = {
     "lsu": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "lsu"},  # staged, copied out by st.global
     # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
     "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
+    "gated_lsu": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1", "TURBOMOE_HOPPER_GEMM_EPILOGUE": "lsu"},
     "v1": {
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
         "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",

@@ -337,8 +337,13 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
   const int grid = row_pass_grid(m, num_experts, inter,
                                  hopper_gemm::tile_cols<Pass::kForwardSwiglu>(), sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
-  // gate_up goes through the TMA epilogue where it can; the activation is stored from registers.
-  if (tma_storable(gate_up) && !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
+  // gate_up goes through the TMA epilogue where it can; the activation is stored from registers
+  // (with TURBOMOE_HOPPER_GEMM_EPILOGUE=lsu both go through shared memory and 16-byte stores).
+  if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "lsu") && tma_storable(gate_up) &&
+      tma_storable(act)) {
+    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiLsu>(map_a, map_b, map_a, p, grid,
+                                                                      x.device_index, s);
+  } else if (tma_storable(gate_up) && !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
     const CUtensorMap map_gate_up = matrix_map(gate_up, 64);
     launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiTma>(map_a, map_b, map_gate_up, p,
                                                                       grid, x.device_index, s);

@@ -518,23 +518,25 @@ __device__ __forceinline__ void for_each_pair(int half_row0, int row_limit, int 
   }
 }
 
-// kEpiLsu: copies a consumer's staged 64 x 256 half-tile (four swizzled 64 x 64 boxes, see
-// stage_chunks) to global memory, 16 bytes a thread and one 512-byte output row a warp per step,
-// skipping rows at or past f.row_limit and chunks at or past out_cols. The buffer is free again
-// when this returns.
-__device__ __forceinline__ void copy_out_half(const Finished& f, const Params& p, uint32_t epi,
-                                              int consumer, int wg_tid) {
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-  out += static_cast<int64_t>(f.expert) * p.out_expert_stride;  // 0 but for grad-weight
-  const int chunk = wg_tid & 31;  // 8-column chunk of the row: box chunk / 8, slot chunk % 8
-  const int c = f.col0 + 8 * chunk;
+// kEpiLsu: copies a consumer's staged 64-row piece of kChunks 8-column chunks (chunk j in box
+// j / 8, swizzled as stage_chunks wrote it) to global memory, 16 bytes a thread, 128 / kChunks
+// rows a step (a warp writes 512 contiguous bytes when kChunks is 32). column(j) is chunk j's
+// first output column (< 0: not stored); rows at or past row_limit are skipped. The buffer is
+// free again on return.
+template <int kChunks, typename Column>
+__device__ __forceinline__ void copy_out(uint32_t epi, int consumer, int wg_tid, int half_row0,
+                                         int row_limit, __nv_bfloat16* out, int64_t row_stride,
+                                         Column&& column) {
+  static_assert(128 % kChunks == 0 && kChunks % 8 == 0);
+  const int chunk = wg_tid % kChunks;
+  const int c = column(chunk);
 #pragma unroll 4
-  for (int row = wg_tid >> 5; row < 64; row += 4) {
+  for (int row = wg_tid / kChunks; row < 64; row += 128 / kChunks) {
     const uint4 v =
         ld_shared_v4(epi + (chunk >> 3) * kBoxBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
-    const int r = f.half_row0 + row;
-    if (r < f.row_limit && c < p.out_cols) {
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * p.out_row_stride + c) = v;
+    const int r = half_row0 + row;
+    if (r < row_limit && c >= 0) {
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * row_stride + c) = v;
     }
   }
   // Every thread has read its chunks before the buffer is refilled.
@@ -553,7 +555,13 @@ __device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const
   if constexpr (kEpi == kEpiLsu) {
     stage_chunks<32>(epi, lane, frag_row, consumer,
                      [&](int j, int half) { return packed[2 * j + half]; });
-    copy_out_half(f, p, epi, consumer, wg_tid);
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    out += static_cast<int64_t>(f.expert) * p.out_expert_stride;  // 0 but for grad-weight
+    copy_out<32>(epi, consumer, wg_tid, f.half_row0, f.row_limit, out, p.out_row_stride,
+                 [&](int j) {
+                   const int c = f.col0 + 8 * j;
+                   return c < p.out_cols ? c : -1;
+                 });
   } else if (f.staged) {
     constexpr int kPieces = L::kEpiPieces;
     constexpr int kBoxesPerPiece = 4 / kPieces;
@@ -613,11 +621,36 @@ __device__ __forceinline__ uint32_t swiglu_pair(const Params& p, float g0, float
 // 0.397 for the plain forward and the activation kernel. This version: 0.428 against 0.396
 // (H100, tenth session): the register stores and the math stay exposed in the cooperative
 // schedule, hence still opt-in. Columns at or past I are not stored (I % 64 == 0, host-checked).
+template <int kEpi>
 __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Finished& f,
                                              const Params& p, const CUtensorMap* map_gate_up,
                                              uint32_t epi, int consumer, int wg_tid, int lane,
                                              int frag_row) {
   const int inter = p.gate_rows;
+  if constexpr (kEpi == kEpiLsu) {
+    // gate/up through the staging buffer and st.global, then the activation the same way in
+    // the buffer's first two boxes: no wait for an asynchronous engine between the two rounds.
+    __nv_bfloat16* gate_up = static_cast<__nv_bfloat16*>(p.out);
+    __nv_bfloat16* act = static_cast<__nv_bfloat16*>(p.out2);
+    stage_chunks<32>(epi, lane, frag_row, consumer, [&](int j, int half) {
+      return pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+    });
+    copy_out<32>(epi, consumer, wg_tid, f.half_row0, f.row_limit, gate_up, p.out_row_stride,
+                 [&](int j) {
+                   const int c = f.col0 + 8 * (j & 15);
+                   return c < inter ? (j >= 16 ? inter : 0) + c : -1;
+                 });
+    stage_chunks<16>(epi, lane, frag_row, consumer, [&](int j, int half) {
+      const int i = 4 * j + 2 * half;
+      return swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
+    });
+    copy_out<16>(epi, consumer, wg_tid, f.half_row0, f.row_limit, act, p.out2_row_stride,
+                 [&](int j) {
+                   const int c = f.col0 + 8 * j;
+                   return c < inter ? c : -1;
+                 });
+    return;
+  }
   if (f.staged) {
     // The previous bulk stores must have read the buffer before it is rewritten.
     if (wg_tid == 0) bulk_wait_read();
@@ -669,9 +702,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;  // staged in shared memory (TMA or LSU out)
   constexpr bool kTmaStores = kTmaEpilogue && kEpi != kEpiLsu;
   static_assert(!kTmaEpilogue || sizeof(OutT) == 2, "the staged epilogues hold bf16 tiles");
-  static_assert(P != Pass::kForwardSwiglu || (sizeof(OutT) == 2 && kEpi != kEpiTmaSplit &&
-                                              kEpi != kEpiTmaDeferred && kEpi != kEpiLsu),
-                "the SwiGLU forward stores bf16 through the whole-box or the direct epilogue");
+  static_assert(P != Pass::kForwardSwiglu ||
+                    (sizeof(OutT) == 2 && kEpi != kEpiTmaSplit && kEpi != kEpiTmaDeferred),
+                "the SwiGLU forward stores bf16 through the whole-box, LSU or direct epilogue");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
@@ -961,7 +994,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         done.col0 = tile.col0;
         done.expert = tile.expert;
         done.staged = kTmaEpilogue && half_row0 + 64 <= row_limit;
-        store_swiglu(acc, done, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
+        store_swiglu<kEpi>(acc, done, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
         continue;
       }
       // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
