@@ -16,7 +16,8 @@ backward
   w_r · U_r, and W_down's gradient is Guᵀ · (w ⊙ act). One pass over [M, I]
   (``tm_swiglu_weighted_backward``) recomputes act from gate/up and produces ⟨U_r, act_r⟩,
   w ⊙ act and gate/up's gradient: 6 elements of traffic a value against 14 for the activation,
-  combine-backward, scaling and activation-backward passes it replaced.
+  combine-backward, scaling and activation-backward passes it replaced
+  (``TURBOMOE_FUSED_ACT_BACKWARD=0`` runs those four instead; the values are the same).
 
 Same GEMMs as the composed backward; one extra gather. Only without expert biases, in plain
 eager mode (not compiling, plain tensors); otherwise ``moe_experts`` composes its ops as usual.
@@ -24,6 +25,7 @@ eager mode (not compiling, plain tensors); otherwise ``moe_experts`` composes it
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,12 +33,14 @@ import torch
 # The ops' eager entry points (no dispatcher round trip; inside this Function's forward and
 # backward no autograd graph is recorded).
 from turbomoe.ops._eager import _eager_ok as eager_ok
+from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eager
 from turbomoe.ops.gated import _gated_eager as gated_activation_eager
 from turbomoe.ops.gated import _weighted_backward_eager as weighted_activation_backward_eager
 from turbomoe.ops.gated_gemm import _grouped_gemm_gated_eager as grouped_gemm_gated_eager
 from turbomoe.ops.grouped_gemm import _backward_input_eager as grouped_gemm_backward_input_eager
 from turbomoe.ops.grouped_gemm import _backward_weight_eager as grouped_gemm_backward_weight_eager
 from turbomoe.ops.grouped_gemm import _grouped_gemm_eager as grouped_gemm_eager
+from turbomoe.ops.permute import _combine_backward_eager as combine_backward_eager
 from turbomoe.ops.permute import _combine_eager as combine_eager
 from turbomoe.ops.permute import _gather_rows_eager as gather_rows_eager
 
@@ -94,10 +98,8 @@ class _LeanExperts(torch.autograd.Function):
         row_weights = weights.reshape(-1)[pairs.clamp(min=0)] * routed
         gathered = _gather(grad_out, plan, top_k, rows)  # g[t(r)], unweighted
         unweighted = grouped_gemm_backward_input_eager(gathered, w_down, offsets)  # U
-        # One pass over the rows: act recomputed from gate/up, ⟨U_r, act_r⟩, w_r·act_r (W_down's
-        # gradient operand) and gate/up's gradient from w_r·U_r.
-        grad_gate_up, weighted_act, grad_row_weights = weighted_activation_backward_eager(
-            unweighted, gate_up, row_weights, *ctx.activation, ctx.needs_input_grad[3]
+        grad_gate_up, weighted_act, grad_row_weights = _activation_backward(
+            unweighted, gate_up, row_weights, ctx.activation, ctx.needs_input_grad[3]
         )
         del unweighted
         grad_w_down = None
@@ -133,6 +135,38 @@ class _LeanExperts(torch.autograd.Function):
             None,
             None,
         )
+
+
+def fused_activation_backward() -> bool:
+    """Whether the backward takes the one-pass activation backward
+    (``TURBOMOE_FUSED_ACT_BACKWARD=0``: the four passes it replaced, same values)."""
+    return os.environ.get("TURBOMOE_FUSED_ACT_BACKWARD", "1") != "0"
+
+
+def _activation_backward(
+    unweighted: torch.Tensor,
+    gate_up: torch.Tensor,
+    row_weights: torch.Tensor,
+    activation: tuple[int, float, float, bool],
+    want_weighted_act: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(gate/up's gradient, w ⊙ act or None, ⟨U_r, act_r⟩) from U = unweighted."""
+    if fused_activation_backward():
+        # One pass over the rows: act recomputed from gate/up, ⟨U_r, act_r⟩, w_r·act_r (W_down's
+        # gradient operand) and gate/up's gradient from w_r·U_r.
+        return weighted_activation_backward_eager(
+            unweighted, gate_up, row_weights, *activation, want_weighted_act
+        )
+    act = gated_activation_eager(gate_up, *activation)
+    identity = torch.arange(act.shape[0], dtype=torch.int32, device=act.device)
+    # K = 1 over the rows: grad_act[r] = w_r·U_r and ⟨U_r, act_r⟩ in one pass.
+    grad_act, grad_row_weights = combine_backward_eager(
+        unweighted, act, identity, row_weights.unsqueeze(1)
+    )
+    weighted_act = act * row_weights.unsqueeze(1).to(act.dtype) if want_weighted_act else None
+    del act
+    grad_gate_up = gated_activation_backward_eager(grad_act, gate_up, *activation)
+    return grad_gate_up, weighted_act, grad_row_weights.reshape(-1)
 
 
 def lean_applies(*tensors: torch.Tensor | None) -> bool:
