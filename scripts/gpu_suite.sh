@@ -359,6 +359,17 @@ print(f"; AdamW step of one layer: fused {ms['turbomoe fused']:.2f} ms, tensor o
       f"{ms['turbomoe tensor-ops']:.2f}, torch fused bf16 {ms['torch fused']:.2f}")
 PY
   )
+  # The lean experts' activation backward: one pass against the four it replaced.
+  run_stage act_backward 60 "$PYTHON" bench/act_backward_bench.py --json "$OUT/act_backward.json"
+  DETAIL[bench]+=$("$PYTHON" - "$OUT/act_backward.json" <<'PY' 2>/dev/null || echo "; no act_backward.json"
+import json
+import sys
+
+r = json.load(open(sys.argv[1]))
+print(f"; activation backward: one pass {r['fused_ms']:.3f} ms, four passes "
+      f"{r['four_passes_ms']:.3f}, floor {r['floor_ms']:.3f}, same values {r['same_values']}")
+PY
+  )
   if [ "$bench_rc" -eq 0 ] && [ "$optim_rc" -eq 0 ]; then STATUS[bench]=ok; else
     STATUS[bench]=FAILED
     DETAIL[bench]+=" (bench rc $bench_rc, optim bench rc $optim_rc)"
