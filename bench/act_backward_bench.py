@@ -65,7 +65,7 @@ def main() -> None:
     fused_out, composed_out = run(True), run(False)
     same = all(
         torch.equal(a, b) for a, b in zip(fused_out[:2], composed_out[:2], strict=True)
-    ) and torch.allclose(fused_out[2], composed_out[2], rtol=1e-4, atol=1e-3)
+    ) and torch.allclose(fused_out[2].float(), composed_out[2].float(), rtol=1e-2, atol=1e-2)
 
     copy_rate = measure_copy_rate(1 << 30)
 
