@@ -14,32 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cuda_timing import copy_rate, median_ms
 
 from turbomoe.ops.moe_lean import _activation_backward
-
-
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def measure_copy_rate(nbytes: int) -> float:
-    """Bytes a second a device-to-device copy moves (read + write)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (median_ms(lambda: dst.copy_(src), 10) * 1e-3)
 
 
 def main() -> None:
@@ -67,7 +47,7 @@ def main() -> None:
         torch.equal(a, b) for a, b in zip(fused_out[:2], composed_out[:2], strict=True)
     ) and torch.allclose(fused_out[2].float(), composed_out[2].float(), rtol=1e-2, atol=1e-2)
 
-    copy_rate = measure_copy_rate(1 << 30)
+    rate = copy_rate(1 << 30)
 
     for _ in range(5):
         run(True)
@@ -82,8 +62,8 @@ def main() -> None:
         "rows": rows,
         "inter": inter,
         "same_values": bool(same),
-        "copy_tb_s": copy_rate / 1e12,
-        "floor_ms": floor_bytes / copy_rate * 1e3,
+        "copy_tb_s": rate / 1e12,
+        "floor_ms": floor_bytes / rate * 1e3,
         "fused_ms": min(fused_ms),
         "four_passes_ms": min(composed_ms),
     }

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cuda_timing import copy_rate, median_ms
 
 from turbomoe.train.optim import AdamW
 
@@ -42,25 +41,6 @@ def layer_shapes(experts: int, hidden: int, inter: int, heads: int, kv: int, d: 
         (hidden,),
         (hidden,),
     ]
-
-
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_rate(nbytes: int, reps: int) -> float:
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a), reps)
-    return 2 * nbytes / (ms * 1e-3)
 
 
 def main() -> None:
