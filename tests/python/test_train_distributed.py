@@ -356,3 +356,33 @@ def test_placed_experts_train_like_one_process_and_resume(
     for key, value in block_weights.items():
         diff = float((placed_weights[key].float() - value.float()).norm())
         assert diff <= 1e-4 * max(float(value.float().norm()), 1e-12), key
+
+
+def test_replanned_experts_train_like_one_process(runs: dict[str, Any], tmp_path: Path) -> None:
+    """train.ep_replan_every=1: the experts are placed again before every step (their moments
+    moving with them), and the loss curve and gradient norms stay those of one process."""
+    out = tmp_path / "replan"
+    args = ["--train.ep_size=2", "--train.ep_placement=load", "--train.ep_replan_every=1"]
+    ranks = _finish(_launch([f"--train.output_dir={out}", *args], out))
+    got = _records(out)
+    want = _records(runs["reference"].output_dir)
+    assert len(got) == len(want) == STEPS
+    for g, w in zip(got, want, strict=True):
+        assert abs(g["loss"] - w["loss"]) <= 1e-4, (g["step"], g["loss"], w["loss"])
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), g["step"]
+    placed = [line for line in ranks[0]["out"].splitlines() if "placed again" in line]
+    assert [line.split("before step ")[1].split(":")[0] for line in placed] == [
+        str(step) for step in range(2, STEPS + 1)
+    ], placed
+    # Routing changed between steps, so experts really moved (else this tests nothing).
+    assert sum(int(line.rsplit(": ", 1)[1].split()[0]) for line in placed) > 0, placed
+    assert all("placed again" not in line for line in ranks[1]["out"].splitlines())
+
+
+def test_replanning_needs_placement_by_load() -> None:
+    from turbomoe.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ep_replan_every .* needs train\.ep_placement=load"):
+        FinetuneConfig.from_values(
+            output_dir="unused", max_steps=1, **{"train.ep_replan_every": 2}
+        ).validate()

@@ -125,6 +125,14 @@ class TrainSection:
         "(turbomoe.parallel.balance_experts); checkpoints keep the placement for resuming",
         choices=("blocks", "load"),
     )
+    ep_replan_every: int = _key(
+        0,
+        "with ep_placement=load: place the experts again every N steps, by the routing of the "
+        "next step's first batch, AdamW's moments moving with them (0: only at the start). "
+        "Routing drifts as the router trains; each re-placement costs one forward and moves "
+        "the experts that change rank",
+        low=0,
+    )
     cuda_graph: bool = _key(
         False,
         "one process: replay each training step from a CUDA graph (turbomoe.train."
@@ -293,6 +301,10 @@ class FinetuneConfig:
             raise ConfigError(
                 "train.cuda_graph needs train.grad_accum 1: a replayed step writes the gradients "
                 "and cannot add micro-batches to them (raise train.batch_size instead)"
+            )
+        if t.ep_replan_every and t.ep_placement != "load":
+            raise ConfigError(
+                "train.ep_replan_every places experts by load: it needs train.ep_placement=load"
             )
         if self.lora.enabled and self.lora.target_parameters and self.lora.dropout:
             raise ConfigError("lora.dropout must be 0 when lora.target_parameters is set (peft)")

@@ -48,11 +48,14 @@ def parallelize(model: Any, ep_size: int, ranks: Ranks) -> Any:
     return tm_parallelize(model, ep_size)
 
 
-def balance_experts(model: Any, inputs: dict[str, torch.Tensor]) -> None:
-    """Experts placed on the ranks by this batch's routing (turbomoe.parallel.placement)."""
+def balance_experts(
+    model: Any, inputs: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> list[torch.Tensor]:
+    """Experts placed on the ranks by this batch's routing (turbomoe.parallel.placement), the
+    optimizer's moments moving with them; returns the slots placed."""
     from turbomoe.parallel.placement import balance_experts as tm_balance_experts
 
-    tm_balance_experts(model, inputs)
+    return tm_balance_experts(model, inputs, optimizer)
 
 
 def expert_slots(model: Any) -> list[torch.Tensor] | None:

@@ -189,11 +189,7 @@ class _Run:
         optimizer = build_optimizer(params, schedule.peak_lr, c.optim, self.device)
         state = self._restore(resume, model, optimizer, stream, schedule)
         if resume is None and c.train.ep_placement == "load" and c.train.ep_size > 1:
-            # The first batch's routing, counted over all ranks, without consuming it.
-            position = stream.state_dict()
-            first = next(stream)
-            stream.load_state_dict(position)
-            balance_experts(model, first.to(self.device).model_inputs())
+            self._place_experts_by_next_batch(model, stream, optimizer)
 
         if self.ranks.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +219,32 @@ class _Run:
         self.stream, self.schedule, self.progress, self.val = stream, schedule, progress, val
         self.max_length = max_length
         return self._train(state)
+
+    def _place_experts_by_next_batch(
+        self, model: Any, stream: BatchStream, optimizer: torch.optim.Optimizer
+    ) -> int:
+        """Place every layer's experts by the routing of the next batch, counted over all ranks
+        (a collective), without consuming the batch; the optimizer's moments move with them.
+        Returns how many (layer, expert) slots changed."""
+        before = expert_slots(model)
+        position = stream.state_dict()
+        batch = next(stream)
+        stream.load_state_dict(position)
+        after = balance_experts(model, batch.to(self.device).model_inputs(), optimizer)
+        return sum(
+            int((new != (old if old is not None else torch.arange(new.numel()))).sum())
+            for new, old in zip(after, before or [None] * len(after), strict=True)
+        )
+
+    def _replan_due(self, step: int) -> bool:
+        t = self.config.train
+        return (
+            t.ep_replan_every > 0
+            and t.ep_size > 1
+            and t.ep_placement == "load"
+            and step > 0
+            and step % t.ep_replan_every == 0
+        )
 
     def _resume_checkpoint(self) -> Path | None:
         resume = self.config.checkpoint.resume
@@ -317,6 +339,13 @@ class _Run:
                         stopped_by = "interrupt"
                         break
                     lr = self.schedule.lr(step, self.progress.fraction(step, elapsed))
+                    if self._replan_due(step):
+                        # Before the step, so that a run resumed from this step's checkpoint
+                        # places the same experts by the same batch.
+                        moved = self._place_experts_by_next_batch(
+                            self.model, self.stream, self.optimizer
+                        )
+                        self.echo(f"  experts placed again before step {step + 1}: {moved} moved")
                     micro = [next(self.stream) for _ in range(c.train.grad_accum)]
                     local_sup = sum(b.supervised for b in micro)
                     global_sup = int(all_sum(local_sup, self.ranks, self.device))
