@@ -53,10 +53,11 @@ inline constexpr int kEpiTmaSplit = 2;
 inline constexpr int kEpiTmaDeferred = 3;
 // kEpiLsu: the tile staged as for kEpiTma, then copied out by the consumer threads with 16-byte
 // st.global (a warp writes one 512-byte row), rows past the expert's end masked, so every half
-// goes this way. Loads stay the TMA unit's only work: with kEpiTma the grad-weight pass measured
-// as its compute time plus its output bytes at DRAM speed on both H100 and H200, as if the stores
-// and the next tile's loads took turns. Empty experts' zero tiles are written the same way by
-// the producer's three idle warps. Needs out_cols % 8 == 0 (host-checked).
+// goes this way; empty experts' zero tiles are written the same way by the producer's three idle
+// warps, so TMA carries only loads. Built to test whether TMA stores hold up the next tile's
+// loads (grad-weight measured as compute time plus output bytes at DRAM speed): they do not, it
+// ran within -5..+4% of kEpiTma on every pass (H100, docs/perf-notes.md). Opt-in, for
+// comparison. Needs out_cols % 8 == 0 (host-checked).
 inline constexpr int kEpiLsu = 4;
 inline constexpr int kMaxExpertsSplit = 200;
 
