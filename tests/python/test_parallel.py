@@ -80,6 +80,9 @@ def _check_parity(results: list[dict[str, Any]], ref: dict[str, Any]) -> None:
         ("qwen3_moe", 4, 2, None, "manual", False),
         # rank 3 owns experts 6 and 7, which get no tokens
         ("deepseek_v3", 4, 4, None, "auto", False),
+        # eight ranks, one expert each (the world size of issue 6's 8-GPU run); ranks 6 and 7
+        # own experts without tokens
+        ("deepseek_v3", 8, 8, None, "auto", False),
         # ep 1: pure data parallel with replicated dense weights
         ("deepseek_v3", 2, 1, False, "auto", False),
         ("mixtral", 2, 2, True, "auto", True),  # FSDP at dp 1, gradient checkpointing
@@ -256,6 +259,7 @@ def test_parallelize_needs_a_process_group() -> None:
     [
         ("qwen3_moe", 2, "random", None),
         ("deepseek_v3", 4, "balanced", None),
+        ("deepseek_v3", 8, "balanced", None),  # one expert a rank: placement permutes ranks
         ("mixtral", 2, "balanced", True),  # dense parameters under FSDP2
     ],
 )
@@ -390,6 +394,7 @@ def test_from_pretrained_with_ep_needs_torchrun(
         ("qwen3_moe", 2, 3, "1"),  # 26 tokens a rank: chunks of 9, 9 and 8
         ("deepseek_v3", 4, 4, "0"),  # experts without tokens, each rank's last chunk short
         ("deepseek_v3", 4, 1, "1"),  # the owner's lean autograd record alone
+        ("deepseek_v3", 8, 2, "1"),  # eight ranks, one expert each, chunked and lean
     ],
 )
 def test_token_chunks_and_recompute_match_one_process(
