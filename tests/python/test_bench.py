@@ -136,34 +136,38 @@ def test_no_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--device cpu" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("placement", ["blocks", "load"])
-def test_two_gloo_ranks_fsdp_against_expert_parallel(placement: str, tmp_path: Path) -> None:
-    """The multi-GPU protocol on CPU: torchrun with 2 gloo ranks, stock under per-layer FSDP2 and
-    turbomoe with expert parallelism 2 (experts in blocks or placed by load), one JSON written
-    by rank 0 only."""
+@pytest.mark.parametrize(("ranks", "placement"), [(2, "blocks"), (2, "load"), (8, "load")])
+def test_gloo_ranks_fsdp_against_expert_parallel(
+    ranks: int, placement: str, tmp_path: Path
+) -> None:
+    """The multi-GPU protocol on CPU: torchrun with gloo ranks, stock under per-layer FSDP2 and
+    turbomoe with expert parallelism over all of them (experts in blocks or placed by load; at 8
+    ranks one expert each, the shape of the 8-GPU headline run), one JSON written by rank 0
+    only."""
     out = tmp_path / "bench.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(turbomoe.__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
     )
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={ranks}"]
     cmd += ["-m", "turbomoe.bench", "--device", "cpu", "--steps", "2", "--warmup", "1"]
     cmd += ["--json", str(out), "--ep-placement", placement]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("turbomoe / stock:") == 1  # rank 0 alone prints the table
     payload = json.loads(out.read_text())
-    assert payload["world_size"] == 2 and payload["ok"]
+    assert payload["world_size"] == ranks and payload["ok"]
     hf, tm = payload["runs"]["hf"], payload["runs"]["turbomoe"]
-    assert hf["parallelism"] == "FSDP2 per layer over 2"
+    assert hf["parallelism"] == f"FSDP2 per layer over {ranks}"
     placed = ", experts placed by load" if placement == "load" else ""
-    assert tm["parallelism"] == "EP 2 over gloo, dense replicated" + placed
+    assert tm["parallelism"] == f"EP {ranks} over gloo, dense replicated" + placed
     for run in (hf, tm):
         assert run["error"] is None
-        assert len(run["tps_per_rank"]) == 2 and min(run["tps_per_rank"]) > 0
-        # Counted on both ranks and summed: the EP 2 rank load is reported.
-        assert "2" in run["routing"]["ep_busiest_over_mean"]
-        assert run["tps_per_gpu"] == pytest.approx(sum(run["tps_per_rank"]) / 2)
+        assert len(run["tps_per_rank"]) == ranks and min(run["tps_per_rank"]) > 0
+        # Counted on every rank and summed: the rank load at this EP size is reported.
+        assert str(ranks) in run["routing"]["ep_busiest_over_mean"]
+        assert run["tps_per_gpu"] == pytest.approx(sum(run["tps_per_rank"]) / ranks)
     check = payload["ratios"]["loss_check"]
     assert check["ok"] and check["rel_diff"] < 1e-3  # same rank-0 batch, same weights
