@@ -273,10 +273,12 @@ def test_progress_takes_the_nearer_limit():
     assert not Progress(None, None).done(10**6, 1e9)
 
 
+@pytest.mark.parametrize("fused", ["1", "0"])  # the kernel's step and the tensor-op step
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-def test_adamw_with_narrow_states_follows_torch_adamw(state_dtype):
+def test_adamw_with_narrow_states_follows_torch_adamw(state_dtype, fused, monkeypatch):
     from turbomoe.train.optim import AdamW
 
+    monkeypatch.setenv("TURBOMOE_FUSED_ADAMW", fused)
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(16, 8))
     ref = torch.nn.Parameter(ours.detach().clone())

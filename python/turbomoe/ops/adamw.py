@@ -52,46 +52,19 @@ def adamw_step_(
     weight_decay: float,
     step: int,
     grad_scale: torch.Tensor | None = None,
+    checked: bool = False,
 ) -> None:
     """AdamW step number ``step`` (from 1) on ``param``, ``exp_avg``, ``exp_avg_sq`` in place.
 
     ``grad_scale``: a float32 tensor of one element on the parameter's device multiplied into
     the gradient as it is read (a clipping factor computed on the device: no host sync, no pass
-    that rescales the gradients)."""
-    reason = adamw_step_reason(param, grad, exp_avg, exp_avg_sq)
-    if reason is not None:
-        raise ValueError(f"adamw_step_: {reason}")
-    adamw_step_checked_(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        step=step,
-        grad_scale=grad_scale,
-    )
-
-
-def adamw_step_checked_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-    grad_scale: torch.Tensor | None = None,
-) -> None:
-    """:func:`adamw_step_` for tensors :func:`adamw_step_reason` has already accepted (the
-    optimizer checks each parameter once; the library still validates everything)."""
+    that rescales the gradients). ``checked``: the caller has had these tensors accepted by
+    :func:`adamw_step_reason` already (the optimizer asks once per parameter and step); the
+    library validates everything either way."""
+    if not checked:
+        reason = adamw_step_reason(param, grad, exp_avg, exp_avg_sq)
+        if reason is not None:
+            raise ValueError(f"adamw_step_: {reason}")
     params = _native.make_params(
         _native.AdamwParams,
         lr=lr,

@@ -16,7 +16,6 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from turbomoe import ops
-from turbomoe.ops.adamw import adamw_step_checked_
 from turbomoe.parallel.optim_groups import split_param_groups
 from turbomoe.train.config import OptimSection
 
@@ -68,7 +67,7 @@ class AdamW(torch.optim.Optimizer):
                 t = float(state["step"])
                 local = _local_tensors(p, p.grad, state["exp_avg"], state["exp_avg_sq"])
                 if fused and local is not None and ops.adamw_step_reason(*local) is None:
-                    adamw_step_checked_(
+                    ops.adamw_step_(
                         *local,
                         lr=group["lr"],
                         beta1=beta1,
@@ -77,6 +76,7 @@ class AdamW(torch.optim.Optimizer):
                         weight_decay=group["weight_decay"],
                         step=int(t),
                         grad_scale=_scale_on(grad_scale, p, scales),
+                        checked=True,
                     )
                     continue
                 _step_with_tensor_ops(p, state, group, t, grad_scale)
