@@ -52,10 +52,8 @@ VARIANTS = {
     # grad-weight: expert order dealt round-robin, zero tiles computed (the schedule before)
     "nobalance": {"TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0"},
     "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
-    "lsu": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "lsu"},  # staged, copied out by st.global
     # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
     "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
-    "gated_lsu": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1", "TURBOMOE_HOPPER_GEMM_EPILOGUE": "lsu"},
     "v1": {
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
         "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",

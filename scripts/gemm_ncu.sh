@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Hardware counters of the grouped-GEMM kernels, on the GPU machine, in one call:
 #
-#   run: NCU_PASSES=dw,fwd NCU_ROUTING=model,balanced NCU_VARIANTS=default,lsu \
+#   run: NCU_PASSES=dw,fwd NCU_ROUTING=model,balanced NCU_VARIANTS=default,split \
 #        bash scripts/gemm_ncu.sh
 #        (carry .prebuilt from scripts/prebuild_device.sh, or set LIB)
 #

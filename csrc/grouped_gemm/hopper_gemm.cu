@@ -152,7 +152,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred | lsu
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred
 //                                   (see hopper_gemm_kernel.cuh)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
@@ -207,8 +207,6 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
              p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
-  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "lsu") && p.out_cols % 8 == 0) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiLsu>(a, b, a, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
   } else {
@@ -337,13 +335,8 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
   const int grid = row_pass_grid(m, num_experts, inter,
                                  hopper_gemm::tile_cols<Pass::kForwardSwiglu>(), sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
-  // gate_up goes through the TMA epilogue where it can; the activation is stored from registers
-  // (with TURBOMOE_HOPPER_GEMM_EPILOGUE=lsu both go through shared memory and 16-byte stores).
-  if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "lsu") && tma_storable(gate_up) &&
-      tma_storable(act)) {
-    launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiLsu>(map_a, map_b, map_a, p, grid,
-                                                                      x.device_index, s);
-  } else if (tma_storable(gate_up) && !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
+  // gate_up goes through the TMA epilogue where it can; the activation is stored from registers.
+  if (tma_storable(gate_up) && !env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
     const CUtensorMap map_gate_up = matrix_map(gate_up, 64);
     launch<Pass::kForwardSwiglu, __nv_bfloat16, hopper_gemm::kEpiTma>(map_a, map_b, map_gate_up, p,
                                                                       grid, x.device_index, s);

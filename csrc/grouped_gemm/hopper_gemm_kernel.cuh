@@ -51,14 +51,6 @@ inline constexpr int kEpiTmaSplit = 2;
 // kEpiTmaDeferred: kEpiTma whose stores of a finished tile run while the next tile's first
 // WGMMAs do (the tile is held meanwhile as 64 registers of bf16 pairs).
 inline constexpr int kEpiTmaDeferred = 3;
-// kEpiLsu: the tile staged as for kEpiTma, then copied out by the consumer threads with 16-byte
-// st.global (a warp writes one 512-byte row), rows past the expert's end masked, so every half
-// goes this way; empty experts' zero tiles are written the same way by the producer's three idle
-// warps, so TMA carries only loads. Built to test whether TMA stores hold up the next tile's
-// loads (grad-weight measured as compute time plus output bytes at DRAM speed): they do not, it
-// ran within -5..+4% of kEpiTma on every pass (H100, docs/perf-notes.md). Opt-in, for
-// comparison. Needs out_cols % 8 == 0 (host-checked).
-inline constexpr int kEpiLsu = 4;
 inline constexpr int kMaxExpertsSplit = 200;
 
 // Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
@@ -66,16 +58,12 @@ inline constexpr int kMaxExpertsSplit = 200;
 // it fits), the full/empty mbarriers, then the schedule tables (2 x (E+2) ints).
 template <int kEpi>
 struct Layout {
-  static constexpr int kStages =
-      kEpi == kEpiTma || kEpi == kEpiTmaDeferred || kEpi == kEpiLsu ? 3 : 4;
+  static constexpr int kStages = kEpi == kEpiTma || kEpi == kEpiTmaDeferred ? 3 : 4;
   static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : 1;
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
   // The split epilogue's 4 stages leave no room for the zero box.
   static constexpr bool kZeroBox = kEpi == kEpiTma || kEpi == kEpiTmaDeferred;
-  // Grad-weight: empty experts' zero tiles written beside the computation (from the zero box by
-  // TMA, or by st.global with kEpiLsu) instead of through the consumers.
-  static constexpr bool kZeroTiles = kZeroBox || kEpi == kEpiLsu;
   static constexpr int kZeroOffset = kEpiOffset + kEpiBytes;
   static constexpr int kZeroBytes = kZeroBox ? kBoxBytes : 0;
   static constexpr int kBarOffset = kZeroOffset + kZeroBytes;
@@ -88,7 +76,6 @@ inline constexpr int kSmemLimit = 227 * 1024;
 static_assert(Layout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaDeferred>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
-static_assert(Layout<kEpiLsu>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
 
 enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2, kForwardSwiglu = 3 };
@@ -230,15 +217,6 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
@@ -519,31 +497,6 @@ __device__ __forceinline__ void for_each_pair(int half_row0, int row_limit, int 
   }
 }
 
-// kEpiLsu: copies a consumer's staged 64-row piece of kChunks 8-column chunks (chunk j in box
-// j / 8, swizzled as stage_chunks wrote it) to global memory, 16 bytes a thread, 128 / kChunks
-// rows a step (a warp writes 512 contiguous bytes when kChunks is 32). column(j) is chunk j's
-// first output column (< 0: not stored); rows at or past row_limit are skipped. The buffer is
-// free again on return.
-template <int kChunks, typename Column>
-__device__ __forceinline__ void copy_out(uint32_t epi, int consumer, int wg_tid, int half_row0,
-                                         int row_limit, __nv_bfloat16* out, int64_t row_stride,
-                                         Column&& column) {
-  static_assert(128 % kChunks == 0 && kChunks % 8 == 0);
-  const int chunk = wg_tid % kChunks;
-  const int c = column(chunk);
-#pragma unroll 4
-  for (int row = wg_tid / kChunks; row < 64; row += 128 / kChunks) {
-    const uint4 v =
-        ld_shared_v4(epi + (chunk >> 3) * kBoxBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
-    const int r = half_row0 + row;
-    if (r < row_limit && c >= 0) {
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * row_stride + c) = v;
-    }
-  }
-  // Every thread has read its chunks before the buffer is refilled.
-  named_barrier(2 + consumer, 128);
-}
-
 // Stores a consumer's finished half-tile, held as bf16 pairs (see the kernel), into a bf16
 // output: whole halves through the swizzled staging buffer and TMA bulk stores, which drain
 // while the consumer runs on; a half that straddles the expert's end row by row.
@@ -553,17 +506,7 @@ __device__ __forceinline__ void store_packed(const uint32_t (&packed)[64], const
                                              uint32_t epi, int consumer, int wg_tid, int lane,
                                              int frag_row) {
   using L = Layout<kEpi>;
-  if constexpr (kEpi == kEpiLsu) {
-    stage_chunks<32>(epi, lane, frag_row, consumer,
-                     [&](int j, int half) { return packed[2 * j + half]; });
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-    out += static_cast<int64_t>(f.expert) * p.out_expert_stride;  // 0 but for grad-weight
-    copy_out<32>(epi, consumer, wg_tid, f.half_row0, f.row_limit, out, p.out_row_stride,
-                 [&](int j) {
-                   const int c = f.col0 + 8 * j;
-                   return c < p.out_cols ? c : -1;
-                 });
-  } else if (f.staged) {
+  if (f.staged) {
     constexpr int kPieces = L::kEpiPieces;
     constexpr int kBoxesPerPiece = 4 / kPieces;
 #pragma unroll
@@ -622,36 +565,11 @@ __device__ __forceinline__ uint32_t swiglu_pair(const Params& p, float g0, float
 // 0.397 for the plain forward and the activation kernel. This version: 0.428 against 0.396
 // (H100, tenth session): the register stores and the math stay exposed in the cooperative
 // schedule, hence still opt-in. Columns at or past I are not stored (I % 64 == 0, host-checked).
-template <int kEpi>
 __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Finished& f,
                                              const Params& p, const CUtensorMap* map_gate_up,
                                              uint32_t epi, int consumer, int wg_tid, int lane,
                                              int frag_row) {
   const int inter = p.gate_rows;
-  if constexpr (kEpi == kEpiLsu) {
-    // gate/up through the staging buffer and st.global, then the activation the same way in
-    // the buffer's first two boxes: no wait for an asynchronous engine between the two rounds.
-    __nv_bfloat16* gate_up = static_cast<__nv_bfloat16*>(p.out);
-    __nv_bfloat16* act = static_cast<__nv_bfloat16*>(p.out2);
-    stage_chunks<32>(epi, lane, frag_row, consumer, [&](int j, int half) {
-      return pack_bf16(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-    });
-    copy_out<32>(epi, consumer, wg_tid, f.half_row0, f.row_limit, gate_up, p.out_row_stride,
-                 [&](int j) {
-                   const int c = f.col0 + 8 * (j & 15);
-                   return c < inter ? (j >= 16 ? inter : 0) + c : -1;
-                 });
-    stage_chunks<16>(epi, lane, frag_row, consumer, [&](int j, int half) {
-      const int i = 4 * j + 2 * half;
-      return swiglu_pair(p, acc[i], acc[i + 1], acc[i + 64], acc[i + 65]);
-    });
-    copy_out<16>(epi, consumer, wg_tid, f.half_row0, f.row_limit, act, p.out2_row_stride,
-                 [&](int j) {
-                   const int c = f.col0 + 8 * j;
-                   return c < inter ? c : -1;
-                 });
-    return;
-  }
   if (f.staged) {
     // The previous bulk stores must have read the buffer before it is rewritten.
     if (wg_tid == 0) bulk_wait_read();
@@ -700,12 +618,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
-  constexpr bool kTmaEpilogue = kEpi != kEpiDirect;  // staged in shared memory (TMA or LSU out)
-  constexpr bool kTmaStores = kTmaEpilogue && kEpi != kEpiLsu;
-  static_assert(!kTmaEpilogue || sizeof(OutT) == 2, "the staged epilogues hold bf16 tiles");
+  constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
+  static_assert(!kTmaEpilogue || sizeof(OutT) == 2, "the TMA epilogue stages bf16 tiles");
   static_assert(P != Pass::kForwardSwiglu ||
                     (sizeof(OutT) == 2 && kEpi != kEpiTmaSplit && kEpi != kEpiTmaDeferred),
-                "the SwiGLU forward stores bf16 through the whole-box, LSU or direct epilogue");
+                "the SwiGLU forward stores bf16 through the whole-box or the direct epilogue");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
@@ -743,7 +660,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_b);
-    if constexpr (kTmaStores) prefetch_tensor_map(&map_out);
+    if constexpr (kTmaEpilogue) prefetch_tensor_map(&map_out);
   }
   __syncthreads();
 
@@ -762,7 +679,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     const int per_expert = ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
-    if (L::kZeroTiles && balance) {
+    if (L::kZeroBox && balance) {
       total_tiles = active_experts * per_expert;
       zero_tiles = (num_experts - active_experts) * per_expert;
     } else {
@@ -817,7 +734,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar, p);
         }
       }
-    } else if (L::kZeroBox && tid == 32 && zero_tiles > 0) {
+    } else if (tid == 32 && zero_tiles > 0) {
       // The zero tiles of experts without rows: TMA stores of the zero box, at most a few
       // tiles in flight so that they share the memory system with the operand loads.
       if constexpr (L::kZeroBox) {
@@ -839,28 +756,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_wait_pending<4>();
         }
         bulk_wait_all();
-      }
-    } else if (tid >= 32 && zero_tiles > 0) {
-      // kEpiLsu: the zero tiles by st.global from the producer's warps 1-3, a warp writing one
-      // 512-byte row (lane: 8 columns) of a tile at a time.
-      if constexpr (kEpi == kEpiLsu) {
-        const int k_blocks = ceil_div(p.out_cols, kBlockN);
-        const int per_expert = ceil_div(p.out_rows, kBlockM) * k_blocks;
-        const int writer = tid / 32 - 1;  // 0..2
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-        for (int z = static_cast<int>(blockIdx.x); z < zero_tiles;
-             z += static_cast<int>(gridDim.x)) {
-          const GradWeightTile g =
-              grad_weight_tile(z, tile_begin + active_experts, k_blocks, per_expert);
-          const int row0 = g.out_block * kBlockM;
-          const int c = g.col_block * kBlockN + 8 * lane;
-          if (c >= p.out_cols) continue;
-          __nv_bfloat16* expert_out = out + static_cast<int64_t>(g.expert) * p.out_expert_stride;
-          for (int r = row0 + writer; r < min(row0 + kBlockM, p.out_rows); r += 3) {
-            *reinterpret_cast<uint4*>(expert_out + static_cast<int64_t>(r) * p.out_row_stride + c) =
-                make_uint4(0, 0, 0, 0);
-          }
-        }
       }
     }
   } else {
@@ -995,7 +890,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         done.col0 = tile.col0;
         done.expert = tile.expert;
         done.staged = kTmaEpilogue && half_row0 + 64 <= row_limit;
-        store_swiglu<kEpi>(acc, done, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
+        store_swiglu(acc, done, p, &map_out, epi, consumer, wg_tid, lane, frag_row);
         continue;
       }
       // Whole halves go through TMA (it clips at the tensor's edges); a half that straddles the
@@ -1005,8 +900,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       done.row_limit = row_limit;
       done.col0 = tile.col0;
       done.expert = tile.expert;
-      done.staged = kTmaEpilogue &&
-                    (half_row0 + 64 <= row_limit || P == Pass::kGradWeight || kEpi == kEpiLsu);
+      done.staged = kTmaEpilogue && (half_row0 + 64 <= row_limit || P == Pass::kGradWeight);
       if constexpr (kTmaEpilogue) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
@@ -1032,7 +926,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     if (kDefer && has_pending) flush();
-    if constexpr (kTmaStores) {
+    if constexpr (kTmaEpilogue) {
       // Shared memory must outlive the bulk stores that read it.
       if (wg_tid == 0) bulk_wait_all();
     }
