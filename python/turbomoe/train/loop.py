@@ -231,10 +231,9 @@ class _Run:
         batch = next(stream)
         stream.load_state_dict(position)
         after = balance_experts(model, batch.to(self.device).model_inputs(), optimizer)
-        return sum(
-            int((new != (old if old is not None else torch.arange(new.numel()))).sum())
-            for new, old in zip(after, before or [None] * len(after), strict=True)
-        )
+        if before is None:  # contiguous blocks: expert e in slot e
+            before = [torch.arange(slots.numel()) for slots in after]
+        return sum(int((new != old).sum()) for new, old in zip(after, before, strict=True))
 
     def _replan_due(self, step: int) -> bool:
         t = self.config.train
