@@ -54,11 +54,15 @@ VARIANTS = {
     "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
     # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
     "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
+    # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast)
+    "cluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1"},
+    "nocluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0"},
     "v1": {
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
         "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",
         "TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0",
         "TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0",
+        "TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0",
     },
 }
 VARIANT_KEYS = (
@@ -67,6 +71,7 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_TRIM_TAIL",
     "TURBOMOE_HOPPER_GEMM_BALANCE_DW",
     "TURBOMOE_HOPPER_GEMM_SWIGLU",
+    "TURBOMOE_HOPPER_GEMM_CLUSTER_DW",
 )
 
 

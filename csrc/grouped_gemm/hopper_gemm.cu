@@ -157,6 +157,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
+//   TURBOMOE_HOPPER_GEMM_CLUSTER_DW = 0 (default) | 1 (grad-weight in 2-CTA clusters)
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
@@ -179,27 +180,95 @@ void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
   }
 }
 
+// Launch configuration of kCluster-CTA clusters (cudaLaunchKernelEx keeps pointers to `attr`).
+template <int kCluster>
+cudaLaunchConfig_t cluster_config(int grid, int smem, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(hopper_gemm::kThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = kCluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.
-template <Pass P, typename OutT, int kEpi>
+// With kCluster > 1, `grid` is a multiple of kCluster (cluster_grid).
+template <Pass P, typename OutT, int kEpi, int kCluster = 1>
 void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
             int grid, int device, cudaStream_t stream) {
-  auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi>;
+  auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi, kCluster>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
   // A static of this instantiation: one record per kernel (all of them share one type).
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
-  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
-  cuda::check_launch("hopper grouped_gemm_kernel");
+  if constexpr (kCluster == 1) {
+    kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
+    cuda::check_launch("hopper grouped_gemm_kernel");
+  } else {
+    cudaLaunchAttribute attr{};
+    const cudaLaunchConfig_t config = cluster_config<kCluster>(grid, smem, stream, &attr);
+    cuda::check(cudaLaunchKernelEx(&config, kernel, a, b, out, p),
+                "cudaLaunchKernelEx (hopper grouped_gemm_kernel, clusters)");
+  }
+}
+
+// The persistent grid of the kCluster-CTA grad-weight kernel: as many whole clusters as can be
+// resident at once (clusters must fit in one GPC, so this can be below sm_count / kCluster) and
+// no more than there are cluster tiles. 0 when no cluster fits.
+template <int kCluster>
+int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int device,
+                 cudaStream_t stream) {
+  auto kernel = hopper_gemm::grouped_gemm_kernel<Pass::kGradWeight, __nv_bfloat16,
+                                                 hopper_gemm::kEpiTma, kCluster>;
+  const int smem = hopper_gemm::Layout<hopper_gemm::kEpiTma>::smem_bytes(num_experts);
+  static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
+  ensure_smem_limit(kernel, smem,
+                    device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
+  // Resident clusters per device, asked once (the answer depends on the device only: one CTA an
+  // SM at this shared-memory size whatever the expert count).
+  static std::array<std::atomic<int>, kMaxCachedDevices> resident{};
+  int clusters = device >= 0 && device < kMaxCachedDevices
+                     ? resident[device].load(std::memory_order_relaxed)
+                     : 0;
+  if (clusters <= 0) {
+    cudaLaunchAttribute attr{};
+    const int full = (sm_count / kCluster) * kCluster;
+    const cudaLaunchConfig_t config =
+        cluster_config<kCluster>(full > 0 ? full : kCluster, smem, stream, &attr);
+    cuda::check(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config),
+                "cudaOccupancyMaxActiveClusters");
+    if (device >= 0 && device < kMaxCachedDevices) resident[device].store(clusters);
+  }
+  int64_t n = clusters < sm_count / kCluster ? clusters : sm_count / kCluster;
+  if (cluster_tiles < n) n = cluster_tiles;
+  return static_cast<int>(n) * kCluster;
+}
+
+void apply_variant_switches(Params* p) {
+  p->skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
+  p->trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
+  p->balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
+}
+
+// The default (whole-box TMA) epilogue, which the clustered grad-weight kernel uses.
+bool default_epilogue() {
+  const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
+  return v == nullptr || v[0] == '\0' || std::strcmp(v, "tma") == 0;
 }
 
 // out_map is null when the output cannot be written by TMA (fp32, or misaligned rows).
 template <Pass P>
 void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
                 const CUtensorMap* out_map, Params p, int grid, int device, cudaStream_t stream) {
-  p.skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
-  p.trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
-  p.balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
+  apply_variant_switches(&p);
   if (out_dtype == TM_DTYPE_FLOAT32) {
     launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
@@ -403,8 +472,23 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   CUtensorMap map_out{};
   const bool tma_out = tma_storable(dw);
   if (tma_out) map_out = expert_map(dw, 64);
+  const cudaStream_t s = cuda::as_stream(stream);
+  // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the default
+  // epilogue, dw's rows in whole pairs of tiles.
+  constexpr int kPair = 2;
+  if (env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", "1") && tma_out && dw.dtype == TM_DTYPE_BFLOAT16 &&
+      default_epilogue() && n % (kPair * hopper_gemm::kBlockM) == 0) {
+    const int pair_grid =
+        cluster_grid<kPair>(sm_count, p.num_experts, tiles / kPair, dy.device_index, s);
+    if (pair_grid > 0) {
+      apply_variant_switches(&p);
+      launch<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma, kPair>(
+          map_a, map_b, map_out, p, pair_grid, dy.device_index, s);
+      return true;
+    }
+  }
   launch_out<Pass::kGradWeight>(dw.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
-                                dy.device_index, cuda::as_stream(stream));
+                                dy.device_index, s);
   return true;
 }
 

@@ -12,7 +12,8 @@
 // aligned data and row strides that are multiples of 8 elements; output column count even.
 // Environment: TURBOMOE_DISABLE_HOPPER_GEMM=1 makes every function return false;
 // TURBOMOE_HOPPER_GEMM_EPILOGUE=tma|split|direct|deferred, TURBOMOE_HOPPER_GEMM_SKIP_HALVES=0|1,
-// TURBOMOE_HOPPER_GEMM_TRIM_TAIL=0|1 and TURBOMOE_HOPPER_GEMM_BALANCE_DW=0|1 pick kernel variants
+// TURBOMOE_HOPPER_GEMM_TRIM_TAIL=0|1, TURBOMOE_HOPPER_GEMM_BALANCE_DW=0|1 and
+// TURBOMOE_HOPPER_GEMM_CLUSTER_DW=0|1 pick kernel variants
 // for A/B timing (hopper_gemm.cu; docs/perf-notes-gemm.md and perf-notes.md have the numbers).
 #pragma once
 

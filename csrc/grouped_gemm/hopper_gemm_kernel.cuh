@@ -174,6 +174,38 @@ __device__ __forceinline__ void tma_load_3d(const CUtensorMap* map, uint32_t dst
       : "memory");
 }
 
+// The same load delivered to the same shared-memory offset, and counted on the same mbarrier,
+// in every CTA of the cluster named by cta_mask.
+__device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* map, uint32_t dst,
+                                                      uint32_t bar, int32_t c0, int32_t c1,
+                                                      uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+// Every thread of every CTA of the cluster; orders shared-memory accesses (and mbarrier
+// initialisation) across the cluster.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// Arrives on the mbarrier at shared-memory address `bar` of CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote)
+               : "memory");
+}
+
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int32_t c0,
                                              int32_t c1) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
@@ -324,11 +356,12 @@ __device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, 
 }
 
 // The i-th tile of this CTA: grad-weight snakes (tile_schedule.h), the other passes deal
-// round-robin.
-template <Pass P>
+// round-robin. In clusters of kCluster CTAs the unit is the cluster: its CTAs take the same
+// tile index and each computes its own part of it (decode_tile).
+template <Pass P, int kCluster>
 __device__ __forceinline__ int cta_tile(int i, const Params& p) {
-  const int cta = static_cast<int>(blockIdx.x);
-  const int grid = static_cast<int>(gridDim.x);
+  const int cta = static_cast<int>(blockIdx.x) / kCluster;
+  const int grid = static_cast<int>(gridDim.x) / kCluster;
   return P == Pass::kGradWeight && p.balance_grad_weight != 0 ? snake_tile(i, cta, grid)
                                                               : i * grid + cta;
 }
@@ -358,17 +391,19 @@ __device__ __forceinline__ int upper_index(const int32_t* table, int hi, int t) 
 }
 
 // Grad-weight tile t walks the experts in `order` (tile_begin's space; see the kernel); the
-// other passes walk tile_begin's prefix sums.
-template <Pass P>
+// other passes walk tile_begin's prefix sums. In a grad-weight cluster, tile t is kCluster
+// vertically adjacent output tiles (the same x columns and rows, so the same B operand), and
+// `rank` picks this CTA's.
+template <Pass P, int kCluster>
 __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_t* tile_begin,
-                                            const int32_t* row_begin) {
+                                            const int32_t* row_begin, int rank) {
   Tile tile{};
   const int num_experts = p.num_experts;
   if constexpr (P == Pass::kGradWeight) {
     const int n_blocks = ceil_div(p.out_rows, kBlockM);
     const int k_blocks = ceil_div(p.out_cols, kBlockN);
-    const int per_expert = n_blocks * k_blocks;
-    const GradWeightTile g = grad_weight_tile(t, tile_begin, k_blocks, per_expert);
+    const GradWeightTile g =
+        cluster_grad_weight_tile(t, tile_begin, n_blocks, k_blocks, kCluster, rank);
     const int e = g.expert;
     tile.expert = e;
     tile.row0 = row_begin[e];
@@ -414,11 +449,13 @@ __device__ __forceinline__ int b_boxes(const Tile& tile, const Params& p) {
   return is_forward(P) ? 4 : min(4, ceil_div(p.out_cols - tile.col0, 64));
 }
 
-// Loads reduction chunk k of a tile into a stage.
-template <Pass P>
+// Loads reduction chunk k of a tile into a stage. In a grad-weight cluster the CTAs share B:
+// CTA `rank` loads B boxes rank, rank + kCluster, ... into every CTA of the cluster.
+template <Pass P, int kCluster>
 __device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
                                             const Tile& tile, int k, int na, int nb, uint32_t a_dst,
-                                            uint32_t b_dst, uint32_t bar, const Params& p) {
+                                            uint32_t b_dst, uint32_t bar, const Params& p,
+                                            int rank) {
   const int kk = k * kBlockK;
   if constexpr (P == Pass::kForward) {
     tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
@@ -440,8 +477,15 @@ __device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUte
     for (int i = 0; i < na; ++i) {
       tma_load_2d(map_a, a_dst + i * kBoxBytes, bar, tile.out_row0 + 64 * i, row);
     }
-    for (int i = 0; i < nb; ++i) {
-      tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row);
+    if constexpr (kCluster > 1) {
+      constexpr uint16_t kAll = (1u << kCluster) - 1u;
+      for (int i = rank; i < nb; i += kCluster) {
+        tma_load_2d_multicast(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row, kAll);
+      }
+    } else {
+      for (int i = 0; i < nb; ++i) {
+        tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row);
+      }
     }
   }
 }
@@ -610,12 +654,20 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
 // buffer and one thread hands it to TMA bulk stores, which drain while the consumer already runs
 // the next tile's WGMMAs. Otherwise, and for the 64-row halves that straddle an expert's end
 // (TMA cannot drop rows inside a box), fragments are stored straight to global memory.
-template <Pass P, typename OutT, int kEpi>
+//
+// kCluster = 2 (grad-weight only; launched with 2-CTA clusters): the two CTAs of a cluster
+// compute vertically adjacent tiles, which read the same x columns (B), and each loads half of
+// B into both CTAs' stages (TMA multicast): a third less operand traffic from L2, which bounds
+// this pass (docs/perf-notes.md). A stage is refilled only when the consumers of both CTAs have
+// released it, so each empty barrier counts the consumer warps of the whole cluster.
+template <Pass P, typename OutT, int kEpi, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                         const __grid_constant__ CUtensorMap map_b,
                         const __grid_constant__ CUtensorMap map_out, const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kCluster == 1 || (kCluster == 2 && P == Pass::kGradWeight),
+                "clusters share the grad-weight's B operand only");
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
@@ -655,7 +707,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_bar + 8 * s, 1);
-      mbar_init(empty_bar + 8 * s, kConsumers * 4);  // one arrival per consumer warp
+      // One arrival per consumer warp of the cluster.
+      mbar_init(empty_bar + 8 * s, kConsumers * 4 * kCluster);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     prefetch_tensor_map(&map_a);
@@ -663,6 +716,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kTmaEpilogue) prefetch_tensor_map(&map_out);
   }
   __syncthreads();
+  // The peer CTA's barriers must be initialised before any multicast or remote arrival.
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_rank()) : 0;
+  if constexpr (kCluster > 1) cluster_sync();
 
   int total_tiles;
   int zero_tiles = 0;  // grad-weight with a zero box: tiles of experts without rows
@@ -679,11 +735,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     const int per_expert = ceil_div(p.out_rows, kBlockM) * ceil_div(p.out_cols, kBlockN);
+    // The computed tiles are counted in cluster units (kCluster output tiles each; the host
+    // launches clusters only where out_rows is a multiple of kCluster * kBlockM).
     if (L::kZeroBox && balance) {
-      total_tiles = active_experts * per_expert;
+      total_tiles = active_experts * per_expert / kCluster;
       zero_tiles = (num_experts - active_experts) * per_expert;
     } else {
-      total_tiles = num_experts * per_expert;
+      total_tiles = num_experts * per_expert / kCluster;
     }
   } else {
     // tile_begin[e] = tiles of experts before e (m-blocks x n-blocks each): a warp-wide scan.
@@ -718,9 +776,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid == 0) {
       uint32_t it = 0;
       for (int i = 0;; ++i) {
-        const int t = cta_tile<P>(i, p);
+        const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_tiles) break;
-        const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
+        const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
         const int na = a_boxes<P>(tile, p);
         const int nb = b_boxes<P>(tile, p);
         const uint32_t stage_bytes = static_cast<uint32_t>((na + nb) * kBoxBytes);
@@ -731,7 +789,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t bar = full_bar + 8 * s;
           const uint32_t a_dst = base + s * kStageBytes;
           mbar_arrive_expect_tx(bar, stage_bytes);
-          issue_stage<P>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar, p);
+          issue_stage<P, kCluster>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar,
+                                   p, rank);
         }
       }
     } else if (tid == 32 && zero_tiles > 0) {
@@ -782,6 +841,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     // A finished tile in bf16 pairs (pair 2j + h: fragments 4j + 2h and 4j + 2h + 1), waiting
     // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred).
     uint32_t packed[64];
+    // Frees stage s for the producer of every CTA that fills it (one lane per warp).
+    auto release = [&](uint32_t s) {
+      if constexpr (kCluster > 1) {
+#pragma unroll
+        for (int r = 0; r < kCluster; ++r) mbar_arrive_in(empty_bar + 8 * s, r);
+      } else {
+        mbar_arrive(empty_bar + 8 * s);
+      }
+    };
     Finished pending{};
     bool has_pending = false;
     auto flush = [&]() {
@@ -792,9 +860,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     uint32_t it = 0;
     for (int i = 0;; ++i) {
-      const int t = cta_tile<P>(i, p);
+      const int t = cta_tile<P, kCluster>(i, p);
       if (t >= total_tiles) break;
-      const Tile tile = decode_tile<P>(t, p, tile_begin, row_begin);
+      const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
       // First output row of this consumer's half and the rows it may write.
       int half_row0;
       int row_limit;
@@ -814,7 +882,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
           const uint32_t s = it % kStages;
           mbar_wait(full_bar + 8 * s, (it / kStages) & 1u);
-          if (lane == 0) mbar_arrive(empty_bar + 8 * s);
+          if (lane == 0) release(s);
         }
         continue;
       }
@@ -876,12 +944,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Keep one stage of WGMMAs in flight; the one before it is done, so its stage is free.
         wgmma_wait<1>();
         fence_acc(acc);
-        if (k > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
+        if (k > 0 && lane == 0) release(prev_stage);
         prev_stage = s;
       }
       wgmma_wait<0>();
       fence_acc(acc);
-      if (tile.k_iters > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
+      if (tile.k_iters > 0 && lane == 0) release(prev_stage);
 
       if constexpr (P == Pass::kForwardSwiglu) {
         Finished done{};
@@ -931,6 +999,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (wg_tid == 0) bulk_wait_all();
     }
   }
+  // A CTA's shared memory must outlive the peer's multicasts into it and arrivals on it.
+  if constexpr (kCluster > 1) cluster_sync();
 #else
   // Built for another architecture: the host never launches this (it checks for sm_90 first).
   __trap();

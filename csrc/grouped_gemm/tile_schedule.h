@@ -51,4 +51,15 @@ TM_HOST_DEVICE GradWeightTile grad_weight_tile(int t, const int32_t* order, int 
   return GradWeightTile{order[slot], out_block, local - out_block * k_blocks};
 }
 
+// Grad-weight tile t of a cluster of `cluster` CTAs, which compute `cluster` vertically adjacent
+// output tiles (n_blocks, a multiple of `cluster`, row blocks an expert) that read the same
+// columns of x: tile t counts in those groups, and CTA `rank` of the cluster takes row block
+// cluster * (t's group row) + rank.
+TM_HOST_DEVICE GradWeightTile cluster_grad_weight_tile(int t, const int32_t* order, int n_blocks,
+                                                       int k_blocks, int cluster, int rank) {
+  GradWeightTile g = grad_weight_tile(t, order, k_blocks, n_blocks / cluster * k_blocks);
+  g.out_block = g.out_block * cluster + rank;
+  return g;
+}
+
 }  // namespace turbomoe::hopper_gemm

@@ -8,10 +8,12 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <tuple>
 #include <vector>
 
 namespace {
 
+using turbomoe::hopper_gemm::cluster_grad_weight_tile;
 using turbomoe::hopper_gemm::grad_weight_tile;
 using turbomoe::hopper_gemm::GradWeightTile;
 using turbomoe::hopper_gemm::rank_by_rows;
@@ -87,10 +89,12 @@ TEST(TileSchedule, RanksExpertsByDescendingRowsThenIndex) {
 // (tiles 0 .. (E - active) * per_expert of the order's tail). Together they must cover every
 // (expert, row block, column block) exactly once, for any routing: a tile decoded from the
 // expert's id instead of its slot in the order (the fault of 01ee323) lands outside its expert.
+// With 2-CTA clusters the computed tiles count in vertical pairs, each CTA taking one of them.
 TEST(TileSchedule, GradWeightTilesCoverEveryExpertTileOnce) {
   std::mt19937 rng(11);
   for (const int experts : {1, 3, 5, 128}) {
-    for (const auto& [n_blocks, k_blocks] : {std::pair{1, 1}, {2, 3}, {12, 8}}) {
+    for (const auto& [n_blocks, k_blocks, cluster] :
+         {std::tuple{1, 1, 1}, {2, 3, 1}, {12, 8, 1}, {2, 3, 2}, {12, 8, 2}, {16, 3, 2}}) {
       for (int trial = 0; trial < 4; ++trial) {
         std::uniform_int_distribution<int> rows(0, trial == 0 ? 0 : 300);
         std::vector<int> counts(static_cast<size_t>(experts));
@@ -115,14 +119,18 @@ TEST(TileSchedule, GradWeightTilesCoverEveryExpertTileOnce) {
           ASSERT_LT(g.col_block, k_blocks);
           ++seen[static_cast<size_t>((g.expert * n_blocks + g.out_block) * k_blocks + g.col_block)];
         };
-        for (int t = 0; t < active * per_expert; ++t) {
-          mark(grad_weight_tile(t, order.data(), k_blocks, per_expert), true);
+        for (int t = 0; t < active * per_expert / cluster; ++t) {
+          for (int rank = 0; rank < cluster; ++rank) {
+            mark(cluster_grad_weight_tile(t, order.data(), n_blocks, k_blocks, cluster, rank),
+                 true);
+          }
         }
         for (int z = 0; z < (experts - active) * per_expert; ++z) {
           mark(grad_weight_tile(z, order.data() + active, k_blocks, per_expert), false);
         }
         for (size_t i = 0; i < seen.size(); ++i) {
-          ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << experts << " experts x " << per_expert;
+          ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << experts << " experts x " << per_expert
+                                << ", clusters of " << cluster;
         }
       }
     }

@@ -322,15 +322,19 @@ def test_grouped_gemm(tokens, top_k, experts, n, k, large, transposed, dtype):
     check(fn, [x, w, offsets], [0, 1], dtype, seed, 1e-4, reference if large else None)
 
 
+@pytest.mark.parametrize("clusters", ["0", "1"])
 @pytest.mark.parametrize("empty_share", [0.05, 0.7])
 @pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768), (48, 72)])
 def test_grouped_gemm_grad_weight_ignores_rows_outside_each_expert(
-    n: int, k: int, empty_share: float
+    n: int, k: int, empty_share: float, clusters: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """dw[e] reads only expert e's rows: every expert's last reduction chunk reaches into the next
     expert's rows (counts are not multiples of 16 or 64) and the last one into unrouted rows,
     here NaN in both operands, which must not leak into any expert's gradient. Experts without
-    rows get exact zeros (with many of them, as real routing gives, most tiles are such)."""
+    rows get exact zeros (with many of them, as real routing gives, most tiles are such). Also
+    through the 2-CTA cluster kernel (N a multiple of 256), whose CTAs clear their own copies of
+    the shared x operand."""
+    monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", clusters)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     experts = 40
@@ -360,6 +364,34 @@ def test_grouped_gemm_grad_weight_ignores_rows_outside_each_expert(
     assert float(dw[empty].abs().max()) == 0.0, f"seed {seed}: experts without rows {empty}"
     err = rel(dw, ref)
     assert err < 1e-2, f"seed {seed}: rel error {err}"
+
+
+@pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768)])
+def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> None:
+    """The 2-CTA cluster kernel (x's columns multicast to both CTAs) runs the same WGMMAs in the
+    same order as one CTA a tile, so its dw must be bitwise the single-CTA kernel's, under
+    skewed routing like the model's (a few experts with most rows, many empty)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    experts = 128
+    share = torch.rand(experts, generator=gen) ** 6
+    share[torch.rand(experts, generator=gen) < 0.3] = 0
+    counts = (share / share.sum() * 8192).floor().to(torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    rows = int(offsets[-1]) + 5
+    x = torch.randn(rows, k, generator=gen).to(BF16).to(CUDA)
+    dy = torch.randn(rows, n, generator=gen).to(BF16).to(CUDA)
+    op = torch.ops.turbomoe.grouped_gemm_backward_weight
+    results = {}
+    for clusters in ("0", "1"):
+        os.environ["TURBOMOE_HOPPER_GEMM_CLUSTER_DW"] = clusters
+        try:
+            poison()
+            results[clusters] = op(dy, x, offsets.to(CUDA), BF16)
+        finally:
+            os.environ.pop("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", None)
+    assert torch.isfinite(results["1"]).all(), f"seed {seed}"
+    assert torch.equal(results["0"], results["1"]), f"seed {seed}: clusters differ"
 
 
 # ------------------------------------------------------------- grouped GEMM + gated activation
