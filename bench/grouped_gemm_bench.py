@@ -40,7 +40,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}  # name -> (K, N)
-PASSES = ("fwd", "dx", "dw")
+PASSES = ("fwd", "dx", "dw", "fwd_gather")
+TOP_K = 8  # fwd_gather: each token feeds TOP_K rows
 # Kernel variants for A/B timing in one run (environment switches read by the library per call;
 # see csrc/grouped_gemm/hopper_gemm.cu).
 VARIANTS = {
@@ -57,6 +58,8 @@ VARIANTS = {
     # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast)
     "cluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1"},
     "nocluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0"},
+    # fwd_gather the unfused way: tm_gather_rows into a permuted copy, then the forward
+    "gather_composed": {"TURBOMOE_BENCH_GATHER": "composed"},
     "v1": {
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct",
         "TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0",
@@ -72,6 +75,7 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_BALANCE_DW",
     "TURBOMOE_HOPPER_GEMM_SWIGLU",
     "TURBOMOE_HOPPER_GEMM_CLUSTER_DW",
+    "TURBOMOE_BENCH_GATHER",
 )
 
 
@@ -171,7 +175,35 @@ class Ours:
         )
         return True
 
+    def forward_gather(self, ins: dict, y: torch.Tensor) -> bool:
+        """y = src[pairs // TOP_K] . w^T per expert: one call with the gather in the GEMM's A
+        load, or (TURBOMOE_BENCH_GATHER=composed) the gather kernel into a permuted copy, then
+        the forward."""
+        if self.impl != "native":
+            return False
+        d, stream = self.native.describe, self.native.stream_for(y)
+        src, pairs, w, offsets = ins["src"], ins["pairs"], ins["w"], ins["offsets"]
+        if os.environ.get("TURBOMOE_BENCH_GATHER") == "composed":
+            x = ins.get("x_gathered")
+            if x is None:
+                x = ins["x_gathered"] = torch.empty(y.shape[0], src.shape[1], **_like(src))
+            self.native.call("tm_gather_rows", d(src), d(pairs), d(offsets), TOP_K, d(x), stream)
+            return self.forward(x, w, offsets, y)
+        self.native.call(
+            "tm_grouped_gemm_forward_gathered",
+            d(src),
+            d(pairs),
+            TOP_K,
+            d(w),
+            d(offsets),
+            d(y),
+            stream,
+        )
+        return True
+
     def run(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
+        if pass_ == "fwd_gather":
+            return self.forward_gather(ins, out)
         if pass_ == "fwd_gated":
             return self.forward_gated(ins, out)
         if pass_ == "fwd":
@@ -244,6 +276,8 @@ def reference(pass_: str, ins: dict, rows_total: int) -> torch.Tensor:
     if pass_ == "fwd_gated":
         gate, up = reference("fwd", ins, rows_total).chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
+    if pass_ == "fwd_gather":
+        return reference("fwd", {**ins, "x": gathered(ins, rows_total)}, rows_total)
     if pass_ == "fwd":
         x = ins["x"]
         out = torch.zeros(rows_total, w.shape[1], dtype=torch.float32, device=x.device)
@@ -266,11 +300,16 @@ def reference(pass_: str, ins: dict, rows_total: int) -> torch.Tensor:
     return out
 
 
+def gathered(ins: dict, rows: int) -> torch.Tensor:
+    """The permuted rows fwd_gather reads: src[pairs[r] // TOP_K] (zeros past src's tokens)."""
+    return ins["src_padded"].index_select(0, ins["tokens"][:rows])
+
+
 def out_shape(pass_: str, ins: dict, rows_total: int) -> tuple[int, ...]:
     E, N, K = ins["w"].shape
     if pass_ == "fwd_gated":
         return (rows_total, N // 2)
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "fwd_gather"):
         return (rows_total, N)
     if pass_ == "dx":
         return (rows_total, K)
@@ -305,7 +344,24 @@ def make_inputs(
         # Unrouted rows hold garbage that must neither leak into dw nor survive in y / dx.
         x[routed:] = float("nan")
         dy[routed:] = float("nan")
-    return {"x": x, "dy": dy, "w": w, "offsets": offsets_from(counts, device)}
+    # fwd_gather: tokens whose TOP_K pairs, shuffled, fill the rows; the last token is missing
+    # from src, so that its pairs give zero rows.
+    tokens = -(-M // TOP_K) + 1
+    src = torch.randn(tokens - 1, K, device=device, dtype=torch.float32, generator=gen).to(bf)
+    pairs = torch.randperm(tokens * TOP_K, device=device, generator=gen).to(torch.int32)
+    # The torch side of fwd_gather: src with a zero row for the missing token, and row tokens.
+    src_padded = torch.cat([src, src.new_zeros(1, K)])
+    return {
+        "routed": routed,
+        "src_padded": src_padded,
+        "tokens": (pairs.long() // TOP_K).clamp(max=tokens - 1),
+        "x": x,
+        "dy": dy,
+        "w": w,
+        "offsets": offsets_from(counts, device),
+        "src": src,
+        "pairs": pairs,
+    }
 
 
 # ----------------------------------------------------------------------------- torch baseline
@@ -322,6 +378,10 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
         gate, up = fwd(ins).chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
 
+    def fwd_gather(ins: dict) -> torch.Tensor:
+        x = gathered(ins, ins["routed"])
+        return torch._grouped_mm(x, ins["w"].transpose(1, 2), offs=ins["offsets"][1:])
+
     def dx(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["dy"], ins["w"], offs=ins["offsets"][1:])
 
@@ -331,7 +391,14 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
     def dw_kn(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["x"].t(), ins["dy"], offs=ins["offsets"][1:])
 
-    return {"fwd": fwd, "fwd_gated": fwd_gated, "dx": dx, "dw": dw_nk, "dw_kn": dw_kn}[pass_]
+    return {
+        "fwd": fwd,
+        "fwd_gated": fwd_gated,
+        "fwd_gather": fwd_gather,
+        "dx": dx,
+        "dw": dw_nk,
+        "dw_kn": dw_kn,
+    }[pass_]
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -530,7 +597,7 @@ def main() -> int:
     ap.add_argument("--rows", default="8192,32768,131072")
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--routing", default="balanced,skewed")
-    ap.add_argument("--passes", default="fwd,dx,dw", help="of fwd, dx, dw, fwd_gated")
+    ap.add_argument("--passes", default="fwd,dx,dw", help="of fwd, dx, dw, fwd_gated, fwd_gather")
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)

@@ -8,6 +8,10 @@ namespace turbomoe::grouped_gemm {
 
 // y [M,N] = x [M,K] . w[e]^T; rows >= offsets[E] zeroed.
 void forward_cpu(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y);
+// y [M,N] = src[sorted_pairs[r] / top_k] . w[e]^T for row r of expert e (tokens past src: zero
+// rows); rows >= offsets[E] zeroed.
+void forward_gathered_cpu(const Arg& src, const Arg& sorted_pairs, int64_t top_k, const Arg& w,
+                          const Arg& offsets, const Arg& y);
 // dx [M,K] = dy [M,N] . w[e]; rows >= offsets[E] zeroed.
 void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx);
 // dw [E,N,K] = dy_e^T . x_e; zero for experts without rows.
@@ -26,6 +30,8 @@ tm_tensor column_block(const tm_tensor& t, int64_t col0, int64_t cols);
 int sm_margin();
 
 void forward_cuda(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y, void* stream);
+void forward_gathered_cuda(const Arg& src, const Arg& sorted_pairs, int64_t top_k, const Arg& w,
+                           const Arg& offsets, const Arg& y, void* stream);
 void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
                          void* stream);
 void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,

@@ -110,6 +110,52 @@ tm_status tm_grouped_gemm_forward(const tm_tensor* x, const tm_tensor* w,
   });
 }
 
+tm_status tm_grouped_gemm_forward_gathered(const tm_tensor* src, const tm_tensor* sorted_pairs,
+                                           int64_t top_k, const tm_tensor* w,
+                                           const tm_tensor* expert_offsets, tm_tensor* y,
+                                           void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg sa(src, "src"), sp(sorted_pairs, "sorted_pairs"), wa(w, "w"),
+        off(expert_offsets, "expert_offsets"), ya(y, "y");
+    check_matrix(sa);
+    if (top_k < 1) invalid("top_k is " + std::to_string(top_k) + ", expected >= 1");
+    const int64_t experts = check_weight(wa, sa, sa.size(1), "K, the columns of src");
+    check_offsets(off, experts, "E + 1, E from w");
+    sp.dtype_in({TM_DTYPE_INT32}).ndim_is(1).contiguous();
+    const int64_t pairs = sp.size(0);
+    if (pairs < sa.size(0) * top_k) {
+      invalid("sorted_pairs has " + std::to_string(pairs) + " entries, fewer than the " +
+              std::to_string(sa.size(0) * top_k) + " pairs of src (tokens * top_k)");
+    }
+    check_matrix(ya);
+    check_output_dtype(ya, sa);
+    ya.size_is(1, wa.size(1), "N, from w");
+    if (ya.size(0) > pairs) {
+      invalid("y has " + std::to_string(ya.size(0)) + " rows, more than the " +
+              std::to_string(pairs) + " entries of sorted_pairs");
+    }
+    const int32_t device = turbomoe::common_device({&sa, &sp, &wa, &off, &ya});
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::check_expert_offsets_values(off, ya.size(0));
+      const int32_t* sorted = sp.ptr<const int32_t>();
+      const int32_t routed = off.ptr<const int32_t>()[experts];
+      for (int32_t r = 0; r < routed; ++r) {
+        if (sorted[r] < 0 || sorted[r] >= pairs) {
+          invalid("sorted_pairs[" + std::to_string(r) + "] is " + std::to_string(sorted[r]) +
+                  ", outside [0, " + std::to_string(pairs) + ")");
+        }
+      }
+    }
+    run(
+        "tm_grouped_gemm_forward_gathered", {&sa, &sp, &wa, &off, &ya}, off, ya.size(0), ya,
+        [&] { turbomoe::grouped_gemm::forward_gathered_cpu(sa, sp, top_k, wa, off, ya); },
+        [&] {
+          TM_CUDA_ONLY(
+              turbomoe::grouped_gemm::forward_gathered_cuda(sa, sp, top_k, wa, off, ya, stream));
+        });
+  });
+}
+
 tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w,
                                          const tm_tensor* expert_offsets, tm_tensor* dx,
                                          void* workspace, size_t workspace_bytes, void* stream) {

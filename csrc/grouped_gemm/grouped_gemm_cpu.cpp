@@ -44,15 +44,20 @@ void expert_weight(const Arg& w, int64_t e, bool transpose, std::vector<float>& 
   }
 }
 
-// out_row[c] = sum_i in_row[i] * mat[i][c] for each row in [begin, end): a row of `in` times a
-// dense [inner][cols] float matrix.
-template <typename In, typename Out>
+// out_row[c] = sum_i in_row[i] * mat[i][c] for each row r in [begin, end): row source_row(r) of
+// `in` (or zeros where that is negative) times a dense [inner][cols] float matrix.
+template <typename In, typename Out, typename SourceRow>
 void rows_times(const Arg& in, const std::vector<float>& mat, int64_t begin, int64_t end,
-                const Arg& out) {
+                const Arg& out, SourceRow&& source_row) {
   const int64_t inner = in.size(1), cols = out.size(1);
   std::vector<float> a(static_cast<size_t>(inner)), acc(static_cast<size_t>(cols));
   for (int64_t r = begin; r < end; ++r) {
-    read_row<In>(in, r, a.data());
+    const int64_t src = source_row(r);
+    if (src >= 0) {
+      read_row<In>(in, src, a.data());
+    } else {
+      std::fill(a.begin(), a.end(), 0.0f);
+    }
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t i = 0; i < inner; ++i) {
       const float av = a[i];
@@ -61,6 +66,12 @@ void rows_times(const Arg& in, const std::vector<float>& mat, int64_t begin, int
     }
     write_row<Out>(out, r, acc.data());
   }
+}
+
+template <typename In, typename Out>
+void rows_times(const Arg& in, const std::vector<float>& mat, int64_t begin, int64_t end,
+                const Arg& out) {
+  rows_times<In, Out>(in, mat, begin, end, out, [](int64_t r) { return r; });
 }
 
 template <typename Fn>
@@ -83,6 +94,28 @@ void forward_cpu(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y) {
       if (off[e + 1] == off[e]) continue;
       expert_weight<In>(w, e, /*transpose=*/true, wt);  // [K][N]
       rows_times<In, Out>(x, wt, off[e], off[e + 1], y);
+    }
+    zero_rows_from<Out>(y, off[experts]);
+  });
+}
+
+void forward_gathered_cpu(const Arg& src, const Arg& sorted_pairs, int64_t top_k, const Arg& w,
+                          const Arg& offsets, const Arg& y) {
+  const int32_t* off = offsets.ptr<const int32_t>();
+  const int32_t* pairs = sorted_pairs.ptr<const int32_t>();
+  const int64_t experts = w.size(0), tokens = src.size(0);
+  auto token_of = [&](int64_t r) -> int64_t {
+    const int64_t token = pairs[r] / top_k;  // pairs[r] >= 0: validated by the caller
+    return token < tokens ? token : -1;
+  };
+  dispatch_in_out(src.dtype(), y.dtype(), [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    std::vector<float> wt;
+    for (int64_t e = 0; e < experts; ++e) {
+      if (off[e + 1] == off[e]) continue;
+      expert_weight<In>(w, e, /*transpose=*/true, wt);  // [K][N]
+      rows_times<In, Out>(src, wt, off[e], off[e + 1], y, token_of);
     }
     zero_rows_from<Out>(y, off[experts]);
   });

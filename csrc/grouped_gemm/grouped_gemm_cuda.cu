@@ -36,6 +36,37 @@ void forward_cuda(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y, 
                stream);
 }
 
+void forward_gathered_cuda(const Arg& src, const Arg& sorted_pairs, int64_t top_k, const Arg& w,
+                           const Arg& offsets, const Arg& y, void* stream) {
+  require_unit_last_stride(w);
+  cuda::DeviceGuard device(src.t().device_index);
+  if (hopper_grouped_gemm_forward_gathered(src.t(), sorted_pairs.t(), top_k, w.t(), offsets.t(),
+                                           y.t(), stream)) {
+    return;
+  }
+  TiledProblem problem{TM_GEMM_FORWARD,
+                       src.dtype(),
+                       y.dtype(),
+                       src.data(),
+                       src.stride(0),
+                       w.data(),
+                       w.stride(1),
+                       w.stride(0),
+                       y.data(),
+                       y.stride(0),
+                       0,
+                       offsets.ptr<const int32_t>(),
+                       expert_count(offsets),
+                       y.size(0),
+                       y.size(1),
+                       src.size(1),
+                       0};
+  problem.a_pairs = sorted_pairs.ptr<const int32_t>();
+  problem.a_top_k = static_cast<int32_t>(top_k);
+  problem.a_src_rows = src.size(0);
+  launch_tiled(problem, stream);
+}
+
 void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
                          void* stream) {
   require_unit_last_stride(w);

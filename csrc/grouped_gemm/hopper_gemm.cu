@@ -200,10 +200,10 @@ cudaLaunchConfig_t cluster_config(int grid, int smem, cudaStream_t stream,
 
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.
 // With kCluster > 1, `grid` is a multiple of kCluster (cluster_grid).
-template <Pass P, typename OutT, int kEpi, int kCluster = 1>
+template <Pass P, typename OutT, int kEpi, int kCluster = 1, bool kGather = false>
 void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
             int grid, int device, cudaStream_t stream) {
-  auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi, kCluster>;
+  auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi, kCluster, kGather>;
   const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(p.num_experts);
   // A static of this instantiation: one record per kernel (all of them share one type).
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
@@ -227,7 +227,7 @@ template <int kCluster>
 int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int device,
                  cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<Pass::kGradWeight, __nv_bfloat16,
-                                                 hopper_gemm::kEpiTma, kCluster>;
+                                                 hopper_gemm::kEpiTma, kCluster, false>;
   const int smem = hopper_gemm::Layout<hopper_gemm::kEpiTma>::smem_bytes(num_experts);
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
@@ -420,6 +420,71 @@ bool hopper_grouped_gemm_forward(const tm_tensor& x, const tm_tensor& w,
                                  const tm_tensor& expert_offsets, const tm_tensor& y,
                                  void* stream) {
   return run_row_pass<Pass::kForward>(x, w, expert_offsets, y, stream);
+}
+
+bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor& sorted_pairs,
+                                          int64_t top_k, const tm_tensor& w,
+                                          const tm_tensor& expert_offsets, const tm_tensor& y,
+                                          void* stream) {
+  if (disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_GATHER", "0")) return false;
+  int64_t num_experts = 0;
+  // src rows are copied 16 bytes at a time: aligned base and row stride (tma_operand), width in
+  // whole 8-element chunks.
+  if (!tma_operand(src, 2) || !tma_operand(w, 3) || !pair_store_output(y, 2) ||
+      !offsets_ok(expert_offsets, &num_experts) || w.sizes[0] != num_experts) {
+    return false;
+  }
+  if (sorted_pairs.device_type != TM_DEVICE_CUDA || sorted_pairs.dtype != TM_DTYPE_INT32 ||
+      sorted_pairs.ndim != 1 || (sorted_pairs.sizes[0] > 1 && sorted_pairs.strides[0] != 1) ||
+      top_k < 1 || top_k > INT32_MAX) {
+    return false;
+  }
+  const int64_t m = y.sizes[0];
+  const int64_t n = w.sizes[1];
+  const int64_t k = w.sizes[2];
+  if (src.sizes[1] != k || k % 8 != 0 || y.sizes[1] != n || sorted_pairs.sizes[0] < m) {
+    return false;
+  }
+  if (src.device_index != w.device_index || src.device_index != y.device_index ||
+      src.device_index != expert_offsets.device_index ||
+      src.device_index != sorted_pairs.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(src.device_index);
+  int sm_count = 0;
+  if (!device_ok(src.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  const CUtensorMap map_b = expert_map(w, hopper_gemm::kBlockN);
+  Params p{};
+  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
+  p.out = y.data;
+  p.out_row_stride = y.strides[0];
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.m = static_cast<int32_t>(m);
+  p.reduce = static_cast<int32_t>(k);
+  p.out_rows = static_cast<int32_t>(m);
+  p.out_cols = static_cast<int32_t>(n);
+  p.gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
+  p.gather_src = src.data;
+  p.gather_src_stride = src.strides[0];
+  p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
+  p.gather_top_k = static_cast<int32_t>(top_k);
+  apply_variant_switches(&p);
+  const int grid = row_pass_grid(m, num_experts, n, hopper_gemm::kBlockN, sm_count);
+  const cudaStream_t s = cuda::as_stream(stream);
+  // map_b stands in for the unused A map; y goes through the TMA epilogue where it can.
+  if (tma_storable(y) && y.dtype == TM_DTYPE_BFLOAT16 && default_epilogue()) {
+    const CUtensorMap map_out = matrix_map(y, 64);
+    launch<Pass::kForward, __nv_bfloat16, hopper_gemm::kEpiTma, 1, true>(map_b, map_b, map_out, p,
+                                                                         grid, src.device_index, s);
+  } else if (y.dtype == TM_DTYPE_BFLOAT16) {
+    launch<Pass::kForward, __nv_bfloat16, hopper_gemm::kEpiDirect, 1, true>(
+        map_b, map_b, map_b, p, grid, src.device_index, s);
+  } else {
+    launch<Pass::kForward, float, hopper_gemm::kEpiDirect, 1, true>(map_b, map_b, map_b, p, grid,
+                                                                    src.device_index, s);
+  }
+  return true;
 }
 
 bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,

@@ -41,6 +41,16 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
                                         const tm_tensor& gate_up, const tm_tensor& act,
                                         void* stream);
 
+// y [M,N] = src[sorted_pairs[r] / top_k] . w[e]^T for each row r of expert e: the forward with
+// the token gather in the A load (no permuted copy of the activations). Tokens at or past src's
+// rows give zero rows; rows >= offsets[E] of y are zeroed. Covered: the forward's conditions
+// with src in place of x, K a multiple of 8, sorted_pairs int32 with at least M entries.
+// TURBOMOE_HOPPER_GEMM_GATHER=0 declines it (the caller gathers, then runs the forward).
+bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor& sorted_pairs,
+                                          int64_t top_k, const tm_tensor& w,
+                                          const tm_tensor& expert_offsets, const tm_tensor& y,
+                                          void* stream);
+
 // dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows).
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
                                          const tm_tensor& expert_offsets, const tm_tensor& dw,

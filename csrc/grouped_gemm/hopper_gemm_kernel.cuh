@@ -118,6 +118,14 @@ struct Params {
   int32_t swiglu_variant;
   float swiglu_alpha;
   float swiglu_limit;
+  // Forward with the token gather in the A load (kGather): row r of A is row
+  // gather_pairs[r] / gather_top_k of gather_src ([gather_src_rows, reduce] bf16, rows
+  // gather_src_stride elements apart); tokens at or past gather_src_rows read as zeros.
+  const int32_t* gather_pairs;
+  const void* gather_src;
+  int64_t gather_src_stride;
+  int32_t gather_src_rows;
+  int32_t gather_top_k;
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -184,6 +192,18 @@ __device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* map, ui
       ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(cta_mask)
       : "memory");
+}
+
+// 16 bytes from global to shared memory, or zeros where src_bytes is 0 (nothing is read then).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+
+// One arrival on the mbarrier once this thread's earlier cp.async copies have landed (counted
+// in the barrier's initial arrival count: .noinc).
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 
 __device__ __forceinline__ uint32_t cluster_rank() {
@@ -660,7 +680,14 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
 // B into both CTAs' stages (TMA multicast): a third less operand traffic from L2, which bounds
 // this pass (docs/perf-notes.md). A stage is refilled only when the consumers of both CTAs have
 // released it, so each empty barrier counts the consumer warps of the whole cluster.
-template <Pass P, typename OutT, int kEpi, int kCluster>
+//
+// kGather (forward only): A's rows are gathered from the token rows (Params::gather_*) instead
+// of read from a permuted copy: each of the producer warpgroup's 128 threads copies one row of
+// the 128-row stage with cp.async, 16 bytes at a time into the slots of the 128-byte swizzle
+// that TMA would have used, and arrives on the stage's full barrier when its copies land; thread
+// 0 still loads B by TMA. The consumers make those generic-proxy writes visible to WGMMA (async
+// proxy) with a proxy fence after their wait.
+template <Pass P, typename OutT, int kEpi, int kCluster, bool kGather>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                         const __grid_constant__ CUtensorMap map_b,
@@ -668,6 +695,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(kCluster == 1 || (kCluster == 2 && P == Pass::kGradWeight),
                 "clusters share the grad-weight's B operand only");
+  static_assert(!kGather || (P == Pass::kForward && kCluster == 1),
+                "the gathered A load serves the plain forward");
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
@@ -706,7 +735,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     active_experts = 0;
     row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full_bar + 8 * s, 1);
+      // Gathered A: thread 0's expect-tx arrival, then one cp.async arrival a producer thread.
+      mbar_init(full_bar + 8 * s, kGather ? 1 + 128 : 1);
       // One arrival per consumer warp of the cluster.
       mbar_init(empty_bar + 8 * s, kConsumers * 4 * kCluster);
     }
@@ -773,7 +803,47 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     // Producer: one thread streams both operands of every stage.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (tid == 0) {
+    if constexpr (kGather) {
+      // Thread tid copies row tid of every A stage (two 64-row boxes, 128-byte rows).
+      const char* src_base = static_cast<const char*>(p.gather_src);
+      const uint32_t row_offset = (tid >> 6) * kBoxBytes + (tid & 63) * 128;
+      const int swizzle = tid & 7;
+      uint32_t it = 0;
+      for (int i = 0;; ++i) {
+        const int t = cta_tile<P, kCluster>(i, p);
+        if (t >= total_tiles) break;
+        const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
+        // Rows past the expert's end feed only outputs the epilogue drops: zeros.
+        const int row = tile.row0 + tid;
+        int token = -1;
+        if (row < tile.row_end) {
+          const int pair = p.gather_pairs[row];
+          token = pair >= 0 ? pair / p.gather_top_k : -1;
+          if (token >= p.gather_src_rows) token = -1;
+        }
+        const char* src =
+            src_base + static_cast<int64_t>(token >= 0 ? token : 0) * p.gather_src_stride * 2;
+        for (int k = 0; k < tile.k_iters; ++k, ++it) {
+          const uint32_t s = it % kStages;
+          const uint32_t phase = (it / kStages) & 1u;
+          mbar_wait(empty_bar + 8 * s, phase ^ 1u);
+          const uint32_t bar = full_bar + 8 * s;
+          const uint32_t a_dst = base + s * kStageBytes;
+          if (tid == 0) {
+            mbar_arrive_expect_tx(bar, kTileBBytes);
+            tma_load_3d(&map_b, a_dst + kTileABytes, bar, k * kBlockK, tile.col0, tile.expert);
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int col = k * kBlockK + 8 * j;  // reduce % 8 == 0 (host-checked)
+            const bool copy = token >= 0 && col < p.reduce;
+            cp_async_16(a_dst + row_offset + ((j ^ swizzle) << 4), copy ? src + 2 * col : src,
+                        copy ? 16u : 0u);
+          }
+          cp_async_arrive(bar);
+        }
+      }
+    } else if (tid == 0) {
       uint32_t it = 0;
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
@@ -895,6 +965,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t s = it % kStages;
         const uint32_t phase = (it / kStages) & 1u;
         mbar_wait(full_bar + 8 * s, phase);
+        // The gathered rows were written through the generic proxy; WGMMA reads the async one.
+        if constexpr (kGather) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         const uint32_t a_base = base + s * kStageBytes + consumer * kBoxBytes;
         const uint32_t b_base = base + s * kStageBytes + kTileABytes;
         int steps = kBlockK / 16;  // 16-deep WGMMAs of this chunk

@@ -93,6 +93,33 @@ struct TileLoader {
     }
   }
 
+  // The forward's gathered A: tile row o is row pairs[o] / top_k of `src` (ld apart), columns
+  // from k0; rows at or past outer_valid, and tokens outside [0, src_rows), read as zero.
+  __device__ __forceinline__ void load_gathered(const T* src, int64_t ld, const int32_t* pairs,
+                                                int top_k, int64_t src_rows, int64_t outer_valid,
+                                                int64_t k0, int64_t contig_valid, bool vec) {
+    using B = typename Bits<sizeof(T)>::type;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int c = threadIdx.x + i * kThreads;
+      const int o = c / kChunksPerRow, x = (c % kChunksPerRow) * kChunk;
+      const int64_t token = o < outer_valid && pairs[o] >= 0 ? pairs[o] / top_k : -1;
+      const int64_t valid = token >= 0 && token < src_rows ? contig_valid - x : 0;
+      const T* p = src + (valid > 0 ? token * ld + k0 + x : 0);
+      if (vec && valid >= kChunk) {
+        regs[i] = *reinterpret_cast<const uint4*>(p);
+      } else {
+        regs[i] = make_uint4(0, 0, 0, 0);
+        B* dst = reinterpret_cast<B*>(&regs[i]);
+        const B* from = reinterpret_cast<const B*>(p);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          if (j < valid) dst[j] = from[j];
+        }
+      }
+    }
+  }
+
   __device__ __forceinline__ void store(T* smem, int ld) const {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
@@ -347,8 +374,13 @@ __global__ void __launch_bounds__(Shape<T>::kThreads) tiled_gemm_kernel(TiledPro
   typename X::BLoader b_loader;
   auto load = [&](int64_t k0) {
     const int64_t valid_k = ke - k0;
-    a_loader.load(a_tile + k0 * a_sk, p.a_ld, L::kAKMajor ? valid_m : valid_k,
-                  L::kAKMajor ? valid_k : valid_m, a_vec);
+    if (P == TM_GEMM_FORWARD && p.a_pairs != nullptr) {
+      a_loader.load_gathered(static_cast<const T*>(p.a), p.a_ld, p.a_pairs + m0, p.a_top_k,
+                             p.a_src_rows, valid_m, k0, valid_k, a_vec);
+    } else {
+      a_loader.load(a_tile + k0 * a_sk, p.a_ld, L::kAKMajor ? valid_m : valid_k,
+                    L::kAKMajor ? valid_k : valid_m, a_vec);
+    }
     b_loader.load(b_tile + k0 * b_sk, p.b_ld, L::kBKMajor ? valid_n : valid_k,
                   L::kBKMajor ? valid_k : valid_n, b_vec);
   };

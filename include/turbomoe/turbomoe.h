@@ -284,6 +284,18 @@ TM_API tm_status tm_grouped_gemm_workspace_size(int32_t pass, int64_t m, int64_t
 TM_API tm_status tm_grouped_gemm_forward(const tm_tensor* x, const tm_tensor* w,
                                          const tm_tensor* expert_offsets, tm_tensor* y,
                                          void* workspace, size_t workspace_bytes, void* stream);
+/* The forward with the token gather folded into the GEMM's operand load:
+ * y [M,N] row r = src[sorted_pairs[r] / top_k] . w[e]^T for the rows r of expert e, i.e.
+ * tm_gather_rows(src, sorted_pairs, expert_offsets, top_k, x) then tm_grouped_gemm_forward(x, ...)
+ * without the permuted copy x. src [T,K], sorted_pairs int32 [P] with P >= T*top_k and
+ * offsets[E] <= M <= P; pairs naming tokens past src give zero rows; rows >= offsets[E] of y are
+ * zeroed. On CPU every pair below offsets[E] is checked to lie in [0, P); on CUDA (no host sync)
+ * a negative pair reads as a zero row. */
+TM_API tm_status tm_grouped_gemm_forward_gathered(const tm_tensor* src,
+                                                  const tm_tensor* sorted_pairs, int64_t top_k,
+                                                  const tm_tensor* w,
+                                                  const tm_tensor* expert_offsets, tm_tensor* y,
+                                                  void* stream);
 /* dx [M,K] = dy [M,N] . w[e]. */
 TM_API tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w,
                                                 const tm_tensor* expert_offsets, tm_tensor* dx,

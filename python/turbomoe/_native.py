@@ -140,6 +140,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_peer_comm_destroy": (None, [_P]),
     "tm_grouped_gemm_workspace_size": (_I32, [_I32, _I64, _I64, _I64, _I64, _I32, _SZP]),
     "tm_grouped_gemm_forward": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
+    "tm_grouped_gemm_forward_gathered": (_I32, [_T, _T, _I64, _T, _T, _T, _P]),
     "tm_grouped_gemm_backward_input": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
     "tm_grouped_gemm_backward_weight": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
     "tm_set_gemm_sm_margin": (_I32, [_I32]),

@@ -141,3 +141,43 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor)
     with respect to x and w.
     """
     return _grouped_gemm_eager(x.contiguous(), w, expert_offsets.contiguous())
+
+
+def grouped_gemm_gathered_forward(
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    top_k: int,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    rows: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y [rows, N]: row r = src[sorted_pairs[r] // top_k] · w[e]ᵀ for the rows of expert e.
+
+    ``gather_rows`` followed by ``grouped_gemm`` without the permuted copy of src: on Hopper the
+    gather runs in the GEMM's operand load. Pairs naming tokens past src give zero rows, rows past
+    offsets[E] come out zero; ``rows`` defaults to all of sorted_pairs. Forward only, for now
+    (the experts keep the differentiable pair until this is measured faster end to end); inputs
+    that require a gradient are refused rather than silently cut from the graph.
+    """
+    if torch.is_grad_enabled() and (src.requires_grad or w.requires_grad):
+        raise ValueError(
+            "grouped_gemm_gathered_forward has no backward: run it under torch.no_grad(), or use "
+            "gather_rows + grouped_gemm for training"
+        )
+    rows = sorted_pairs.shape[0] if rows is None else rows
+    # Named, so that each operand outlives the call (a temporary copy would be freed before it).
+    src, sorted_pairs = src.contiguous(), sorted_pairs.contiguous()
+    w, expert_offsets = _weight_operand(w), expert_offsets.contiguous()
+    y = torch.empty((rows, w.shape[1]), dtype=out_dtype or src.dtype, device=src.device)
+    _native.call(
+        "tm_grouped_gemm_forward_gathered",
+        _native.describe(src),
+        _native.describe(sorted_pairs),
+        top_k,
+        _native.describe(w),
+        _native.describe(expert_offsets),
+        _native.describe(y),
+        _native.stream_for(src),
+    )
+    return y

@@ -394,6 +394,97 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> 
     assert torch.equal(results["0"], results["1"]), f"seed {seed}: clusters differ"
 
 
+GATHERED = [
+    # (tokens, top_k, experts, N, K): Qwen3-30B-A3B's gate/up and down at 4096 and 512 tokens,
+    # then odd small shapes (K a multiple of 8, which the 16-byte row copies need)
+    (4096, 8, 128, 1536, 2048),
+    (512, 8, 128, 2048, 768),
+    (13, 2, 5, 48, 72),
+    (70, 4, 6, 136, 200),
+]
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("path", ["hopper", "generic"])
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "n", "k"), GATHERED)
+def test_grouped_gemm_forward_gathered(
+    tokens: int,
+    top_k: int,
+    experts: int,
+    n: int,
+    k: int,
+    path: str,
+    out_dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forward with the token gather in the A load (Hopper: cp.async rows into the swizzled
+    stage; generic: the tiled kernel's row loader) against the CPU reference of the same op
+    (large shapes: torch per expert in float32 on the gathered rows), and on the Hopper path
+    bitwise against the gather kernel followed by the forward, which runs the same WGMMAs on the
+    same values. Expert 0's pairs are dropped (rows past offsets[E], which must come out zero)
+    and pairs past the tokens give zero rows."""
+    from turbomoe.ops.grouped_gemm import grouped_gemm_gathered_forward
+
+    monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_GATHER", "1" if path == "hopper" else "0")
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[ids == 0] = experts
+    sorted_pairs, pair_to_row, offsets = tops.permute_plan(ids, experts)
+    src = torch.randn(tokens, k, generator=gen).to(BF16)
+    src_short = src[: tokens - 1]  # the last token's pairs name a row past src: zeros
+    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
+    if tokens >= 512:
+        rows_src = torch.cat([src_short, src_short.new_zeros(1, k)])
+        tokens_of = (sorted_pairs.long() // top_k).clamp(max=tokens - 1)
+        ref = torch_grouped_gemm(
+            rows_src[tokens_of].float().to(CUDA), w.float().to(CUDA), offsets
+        ).cpu()
+    else:
+        ref = grouped_gemm_gathered_forward(
+            src_short, sorted_pairs, top_k, w, offsets, None, out_dtype
+        )
+    poison()
+    with torch.no_grad():
+        out = grouped_gemm_gathered_forward(
+            src_short.to(CUDA),
+            sorted_pairs.to(CUDA),
+            top_k,
+            w.to(CUDA),
+            offsets.to(CUDA),
+            None,
+            out_dtype,
+        ).cpu()
+    routed = int(offsets[-1])
+    assert torch.isfinite(out).all(), f"seed {seed}: unwritten or NaN rows"
+    assert float(out[routed:].abs().max()) == 0.0, f"seed {seed}: rows past offsets[E]"
+    err = rel(out, ref)
+    assert err < tolerance(out_dtype, 1e-4), f"seed {seed}: rel error {err}"
+    if path == "hopper":
+        from turbomoe import _native
+
+        w_cuda, offsets_cuda = w.to(CUDA), offsets.to(CUDA)
+        x = tops.gather_rows(
+            src_short.to(CUDA),
+            sorted_pairs.to(CUDA),
+            offsets_cuda,
+            top_k,
+            pair_to_row=pair_to_row.to(CUDA),
+        )
+        y = torch.empty(x.shape[0], n, dtype=out_dtype, device=CUDA)
+        _native.call(
+            "tm_grouped_gemm_forward",
+            _native.describe(x),
+            _native.describe(w_cuda),
+            _native.describe(offsets_cuda),
+            _native.describe(y),
+            None,
+            0,
+            _native.stream_for(x),
+        )
+        assert torch.equal(out, y.cpu()), f"seed {seed}: differs from gather + forward"
+
+
 # ------------------------------------------------------------- grouped GEMM + gated activation
 
 

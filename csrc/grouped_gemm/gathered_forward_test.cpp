@@ -1,0 +1,121 @@
+// The forward with the token gather in its operand load (tm_grouped_gemm_forward_gathered)
+// against its definition, tm_gather_rows followed by tm_grouped_gemm_forward: equal to the bit
+// on the CPU (the same rows go through the same loops), including pairs that name tokens past
+// src, rows past offsets[E], and a y shorter than the pairs; then every argument error.
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "common/test_util.h"
+
+namespace {
+
+using turbomoe::testing::HostTensor;
+
+struct Problem {
+  int64_t tokens, top_k, experts, n, k, rows;  // rows: of y (<= pairs)
+  int32_t in, out;
+};
+
+// Offsets over `routed` rows with random counts (expert 0 left empty when there are several).
+HostTensor random_offsets(std::mt19937_64& rng, int64_t experts, int64_t routed) {
+  std::vector<int64_t> counts(static_cast<size_t>(experts), 0);
+  std::uniform_int_distribution<int64_t> pick(experts > 1 ? 1 : 0, experts - 1);
+  for (int64_t r = 0; r < routed; ++r) ++counts[static_cast<size_t>(pick(rng))];
+  HostTensor off({experts + 1}, TM_DTYPE_INT32);
+  int64_t acc = 0;
+  off.set(0, 0);
+  for (int64_t e = 0; e < experts; ++e) off.set(e + 1, static_cast<double>(acc += counts[e]));
+  return off;
+}
+
+TEST(GatheredForward, EqualsGatherThenForward) {
+  auto rng = turbomoe::testing::rng_for_test();
+  for (const Problem p : {Problem{7, 2, 3, 12, 16, 14, TM_DTYPE_FLOAT32, TM_DTYPE_FLOAT32},
+                          Problem{13, 4, 5, 24, 40, 52, TM_DTYPE_BFLOAT16, TM_DTYPE_BFLOAT16},
+                          Problem{13, 4, 5, 24, 40, 40, TM_DTYPE_BFLOAT16, TM_DTYPE_FLOAT32},
+                          Problem{1, 1, 1, 3, 8, 1, TM_DTYPE_FLOAT32, TM_DTYPE_FLOAT32}}) {
+    // Two more pairs than src's tokens make: they name a missing token and give zero rows.
+    const int64_t pairs = p.tokens * p.top_k + 2;
+    const int64_t routed = std::max<int64_t>(p.rows - 3, 1);
+    HostTensor src({p.tokens, p.k}, p.in), w({p.experts, p.n, p.k}, p.in);
+    HostTensor sorted({pairs}, TM_DTYPE_INT32);
+    HostTensor off = random_offsets(rng, p.experts, routed);
+    src.fill_uniform(rng);
+    w.fill_uniform(rng);
+    std::vector<int32_t> order(static_cast<size_t>(pairs));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
+
+    HostTensor gathered({p.rows, p.k}, p.in), expected({p.rows, p.n}, p.out);
+    HostTensor y({p.rows, p.n}, p.out);
+    gathered.poison();
+    expected.poison();
+    y.poison();
+    TM_ASSERT_OK(
+        tm_gather_rows(src.desc(), sorted.desc(), off.desc(), p.top_k, gathered.desc(), nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_forward(gathered.desc(), w.desc(), off.desc(), expected.desc(),
+                                         nullptr, 0, nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_forward_gathered(src.desc(), sorted.desc(), p.top_k, w.desc(),
+                                                  off.desc(), y.desc(), nullptr));
+    EXPECT_EQ(y.values(), expected.values()) << "tokens " << p.tokens << " rows " << p.rows;
+    // Not vacuous: a row that names a present token carries products, not zeros.
+    const int64_t present_row = order[0] / p.top_k < p.tokens ? 0 : -1;
+    if (present_row == 0) {
+      const std::vector<double> v = y.values();
+      EXPECT_TRUE(std::any_of(v.begin(), v.begin() + p.n, [](double d) { return d != 0.0; }));
+    }
+  }
+}
+
+TEST(GatheredForward, RejectsBadArguments) {
+  const int64_t tokens = 4, top_k = 2, experts = 2, n = 3, k = 8, rows = 8;
+  HostTensor src({tokens, k}, TM_DTYPE_FLOAT32), w({experts, n, k}, TM_DTYPE_FLOAT32);
+  HostTensor sorted({tokens * top_k}, TM_DTYPE_INT32), off({experts + 1}, TM_DTYPE_INT32);
+  HostTensor y({rows, n}, TM_DTYPE_FLOAT32);
+  HostTensor short_pairs({tokens * top_k - 1}, TM_DTYPE_INT32);
+  HostTensor pairs_i64({tokens * top_k}, TM_DTYPE_INT64);
+  HostTensor y_long({rows + 1, n}, TM_DTYPE_FLOAT32), y_cols({rows, n + 1}, TM_DTYPE_FLOAT32);
+  HostTensor src_bf({tokens, k}, TM_DTYPE_BFLOAT16), w_k({experts, n, k + 1}, TM_DTYPE_FLOAT32);
+  for (int64_t i = 0; i < tokens * top_k; ++i) sorted.set(i, static_cast<double>(i));
+  off.set(0, 0);
+  off.set(1, 3);
+  off.set(2, 6);
+  auto call = [&](tm_tensor* s, tm_tensor* sp, int64_t kk, tm_tensor* ww, tm_tensor* o,
+                  tm_tensor* yy) {
+    return tm_grouped_gemm_forward_gathered(s, sp, kk, ww, o, yy, nullptr);
+  };
+  TM_ASSERT_OK(call(src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y.desc()));
+  TM_EXPECT_ERROR(call(nullptr, sorted.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "src");
+  TM_EXPECT_ERROR(call(src.desc(), nullptr, top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs");
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), 0, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "top_k");
+  TM_EXPECT_ERROR(call(src.desc(), short_pairs.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs");
+  TM_EXPECT_ERROR(call(src.desc(), pairs_i64.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs");
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y_long.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "y");
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y_cols.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "y");
+  TM_EXPECT_ERROR(call(src_bf.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "w");
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), top_k, w_k.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "w");
+  // A routed row naming a pair outside [0, P), and offsets past y's rows.
+  sorted.set(2, -1);
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs[2]");
+  sorted.set(2, static_cast<double>(tokens * top_k));
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs[2]");
+  sorted.set(2, 2);
+  off.set(2, static_cast<double>(rows + 1));
+  TM_EXPECT_ERROR(call(src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), y.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "expert_offsets");
+}
+
+}  // namespace
