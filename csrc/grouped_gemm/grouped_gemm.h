@@ -16,6 +16,9 @@ void forward_gathered_cpu(const Arg& src, const Arg& sorted_pairs, int64_t top_k
 void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx);
 // dw [E,N,K] = dy_e^T . x_e; zero for experts without rows.
 void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw);
+// The same with x's row r = src[sorted_pairs[r] / top_k] (tokens past src: zero rows).
+void backward_weight_gathered_cpu(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
+                                  int64_t top_k, const Arg& offsets, const Arg& dw);
 
 // gate_up [M,2I] = x . w[e]^T, act [M,I] = the gated activation of gate_up's halves as stored.
 void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& x, const Arg& w, const Arg& offsets,
@@ -34,6 +37,8 @@ void forward_gathered_cuda(const Arg& src, const Arg& sorted_pairs, int64_t top_
                            const Arg& offsets, const Arg& y, void* stream);
 void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
                          void* stream);
+void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
+                                   int64_t top_k, const Arg& offsets, const Arg& dw, void* stream);
 void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
                           void* stream);
 

@@ -39,6 +39,36 @@ void check_offsets(const Arg& offsets, int64_t experts, const char* from) {
   offsets.size_is(0, experts + 1, from);
 }
 
+// The gather of the *_gathered passes: src [T, K] rows, sorted_pairs int32 [P] with
+// P >= T * top_k and >= `rows` (the rows of the permuted space); on the CPU, every routed row's
+// pair in [0, P) (offsets validated first; on CUDA nothing is read on the host).
+void check_gather(const Arg& src, const Arg& sorted_pairs, int64_t top_k, int64_t rows,
+                  const Arg& offsets, int64_t experts, const char* rows_name) {
+  if (top_k < 1) invalid("top_k is " + std::to_string(top_k) + ", expected >= 1");
+  sorted_pairs.dtype_in({TM_DTYPE_INT32}).ndim_is(1).contiguous();
+  const int64_t pairs = sorted_pairs.size(0);
+  if (pairs < src.size(0) * top_k) {
+    invalid("sorted_pairs has " + std::to_string(pairs) + " entries, fewer than the " +
+            std::to_string(src.size(0) * top_k) + " pairs of src (tokens * top_k)");
+  }
+  if (rows > pairs) {
+    invalid(std::string(rows_name) + " has " + std::to_string(rows) + " rows, more than the " +
+            std::to_string(pairs) + " entries of sorted_pairs");
+  }
+  if (offsets.device_type() != TM_DEVICE_CPU || sorted_pairs.device_type() != TM_DEVICE_CPU) {
+    return;
+  }
+  turbomoe::check_expert_offsets_values(offsets, rows);
+  const int32_t* sorted = sorted_pairs.ptr<const int32_t>();
+  const int32_t routed = offsets.ptr<const int32_t>()[experts];
+  for (int32_t r = 0; r < routed; ++r) {
+    if (sorted[r] < 0 || sorted[r] >= pairs) {
+      invalid("sorted_pairs[" + std::to_string(r) + "] is " + std::to_string(sorted[r]) +
+              ", outside [0, " + std::to_string(pairs) + ")");
+    }
+  }
+}
+
 template <typename Cpu, typename Cuda>
 void run(const char* op, std::initializer_list<const Arg*> args, const Arg& offsets, int64_t rows,
          const Arg& out, Cpu&& cpu, Cuda&& cuda) {
@@ -118,34 +148,13 @@ tm_status tm_grouped_gemm_forward_gathered(const tm_tensor* src, const tm_tensor
     const Arg sa(src, "src"), sp(sorted_pairs, "sorted_pairs"), wa(w, "w"),
         off(expert_offsets, "expert_offsets"), ya(y, "y");
     check_matrix(sa);
-    if (top_k < 1) invalid("top_k is " + std::to_string(top_k) + ", expected >= 1");
     const int64_t experts = check_weight(wa, sa, sa.size(1), "K, the columns of src");
     check_offsets(off, experts, "E + 1, E from w");
-    sp.dtype_in({TM_DTYPE_INT32}).ndim_is(1).contiguous();
-    const int64_t pairs = sp.size(0);
-    if (pairs < sa.size(0) * top_k) {
-      invalid("sorted_pairs has " + std::to_string(pairs) + " entries, fewer than the " +
-              std::to_string(sa.size(0) * top_k) + " pairs of src (tokens * top_k)");
-    }
     check_matrix(ya);
     check_output_dtype(ya, sa);
     ya.size_is(1, wa.size(1), "N, from w");
-    if (ya.size(0) > pairs) {
-      invalid("y has " + std::to_string(ya.size(0)) + " rows, more than the " +
-              std::to_string(pairs) + " entries of sorted_pairs");
-    }
-    const int32_t device = turbomoe::common_device({&sa, &sp, &wa, &off, &ya});
-    if (device == TM_DEVICE_CPU) {
-      turbomoe::check_expert_offsets_values(off, ya.size(0));
-      const int32_t* sorted = sp.ptr<const int32_t>();
-      const int32_t routed = off.ptr<const int32_t>()[experts];
-      for (int32_t r = 0; r < routed; ++r) {
-        if (sorted[r] < 0 || sorted[r] >= pairs) {
-          invalid("sorted_pairs[" + std::to_string(r) + "] is " + std::to_string(sorted[r]) +
-                  ", outside [0, " + std::to_string(pairs) + ")");
-        }
-      }
-    }
+    turbomoe::common_device({&sa, &sp, &wa, &off, &ya});
+    check_gather(sa, sp, top_k, ya.size(0), off, experts, "y");
     run(
         "tm_grouped_gemm_forward_gathered", {&sa, &sp, &wa, &off, &ya}, off, ya.size(0), ya,
         [&] { turbomoe::grouped_gemm::forward_gathered_cpu(sa, sp, top_k, wa, off, ya); },
@@ -197,6 +206,35 @@ tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* 
         [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
         [&] {
           TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa, stream));
+        });
+  });
+}
+
+tm_status tm_grouped_gemm_backward_weight_gathered(const tm_tensor* dy, const tm_tensor* src,
+                                                   const tm_tensor* sorted_pairs, int64_t top_k,
+                                                   const tm_tensor* expert_offsets, tm_tensor* dw,
+                                                   void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg dya(dy, "dy"), sa(src, "src"), sp(sorted_pairs, "sorted_pairs"),
+        off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
+    check_matrix(dya);
+    check_matrix(sa);
+    sa.same_dtype(dya);
+    dwa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
+    check_output_dtype(dwa, sa);
+    dwa.size_is(1, dya.size(1), "N, the columns of dy")
+        .size_is(2, sa.size(1), "K, the columns of src");
+    const int64_t experts = dwa.size(0);
+    check_offsets(off, experts, "E + 1, E from dw");
+    turbomoe::common_device({&dya, &sa, &sp, &off, &dwa});
+    check_gather(sa, sp, top_k, dya.size(0), off, experts, "dy");
+    run(
+        "tm_grouped_gemm_backward_weight_gathered", {&dya, &sa, &sp, &off, &dwa}, off, dya.size(0),
+        dwa,
+        [&] { turbomoe::grouped_gemm::backward_weight_gathered_cpu(dya, sa, sp, top_k, off, dwa); },
+        [&] {
+          TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_gathered_cuda(dya, sa, sp, top_k,
+                                                                             off, dwa, stream));
         });
   });
 }

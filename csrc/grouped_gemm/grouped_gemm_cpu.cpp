@@ -137,7 +137,12 @@ void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const A
   });
 }
 
-void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw) {
+namespace {
+
+// dw of the rows whose x row is source_row(r) (negative: zeros).
+template <typename SourceRow>
+void backward_weight_rows(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
+                          SourceRow&& source_row) {
   const int32_t* off = offsets.ptr<const int32_t>();
   const int64_t experts = dw.size(0), n = dw.size(1), k = dw.size(2);
   dispatch_in_out(x.dtype(), dw.dtype(), [&](auto in_tag, auto out_tag) {
@@ -148,7 +153,12 @@ void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const 
     for (int64_t e = 0; e < experts; ++e) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t r = off[e]; r < off[e + 1]; ++r) {
-        read_row<In>(x, r, xr.data());
+        const int64_t src = source_row(r);
+        if (src >= 0) {
+          read_row<In>(x, src, xr.data());
+        } else {
+          std::fill(xr.begin(), xr.end(), 0.0f);
+        }
         read_row<In>(dy, r, g.data());
         for (int64_t i = 0; i < n; ++i) {
           const float gv = g[i];
@@ -163,6 +173,22 @@ void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const 
         }
       }
     }
+  });
+}
+
+}  // namespace
+
+void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw) {
+  backward_weight_rows(dy, x, offsets, dw, [](int64_t r) { return r; });
+}
+
+void backward_weight_gathered_cpu(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
+                                  int64_t top_k, const Arg& offsets, const Arg& dw) {
+  const int32_t* pairs = sorted_pairs.ptr<const int32_t>();
+  const int64_t tokens = src.size(0);
+  backward_weight_rows(dy, src, offsets, dw, [&](int64_t r) -> int64_t {
+    const int64_t token = pairs[r] / top_k;  // pairs[r] >= 0: validated by the caller
+    return token < tokens ? token : -1;
   });
 }
 

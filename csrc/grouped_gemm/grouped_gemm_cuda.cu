@@ -61,9 +61,40 @@ void forward_gathered_cuda(const Arg& src, const Arg& sorted_pairs, int64_t top_
                        y.size(1),
                        src.size(1),
                        0};
-  problem.a_pairs = sorted_pairs.ptr<const int32_t>();
-  problem.a_top_k = static_cast<int32_t>(top_k);
-  problem.a_src_rows = src.size(0);
+  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
+  problem.gather_top_k = static_cast<int32_t>(top_k);
+  problem.gather_src_rows = src.size(0);
+  launch_tiled(problem, stream);
+}
+
+void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
+                                   int64_t top_k, const Arg& offsets, const Arg& dw, void* stream) {
+  require_unit_last_stride(dw);
+  cuda::DeviceGuard device(dy.t().device_index);
+  if (hopper_grouped_gemm_backward_weight_gathered(dy.t(), src.t(), sorted_pairs.t(), top_k,
+                                                   offsets.t(), dw.t(), stream)) {
+    return;
+  }
+  TiledProblem problem{TM_GEMM_GRAD_WEIGHT,
+                       src.dtype(),
+                       dw.dtype(),
+                       dy.data(),
+                       dy.stride(0),
+                       src.data(),
+                       src.stride(0),
+                       0,
+                       dw.data(),
+                       dw.stride(1),
+                       dw.stride(0),
+                       offsets.ptr<const int32_t>(),
+                       expert_count(offsets),
+                       dy.size(0),
+                       dw.size(2),
+                       0,
+                       dw.size(1)};
+  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
+  problem.gather_top_k = static_cast<int32_t>(top_k);
+  problem.gather_src_rows = src.size(0);
   launch_tiled(problem, stream);
 }
 

@@ -283,6 +283,34 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   }
 }
 
+// The gathered-operand kernels (kGather): float32 or bf16 through the direct epilogue, or bf16
+// through the default TMA one.
+template <Pass P>
+void launch_gathered(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
+                     const CUtensorMap* out_map, Params p, int grid, int device,
+                     cudaStream_t stream) {
+  apply_variant_switches(&p);
+  if (out_dtype == TM_DTYPE_FLOAT32) {
+    launch<P, float, hopper_gemm::kEpiDirect, 1, true>(a, b, a, p, grid, device, stream);
+  } else if (out_map == nullptr || !default_epilogue()) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect, 1, true>(a, b, a, p, grid, device, stream);
+  } else {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma, 1, true>(a, b, *out_map, p, grid, device,
+                                                            stream);
+  }
+}
+
+// A gathered operand's tensors: src [T, K] bf16 (16-byte row copies: K a multiple of 8),
+// sorted_pairs int32 with at least `rows` entries, top_k in [1, 2^31).
+bool gather_operands_ok(const tm_tensor& src, const tm_tensor& sorted_pairs, int64_t top_k,
+                        int64_t rows) {
+  return tma_operand(src, 2) && src.sizes[1] % 8 == 0 &&
+         sorted_pairs.device_type == TM_DEVICE_CUDA && sorted_pairs.dtype == TM_DTYPE_INT32 &&
+         sorted_pairs.ndim == 1 && (sorted_pairs.sizes[0] <= 1 || sorted_pairs.strides[0] == 1) &&
+         sorted_pairs.sizes[0] >= rows && top_k >= 1 && top_k <= INT32_MAX &&
+         sorted_pairs.device_index == src.device_index;
+}
+
 // A bf16 output that TMA can store into: 16-byte aligned base and row strides.
 bool tma_storable(const tm_tensor& t) {
   if (t.dtype != TM_DTYPE_BFLOAT16 || !aligned(t.data, 16)) return false;
@@ -430,19 +458,14 @@ bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor&
   int64_t num_experts = 0;
   // src rows are copied 16 bytes at a time: aligned base and row stride (tma_operand), width in
   // whole 8-element chunks.
-  if (!tma_operand(src, 2) || !tma_operand(w, 3) || !pair_store_output(y, 2) ||
-      !offsets_ok(expert_offsets, &num_experts) || w.sizes[0] != num_experts) {
-    return false;
-  }
-  if (sorted_pairs.device_type != TM_DEVICE_CUDA || sorted_pairs.dtype != TM_DTYPE_INT32 ||
-      sorted_pairs.ndim != 1 || (sorted_pairs.sizes[0] > 1 && sorted_pairs.strides[0] != 1) ||
-      top_k < 1 || top_k > INT32_MAX) {
+  if (!tma_operand(w, 3) || !pair_store_output(y, 2) || !offsets_ok(expert_offsets, &num_experts) ||
+      w.sizes[0] != num_experts) {
     return false;
   }
   const int64_t m = y.sizes[0];
   const int64_t n = w.sizes[1];
   const int64_t k = w.sizes[2];
-  if (src.sizes[1] != k || k % 8 != 0 || y.sizes[1] != n || sorted_pairs.sizes[0] < m) {
+  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || src.sizes[1] != k || y.sizes[1] != n) {
     return false;
   }
   if (src.device_index != w.device_index || src.device_index != y.device_index ||
@@ -469,21 +492,67 @@ bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor&
   p.gather_src_stride = src.strides[0];
   p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
   p.gather_top_k = static_cast<int32_t>(top_k);
-  apply_variant_switches(&p);
   const int grid = row_pass_grid(m, num_experts, n, hopper_gemm::kBlockN, sm_count);
-  const cudaStream_t s = cuda::as_stream(stream);
-  // map_b stands in for the unused A map; y goes through the TMA epilogue where it can.
-  if (tma_storable(y) && y.dtype == TM_DTYPE_BFLOAT16 && default_epilogue()) {
-    const CUtensorMap map_out = matrix_map(y, 64);
-    launch<Pass::kForward, __nv_bfloat16, hopper_gemm::kEpiTma, 1, true>(map_b, map_b, map_out, p,
-                                                                         grid, src.device_index, s);
-  } else if (y.dtype == TM_DTYPE_BFLOAT16) {
-    launch<Pass::kForward, __nv_bfloat16, hopper_gemm::kEpiDirect, 1, true>(
-        map_b, map_b, map_b, p, grid, src.device_index, s);
-  } else {
-    launch<Pass::kForward, float, hopper_gemm::kEpiDirect, 1, true>(map_b, map_b, map_b, p, grid,
-                                                                    src.device_index, s);
+  // map_b stands in for the unused A map.
+  CUtensorMap map_out{};
+  const bool tma_out = tma_storable(y);
+  if (tma_out) map_out = matrix_map(y, 64);
+  launch_gathered<Pass::kForward>(y.dtype, map_b, map_b, tma_out ? &map_out : nullptr, p, grid,
+                                  src.device_index, cuda::as_stream(stream));
+  return true;
+}
+
+bool hopper_grouped_gemm_backward_weight_gathered(const tm_tensor& dy, const tm_tensor& src,
+                                                  const tm_tensor& sorted_pairs, int64_t top_k,
+                                                  const tm_tensor& expert_offsets,
+                                                  const tm_tensor& dw, void* stream) {
+  if (disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_GATHER", "0")) return false;
+  int64_t num_experts = 0;
+  if (!tma_operand(dy, 2) || !pair_store_output(dw, 3) ||
+      !offsets_ok(expert_offsets, &num_experts)) {
+    return false;
   }
+  const int64_t m = dy.sizes[0];
+  const int64_t n = dy.sizes[1];
+  const int64_t k = src.ndim == 2 ? src.sizes[1] : 0;
+  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || dw.sizes[0] != num_experts ||
+      dw.sizes[1] != n || dw.sizes[2] != k) {
+    return false;
+  }
+  if (dy.device_index != src.device_index || dy.device_index != dw.device_index ||
+      dy.device_index != expert_offsets.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(dy.device_index);
+  int sm_count = 0;
+  if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  const CUtensorMap map_a = matrix_map(dy, 64);
+  Params p{};
+  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
+  p.out = dw.data;
+  p.out_row_stride = dw.strides[1];
+  p.out_expert_stride = dw.strides[0];
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.m = static_cast<int32_t>(m);
+  p.reduce = 0;
+  p.out_rows = static_cast<int32_t>(n);
+  p.out_cols = static_cast<int32_t>(k);
+  p.gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
+  p.gather_src = src.data;
+  p.gather_src_stride = src.strides[0];
+  p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
+  p.gather_top_k = static_cast<int32_t>(top_k);
+  const int64_t tiles = num_experts *
+                        hopper_gemm::ceil_div(static_cast<int>(n), hopper_gemm::kBlockM) *
+                        hopper_gemm::ceil_div(static_cast<int>(k), hopper_gemm::kBlockN);
+  const int grid = static_cast<int>(tiles < sm_count ? tiles : sm_count);
+  CUtensorMap map_out{};
+  const bool tma_out = tma_storable(dw);
+  if (tma_out) map_out = expert_map(dw, 64);
+  // map_a stands in for the unused B map.
+  launch_gathered<Pass::kGradWeight>(dw.dtype, map_a, map_a, tma_out ? &map_out : nullptr, p, grid,
+                                     dy.device_index, cuda::as_stream(stream));
   return true;
 }
 

@@ -51,6 +51,15 @@ bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor&
                                           const tm_tensor& expert_offsets, const tm_tensor& y,
                                           void* stream);
 
+// dw [E,N,K] = dy_e^T . x_e with x_e's rows gathered: row r of x is src[sorted_pairs[r] /
+// top_k] (tokens past src: zero rows). Covered: the grad-weight's conditions with src in place of
+// x, K a multiple of 8, sorted_pairs int32 with at least M entries; TURBOMOE_HOPPER_GEMM_GATHER=0
+// declines it.
+bool hopper_grouped_gemm_backward_weight_gathered(const tm_tensor& dy, const tm_tensor& src,
+                                                  const tm_tensor& sorted_pairs, int64_t top_k,
+                                                  const tm_tensor& expert_offsets,
+                                                  const tm_tensor& dw, void* stream);
+
 // dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows).
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
                                          const tm_tensor& expert_offsets, const tm_tensor& dw,

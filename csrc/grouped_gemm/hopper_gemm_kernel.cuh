@@ -386,6 +386,34 @@ __device__ __forceinline__ int cta_tile(int i, const Params& p) {
                                                               : i * grid + cta;
 }
 
+// The gathered operand's row `row` (< row_end: of the tile's expert): row
+// gather_pairs[row] / gather_top_k of gather_src, or null (zeros) past the expert's end or for a
+// token outside gather_src.
+__device__ __forceinline__ const char* gathered_row(const Params& p, int row, int row_end) {
+  if (row >= row_end) return nullptr;
+  const int pair = p.gather_pairs[row];
+  const int token = pair >= 0 ? pair / p.gather_top_k : -1;
+  if (token < 0 || token >= p.gather_src_rows) return nullptr;
+  return static_cast<const char*>(p.gather_src) +
+         static_cast<int64_t>(token) * p.gather_src_stride * 2;
+}
+
+// Columns [col, col + 64) of a bf16 row (src; null: zeros) into row box_row of a 64 x 64 box
+// with the 128-byte swizzle, as TMA would have written it: 16-byte chunk j to slot
+// j ^ (box_row % 8). Columns at or past `cols` read as zeros; a zero chunk still names a valid
+// address (`anywhere`) though it reads nothing.
+__device__ __forceinline__ void copy_row_chunks(uint32_t box, int box_row, const char* src, int col,
+                                                int cols, const void* anywhere) {
+  const uint32_t row_addr = box + box_row * 128;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int c = col + 8 * j;
+    const bool copy = src != nullptr && c < cols;
+    cp_async_16(row_addr + ((j ^ (box_row & 7)) << 4), copy ? src + 2 * c : anywhere,
+                copy ? 16u : 0u);
+  }
+}
+
 // One output tile of the schedule.
 struct Tile {
   int expert;
@@ -695,8 +723,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(kCluster == 1 || (kCluster == 2 && P == Pass::kGradWeight),
                 "clusters share the grad-weight's B operand only");
-  static_assert(!kGather || (P == Pass::kForward && kCluster == 1),
-                "the gathered A load serves the plain forward");
+  static_assert(!kGather || ((P == Pass::kForward || P == Pass::kGradWeight) && kCluster == 1),
+                "the gathered load serves the plain forward (A) and the grad-weight (B)");
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
@@ -803,45 +831,82 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {
     // Producer: one thread streams both operands of every stage.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    // The zero tiles of experts without rows (grad-weight with a zero box; thread 32): TMA
+    // stores of the zero box, at most a few tiles in flight so that they share the memory
+    // system with the operand loads. This CTA's are zero_tile, + gridDim.x, ...
+    int zero_tile = static_cast<int>(blockIdx.x);
+    auto store_zero_tile = [&]() {
+      if constexpr (L::kZeroBox) {
+        const int k_blocks = ceil_div(p.out_cols, kBlockN);
+        const int per_expert = ceil_div(p.out_rows, kBlockM) * k_blocks;
+        const GradWeightTile g =
+            grad_weight_tile(zero_tile, tile_begin + active_experts, k_blocks, per_expert);
+        const int row0 = g.out_block * kBlockM;
+        const int col0 = g.col_block * kBlockN;
+        for (int r = row0; r < min(row0 + kBlockM, p.out_rows); r += 64) {
+          for (int c = col0; c < min(col0 + kBlockN, p.out_cols); c += 64) {
+            tma_store_3d(&map_out, zero_box, c, r, g.expert);
+          }
+        }
+        bulk_commit();
+        bulk_wait_pending<4>();
+      }
+      zero_tile += static_cast<int>(gridDim.x);
+    };
     if constexpr (kGather) {
-      // Thread tid copies row tid of every A stage (two 64-row boxes, 128-byte rows).
-      const char* src_base = static_cast<const char*>(p.gather_src);
-      const uint32_t row_offset = (tid >> 6) * kBoxBytes + (tid & 63) * 128;
-      const int swizzle = tid & 7;
+      // Forward: thread tid copies row tid of the A stage (two 64-row boxes). Grad-weight:
+      // row tid % 64 of the stage's reduction chunk, into B boxes 2 (tid / 64) and the next.
+      // Rows past the expert's end read as zeros (the forward's feed only dropped outputs; the
+      // grad-weight's must add nothing, and its consumers clear them as well).
+      constexpr bool kRowsOfA = P == Pass::kForward;
+      const int box_row = tid & 63;
+      const int first_box = kRowsOfA ? tid >> 6 : 2 * (tid >> 6);
+      const int cols = kRowsOfA ? p.reduce : p.out_cols;  // multiples of 8 (host-checked)
       uint32_t it = 0;
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_tiles) break;
         const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
-        // Rows past the expert's end feed only outputs the epilogue drops: zeros.
-        const int row = tile.row0 + tid;
-        int token = -1;
-        if (row < tile.row_end) {
-          const int pair = p.gather_pairs[row];
-          token = pair >= 0 ? pair / p.gather_top_k : -1;
-          if (token >= p.gather_src_rows) token = -1;
-        }
-        const char* src =
-            src_base + static_cast<int64_t>(token >= 0 ? token : 0) * p.gather_src_stride * 2;
+        const int na = a_boxes<P>(tile, p);
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
           const uint32_t s = it % kStages;
           const uint32_t phase = (it / kStages) & 1u;
           mbar_wait(empty_bar + 8 * s, phase ^ 1u);
           const uint32_t bar = full_bar + 8 * s;
           const uint32_t a_dst = base + s * kStageBytes;
+          const uint32_t b_dst = a_dst + kTileABytes;
           if (tid == 0) {
-            mbar_arrive_expect_tx(bar, kTileBBytes);
-            tma_load_3d(&map_b, a_dst + kTileABytes, bar, k * kBlockK, tile.col0, tile.expert);
+            // The operand TMA still loads: the expert's weights (forward), dy^T (grad-weight).
+            if constexpr (kRowsOfA) {
+              mbar_arrive_expect_tx(bar, kTileBBytes);
+              tma_load_3d(&map_b, b_dst, bar, k * kBlockK, tile.col0, tile.expert);
+            } else {
+              mbar_arrive_expect_tx(bar, static_cast<uint32_t>(na * kBoxBytes));
+              for (int b = 0; b < na; ++b) {
+                tma_load_2d(&map_a, a_dst + b * kBoxBytes, bar, tile.out_row0 + 64 * b,
+                            tile.row0 + k * kBlockK);
+              }
+            }
           }
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int col = k * kBlockK + 8 * j;  // reduce % 8 == 0 (host-checked)
-            const bool copy = token >= 0 && col < p.reduce;
-            cp_async_16(a_dst + row_offset + ((j ^ swizzle) << 4), copy ? src + 2 * col : src,
-                        copy ? 16u : 0u);
+          const int row = kRowsOfA ? tile.row0 + tid : tile.row0 + k * kBlockK + box_row;
+          const char* src = gathered_row(p, row, tile.row_end);
+          if constexpr (kRowsOfA) {
+            copy_row_chunks(a_dst + first_box * kBoxBytes, box_row, src, k * kBlockK, cols,
+                            p.gather_src);
+          } else {
+            for (int b = first_box; b < first_box + 2; ++b) {
+              copy_row_chunks(b_dst + b * kBoxBytes, box_row, src, tile.col0 + 64 * b, cols,
+                              p.gather_src);
+            }
           }
           cp_async_arrive(bar);
+          // Thread 32 also copies rows here: it stores the zero tiles one a stage in between.
+          if (tid == 32 && zero_tile < zero_tiles) store_zero_tile();
         }
+      }
+      if (tid == 32) {
+        while (zero_tile < zero_tiles) store_zero_tile();
+        if (zero_tiles > 0) bulk_wait_all();
       }
     } else if (tid == 0) {
       uint32_t it = 0;
@@ -863,29 +928,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    p, rank);
         }
       }
-    } else if (tid == 32 && zero_tiles > 0) {
-      // The zero tiles of experts without rows: TMA stores of the zero box, at most a few
-      // tiles in flight so that they share the memory system with the operand loads.
-      if constexpr (L::kZeroBox) {
-        const int k_blocks = ceil_div(p.out_cols, kBlockN);
-        const int per_expert = ceil_div(p.out_rows, kBlockM) * k_blocks;
-        for (int z = static_cast<int>(blockIdx.x); z < zero_tiles;
-             z += static_cast<int>(gridDim.x)) {
-          const GradWeightTile g =
-              grad_weight_tile(z, tile_begin + active_experts, k_blocks, per_expert);
-          const int expert = g.expert;
-          const int row0 = g.out_block * kBlockM;
-          const int col0 = g.col_block * kBlockN;
-          for (int r = row0; r < min(row0 + kBlockM, p.out_rows); r += 64) {
-            for (int c = col0; c < min(col0 + kBlockN, p.out_cols); c += 64) {
-              tma_store_3d(&map_out, zero_box, c, r, expert);
-            }
-          }
-          bulk_commit();
-          bulk_wait_pending<4>();
-        }
-        bulk_wait_all();
-      }
+    } else if (tid == 32) {
+      while (zero_tile < zero_tiles) store_zero_tile();
+      if (zero_tiles > 0) bulk_wait_all();
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");

@@ -93,8 +93,9 @@ struct TileLoader {
     }
   }
 
-  // The forward's gathered A: tile row o is row pairs[o] / top_k of `src` (ld apart), columns
-  // from k0; rows at or past outer_valid, and tokens outside [0, src_rows), read as zero.
+  // A gathered tile (the forward's A, the grad-weight's B): tile row o is row pairs[o] / top_k
+  // of `src` (ld apart), columns from k0; rows at or past outer_valid, and tokens outside
+  // [0, src_rows), read as zero.
   __device__ __forceinline__ void load_gathered(const T* src, int64_t ld, const int32_t* pairs,
                                                 int top_k, int64_t src_rows, int64_t outer_valid,
                                                 int64_t k0, int64_t contig_valid, bool vec) {
@@ -374,15 +375,21 @@ __global__ void __launch_bounds__(Shape<T>::kThreads) tiled_gemm_kernel(TiledPro
   typename X::BLoader b_loader;
   auto load = [&](int64_t k0) {
     const int64_t valid_k = ke - k0;
-    if (P == TM_GEMM_FORWARD && p.a_pairs != nullptr) {
-      a_loader.load_gathered(static_cast<const T*>(p.a), p.a_ld, p.a_pairs + m0, p.a_top_k,
-                             p.a_src_rows, valid_m, k0, valid_k, a_vec);
+    if (P == TM_GEMM_FORWARD && p.gather_pairs != nullptr) {
+      a_loader.load_gathered(static_cast<const T*>(p.a), p.a_ld, p.gather_pairs + m0,
+                             p.gather_top_k, p.gather_src_rows, valid_m, k0, valid_k, a_vec);
     } else {
       a_loader.load(a_tile + k0 * a_sk, p.a_ld, L::kAKMajor ? valid_m : valid_k,
                     L::kAKMajor ? valid_k : valid_m, a_vec);
     }
-    b_loader.load(b_tile + k0 * b_sk, p.b_ld, L::kBKMajor ? valid_n : valid_k,
-                  L::kBKMajor ? valid_k : valid_n, b_vec);
+    if (P == TM_GEMM_GRAD_WEIGHT && p.gather_pairs != nullptr) {
+      // B's rows are the reduction's (k0 counts rows of x); its columns start at n0.
+      b_loader.load_gathered(static_cast<const T*>(p.b), p.b_ld, p.gather_pairs + k0,
+                             p.gather_top_k, p.gather_src_rows, valid_k, n0, valid_n, b_vec);
+    } else {
+      b_loader.load(b_tile + k0 * b_sk, p.b_ld, L::kBKMajor ? valid_n : valid_k,
+                    L::kBKMajor ? valid_k : valid_n, b_vec);
+    }
   };
 
   M math;

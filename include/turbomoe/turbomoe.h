@@ -309,6 +309,15 @@ TM_API tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_te
 TM_API tm_status tm_set_gemm_sm_margin(int32_t sms);
 TM_API int32_t tm_gemm_sm_margin(void);
 
+/* The grad-weight of tm_grouped_gemm_forward_gathered's weight: dw [E,N,K] = dy_e^T . x_e with
+ * x's row r = src[sorted_pairs[r] / top_k] (the rows tm_gather_rows would give), read from src
+ * directly. dy [M,N], src [T,K] of dy's dtype, sorted_pairs int32 [P] with P >= T*top_k and
+ * P >= M; checks as tm_grouped_gemm_forward_gathered's. */
+TM_API tm_status tm_grouped_gemm_backward_weight_gathered(const tm_tensor* dy, const tm_tensor* src,
+                                                          const tm_tensor* sorted_pairs,
+                                                          int64_t top_k,
+                                                          const tm_tensor* expert_offsets,
+                                                          tm_tensor* dw, void* stream);
 /* dw [E,N,K] = dy_e^T . x_e (overwritten; zero for experts without rows); f32 or the dtype of x. */
 TM_API tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* x,
                                                  const tm_tensor* expert_offsets, tm_tensor* dw,

@@ -131,39 +131,3 @@ def test_grouped_gemm_opcheck():
         torch.ops.turbomoe.grouped_gemm_backward_weight.default,
         (dy, x.detach(), offsets, torch.float32),
     )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gathered_forward_equals_gather_then_grouped_gemm(dtype: torch.dtype) -> None:
-    """The gather folded into the forward gives the rows gather_rows + grouped_gemm give, to the
-    bit on the CPU; the routing drops expert 2's pairs, so rows past offsets[E] come out zero."""
-    from turbomoe.ops import gather_rows, permute_plan
-    from turbomoe.ops.grouped_gemm import grouped_gemm_gathered_forward
-
-    gen = torch.Generator().manual_seed(3)
-    tokens, top_k, experts, k, n = 9, 3, 4, 16, 12
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
-    ids[ids == 2] = experts  # sentinel: dropped pairs
-    sorted_pairs, pair_to_row, offsets = permute_plan(ids, experts)
-    src = torch.randn(tokens, k, generator=gen).to(dtype)
-    w = torch.randn(experts, n, k, generator=gen).to(dtype)
-    with torch.no_grad():
-        y = grouped_gemm_gathered_forward(src, sorted_pairs, top_k, w, offsets)
-        x = gather_rows(src, sorted_pairs, offsets, top_k, pair_to_row=pair_to_row)
-        expected = grouped_gemm(x, w, offsets)
-    routed = int(offsets[-1])
-    assert routed < y.shape[0], "the routing must drop some pairs for this test"
-    assert torch.equal(y, expected)
-    assert float(y[:routed].abs().max()) > 0
-    assert float(y[routed:].abs().max()) == 0
-
-
-def test_gathered_forward_refuses_inputs_that_need_a_gradient() -> None:
-    from turbomoe.ops import permute_plan
-    from turbomoe.ops.grouped_gemm import grouped_gemm_gathered_forward
-
-    ids = torch.tensor([[0, 1], [1, 0]])
-    sorted_pairs, _, offsets = permute_plan(ids, 2)
-    src = torch.randn(2, 8, requires_grad=True)
-    with pytest.raises(ValueError, match="no backward"):
-        grouped_gemm_gathered_forward(src, sorted_pairs, 2, torch.randn(2, 4, 8), offsets)

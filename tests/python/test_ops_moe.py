@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -150,14 +152,23 @@ def compare_with_hf(family: str, ids: torch.Tensor, dropped: torch.Tensor | None
         assert rel(our_grads[name], hf_grads[name]) < 1e-5, name
 
 
+# TURBOMOE_GATHER_IN_GEMM: the permuted copy of the tokens (gather_rows, then the GEMM) or the
+# gather inside the gate/up GEMM's loads (qwen3_moe; GPT-OSS's biased projection keeps the copy).
+GATHER = pytest.mark.parametrize("gather", ["0", "1"], ids=["copy", "in_gemm"])
+
+
+@GATHER
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_moe_experts_matches_hf(family, case):
+def test_moe_experts_matches_hf(family, case, gather, monkeypatch):
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
     compare_with_hf(family, CASES[case])
 
 
+@GATHER
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_moe_experts_drops_sentinel_ids(family):
+def test_moe_experts_drops_sentinel_ids(family, gather, monkeypatch):
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
     ids = CASES["random_idle_expert"].clone()
     dropped = torch.zeros_like(ids, dtype=torch.bool)
     dropped[::3, 1] = True
@@ -230,8 +241,10 @@ def test_moe_experts_rejects_bad_arguments():
         moe_experts(hidden, ids + 5, weights, hf.gate_up_proj, hf.down_proj)
 
 
-def test_routed_pairs_sizes_the_buffers_exactly_with_the_same_result():
+@GATHER
+def test_routed_pairs_sizes_the_buffers_exactly_with_the_same_result(gather, monkeypatch):
     """The expert-parallel owner's case: most slots hold the sentinel (id E, dropped)."""
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
     torch.manual_seed(7)
     tokens, hidden, inter, experts, top_k = 24, 16, 12, 4, 3
     ids = torch.randint(0, experts, (tokens, top_k))
@@ -250,3 +263,29 @@ def test_routed_pairs_sizes_the_buffers_exactly_with_the_same_result():
         runs.append([out.detach(), x.grad, w.grad, gate_up.grad, down.grad])
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gather_in_gemm_equals_the_permuted_copy_to_the_bit():
+    """Both qwen3-style paths run the same rows through the same CPU loops: output and every
+    gradient are bitwise equal, with dropped slots and routed_pairs set."""
+    torch.manual_seed(9)
+    tokens, hidden, inter, experts, top_k = 20, 16, 12, 5, 3
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    ids[torch.rand(tokens, top_k) < 0.2] = experts
+    routed = int((ids < experts).sum())
+    runs = []
+    for gather in ("0", "1"):
+        os.environ["TURBOMOE_GATHER_IN_GEMM"] = gather
+        try:
+            torch.manual_seed(10)
+            x = torch.randn(tokens, hidden, requires_grad=True)
+            w = torch.rand(tokens, top_k, requires_grad=True)
+            gate_up = torch.randn(experts, 2 * inter, hidden, requires_grad=True)
+            down = torch.randn(experts, hidden, inter, requires_grad=True)
+            out = moe_experts(x, ids, w, gate_up, down, routed_pairs=routed)
+            out.square().sum().backward()
+        finally:
+            os.environ.pop("TURBOMOE_GATHER_IN_GEMM", None)
+        runs.append([out.detach(), x.grad, w.grad, gate_up.grad, down.grad])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

@@ -12,15 +12,25 @@ named ops, and the gradient reaches hidden, the routing weights, the expert weig
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from turbomoe.ops.gated import gated, gated_args
 from turbomoe.ops.gated_gemm import grouped_gemm_gated
+from turbomoe.ops.gathered_gemm import grouped_gemm_gathered
 from turbomoe.ops.grouped_gemm import grouped_gemm
 from turbomoe.ops.moe_lean import lean_applies, lean_experts
 from turbomoe.ops.permute import combine, gather_rows, gathered_rows, permute_plan
 
 ACTIVATIONS = ("silu", "clamped")
+
+
+def _gather_in_gemm() -> bool:
+    """TURBOMOE_GATHER_IN_GEMM=1: the gate/up GEMM reads the token rows itself
+    (ops/gathered_gemm.py) instead of a permuted copy; opt-in until measured faster end to end.
+    Read at every call, so that a benchmark can compare both in one process."""
+    return os.environ.get("TURBOMOE_GATHER_IN_GEMM", "0") == "1"
 
 
 def _row_bias(bias: torch.Tensor, expert_offsets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -102,10 +112,19 @@ def moe_experts(
             gated_args(activation, alpha, limit, interleaved),
         )
         return out.to(hidden.dtype)
+    rows = gathered_rows(sorted_pairs, routed_pairs)
+    if gate_up_bias is None and _gather_in_gemm():
+        # The gather inside the GEMM's operand loads: no [rows, H] copy of the activations.
+        pairs_of_tokens = pair_to_row[: hidden.shape[0] * top_k]
+        gate_up = grouped_gemm_gathered(
+            hidden, sorted_pairs, pairs_of_tokens, gate_up_proj, offsets, top_k, rows
+        )
+        act = gated(gate_up, activation, alpha, limit, interleaved)
+        out = _down_and_combine(act, down_proj, down_bias, offsets, pair_to_row, top_k_weights)
+        return out.to(hidden.dtype)
     x = gather_rows(
         hidden, sorted_pairs, offsets, top_k, pair_to_row=pair_to_row, rows=routed_pairs
     )
-    rows = x.shape[0]
     if gate_up_bias is None and not interleaved:
         # One op (the activation can run in the gate/up GEMM's epilogue: ops/gated_gemm.py).
         variant, alpha_, limit_, _ = gated_args(activation, alpha, limit, interleaved)
@@ -115,8 +134,20 @@ def moe_experts(
         if gate_up_bias is not None:
             gate_up = gate_up + _row_bias(gate_up_bias.to(gate_up.dtype), offsets, rows)
         act = gated(gate_up, activation, alpha, limit, interleaved)
+    out = _down_and_combine(act, down_proj, down_bias, offsets, pair_to_row, top_k_weights)
+    return out.to(hidden.dtype)
+
+
+def _down_and_combine(
+    act: torch.Tensor,
+    down_proj: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The down projection of the activated rows and the weighted combine back to tokens."""
     out_rows = grouped_gemm(act, down_proj, offsets)
     if down_bias is not None:
-        out_rows = out_rows + _row_bias(down_bias.to(out_rows.dtype), offsets, rows)
-    out = combine(out_rows, pair_to_row, top_k_weights, top_k)
-    return out.to(hidden.dtype)
+        out_rows = out_rows + _row_bias(down_bias.to(out_rows.dtype), offsets, act.shape[0])
+    return combine(out_rows, pair_to_row, top_k_weights, top_k_weights.shape[1])

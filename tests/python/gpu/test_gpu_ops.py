@@ -11,6 +11,7 @@ and refuses to run them without CUDA).
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -404,10 +405,30 @@ GATHERED = [
 ]
 
 
+def gathered_problem(
+    tokens: int, top_k: int, experts: int, n: int, k: int, gen: torch.Generator
+) -> tuple[torch.Tensor, ...]:
+    """(src, sorted_pairs, pair_to_row, offsets, w, dy) on the CPU: expert 0's pairs dropped (rows
+    past offsets[E]), and src one token short, so that the last token's pairs read zeros."""
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[ids == 0] = experts
+    sorted_pairs, pair_to_row, offsets = tops.permute_plan(ids, experts)
+    src = torch.randn(tokens - 1, k, generator=gen).to(BF16)
+    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
+    dy = torch.randn(sorted_pairs.shape[0], n, generator=gen).to(BF16)
+    return src, sorted_pairs, pair_to_row, offsets, w, dy
+
+
+def gathered_rows_float(src: torch.Tensor, sorted_pairs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The x the gathered passes read, in float32 on the GPU (zeros for the missing token)."""
+    padded = torch.cat([src, src.new_zeros(1, src.shape[1])]).float()
+    return padded[(sorted_pairs.long() // top_k).clamp(min=0, max=src.shape[0])].to(CUDA)
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("path", ["hopper", "generic"])
 @pytest.mark.parametrize(("tokens", "top_k", "experts", "n", "k"), GATHERED)
-def test_grouped_gemm_forward_gathered(
+def test_grouped_gemm_gathered_passes(
     tokens: int,
     top_k: int,
     experts: int,
@@ -417,72 +438,97 @@ def test_grouped_gemm_forward_gathered(
     out_dtype: torch.dtype,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The forward with the token gather in the A load (Hopper: cp.async rows into the swizzled
-    stage; generic: the tiled kernel's row loader) against the CPU reference of the same op
-    (large shapes: torch per expert in float32 on the gathered rows), and on the Hopper path
-    bitwise against the gather kernel followed by the forward, which runs the same WGMMAs on the
-    same values. Expert 0's pairs are dropped (rows past offsets[E], which must come out zero)
-    and pairs past the tokens give zero rows."""
-    from turbomoe.ops.grouped_gemm import grouped_gemm_gathered_forward
+    """The forward and the grad-weight with the token gather in their operand load (Hopper:
+    cp.async rows into the swizzled stage; generic: the tiled kernel's row loader), poisoned
+    outputs, against the CPU reference of the same ops (large shapes: torch per expert in float32
+    on the gathered rows); on the Hopper path also bitwise against the gather kernel followed by
+    the plain pass, which runs the same WGMMAs on the same values."""
+    from turbomoe import _native
+    from turbomoe.ops.gathered_gemm import _backward_weight_gathered, forward_gathered_into
 
     monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_GATHER", "1" if path == "hopper" else "0")
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    ids = distinct_ids(tokens, top_k, experts, gen)
-    ids[ids == 0] = experts
-    sorted_pairs, pair_to_row, offsets = tops.permute_plan(ids, experts)
-    src = torch.randn(tokens, k, generator=gen).to(BF16)
-    src_short = src[: tokens - 1]  # the last token's pairs name a row past src: zeros
-    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
-    if tokens >= 512:
-        rows_src = torch.cat([src_short, src_short.new_zeros(1, k)])
-        tokens_of = (sorted_pairs.long() // top_k).clamp(max=tokens - 1)
-        ref = torch_grouped_gemm(
-            rows_src[tokens_of].float().to(CUDA), w.float().to(CUDA), offsets
-        ).cpu()
+    src, sorted_pairs, pair_to_row, offsets, w, dy = gathered_problem(
+        tokens, top_k, experts, n, k, gen
+    )
+    rows, routed = sorted_pairs.shape[0], int(offsets[-1])
+    large = tokens >= 512
+    if large:
+        x = gathered_rows_float(src, sorted_pairs, top_k)
+        ref_y = torch_grouped_gemm(x, w.float().to(CUDA), offsets).cpu()
+        bounds = offsets.tolist()
+        dyf = dy.float().to(CUDA)
+        parts = [(dyf[a:b].t(), x[a:b]) for a, b in itertools.pairwise(bounds)]
+        ref_dw = torch.stack([g @ xe for g, xe in parts]).cpu()
     else:
-        ref = grouped_gemm_gathered_forward(
-            src_short, sorted_pairs, top_k, w, offsets, None, out_dtype
+        ref_y = forward_gathered_into(
+            src, sorted_pairs, top_k, w, offsets, torch.empty(rows, n, dtype=out_dtype)
         )
+        ref_dw = _backward_weight_gathered(dy, src, sorted_pairs, offsets, top_k, out_dtype)
+    src_c, pairs_c, w_c, off_c, dy_c = (t.to(CUDA) for t in (src, sorted_pairs, w, offsets, dy))
     poison()
-    with torch.no_grad():
-        out = grouped_gemm_gathered_forward(
-            src_short.to(CUDA),
-            sorted_pairs.to(CUDA),
-            top_k,
-            w.to(CUDA),
-            offsets.to(CUDA),
-            None,
-            out_dtype,
-        ).cpu()
-    routed = int(offsets[-1])
-    assert torch.isfinite(out).all(), f"seed {seed}: unwritten or NaN rows"
-    assert float(out[routed:].abs().max()) == 0.0, f"seed {seed}: rows past offsets[E]"
-    err = rel(out, ref)
-    assert err < tolerance(out_dtype, 1e-4), f"seed {seed}: rel error {err}"
+    y = forward_gathered_into(
+        src_c, pairs_c, top_k, w_c, off_c, torch.empty(rows, n, dtype=out_dtype, device=CUDA)
+    )
+    dw = _backward_weight_gathered(dy_c, src_c, pairs_c, off_c, top_k, out_dtype)
+    y_cpu, dw_cpu = y.cpu(), dw.cpu()
+    assert torch.isfinite(y_cpu).all() and torch.isfinite(dw_cpu).all(), f"seed {seed}"
+    assert float(y_cpu[routed:].abs().max()) == 0.0, f"seed {seed}: rows past offsets[E]"
+    assert float(dw_cpu[0].abs().max()) == 0.0, f"seed {seed}: expert 0 has no rows"
+    for name, got, ref in (("y", y_cpu, ref_y), ("dw", dw_cpu, ref_dw)):
+        err = rel(got, ref)
+        assert err < tolerance(out_dtype, 1e-4), f"seed {seed}: {name} rel error {err}"
     if path == "hopper":
-        from turbomoe import _native
-
-        w_cuda, offsets_cuda = w.to(CUDA), offsets.to(CUDA)
-        x = tops.gather_rows(
-            src_short.to(CUDA),
-            sorted_pairs.to(CUDA),
-            offsets_cuda,
-            top_k,
-            pair_to_row=pair_to_row.to(CUDA),
-        )
-        y = torch.empty(x.shape[0], n, dtype=out_dtype, device=CUDA)
+        x = tops.gather_rows(src_c, pairs_c, off_c, top_k, pair_to_row=pair_to_row.to(CUDA))
+        y_pair = torch.empty(rows, n, dtype=out_dtype, device=CUDA)
         _native.call(
             "tm_grouped_gemm_forward",
             _native.describe(x),
-            _native.describe(w_cuda),
-            _native.describe(offsets_cuda),
-            _native.describe(y),
+            _native.describe(w_c),
+            _native.describe(off_c),
+            _native.describe(y_pair),
             None,
             0,
             _native.stream_for(x),
         )
-        assert torch.equal(out, y.cpu()), f"seed {seed}: differs from gather + forward"
+        dw_pair = torch.ops.turbomoe.grouped_gemm_backward_weight(dy_c, x, off_c, out_dtype)
+        assert torch.equal(y, y_pair), f"seed {seed}: forward differs from gather + forward"
+        assert torch.equal(dw, dw_pair), f"seed {seed}: dw differs from gather + grad-weight"
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "n", "k"), GATHERED[1:3])
+def test_grouped_gemm_gathered_op_gradients(
+    tokens: int, top_k: int, experts: int, n: int, k: int
+) -> None:
+    """The differentiable op on CUDA against itself on the CPU: output and both gradients."""
+    from turbomoe.ops.gathered_gemm import grouped_gemm_gathered
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    src, sorted_pairs, pair_to_row, offsets, w, dy = gathered_problem(
+        tokens, top_k, experts, n, k, gen
+    )
+    pair_to_row = pair_to_row[: src.shape[0] * top_k]
+    rows = sorted_pairs.shape[0]
+
+    def fn(s: torch.Tensor, ww: torch.Tensor, p: torch.Tensor, q: torch.Tensor, o: torch.Tensor):
+        return grouped_gemm_gathered(s, p, q, ww, o, top_k, rows)
+
+    results = {}
+    for device in (torch.device("cpu"), CUDA):
+        s = src.to(device).requires_grad_()
+        ww = w.to(device).requires_grad_()
+        if device == CUDA:
+            poison()
+        y = fn(s, ww, sorted_pairs.to(device), pair_to_row.to(device), offsets.to(device))
+        y.backward(dy.to(device))
+        results[device.type] = (y.detach().cpu(), s.grad.cpu(), ww.grad.cpu())
+    names = ("y", "grad src", "grad w")
+    for name, got, ref in zip(names, results["cuda"], results["cpu"], strict=True):
+        assert torch.isfinite(got).all(), f"seed {seed}: {name}"
+        err = rel(got, ref)
+        assert err < 1e-2, f"seed {seed}: {name} rel error {err}"
 
 
 # ------------------------------------------------------------- grouped GEMM + gated activation

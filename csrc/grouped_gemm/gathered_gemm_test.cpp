@@ -1,7 +1,8 @@
-// The forward with the token gather in its operand load (tm_grouped_gemm_forward_gathered)
-// against its definition, tm_gather_rows followed by tm_grouped_gemm_forward: equal to the bit
-// on the CPU (the same rows go through the same loops), including pairs that name tokens past
-// src, rows past offsets[E], and a y shorter than the pairs; then every argument error.
+// The grouped GEMM passes with the token gather in their operand load
+// (tm_grouped_gemm_forward_gathered, tm_grouped_gemm_backward_weight_gathered) against their
+// definition, tm_gather_rows followed by the plain pass: equal to the bit on the CPU (the same
+// rows go through the same loops), including pairs that name tokens past src, rows past
+// offsets[E], and fewer rows than pairs; then every argument error.
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -67,6 +68,69 @@ TEST(GatheredForward, EqualsGatherThenForward) {
       EXPECT_TRUE(std::any_of(v.begin(), v.begin() + p.n, [](double d) { return d != 0.0; }));
     }
   }
+}
+
+TEST(GatheredGradWeight, EqualsGatherThenGradWeight) {
+  auto rng = turbomoe::testing::rng_for_test();
+  for (const Problem p : {Problem{7, 2, 3, 12, 16, 14, TM_DTYPE_FLOAT32, TM_DTYPE_FLOAT32},
+                          Problem{13, 4, 5, 24, 40, 52, TM_DTYPE_BFLOAT16, TM_DTYPE_BFLOAT16},
+                          Problem{13, 4, 5, 24, 40, 40, TM_DTYPE_BFLOAT16, TM_DTYPE_FLOAT32}}) {
+    const int64_t pairs = p.tokens * p.top_k + 2;
+    const int64_t routed = p.rows - 3;
+    HostTensor src({p.tokens, p.k}, p.in), dy({p.rows, p.n}, p.in);
+    HostTensor sorted({pairs}, TM_DTYPE_INT32);
+    HostTensor off = random_offsets(rng, p.experts, routed);
+    src.fill_uniform(rng);
+    dy.fill_uniform(rng);
+    std::vector<int32_t> order(static_cast<size_t>(pairs));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
+
+    HostTensor gathered({p.rows, p.k}, p.in);
+    HostTensor expected({p.experts, p.n, p.k}, p.out), dw({p.experts, p.n, p.k}, p.out);
+    expected.poison();
+    dw.poison();
+    TM_ASSERT_OK(
+        tm_gather_rows(src.desc(), sorted.desc(), off.desc(), p.top_k, gathered.desc(), nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_backward_weight(dy.desc(), gathered.desc(), off.desc(),
+                                                 expected.desc(), nullptr, 0, nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_backward_weight_gathered(dy.desc(), src.desc(), sorted.desc(),
+                                                          p.top_k, off.desc(), dw.desc(), nullptr));
+    EXPECT_EQ(dw.values(), expected.values()) << "tokens " << p.tokens << " rows " << p.rows;
+    const std::vector<double> v = dw.values();
+    EXPECT_TRUE(std::any_of(v.begin(), v.end(), [](double d) { return d != 0.0; }));
+  }
+}
+
+TEST(GatheredGradWeight, RejectsBadArguments) {
+  const int64_t tokens = 4, top_k = 2, experts = 2, n = 3, k = 8, rows = 8;
+  HostTensor src({tokens, k}, TM_DTYPE_FLOAT32), dy({rows, n}, TM_DTYPE_FLOAT32);
+  HostTensor sorted({tokens * top_k}, TM_DTYPE_INT32), off({experts + 1}, TM_DTYPE_INT32);
+  HostTensor dw({experts, n, k}, TM_DTYPE_FLOAT32), dy_long({rows + 1, n}, TM_DTYPE_FLOAT32);
+  HostTensor dw_k({experts, n, k + 1}, TM_DTYPE_FLOAT32), src_bf({tokens, k}, TM_DTYPE_BFLOAT16);
+  for (int64_t i = 0; i < tokens * top_k; ++i) sorted.set(i, static_cast<double>(i));
+  off.set(0, 0);
+  off.set(1, 3);
+  off.set(2, 6);
+  auto call = [&](tm_tensor* d, tm_tensor* s, tm_tensor* sp, int64_t kk, tm_tensor* o,
+                  tm_tensor* w) {
+    return tm_grouped_gemm_backward_weight_gathered(d, s, sp, kk, o, w, nullptr);
+  };
+  TM_ASSERT_OK(call(dy.desc(), src.desc(), sorted.desc(), top_k, off.desc(), dw.desc()));
+  TM_EXPECT_ERROR(call(nullptr, src.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dy");
+  TM_EXPECT_ERROR(call(dy.desc(), src_bf.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "src");
+  TM_EXPECT_ERROR(call(dy.desc(), src.desc(), sorted.desc(), 0, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "top_k");
+  TM_EXPECT_ERROR(call(dy_long.desc(), src.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dy");
+  TM_EXPECT_ERROR(call(dy.desc(), src.desc(), sorted.desc(), top_k, off.desc(), dw_k.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dw");
+  sorted.set(4, -3);
+  TM_EXPECT_ERROR(call(dy.desc(), src.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs[4]");
 }
 
 TEST(GatheredForward, RejectsBadArguments) {

@@ -1,0 +1,177 @@
+"""The experts' first grouped GEMM with the token gather folded into its operand loads.
+
+``grouped_gemm_gathered(src, ...)`` equals ``grouped_gemm(gather_rows(src, ...), w, offsets)``
+without the permuted copy of the activations: the forward reads each row of x straight from the
+token rows (on Hopper in the GEMM's A load), and the backward's weight gradient reads them the
+same way (the B load of the grad-weight pass), so the [rows, K] copy is neither written in the
+forward nor kept for the backward. The input's gradient is the grad-input GEMM followed by the
+gather's adjoint (an unweighted combine), as in the unfused pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from turbomoe import _native
+from turbomoe.ops._eager import differentiable, direct
+from turbomoe.ops.grouped_gemm import _backward_input_eager, _weight_operand
+from turbomoe.ops.permute import _combine_eager
+
+
+def forward_gathered_into(
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    top_k: int,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
+    """The C ABI's forward into y (float32 or src's dtype; [rows, N] with rows <= the pairs),
+    without autograd. Every tensor must stay alive until the call returns (pass named ones)."""
+    _native.call(
+        "tm_grouped_gemm_forward_gathered",
+        _native.describe(src),
+        _native.describe(sorted_pairs),
+        top_k,
+        _native.describe(w),
+        _native.describe(expert_offsets),
+        _native.describe(y),
+        _native.stream_for(src),
+    )
+    return y
+
+
+@torch.library.custom_op("turbomoe::grouped_gemm_gathered", mutates_args=())
+def _grouped_gemm_gathered(
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    rows: int,
+) -> torch.Tensor:
+    """y [rows, N]: row r = src[sorted_pairs[r] // top_k] · w[e]ᵀ (pair_to_row: backward only)."""
+    w = _weight_operand(w)
+    y = torch.empty((rows, w.shape[1]), dtype=src.dtype, device=src.device)
+    return forward_gathered_into(src, sorted_pairs, top_k, w, expert_offsets, y)
+
+
+@_grouped_gemm_gathered.register_fake
+def _(
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    rows: int,
+) -> torch.Tensor:
+    return src.new_empty((rows, w.shape[1]))
+
+
+@torch.library.custom_op("turbomoe::grouped_gemm_backward_weight_gathered", mutates_args=())
+def _backward_weight_gathered(
+    dy: torch.Tensor,
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    w_dtype: torch.dtype,
+) -> torch.Tensor:
+    """dw [E,N,K] = dy_eᵀ · x_e with x's row r = src[sorted_pairs[r] // top_k], in w's dtype."""
+    experts = expert_offsets.shape[0] - 1
+    dw = torch.empty((experts, dy.shape[1], src.shape[1]), dtype=w_dtype, device=dy.device)
+    _native.call(
+        "tm_grouped_gemm_backward_weight_gathered",
+        _native.describe(dy),
+        _native.describe(src),
+        _native.describe(sorted_pairs),
+        top_k,
+        _native.describe(expert_offsets),
+        _native.describe(dw),
+        _native.stream_for(dy),
+    )
+    return dw
+
+
+@_backward_weight_gathered.register_fake
+def _(
+    dy: torch.Tensor,
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    w_dtype: torch.dtype,
+) -> torch.Tensor:
+    experts = expert_offsets.shape[0] - 1
+    return dy.new_empty((experts, dy.shape[1], src.shape[1]), dtype=w_dtype)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    src, sorted_pairs, pair_to_row, w, expert_offsets, top_k, _rows = inputs
+    need_src, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    # src's gradient needs w and pair_to_row; w's needs src and sorted_pairs: the token rows,
+    # not a permuted copy, are what the backward keeps.
+    ctx.save_for_backward(
+        src if need_w else None,
+        sorted_pairs,
+        pair_to_row if need_src else None,
+        w if need_src else None,
+        expert_offsets,
+    )
+    ctx.need_src, ctx.need_w = need_src, need_w
+    ctx.top_k, ctx.w_dtype = top_k, w.dtype
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+    src, sorted_pairs, pair_to_row, w, expert_offsets = ctx.saved_tensors
+    dy = dy.contiguous()
+    grad_src = grad_w = None
+    if ctx.need_src:
+        grad_rows = _backward_input_eager(dy, w, expert_offsets)
+        grad_src = _combine_eager(grad_rows, pair_to_row, None, ctx.top_k)
+    if ctx.need_w:
+        grad_w = _backward_weight_gathered_eager(
+            dy, src, sorted_pairs, expert_offsets, ctx.top_k, ctx.w_dtype
+        )
+    return grad_src, None, None, grad_w, None, None, None
+
+
+_grouped_gemm_gathered.register_autograd(_backward, setup_context=_setup_context)
+_grouped_gemm_gathered_eager = differentiable(_grouped_gemm_gathered, _setup_context, _backward)
+_backward_weight_gathered_eager = direct(_backward_weight_gathered)
+
+
+def grouped_gemm_gathered(
+    src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    rows: int,
+) -> torch.Tensor:
+    """``grouped_gemm(gather_rows(src, sorted_pairs, expert_offsets, top_k, rows=rows), w,
+    expert_offsets)`` without the permuted copy of src, differentiable with respect to src and w.
+
+    pair_to_row: permute_plan's, for src's T*top_k pairs (the gather's adjoint needs it).
+    """
+    if top_k <= 0:
+        raise ValueError(f"top_k must be > 0, got {top_k}")
+    if pair_to_row.shape[0] != src.shape[0] * top_k:
+        raise ValueError(
+            f"pair_to_row has {pair_to_row.shape[0]} entries, expected {src.shape[0] * top_k} "
+            "(tokens * top_k)"
+        )
+    return _grouped_gemm_gathered_eager(
+        src.contiguous(),
+        sorted_pairs.contiguous(),
+        pair_to_row.contiguous(),
+        w,
+        expert_offsets.contiguous(),
+        top_k,
+        rows,
+    )
