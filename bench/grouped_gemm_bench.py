@@ -40,7 +40,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}  # name -> (K, N)
-PASSES = ("fwd", "dx", "dw", "fwd_gather")
+PASSES = ("fwd", "dx", "dw", "fwd_gather", "dw_gather")
 TOP_K = 8  # fwd_gather: each token feeds TOP_K rows
 # Kernel variants for A/B timing in one run (environment switches read by the library per call;
 # see csrc/grouped_gemm/hopper_gemm.cu).
@@ -201,9 +201,36 @@ class Ours:
         )
         return True
 
+    def grad_weight_gather(self, ins: dict, dw: torch.Tensor) -> bool:
+        """dw with x's rows read from src[pairs // TOP_K] in the B load, or (composed) the
+        gather kernel into a permuted copy, then the grad-weight."""
+        if self.impl != "native":
+            return False
+        d, stream = self.native.describe, self.native.stream_for(dw)
+        src, pairs, dy, offsets = ins["src"], ins["pairs"], ins["dy"], ins["offsets"]
+        if os.environ.get("TURBOMOE_BENCH_GATHER") == "composed":
+            x = ins.get("x_gathered")
+            if x is None:
+                x = ins["x_gathered"] = torch.empty(dy.shape[0], src.shape[1], **_like(src))
+            self.native.call("tm_gather_rows", d(src), d(pairs), d(offsets), TOP_K, d(x), stream)
+            return self.grad_weight(dy, x, offsets, dw)
+        self.native.call(
+            "tm_grouped_gemm_backward_weight_gathered",
+            d(dy),
+            d(src),
+            d(pairs),
+            TOP_K,
+            d(offsets),
+            d(dw),
+            stream,
+        )
+        return True
+
     def run(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
         if pass_ == "fwd_gather":
             return self.forward_gather(ins, out)
+        if pass_ == "dw_gather":
+            return self.grad_weight_gather(ins, out)
         if pass_ == "fwd_gated":
             return self.forward_gated(ins, out)
         if pass_ == "fwd":
@@ -276,8 +303,9 @@ def reference(pass_: str, ins: dict, rows_total: int) -> torch.Tensor:
     if pass_ == "fwd_gated":
         gate, up = reference("fwd", ins, rows_total).chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up
-    if pass_ == "fwd_gather":
-        return reference("fwd", {**ins, "x": gathered(ins, rows_total)}, rows_total)
+    if pass_ in ("fwd_gather", "dw_gather"):
+        plain = pass_.removesuffix("_gather")
+        return reference(plain, {**ins, "x": gathered(ins, rows_total)}, rows_total)
     if pass_ == "fwd":
         x = ins["x"]
         out = torch.zeros(rows_total, w.shape[1], dtype=torch.float32, device=x.device)
@@ -382,6 +410,10 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
         x = gathered(ins, ins["routed"])
         return torch._grouped_mm(x, ins["w"].transpose(1, 2), offs=ins["offsets"][1:])
 
+    def dw_gather(ins: dict) -> torch.Tensor:
+        x = gathered(ins, ins["routed"])
+        return torch._grouped_mm(ins["dy"][: ins["routed"]].t(), x, offs=ins["offsets"][1:])
+
     def dx(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["dy"], ins["w"], offs=ins["offsets"][1:])
 
@@ -395,6 +427,7 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
         "fwd": fwd,
         "fwd_gated": fwd_gated,
         "fwd_gather": fwd_gather,
+        "dw_gather": dw_gather,
         "dx": dx,
         "dw": dw_nk,
         "dw_kn": dw_kn,
@@ -597,7 +630,9 @@ def main() -> int:
     ap.add_argument("--rows", default="8192,32768,131072")
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--routing", default="balanced,skewed")
-    ap.add_argument("--passes", default="fwd,dx,dw", help="of fwd, dx, dw, fwd_gated, fwd_gather")
+    ap.add_argument(
+        "--passes", default="fwd,dx,dw", help="of fwd, dx, dw, fwd_gated, fwd_gather, dw_gather"
+    )
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
@@ -653,7 +688,7 @@ def main() -> int:
                 for pass_ in args.passes.split(","):
                     if pass_ == "fwd_gated" and shape_name != "gate_up":
                         continue  # the gated epilogue belongs to the gate/up projection
-                    dt = dw_dtype if pass_ == "dw" else torch.bfloat16
+                    dt = dw_dtype if pass_ in ("dw", "dw_gather") else torch.bfloat16
                     row = {
                         "shape": shape_name,
                         "K": K,
