@@ -894,6 +894,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             copy_row_chunks(a_dst + first_box * kBoxBytes, box_row, src, k * kBlockK, cols,
                             p.gather_src);
           } else {
+#pragma unroll 1
             for (int b = first_box; b < first_box + 2; ++b) {
               copy_row_chunks(b_dst + b * kBoxBytes, box_row, src, tile.col0 + 64 * b, cols,
                               p.gather_src);
@@ -901,7 +902,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           cp_async_arrive(bar);
           // Thread 32 also copies rows here: it stores the zero tiles one a stage in between.
-          if (tid == 32 && zero_tile < zero_tiles) store_zero_tile();
+          if constexpr (P == Pass::kGradWeight) {
+            if (tid == 32 && zero_tile < zero_tiles) store_zero_tile();
+          }
         }
       }
       if (tid == 32) {
