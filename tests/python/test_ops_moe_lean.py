@@ -60,12 +60,18 @@ def _routed(inp: dict[str, torch.Tensor]) -> int:
     return int((inp["ids"] < EXPERTS).sum())
 
 
+# TURBOMOE_GATHER_IN_GEMM: x gathered into a copy, or read by the gate/up GEMMs themselves.
+GATHER = pytest.mark.parametrize("gather", ["0", "1"], ids=["copy", "in_gemm"])
+
+
+@GATHER
 @pytest.mark.parametrize("sentinels", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "clamped"])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_lean_record_matches_the_composed_ops_fp32(
-    sentinels: bool, activation: str, interleaved: bool
+    sentinels: bool, activation: str, interleaved: bool, gather: str, monkeypatch
 ) -> None:
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
     inp = _inputs(torch.float32, sentinels)
     kw = {"activation": activation, "interleaved": interleaved}
     if sentinels:
@@ -124,7 +130,9 @@ def test_lean_record_keeps_much_less_for_the_backward() -> None:
     assert lean - params <= (TOKENS * HIDDEN + rows * 2 * INTER) * 4 + rows * 64
 
 
-def test_an_owner_without_routed_rows_gets_zero_gradients() -> None:
+@GATHER
+def test_an_owner_without_routed_rows_gets_zero_gradients(gather: str, monkeypatch) -> None:
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
     inp = _inputs(torch.float32, sentinels=True, seed=4)
     inp["ids"] = torch.full_like(inp["ids"], EXPERTS)  # every slot belongs to another rank
     want_out, want = _run(inp, recompute=False, routed_pairs=0)
@@ -150,3 +158,17 @@ def test_fused_activation_backward_equals_the_four_passes(
         assert torch.equal(fused[name], composed[name]), name
     # The routing weights' gradient is a row sum: the same up to summation order.
     torch.testing.assert_close(fused["weights"], composed["weights"], rtol=1e-5, atol=1e-6)
+
+
+def test_gather_in_gemm_changes_no_bit_of_the_lean_record(monkeypatch) -> None:
+    """On the CPU the gathered GEMMs run the same rows through the same loops as gather + GEMM:
+    output and every gradient of the lean experts are bitwise those of the copying version."""
+    inp = _inputs(torch.bfloat16, sentinels=True, seed=5)
+    results = []
+    for gather in ("0", "1"):
+        monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
+        results.append(_run(inp, recompute=True, routed_pairs=_routed(inp)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name

@@ -12,25 +12,16 @@ named ops, and the gradient reaches hidden, the routing weights, the expert weig
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from turbomoe.ops.gated import gated, gated_args
 from turbomoe.ops.gated_gemm import grouped_gemm_gated
 from turbomoe.ops.gathered_gemm import grouped_gemm_gathered
 from turbomoe.ops.grouped_gemm import grouped_gemm
-from turbomoe.ops.moe_lean import lean_applies, lean_experts
+from turbomoe.ops.moe_lean import gather_in_gemm, lean_applies, lean_experts
 from turbomoe.ops.permute import combine, gather_rows, gathered_rows, permute_plan
 
 ACTIVATIONS = ("silu", "clamped")
-
-
-def _gather_in_gemm() -> bool:
-    """TURBOMOE_GATHER_IN_GEMM=1: the gate/up GEMM reads the token rows itself
-    (ops/gathered_gemm.py) instead of a permuted copy; opt-in until measured faster end to end.
-    Read at every call, so that a benchmark can compare both in one process."""
-    return os.environ.get("TURBOMOE_GATHER_IN_GEMM", "0") == "1"
 
 
 def _row_bias(bias: torch.Tensor, expert_offsets: torch.Tensor, rows: int) -> torch.Tensor:
@@ -113,7 +104,7 @@ def moe_experts(
         )
         return out.to(hidden.dtype)
     rows = gathered_rows(sorted_pairs, routed_pairs)
-    if gate_up_bias is None and _gather_in_gemm():
+    if gate_up_bias is None and gather_in_gemm():
         # The gather inside the GEMM's operand loads: no [rows, H] copy of the activations.
         pairs_of_tokens = pair_to_row[: hidden.shape[0] * top_k]
         gate_up = grouped_gemm_gathered(

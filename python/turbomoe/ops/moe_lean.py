@@ -37,6 +37,7 @@ from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eage
 from turbomoe.ops.gated import _gated_eager as gated_activation_eager
 from turbomoe.ops.gated import _weighted_backward_eager as weighted_activation_backward_eager
 from turbomoe.ops.gated_gemm import _grouped_gemm_gated_eager as grouped_gemm_gated_eager
+from turbomoe.ops.gathered_gemm import _backward_weight_gathered_eager, forward_gathered_into
 from turbomoe.ops.grouped_gemm import _backward_input_eager as grouped_gemm_backward_input_eager
 from turbomoe.ops.grouped_gemm import _backward_weight_eager as grouped_gemm_backward_weight_eager
 from turbomoe.ops.grouped_gemm import _grouped_gemm_eager as grouped_gemm_eager
@@ -66,14 +67,23 @@ class _LeanExperts(torch.autograd.Function):
         activation: tuple[int, float, float, bool],
     ) -> torch.Tensor:
         plan = (sorted_pairs, pair_to_row, offsets)
-        x = _gather(hidden, plan, top_k, rows)
         variant, alpha, limit, interleaved = activation
-        if interleaved:
-            gate_up = grouped_gemm_eager(x, gate_up_proj, offsets)
+        if gather_in_gemm():
+            # The gate/up GEMM reads the token rows itself: no permuted copy at all.
+            gate_up = hidden.new_empty((rows, gate_up_proj.shape[1]))
+            w = gate_up_proj if gate_up_proj.stride(-1) == 1 else gate_up_proj.contiguous()
+            forward_gathered_into(hidden, sorted_pairs, top_k, w, offsets, gate_up)
             act = gated_activation_eager(gate_up, *activation)
-        else:  # the activation in the gate/up GEMM's epilogue (on Hopper)
-            gate_up, act = grouped_gemm_gated_eager(x, gate_up_proj, offsets, variant, alpha, limit)
-        del x
+        else:
+            x = _gather(hidden, plan, top_k, rows)
+            if interleaved:
+                gate_up = grouped_gemm_eager(x, gate_up_proj, offsets)
+                act = gated_activation_eager(gate_up, *activation)
+            else:  # the activation in the gate/up GEMM's epilogue (on Hopper)
+                gate_up, act = grouped_gemm_gated_eager(
+                    x, gate_up_proj, offsets, variant, alpha, limit
+                )
+            del x
         out_rows = grouped_gemm_eager(act, down_proj, offsets)
         del act
         out = combine_eager(out_rows, pair_to_row, weights, top_k)
@@ -109,7 +119,12 @@ class _LeanExperts(torch.autograd.Function):
             )
         del weighted_act, gathered
         grad_w_gate_up = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and gather_in_gemm():
+            # x's rows read from hidden in the GEMM's B load instead of re-gathered.
+            grad_w_gate_up = _backward_weight_gathered_eager(
+                grad_gate_up, hidden, sorted_pairs, offsets, top_k, w_gate_up.dtype
+            )
+        elif ctx.needs_input_grad[2]:
             x = _gather(hidden, plan, top_k, rows)
             grad_w_gate_up = grouped_gemm_backward_weight_eager(
                 grad_gate_up, x, offsets, w_gate_up.dtype
@@ -135,6 +150,12 @@ class _LeanExperts(torch.autograd.Function):
             None,
             None,
         )
+
+
+def gather_in_gemm() -> bool:
+    """TURBOMOE_GATHER_IN_GEMM=1 (ops/moe.py): the gate/up GEMM's forward and grad-weight read
+    the token rows themselves, so neither the forward nor the backward gathers x."""
+    return os.environ.get("TURBOMOE_GATHER_IN_GEMM", "0") == "1"
 
 
 def fused_activation_backward() -> bool:

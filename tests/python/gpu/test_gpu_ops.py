@@ -655,9 +655,19 @@ MOE = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("gather", "recompute"),
+    [("0", False), ("1", False), ("1", True)],
+    ids=["copy", "gather_in_gemm", "gather_in_gemm_lean"],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "hidden", "inter", "experts", "top_k", "large"), MOE)
-def test_moe_experts_qwen3(tokens, hidden, inter, experts, top_k, large, dtype):
+def test_moe_experts_qwen3(
+    tokens, hidden, inter, experts, top_k, large, dtype, gather, recompute, monkeypatch
+):
+    """Forward and gradients on CUDA against the CPU (large: a torch loop); also with the token
+    gather inside the gate/up GEMMs (TURBOMOE_GATHER_IN_GEMM=1), composed and lean."""
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     ids = distinct_ids(tokens, top_k, experts, gen)
@@ -669,7 +679,7 @@ def test_moe_experts_qwen3(tokens, hidden, inter, experts, top_k, large, dtype):
     down = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
 
     def fn(h: torch.Tensor, i: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, d: torch.Tensor):
-        return tops.moe_experts(h, i, w, gu, d)
+        return tops.moe_experts(h, i, w, gu, d, recompute=recompute)
 
     args = [hidden_states, ids, weights, gate_up, down]
     check(fn, args, [0, 2, 3, 4], dtype, seed, 1e-4, torch_moe if large else None)
