@@ -175,62 +175,34 @@ class Ours:
         )
         return True
 
-    def forward_gather(self, ins: dict, y: torch.Tensor) -> bool:
-        """y = src[pairs // TOP_K] . w^T per expert: one call with the gather in the GEMM's A
-        load, or (TURBOMOE_BENCH_GATHER=composed) the gather kernel into a permuted copy, then
-        the forward."""
+    def gathered(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
+        """fwd_gather / dw_gather: the pass with x's rows read from src[pairs // TOP_K] in the
+        operand load, or (TURBOMOE_BENCH_GATHER=composed) the gather kernel into a permuted copy,
+        then the plain pass."""
         if self.impl != "native":
             return False
-        d, stream = self.native.describe, self.native.stream_for(y)
-        src, pairs, w, offsets = ins["src"], ins["pairs"], ins["w"], ins["offsets"]
+        d, stream = self.native.describe, self.native.stream_for(out)
+        src, pairs, offsets = ins["src"], ins["pairs"], ins["offsets"]
         if os.environ.get("TURBOMOE_BENCH_GATHER") == "composed":
             x = ins.get("x_gathered")
             if x is None:
-                x = ins["x_gathered"] = torch.empty(y.shape[0], src.shape[1], **_like(src))
+                x = ins["x_gathered"] = torch.empty(ins["x"].shape, **_like(src))
             self.native.call("tm_gather_rows", d(src), d(pairs), d(offsets), TOP_K, d(x), stream)
-            return self.forward(x, w, offsets, y)
-        self.native.call(
-            "tm_grouped_gemm_forward_gathered",
-            d(src),
-            d(pairs),
-            TOP_K,
-            d(w),
-            d(offsets),
-            d(y),
-            stream,
-        )
-        return True
-
-    def grad_weight_gather(self, ins: dict, dw: torch.Tensor) -> bool:
-        """dw with x's rows read from src[pairs // TOP_K] in the B load, or (composed) the
-        gather kernel into a permuted copy, then the grad-weight."""
-        if self.impl != "native":
-            return False
-        d, stream = self.native.describe, self.native.stream_for(dw)
-        src, pairs, dy, offsets = ins["src"], ins["pairs"], ins["dy"], ins["offsets"]
-        if os.environ.get("TURBOMOE_BENCH_GATHER") == "composed":
-            x = ins.get("x_gathered")
-            if x is None:
-                x = ins["x_gathered"] = torch.empty(dy.shape[0], src.shape[1], **_like(src))
-            self.native.call("tm_gather_rows", d(src), d(pairs), d(offsets), TOP_K, d(x), stream)
-            return self.grad_weight(dy, x, offsets, dw)
-        self.native.call(
-            "tm_grouped_gemm_backward_weight_gathered",
-            d(dy),
-            d(src),
-            d(pairs),
-            TOP_K,
-            d(offsets),
-            d(dw),
-            stream,
-        )
+            if pass_ == "fwd_gather":
+                return self.forward(x, ins["w"], offsets, out)
+            return self.grad_weight(ins["dy"], x, offsets, out)
+        if pass_ == "fwd_gather":
+            name = "tm_grouped_gemm_forward_gathered"
+            operands = (d(src), d(pairs), TOP_K, d(ins["w"]))
+        else:
+            name = "tm_grouped_gemm_backward_weight_gathered"
+            operands = (d(ins["dy"]), d(src), d(pairs), TOP_K)
+        self.native.call(name, *operands, d(offsets), d(out), stream)
         return True
 
     def run(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
-        if pass_ == "fwd_gather":
-            return self.forward_gather(ins, out)
-        if pass_ == "dw_gather":
-            return self.grad_weight_gather(ins, out)
+        if pass_ in ("fwd_gather", "dw_gather"):
+            return self.gathered(pass_, ins, out)
         if pass_ == "fwd_gated":
             return self.forward_gated(ins, out)
         if pass_ == "fwd":

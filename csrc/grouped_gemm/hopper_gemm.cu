@@ -283,6 +283,46 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   }
 }
 
+// A bf16 output that TMA can store into: 16-byte aligned base and row strides.
+bool tma_storable(const tm_tensor& t) {
+  if (t.dtype != TM_DTYPE_BFLOAT16 || !aligned(t.data, 16)) return false;
+  for (int d = 0; d + 1 < t.ndim; ++d) {
+    if (t.strides[d] % 8 != 0) return false;
+  }
+  return true;
+}
+
+// A grad-weight pass into dw [E, N, K] from dy [M, N]: its parameters (operands aside), its
+// persistent grid (no more CTAs than tiles) and, where TMA can store dw, the output map.
+struct GradWeightLaunch {
+  Params p{};
+  int64_t tiles = 0;  // output tiles (128 x 256) over all experts
+  int grid = 0;
+  bool tma_out = false;
+  CUtensorMap map_out{};
+};
+GradWeightLaunch grad_weight_launch(const tm_tensor& dy, const tm_tensor& expert_offsets,
+                                    const tm_tensor& dw, int64_t num_experts, int sm_count) {
+  const int64_t n = dw.sizes[1];
+  const int64_t k = dw.sizes[2];
+  GradWeightLaunch l;
+  l.p.offsets = static_cast<const int32_t*>(expert_offsets.data);
+  l.p.out = dw.data;
+  l.p.out_row_stride = dw.strides[1];
+  l.p.out_expert_stride = dw.strides[0];
+  l.p.num_experts = static_cast<int32_t>(num_experts);
+  l.p.m = static_cast<int32_t>(dy.sizes[0]);
+  l.p.reduce = 0;
+  l.p.out_rows = static_cast<int32_t>(n);
+  l.p.out_cols = static_cast<int32_t>(k);
+  l.tiles = num_experts * hopper_gemm::ceil_div(static_cast<int>(n), hopper_gemm::kBlockM) *
+            hopper_gemm::ceil_div(static_cast<int>(k), hopper_gemm::kBlockN);
+  l.grid = static_cast<int>(l.tiles < sm_count ? l.tiles : sm_count);
+  l.tma_out = tma_storable(dw);
+  if (l.tma_out) l.map_out = expert_map(dw, 64);
+  return l;
+}
+
 // The gathered-operand kernels (kGather): float32 or bf16 through the direct epilogue, or bf16
 // through the default TMA one.
 template <Pass P>
@@ -309,15 +349,6 @@ bool gather_operands_ok(const tm_tensor& src, const tm_tensor& sorted_pairs, int
          sorted_pairs.ndim == 1 && (sorted_pairs.sizes[0] <= 1 || sorted_pairs.strides[0] == 1) &&
          sorted_pairs.sizes[0] >= rows && top_k >= 1 && top_k <= INT32_MAX &&
          sorted_pairs.device_index == src.device_index;
-}
-
-// A bf16 output that TMA can store into: 16-byte aligned base and row strides.
-bool tma_storable(const tm_tensor& t) {
-  if (t.dtype != TM_DTYPE_BFLOAT16 || !aligned(t.data, 16)) return false;
-  for (int d = 0; d + 1 < t.ndim; ++d) {
-    if (t.strides[d] % 8 != 0) return false;
-  }
-  return true;
 }
 
 // Shared by forward and grad-input: a = [M, R] activations (R the reduction), w [E, N, K],
@@ -528,31 +559,15 @@ bool hopper_grouped_gemm_backward_weight_gathered(const tm_tensor& dy, const tm_
   if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
 
   const CUtensorMap map_a = matrix_map(dy, 64);
-  Params p{};
-  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
-  p.out = dw.data;
-  p.out_row_stride = dw.strides[1];
-  p.out_expert_stride = dw.strides[0];
-  p.num_experts = static_cast<int32_t>(num_experts);
-  p.m = static_cast<int32_t>(m);
-  p.reduce = 0;
-  p.out_rows = static_cast<int32_t>(n);
-  p.out_cols = static_cast<int32_t>(k);
-  p.gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
-  p.gather_src = src.data;
-  p.gather_src_stride = src.strides[0];
-  p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
-  p.gather_top_k = static_cast<int32_t>(top_k);
-  const int64_t tiles = num_experts *
-                        hopper_gemm::ceil_div(static_cast<int>(n), hopper_gemm::kBlockM) *
-                        hopper_gemm::ceil_div(static_cast<int>(k), hopper_gemm::kBlockN);
-  const int grid = static_cast<int>(tiles < sm_count ? tiles : sm_count);
-  CUtensorMap map_out{};
-  const bool tma_out = tma_storable(dw);
-  if (tma_out) map_out = expert_map(dw, 64);
+  GradWeightLaunch l = grad_weight_launch(dy, expert_offsets, dw, num_experts, sm_count);
+  l.p.gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
+  l.p.gather_src = src.data;
+  l.p.gather_src_stride = src.strides[0];
+  l.p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
+  l.p.gather_top_k = static_cast<int32_t>(top_k);
   // map_a stands in for the unused B map.
-  launch_gathered<Pass::kGradWeight>(dw.dtype, map_a, map_a, tma_out ? &map_out : nullptr, p, grid,
-                                     dy.device_index, cuda::as_stream(stream));
+  launch_gathered<Pass::kGradWeight>(dw.dtype, map_a, map_a, l.tma_out ? &l.map_out : nullptr, l.p,
+                                     l.grid, dy.device_index, cuda::as_stream(stream));
   return true;
 }
 
@@ -589,40 +604,25 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   const CUtensorMap map_a = matrix_map(dy, 64);
   const CUtensorMap map_b = matrix_map(x, 64);
 
-  Params p{};
-  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
-  p.out = dw.data;
-  p.out_row_stride = dw.strides[1];
-  p.out_expert_stride = dw.strides[0];
-  p.num_experts = static_cast<int32_t>(num_experts);
-  p.m = static_cast<int32_t>(m);
-  p.reduce = 0;
-  p.out_rows = static_cast<int32_t>(n);
-  p.out_cols = static_cast<int32_t>(k);
-  const int64_t tiles = num_experts *
-                        hopper_gemm::ceil_div(static_cast<int>(n), hopper_gemm::kBlockM) *
-                        hopper_gemm::ceil_div(static_cast<int>(k), hopper_gemm::kBlockN);
-  const int grid = static_cast<int>(tiles < sm_count ? tiles : sm_count);
-  CUtensorMap map_out{};
-  const bool tma_out = tma_storable(dw);
-  if (tma_out) map_out = expert_map(dw, 64);
+  GradWeightLaunch l = grad_weight_launch(dy, expert_offsets, dw, num_experts, sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
   // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the default
   // epilogue, dw's rows in whole pairs of tiles.
   constexpr int kPair = 2;
-  if (env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", "1") && tma_out && dw.dtype == TM_DTYPE_BFLOAT16 &&
-      default_epilogue() && n % (kPair * hopper_gemm::kBlockM) == 0) {
+  if (env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", "1") && l.tma_out &&
+      dw.dtype == TM_DTYPE_BFLOAT16 && default_epilogue() &&
+      n % (kPair * hopper_gemm::kBlockM) == 0) {
     const int pair_grid =
-        cluster_grid<kPair>(sm_count, p.num_experts, tiles / kPair, dy.device_index, s);
+        cluster_grid<kPair>(sm_count, l.p.num_experts, l.tiles / kPair, dy.device_index, s);
     if (pair_grid > 0) {
-      apply_variant_switches(&p);
+      apply_variant_switches(&l.p);
       launch<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma, kPair>(
-          map_a, map_b, map_out, p, pair_grid, dy.device_index, s);
+          map_a, map_b, l.map_out, l.p, pair_grid, dy.device_index, s);
       return true;
     }
   }
-  launch_out<Pass::kGradWeight>(dw.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid,
-                                dy.device_index, s);
+  launch_out<Pass::kGradWeight>(dw.dtype, map_a, map_b, l.tma_out ? &l.map_out : nullptr, l.p,
+                                l.grid, dy.device_index, s);
   return true;
 }
 
