@@ -1,6 +1,7 @@
 // The grouped GEMM passes with the token gather in their operand load
-// (tm_grouped_gemm_forward_gathered, tm_grouped_gemm_backward_weight_gathered) against their
-// definition, tm_gather_rows followed by the plain pass: equal to the bit on the CPU (the same
+// (tm_grouped_gemm_forward_gathered, tm_grouped_gemm_backward_input_gathered,
+// tm_grouped_gemm_backward_weight_gathered and _gathered_dy) against their definition,
+// tm_gather_rows followed by the plain pass: equal to the bit on the CPU (the same
 // rows go through the same loops), including pairs that name tokens past src, rows past
 // offsets[E], and fewer rows than pairs; then every argument error.
 #include <algorithm>
@@ -101,6 +102,136 @@ TEST(GatheredGradWeight, EqualsGatherThenGradWeight) {
     const std::vector<double> v = dw.values();
     EXPECT_TRUE(std::any_of(v.begin(), v.end(), [](double d) { return d != 0.0; }));
   }
+}
+
+// A permutation of the pairs [0, pairs) as sorted_pairs.
+HostTensor shuffled_pairs(std::mt19937_64& rng, int64_t pairs) {
+  std::vector<int32_t> order(static_cast<size_t>(pairs));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  HostTensor sorted({pairs}, TM_DTYPE_INT32);
+  for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
+  return sorted;
+}
+
+bool any_nonzero(const HostTensor& t) {
+  const std::vector<double> v = t.values();
+  return std::any_of(v.begin(), v.end(), [](double d) { return d != 0.0; });
+}
+
+// dy_src holds one gradient row per token, [tokens, n]; the pass reads row r of dy from
+// dy_src[sorted_pairs[r] / top_k].
+TEST(GatheredGradInput, EqualsGatherThenGradInput) {
+  auto rng = turbomoe::testing::rng_for_test();
+  for (const Problem p : {Problem{7, 2, 3, 16, 12, 14, TM_DTYPE_FLOAT32, TM_DTYPE_FLOAT32},
+                          Problem{13, 4, 5, 40, 24, 52, TM_DTYPE_BFLOAT16, TM_DTYPE_BFLOAT16},
+                          Problem{13, 4, 5, 40, 24, 40, TM_DTYPE_BFLOAT16, TM_DTYPE_FLOAT32}}) {
+    const int64_t pairs = p.tokens * p.top_k + 2;
+    HostTensor dy_src({p.tokens, p.n}, p.in), w({p.experts, p.n, p.k}, p.in);
+    HostTensor sorted = shuffled_pairs(rng, pairs);
+    HostTensor off = random_offsets(rng, p.experts, p.rows - 3);
+    dy_src.fill_uniform(rng);
+    w.fill_uniform(rng);
+    HostTensor gathered({p.rows, p.n}, p.in), expected({p.rows, p.k}, p.out);
+    HostTensor dx({p.rows, p.k}, p.out);
+    gathered.poison();
+    expected.poison();
+    dx.poison();
+    TM_ASSERT_OK(tm_gather_rows(dy_src.desc(), sorted.desc(), off.desc(), p.top_k, gathered.desc(),
+                                nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_backward_input(gathered.desc(), w.desc(), off.desc(),
+                                                expected.desc(), nullptr, 0, nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_backward_input_gathered(dy_src.desc(), sorted.desc(), p.top_k,
+                                                         w.desc(), off.desc(), dx.desc(), nullptr));
+    EXPECT_EQ(dx.values(), expected.values()) << "tokens " << p.tokens << " rows " << p.rows;
+    EXPECT_TRUE(any_nonzero(dx));
+  }
+}
+
+TEST(GatheredGradWeightDy, EqualsGatherThenGradWeight) {
+  auto rng = turbomoe::testing::rng_for_test();
+  for (const Problem p : {Problem{7, 2, 3, 16, 12, 14, TM_DTYPE_FLOAT32, TM_DTYPE_FLOAT32},
+                          Problem{13, 4, 5, 40, 24, 52, TM_DTYPE_BFLOAT16, TM_DTYPE_BFLOAT16},
+                          Problem{13, 4, 5, 40, 24, 40, TM_DTYPE_BFLOAT16, TM_DTYPE_FLOAT32}}) {
+    const int64_t pairs = p.tokens * p.top_k + 2;
+    HostTensor dy_src({p.tokens, p.n}, p.in), x({p.rows, p.k}, p.in);
+    HostTensor sorted = shuffled_pairs(rng, pairs);
+    HostTensor off = random_offsets(rng, p.experts, p.rows - 3);
+    dy_src.fill_uniform(rng);
+    x.fill_uniform(rng);
+    HostTensor gathered({p.rows, p.n}, p.in);
+    HostTensor expected({p.experts, p.n, p.k}, p.out), dw({p.experts, p.n, p.k}, p.out);
+    expected.poison();
+    dw.poison();
+    TM_ASSERT_OK(tm_gather_rows(dy_src.desc(), sorted.desc(), off.desc(), p.top_k, gathered.desc(),
+                                nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_backward_weight(gathered.desc(), x.desc(), off.desc(),
+                                                 expected.desc(), nullptr, 0, nullptr));
+    TM_ASSERT_OK(tm_grouped_gemm_backward_weight_gathered_dy(
+        dy_src.desc(), x.desc(), sorted.desc(), p.top_k, off.desc(), dw.desc(), nullptr));
+    EXPECT_EQ(dw.values(), expected.values()) << "tokens " << p.tokens << " rows " << p.rows;
+    EXPECT_TRUE(any_nonzero(dw));
+  }
+}
+
+TEST(GatheredGradInput, RejectsBadArguments) {
+  const int64_t tokens = 4, top_k = 2, experts = 2, n = 8, k = 3, rows = 8;
+  HostTensor dy_src({tokens, n}, TM_DTYPE_FLOAT32), w({experts, n, k}, TM_DTYPE_FLOAT32);
+  HostTensor sorted({tokens * top_k}, TM_DTYPE_INT32), off({experts + 1}, TM_DTYPE_INT32);
+  HostTensor dx({rows, k}, TM_DTYPE_FLOAT32), dx_long({rows + 1, k}, TM_DTYPE_FLOAT32);
+  HostTensor dx_cols({rows, k + 1}, TM_DTYPE_FLOAT32), w_n({experts, n + 1, k}, TM_DTYPE_FLOAT32);
+  for (int64_t i = 0; i < tokens * top_k; ++i) sorted.set(i, static_cast<double>(i));
+  off.set(0, 0);
+  off.set(1, 3);
+  off.set(2, 6);
+  auto call = [&](tm_tensor* d, tm_tensor* sp, int64_t kk, tm_tensor* ww, tm_tensor* o,
+                  tm_tensor* out) {
+    return tm_grouped_gemm_backward_input_gathered(d, sp, kk, ww, o, out, nullptr);
+  };
+  TM_ASSERT_OK(call(dy_src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), dx.desc()));
+  TM_EXPECT_ERROR(call(nullptr, sorted.desc(), top_k, w.desc(), off.desc(), dx.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dy_src");
+  TM_EXPECT_ERROR(call(dy_src.desc(), sorted.desc(), -1, w.desc(), off.desc(), dx.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "top_k");
+  TM_EXPECT_ERROR(call(dy_src.desc(), sorted.desc(), top_k, w_n.desc(), off.desc(), dx.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "w");
+  TM_EXPECT_ERROR(call(dy_src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), dx_long.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dx");
+  TM_EXPECT_ERROR(call(dy_src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), dx_cols.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dx");
+  sorted.set(5, static_cast<double>(tokens * top_k));
+  TM_EXPECT_ERROR(call(dy_src.desc(), sorted.desc(), top_k, w.desc(), off.desc(), dx.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs[5]");
+}
+
+TEST(GatheredGradWeightDy, RejectsBadArguments) {
+  const int64_t tokens = 4, top_k = 2, experts = 2, n = 8, k = 3, rows = 8;
+  HostTensor dy_src({tokens, n}, TM_DTYPE_FLOAT32), x({rows, k}, TM_DTYPE_FLOAT32);
+  HostTensor sorted({tokens * top_k}, TM_DTYPE_INT32), off({experts + 1}, TM_DTYPE_INT32);
+  HostTensor dw({experts, n, k}, TM_DTYPE_FLOAT32), x_long({rows + 1, k}, TM_DTYPE_FLOAT32);
+  HostTensor dw_n({experts, n + 1, k}, TM_DTYPE_FLOAT32), x_bf({rows, k}, TM_DTYPE_BFLOAT16);
+  for (int64_t i = 0; i < tokens * top_k; ++i) sorted.set(i, static_cast<double>(i));
+  off.set(0, 0);
+  off.set(1, 3);
+  off.set(2, 6);
+  auto call = [&](tm_tensor* d, tm_tensor* xx, tm_tensor* sp, int64_t kk, tm_tensor* o,
+                  tm_tensor* out) {
+    return tm_grouped_gemm_backward_weight_gathered_dy(d, xx, sp, kk, o, out, nullptr);
+  };
+  TM_ASSERT_OK(call(dy_src.desc(), x.desc(), sorted.desc(), top_k, off.desc(), dw.desc()));
+  TM_EXPECT_ERROR(call(dy_src.desc(), nullptr, sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "x");
+  TM_EXPECT_ERROR(call(dy_src.desc(), x_bf.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "x");
+  TM_EXPECT_ERROR(call(dy_src.desc(), x.desc(), sorted.desc(), 0, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "top_k");
+  TM_EXPECT_ERROR(call(dy_src.desc(), x_long.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "x");
+  TM_EXPECT_ERROR(call(dy_src.desc(), x.desc(), sorted.desc(), top_k, off.desc(), dw_n.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "dw");
+  sorted.set(1, -2);
+  TM_EXPECT_ERROR(call(dy_src.desc(), x.desc(), sorted.desc(), top_k, off.desc(), dw.desc()),
+                  TM_ERR_INVALID_ARGUMENT, "sorted_pairs[1]");
 }
 
 TEST(GatheredGradWeight, RejectsBadArguments) {

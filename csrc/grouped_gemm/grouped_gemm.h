@@ -14,11 +14,17 @@ void forward_gathered_cpu(const Arg& src, const Arg& sorted_pairs, int64_t top_k
                           const Arg& offsets, const Arg& y);
 // dx [M,K] = dy [M,N] . w[e]; rows >= offsets[E] zeroed.
 void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx);
+// The same with dy's row r = dy_src[sorted_pairs[r] / top_k] (tokens past dy_src: zero rows).
+void backward_input_gathered_cpu(const Arg& dy_src, const Arg& sorted_pairs, int64_t top_k,
+                                 const Arg& w, const Arg& offsets, const Arg& dx);
 // dw [E,N,K] = dy_e^T . x_e; zero for experts without rows.
 void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw);
 // The same with x's row r = src[sorted_pairs[r] / top_k] (tokens past src: zero rows).
 void backward_weight_gathered_cpu(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
                                   int64_t top_k, const Arg& offsets, const Arg& dw);
+// dw [E,N,K] = dy_e^T . x_e with dy's row r = dy_src[sorted_pairs[r] / top_k] instead.
+void backward_weight_gathered_dy_cpu(const Arg& dy_src, const Arg& x, const Arg& sorted_pairs,
+                                     int64_t top_k, const Arg& offsets, const Arg& dw);
 
 // gate_up [M,2I] = x . w[e]^T, act [M,I] = the gated activation of gate_up's halves as stored.
 void swiglu_forward_cpu(const tm_swiglu_params& p, const Arg& x, const Arg& w, const Arg& offsets,
@@ -37,8 +43,13 @@ void forward_gathered_cuda(const Arg& src, const Arg& sorted_pairs, int64_t top_
                            const Arg& offsets, const Arg& y, void* stream);
 void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
                          void* stream);
+void backward_input_gathered_cuda(const Arg& dy_src, const Arg& sorted_pairs, int64_t top_k,
+                                  const Arg& w, const Arg& offsets, const Arg& dx, void* stream);
 void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
                                    int64_t top_k, const Arg& offsets, const Arg& dw, void* stream);
+void backward_weight_gathered_dy_cuda(const Arg& dy_src, const Arg& x, const Arg& sorted_pairs,
+                                      int64_t top_k, const Arg& offsets, const Arg& dw,
+                                      void* stream);
 void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
                           void* stream);
 

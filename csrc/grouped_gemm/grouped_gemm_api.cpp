@@ -187,6 +187,35 @@ tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_tensor* w
   });
 }
 
+tm_status tm_grouped_gemm_backward_input_gathered(const tm_tensor* dy_src,
+                                                  const tm_tensor* sorted_pairs, int64_t top_k,
+                                                  const tm_tensor* w,
+                                                  const tm_tensor* expert_offsets, tm_tensor* dx,
+                                                  void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg da(dy_src, "dy_src"), sp(sorted_pairs, "sorted_pairs"), wa(w, "w"),
+        off(expert_offsets, "expert_offsets"), dxa(dx, "dx");
+    check_matrix(da);
+    wa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3).same_dtype(da);
+    wa.size_is(1, da.size(1), "N, the columns of dy_src");
+    const int64_t experts = wa.size(0);
+    check_offsets(off, experts, "E + 1, E from w");
+    check_matrix(dxa);
+    check_output_dtype(dxa, da);
+    dxa.size_is(1, wa.size(2), "K, from w");
+    turbomoe::common_device({&da, &sp, &wa, &off, &dxa});
+    check_gather(da, sp, top_k, dxa.size(0), off, experts, "dx");
+    run(
+        "tm_grouped_gemm_backward_input_gathered", {&da, &sp, &wa, &off, &dxa}, off, dxa.size(0),
+        dxa,
+        [&] { turbomoe::grouped_gemm::backward_input_gathered_cpu(da, sp, top_k, wa, off, dxa); },
+        [&] {
+          TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_input_gathered_cuda(da, sp, top_k, wa, off,
+                                                                            dxa, stream));
+        });
+  });
+}
+
 tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* x,
                                           const tm_tensor* expert_offsets, tm_tensor* dw,
                                           void* workspace, size_t workspace_bytes, void* stream) {
@@ -235,6 +264,37 @@ tm_status tm_grouped_gemm_backward_weight_gathered(const tm_tensor* dy, const tm
         [&] {
           TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_gathered_cuda(dya, sa, sp, top_k,
                                                                              off, dwa, stream));
+        });
+  });
+}
+
+tm_status tm_grouped_gemm_backward_weight_gathered_dy(const tm_tensor* dy_src, const tm_tensor* x,
+                                                      const tm_tensor* sorted_pairs, int64_t top_k,
+                                                      const tm_tensor* expert_offsets,
+                                                      tm_tensor* dw, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg da(dy_src, "dy_src"), xa(x, "x"), sp(sorted_pairs, "sorted_pairs"),
+        off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
+    check_matrix(da);
+    check_matrix(xa);
+    xa.same_dtype(da);
+    dwa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
+    check_output_dtype(dwa, xa);
+    dwa.size_is(1, da.size(1), "N, the columns of dy_src")
+        .size_is(2, xa.size(1), "K, the columns of x");
+    const int64_t experts = dwa.size(0);
+    check_offsets(off, experts, "E + 1, E from dw");
+    turbomoe::common_device({&da, &xa, &sp, &off, &dwa});
+    check_gather(da, sp, top_k, xa.size(0), off, experts, "x");
+    run(
+        "tm_grouped_gemm_backward_weight_gathered_dy", {&da, &xa, &sp, &off, &dwa}, off, xa.size(0),
+        dwa,
+        [&] {
+          turbomoe::grouped_gemm::backward_weight_gathered_dy_cpu(da, xa, sp, top_k, off, dwa);
+        },
+        [&] {
+          TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_gathered_dy_cuda(da, xa, sp, top_k,
+                                                                                off, dwa, stream));
         });
   });
 }

@@ -11,6 +11,19 @@
 namespace turbomoe::grouped_gemm {
 namespace {
 
+// Row r's token, pairs[r] / top_k, or -1 for a token past the `tokens` rows of the source.
+struct TokenOfRow {
+  const int32_t* pairs;
+  int64_t top_k;
+  int64_t tokens;
+  int64_t operator()(int64_t r) const {
+    const int64_t token = pairs[r] / top_k;  // pairs[r] >= 0: validated by the caller
+    return token < tokens ? token : -1;
+  }
+};
+
+int64_t same_row(int64_t r) { return r; }
+
 // Reads row r of a rows-contiguous [M, cols] matrix into floats.
 template <typename T>
 void read_row(const Arg& a, int64_t r, float* out) {
@@ -71,7 +84,7 @@ void rows_times(const Arg& in, const std::vector<float>& mat, int64_t begin, int
 template <typename In, typename Out>
 void rows_times(const Arg& in, const std::vector<float>& mat, int64_t begin, int64_t end,
                 const Arg& out) {
-  rows_times<In, Out>(in, mat, begin, end, out, [](int64_t r) { return r; });
+  rows_times<In, Out>(in, mat, begin, end, out, same_row);
 }
 
 template <typename Fn>
@@ -102,12 +115,8 @@ void forward_cpu(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y) {
 void forward_gathered_cpu(const Arg& src, const Arg& sorted_pairs, int64_t top_k, const Arg& w,
                           const Arg& offsets, const Arg& y) {
   const int32_t* off = offsets.ptr<const int32_t>();
-  const int32_t* pairs = sorted_pairs.ptr<const int32_t>();
-  const int64_t experts = w.size(0), tokens = src.size(0);
-  auto token_of = [&](int64_t r) -> int64_t {
-    const int64_t token = pairs[r] / top_k;  // pairs[r] >= 0: validated by the caller
-    return token < tokens ? token : -1;
-  };
+  const int64_t experts = w.size(0);
+  const TokenOfRow token_of{sorted_pairs.ptr<const int32_t>(), top_k, src.size(0)};
   dispatch_in_out(src.dtype(), y.dtype(), [&](auto in_tag, auto out_tag) {
     using In = decltype(in_tag);
     using Out = decltype(out_tag);
@@ -121,7 +130,12 @@ void forward_gathered_cpu(const Arg& src, const Arg& sorted_pairs, int64_t top_k
   });
 }
 
-void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx) {
+namespace {
+
+// dx's row r from dy's row source_row(r) (negative: zeros).
+template <typename SourceRow>
+void backward_input_rows(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,
+                         SourceRow&& source_row) {
   const int32_t* off = offsets.ptr<const int32_t>();
   const int64_t experts = w.size(0);
   dispatch_in_out(dy.dtype(), dx.dtype(), [&](auto in_tag, auto out_tag) {
@@ -131,18 +145,30 @@ void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const A
     for (int64_t e = 0; e < experts; ++e) {
       if (off[e + 1] == off[e]) continue;
       expert_weight<In>(w, e, /*transpose=*/false, wf);  // [N][K]
-      rows_times<In, Out>(dy, wf, off[e], off[e + 1], dx);
+      rows_times<In, Out>(dy, wf, off[e], off[e + 1], dx, source_row);
     }
     zero_rows_from<Out>(dx, off[experts]);
   });
 }
 
+}  // namespace
+
+void backward_input_cpu(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx) {
+  backward_input_rows(dy, w, offsets, dx, same_row);
+}
+
+void backward_input_gathered_cpu(const Arg& dy_src, const Arg& sorted_pairs, int64_t top_k,
+                                 const Arg& w, const Arg& offsets, const Arg& dx) {
+  backward_input_rows(dy_src, w, offsets, dx,
+                      TokenOfRow{sorted_pairs.ptr<const int32_t>(), top_k, dy_src.size(0)});
+}
+
 namespace {
 
-// dw of the rows whose x row is source_row(r) (negative: zeros).
-template <typename SourceRow>
+// dw of the rows whose dy row is dy_row(r) and x row is x_row(r) (negative: zeros).
+template <typename DyRow, typename XRow>
 void backward_weight_rows(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
-                          SourceRow&& source_row) {
+                          DyRow&& dy_row, XRow&& x_row) {
   const int32_t* off = offsets.ptr<const int32_t>();
   const int64_t experts = dw.size(0), n = dw.size(1), k = dw.size(2);
   dispatch_in_out(x.dtype(), dw.dtype(), [&](auto in_tag, auto out_tag) {
@@ -153,13 +179,18 @@ void backward_weight_rows(const Arg& dy, const Arg& x, const Arg& offsets, const
     for (int64_t e = 0; e < experts; ++e) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t r = off[e]; r < off[e + 1]; ++r) {
-        const int64_t src = source_row(r);
+        const int64_t src = x_row(r);
         if (src >= 0) {
           read_row<In>(x, src, xr.data());
         } else {
           std::fill(xr.begin(), xr.end(), 0.0f);
         }
-        read_row<In>(dy, r, g.data());
+        const int64_t dy_src = dy_row(r);
+        if (dy_src >= 0) {
+          read_row<In>(dy, dy_src, g.data());
+        } else {
+          std::fill(g.begin(), g.end(), 0.0f);
+        }
         for (int64_t i = 0; i < n; ++i) {
           const float gv = g[i];
           float* a = acc.data() + i * k;
@@ -179,17 +210,20 @@ void backward_weight_rows(const Arg& dy, const Arg& x, const Arg& offsets, const
 }  // namespace
 
 void backward_weight_cpu(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw) {
-  backward_weight_rows(dy, x, offsets, dw, [](int64_t r) { return r; });
+  backward_weight_rows(dy, x, offsets, dw, same_row, same_row);
 }
 
 void backward_weight_gathered_cpu(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
                                   int64_t top_k, const Arg& offsets, const Arg& dw) {
-  const int32_t* pairs = sorted_pairs.ptr<const int32_t>();
-  const int64_t tokens = src.size(0);
-  backward_weight_rows(dy, src, offsets, dw, [&](int64_t r) -> int64_t {
-    const int64_t token = pairs[r] / top_k;  // pairs[r] >= 0: validated by the caller
-    return token < tokens ? token : -1;
-  });
+  backward_weight_rows(dy, src, offsets, dw, same_row,
+                       TokenOfRow{sorted_pairs.ptr<const int32_t>(), top_k, src.size(0)});
+}
+
+void backward_weight_gathered_dy_cpu(const Arg& dy_src, const Arg& x, const Arg& sorted_pairs,
+                                     int64_t top_k, const Arg& offsets, const Arg& dw) {
+  backward_weight_rows(dy_src, x, offsets, dw,
+                       TokenOfRow{sorted_pairs.ptr<const int32_t>(), top_k, dy_src.size(0)},
+                       same_row);
 }
 
 tm_tensor column_block(const tm_tensor& t, int64_t col0, int64_t cols) {

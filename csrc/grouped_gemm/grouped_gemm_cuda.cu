@@ -95,6 +95,70 @@ void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sor
   problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
   problem.gather_top_k = static_cast<int32_t>(top_k);
   problem.gather_src_rows = src.size(0);
+  problem.gather_a = false;
+  launch_tiled(problem, stream);
+}
+
+void backward_weight_gathered_dy_cuda(const Arg& dy_src, const Arg& x, const Arg& sorted_pairs,
+                                      int64_t top_k, const Arg& offsets, const Arg& dw,
+                                      void* stream) {
+  require_unit_last_stride(dw);
+  cuda::DeviceGuard device(dy_src.t().device_index);
+  if (hopper_grouped_gemm_backward_weight_gathered_dy(dy_src.t(), x.t(), sorted_pairs.t(), top_k,
+                                                      offsets.t(), dw.t(), stream)) {
+    return;
+  }
+  TiledProblem problem{TM_GEMM_GRAD_WEIGHT,
+                       x.dtype(),
+                       dw.dtype(),
+                       dy_src.data(),
+                       dy_src.stride(0),
+                       x.data(),
+                       x.stride(0),
+                       0,
+                       dw.data(),
+                       dw.stride(1),
+                       dw.stride(0),
+                       offsets.ptr<const int32_t>(),
+                       expert_count(offsets),
+                       x.size(0),
+                       dw.size(2),
+                       0,
+                       dw.size(1)};
+  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
+  problem.gather_top_k = static_cast<int32_t>(top_k);
+  problem.gather_src_rows = dy_src.size(0);
+  launch_tiled(problem, stream);
+}
+
+void backward_input_gathered_cuda(const Arg& dy_src, const Arg& sorted_pairs, int64_t top_k,
+                                  const Arg& w, const Arg& offsets, const Arg& dx, void* stream) {
+  require_unit_last_stride(w);
+  cuda::DeviceGuard device(dy_src.t().device_index);
+  if (hopper_grouped_gemm_backward_input_gathered(dy_src.t(), sorted_pairs.t(), top_k, w.t(),
+                                                  offsets.t(), dx.t(), stream)) {
+    return;
+  }
+  TiledProblem problem{TM_GEMM_GRAD_INPUT,
+                       dy_src.dtype(),
+                       dx.dtype(),
+                       dy_src.data(),
+                       dy_src.stride(0),
+                       w.data(),
+                       w.stride(1),
+                       w.stride(0),
+                       dx.data(),
+                       dx.stride(0),
+                       0,
+                       offsets.ptr<const int32_t>(),
+                       expert_count(offsets),
+                       dx.size(0),
+                       dx.size(1),
+                       dy_src.size(1),
+                       0};
+  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
+  problem.gather_top_k = static_cast<int32_t>(top_k);
+  problem.gather_src_rows = dy_src.size(0);
   launch_tiled(problem, stream);
 }
 

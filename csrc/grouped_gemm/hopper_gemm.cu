@@ -200,7 +200,7 @@ cudaLaunchConfig_t cluster_config(int grid, int smem, cudaStream_t stream,
 
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.
 // With kCluster > 1, `grid` is a multiple of kCluster (cluster_grid).
-template <Pass P, typename OutT, int kEpi, int kCluster = 1, bool kGather = false>
+template <Pass P, typename OutT, int kEpi, int kCluster = 1, int kGather = hopper_gemm::kGatherNone>
 void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, const Params& p,
             int grid, int device, cudaStream_t stream) {
   auto kernel = hopper_gemm::grouped_gemm_kernel<P, OutT, kEpi, kCluster, kGather>;
@@ -226,8 +226,9 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, 
 template <int kCluster>
 int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int device,
                  cudaStream_t stream) {
-  auto kernel = hopper_gemm::grouped_gemm_kernel<Pass::kGradWeight, __nv_bfloat16,
-                                                 hopper_gemm::kEpiTma, kCluster, false>;
+  auto kernel =
+      hopper_gemm::grouped_gemm_kernel<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma,
+                                       kCluster, hopper_gemm::kGatherNone>;
   const int smem = hopper_gemm::Layout<hopper_gemm::kEpiTma>::smem_bytes(num_experts);
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
@@ -292,7 +293,7 @@ bool tma_storable(const tm_tensor& t) {
   return true;
 }
 
-// A grad-weight pass into dw [E, N, K] from dy [M, N]: its parameters (operands aside), its
+// A grad-weight pass into dw [E, N, K] over M rows: its parameters (operands aside), its
 // persistent grid (no more CTAs than tiles) and, where TMA can store dw, the output map.
 struct GradWeightLaunch {
   Params p{};
@@ -301,8 +302,8 @@ struct GradWeightLaunch {
   bool tma_out = false;
   CUtensorMap map_out{};
 };
-GradWeightLaunch grad_weight_launch(const tm_tensor& dy, const tm_tensor& expert_offsets,
-                                    const tm_tensor& dw, int64_t num_experts, int sm_count) {
+GradWeightLaunch grad_weight_launch(const tm_tensor& dw, const tm_tensor& expert_offsets, int64_t m,
+                                    int64_t num_experts, int sm_count) {
   const int64_t n = dw.sizes[1];
   const int64_t k = dw.sizes[2];
   GradWeightLaunch l;
@@ -311,7 +312,7 @@ GradWeightLaunch grad_weight_launch(const tm_tensor& dy, const tm_tensor& expert
   l.p.out_row_stride = dw.strides[1];
   l.p.out_expert_stride = dw.strides[0];
   l.p.num_experts = static_cast<int32_t>(num_experts);
-  l.p.m = static_cast<int32_t>(dy.sizes[0]);
+  l.p.m = static_cast<int32_t>(m);
   l.p.reduce = 0;
   l.p.out_rows = static_cast<int32_t>(n);
   l.p.out_cols = static_cast<int32_t>(k);
@@ -325,20 +326,31 @@ GradWeightLaunch grad_weight_launch(const tm_tensor& dy, const tm_tensor& expert
 
 // The gathered-operand kernels (kGather): float32 or bf16 through the direct epilogue, or bf16
 // through the default TMA one.
-template <Pass P>
+template <Pass P, int kGather>
 void launch_gathered(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
                      const CUtensorMap* out_map, Params p, int grid, int device,
                      cudaStream_t stream) {
   apply_variant_switches(&p);
   if (out_dtype == TM_DTYPE_FLOAT32) {
-    launch<P, float, hopper_gemm::kEpiDirect, 1, true>(a, b, a, p, grid, device, stream);
+    launch<P, float, hopper_gemm::kEpiDirect, 1, kGather>(a, b, a, p, grid, device, stream);
   } else if (out_map == nullptr || !default_epilogue()) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect, 1, true>(a, b, a, p, grid, device, stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect, 1, kGather>(a, b, a, p, grid, device, stream);
   } else {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma, 1, true>(a, b, *out_map, p, grid, device,
-                                                            stream);
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma, 1, kGather>(a, b, *out_map, p, grid, device,
+                                                               stream);
   }
 }
+
+// The gathered operand's source in the kernel's parameters.
+void set_gather(Params* p, const tm_tensor& src, const tm_tensor& sorted_pairs, int64_t top_k) {
+  p->gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
+  p->gather_src = src.data;
+  p->gather_src_stride = src.strides[0];
+  p->gather_src_rows = static_cast<int32_t>(src.sizes[0]);
+  p->gather_top_k = static_cast<int32_t>(top_k);
+}
+
+bool gather_declined() { return disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_GATHER", "0"); }
 
 // A gathered operand's tensors: src [T, K] bf16 (16-byte row copies: K a multiple of 8),
 // sorted_pairs int32 with at least `rows` entries, top_k in [1, 2^31).
@@ -398,6 +410,95 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
   if (tma_out) map_out = matrix_map(out, 64);
   launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
                 cuda::as_stream(stream));
+  return true;
+}
+
+// run_row_pass with A's rows gathered from src [T, R] (kGatherA): the forward (R = K) or the
+// grad-input (R = N).
+template <Pass P>
+bool run_row_pass_gathered(const tm_tensor& src, const tm_tensor& sorted_pairs, int64_t top_k,
+                           const tm_tensor& w, const tm_tensor& offsets, const tm_tensor& out,
+                           void* stream) {
+  if (gather_declined()) return false;
+  int64_t num_experts = 0;
+  if (!tma_operand(w, 3) || !pair_store_output(out, 2) || !offsets_ok(offsets, &num_experts) ||
+      w.sizes[0] != num_experts) {
+    return false;
+  }
+  const int64_t m = out.sizes[0];
+  const int64_t n = w.sizes[1];
+  const int64_t k = w.sizes[2];
+  const int64_t reduce = P == Pass::kForward ? k : n;
+  const int64_t cols = P == Pass::kForward ? n : k;
+  // src rows are copied 16 bytes at a time: aligned base and row stride, whole 8-element chunks.
+  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || src.sizes[1] != reduce ||
+      out.sizes[1] != cols) {
+    return false;
+  }
+  if (src.device_index != w.device_index || src.device_index != out.device_index ||
+      src.device_index != offsets.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(src.device_index);
+  int sm_count = 0;
+  if (!device_ok(src.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
+  Params p{};
+  p.offsets = static_cast<const int32_t*>(offsets.data);
+  p.out = out.data;
+  p.out_row_stride = out.strides[0];
+  p.num_experts = static_cast<int32_t>(num_experts);
+  p.m = static_cast<int32_t>(m);
+  p.reduce = static_cast<int32_t>(reduce);
+  p.out_rows = static_cast<int32_t>(m);
+  p.out_cols = static_cast<int32_t>(cols);
+  set_gather(&p, src, sorted_pairs, top_k);
+  const int grid = row_pass_grid(m, num_experts, cols, hopper_gemm::kBlockN, sm_count);
+  CUtensorMap map_out{};
+  const bool tma_out = tma_storable(out);
+  if (tma_out) map_out = matrix_map(out, 64);
+  // map_b stands in for the unused A map.
+  launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
+                                            p, grid, src.device_index, cuda::as_stream(stream));
+  return true;
+}
+
+// The grad-weight dw [E, N, K] = dy_e^T . x_e with one operand's rows gathered from `src`:
+// dy's (kGatherA: dy is src [T, N], x [M, K] as stored) or x's (kGatherB: dy [M, N] as stored,
+// x is src [T, K]).
+template <int kGather>
+bool run_grad_weight_gathered(const tm_tensor& dy, const tm_tensor& x, const tm_tensor& src,
+                              const tm_tensor& sorted_pairs, int64_t top_k,
+                              const tm_tensor& expert_offsets, const tm_tensor& dw, void* stream) {
+  if (gather_declined()) return false;
+  constexpr bool kGatherDy = kGather == hopper_gemm::kGatherA;
+  const tm_tensor& stored = kGatherDy ? x : dy;  // the operand TMA loads
+  int64_t num_experts = 0;
+  if (!tma_operand(stored, 2) || !pair_store_output(dw, 3) ||
+      !offsets_ok(expert_offsets, &num_experts)) {
+    return false;
+  }
+  const int64_t m = stored.sizes[0];
+  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || dy.ndim != 2 || x.ndim != 2 ||
+      dw.sizes[0] != num_experts || dw.sizes[1] != dy.sizes[1] || dw.sizes[2] != x.sizes[1]) {
+    return false;
+  }
+  if (dy.device_index != x.device_index || dy.device_index != dw.device_index ||
+      dy.device_index != expert_offsets.device_index) {
+    return false;
+  }
+  cuda::DeviceGuard guard(dy.device_index);
+  int sm_count = 0;
+  if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+
+  // The stored operand as 64 x 64 boxes; its map stands in for the gathered operand's.
+  const CUtensorMap map = matrix_map(stored, 64);
+  GradWeightLaunch l = grad_weight_launch(dw, expert_offsets, m, num_experts, sm_count);
+  set_gather(&l.p, src, sorted_pairs, top_k);
+  launch_gathered<Pass::kGradWeight, kGather>(dw.dtype, map, map, l.tma_out ? &l.map_out : nullptr,
+                                              l.p, l.grid, dy.device_index,
+                                              cuda::as_stream(stream));
   return true;
 }
 
@@ -485,90 +586,33 @@ bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor&
                                           int64_t top_k, const tm_tensor& w,
                                           const tm_tensor& expert_offsets, const tm_tensor& y,
                                           void* stream) {
-  if (disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_GATHER", "0")) return false;
-  int64_t num_experts = 0;
-  // src rows are copied 16 bytes at a time: aligned base and row stride (tma_operand), width in
-  // whole 8-element chunks.
-  if (!tma_operand(w, 3) || !pair_store_output(y, 2) || !offsets_ok(expert_offsets, &num_experts) ||
-      w.sizes[0] != num_experts) {
-    return false;
-  }
-  const int64_t m = y.sizes[0];
-  const int64_t n = w.sizes[1];
-  const int64_t k = w.sizes[2];
-  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || src.sizes[1] != k || y.sizes[1] != n) {
-    return false;
-  }
-  if (src.device_index != w.device_index || src.device_index != y.device_index ||
-      src.device_index != expert_offsets.device_index ||
-      src.device_index != sorted_pairs.device_index) {
-    return false;
-  }
-  cuda::DeviceGuard guard(src.device_index);
-  int sm_count = 0;
-  if (!device_ok(src.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+  return run_row_pass_gathered<Pass::kForward>(src, sorted_pairs, top_k, w, expert_offsets, y,
+                                               stream);
+}
 
-  const CUtensorMap map_b = expert_map(w, hopper_gemm::kBlockN);
-  Params p{};
-  p.offsets = static_cast<const int32_t*>(expert_offsets.data);
-  p.out = y.data;
-  p.out_row_stride = y.strides[0];
-  p.num_experts = static_cast<int32_t>(num_experts);
-  p.m = static_cast<int32_t>(m);
-  p.reduce = static_cast<int32_t>(k);
-  p.out_rows = static_cast<int32_t>(m);
-  p.out_cols = static_cast<int32_t>(n);
-  p.gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
-  p.gather_src = src.data;
-  p.gather_src_stride = src.strides[0];
-  p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
-  p.gather_top_k = static_cast<int32_t>(top_k);
-  const int grid = row_pass_grid(m, num_experts, n, hopper_gemm::kBlockN, sm_count);
-  // map_b stands in for the unused A map.
-  CUtensorMap map_out{};
-  const bool tma_out = tma_storable(y);
-  if (tma_out) map_out = matrix_map(y, 64);
-  launch_gathered<Pass::kForward>(y.dtype, map_b, map_b, tma_out ? &map_out : nullptr, p, grid,
-                                  src.device_index, cuda::as_stream(stream));
-  return true;
+bool hopper_grouped_gemm_backward_input_gathered(const tm_tensor& dy_src,
+                                                 const tm_tensor& sorted_pairs, int64_t top_k,
+                                                 const tm_tensor& w,
+                                                 const tm_tensor& expert_offsets,
+                                                 const tm_tensor& dx, void* stream) {
+  return run_row_pass_gathered<Pass::kGradInput>(dy_src, sorted_pairs, top_k, w, expert_offsets, dx,
+                                                 stream);
 }
 
 bool hopper_grouped_gemm_backward_weight_gathered(const tm_tensor& dy, const tm_tensor& src,
                                                   const tm_tensor& sorted_pairs, int64_t top_k,
                                                   const tm_tensor& expert_offsets,
                                                   const tm_tensor& dw, void* stream) {
-  if (disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_GATHER", "0")) return false;
-  int64_t num_experts = 0;
-  if (!tma_operand(dy, 2) || !pair_store_output(dw, 3) ||
-      !offsets_ok(expert_offsets, &num_experts)) {
-    return false;
-  }
-  const int64_t m = dy.sizes[0];
-  const int64_t n = dy.sizes[1];
-  const int64_t k = src.ndim == 2 ? src.sizes[1] : 0;
-  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || dw.sizes[0] != num_experts ||
-      dw.sizes[1] != n || dw.sizes[2] != k) {
-    return false;
-  }
-  if (dy.device_index != src.device_index || dy.device_index != dw.device_index ||
-      dy.device_index != expert_offsets.device_index) {
-    return false;
-  }
-  cuda::DeviceGuard guard(dy.device_index);
-  int sm_count = 0;
-  if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
+  return run_grad_weight_gathered<hopper_gemm::kGatherB>(dy, src, src, sorted_pairs, top_k,
+                                                         expert_offsets, dw, stream);
+}
 
-  const CUtensorMap map_a = matrix_map(dy, 64);
-  GradWeightLaunch l = grad_weight_launch(dy, expert_offsets, dw, num_experts, sm_count);
-  l.p.gather_pairs = static_cast<const int32_t*>(sorted_pairs.data);
-  l.p.gather_src = src.data;
-  l.p.gather_src_stride = src.strides[0];
-  l.p.gather_src_rows = static_cast<int32_t>(src.sizes[0]);
-  l.p.gather_top_k = static_cast<int32_t>(top_k);
-  // map_a stands in for the unused B map.
-  launch_gathered<Pass::kGradWeight>(dw.dtype, map_a, map_a, l.tma_out ? &l.map_out : nullptr, l.p,
-                                     l.grid, dy.device_index, cuda::as_stream(stream));
-  return true;
+bool hopper_grouped_gemm_backward_weight_gathered_dy(const tm_tensor& dy_src, const tm_tensor& x,
+                                                     const tm_tensor& sorted_pairs, int64_t top_k,
+                                                     const tm_tensor& expert_offsets,
+                                                     const tm_tensor& dw, void* stream) {
+  return run_grad_weight_gathered<hopper_gemm::kGatherA>(dy_src, x, dy_src, sorted_pairs, top_k,
+                                                         expert_offsets, dw, stream);
 }
 
 bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,
@@ -604,7 +648,7 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   const CUtensorMap map_a = matrix_map(dy, 64);
   const CUtensorMap map_b = matrix_map(x, 64);
 
-  GradWeightLaunch l = grad_weight_launch(dy, expert_offsets, dw, num_experts, sm_count);
+  GradWeightLaunch l = grad_weight_launch(dw, expert_offsets, m, num_experts, sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
   // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the default
   // epilogue, dw's rows in whole pairs of tiles.

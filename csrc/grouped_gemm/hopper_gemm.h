@@ -60,6 +60,23 @@ bool hopper_grouped_gemm_backward_weight_gathered(const tm_tensor& dy, const tm_
                                                   const tm_tensor& expert_offsets,
                                                   const tm_tensor& dw, void* stream);
 
+// dx [M,K] = dy_src[sorted_pairs[r] / top_k] . w[e] for each row r of expert e: the grad-input
+// with the token gather in the A load. Covered: the grad-input's conditions with dy_src in place
+// of dy, N a multiple of 8; declined as the gathered forward is.
+bool hopper_grouped_gemm_backward_input_gathered(const tm_tensor& dy_src,
+                                                 const tm_tensor& sorted_pairs, int64_t top_k,
+                                                 const tm_tensor& w,
+                                                 const tm_tensor& expert_offsets,
+                                                 const tm_tensor& dx, void* stream);
+
+// dw [E,N,K] = dy_e^T . x_e with dy_e's rows gathered: row r of dy is dy_src[sorted_pairs[r] /
+// top_k]. Covered: the grad-weight's conditions with dy_src in place of dy, N a multiple of 8;
+// declined as the other gathered passes are.
+bool hopper_grouped_gemm_backward_weight_gathered_dy(const tm_tensor& dy_src, const tm_tensor& x,
+                                                     const tm_tensor& sorted_pairs, int64_t top_k,
+                                                     const tm_tensor& expert_offsets,
+                                                     const tm_tensor& dw, void* stream);
+
 // dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows).
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
                                          const tm_tensor& expert_offsets, const tm_tensor& dw,

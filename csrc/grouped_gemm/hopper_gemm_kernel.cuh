@@ -81,6 +81,13 @@ static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
 
 enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2, kForwardSwiglu = 3 };
 
+// The operand whose rows the producer gathers (Params::gather_*) instead of loading by TMA:
+// kGatherA, the A rows of the forward (x) and the grad-input (dy), or the grad-weight's dy (the
+// reduction rows of A = dy^T); kGatherB, the grad-weight's x (the reduction rows of B).
+inline constexpr int kGatherNone = 0;
+inline constexpr int kGatherA = 1;
+inline constexpr int kGatherB = 2;
+
 __host__ __device__ constexpr bool is_forward(Pass p) {
   return p == Pass::kForward || p == Pass::kForwardSwiglu;
 }
@@ -119,8 +126,8 @@ struct Params {
   int32_t swiglu_variant;
   float swiglu_alpha;
   float swiglu_limit;
-  // Forward with the token gather in the A load (kGather): row r of A is row
-  // gather_pairs[r] / gather_top_k of gather_src ([gather_src_rows, reduce] bf16, rows
+  // The token gather in an operand load (kGather): row r of the gathered matrix is row
+  // gather_pairs[r] / gather_top_k of gather_src ([gather_src_rows, width] bf16, rows
   // gather_src_stride elements apart); tokens at or past gather_src_rows read as zeros.
   const int32_t* gather_pairs;
   const void* gather_src;
@@ -313,6 +320,29 @@ __device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUte
   }
 }
 
+// The B operand of reduction chunk k alone (A is gathered by the producer's threads), with the
+// expect-tx arrival for its bytes: the forward's one 256-row box of w[e], the grad-input's nb
+// 64-wide boxes of w[e], the grad-weight's nb 64-wide boxes of x.
+template <Pass P>
+__device__ __forceinline__ void issue_b_only(const CUtensorMap* map_b, const Tile& tile, int k,
+                                             int nb, uint32_t b_dst, uint32_t bar) {
+  const int kk = k * kBlockK;
+  if constexpr (P == Pass::kForward) {
+    mbar_arrive_expect_tx(bar, kTileBBytes);
+    tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
+  } else if constexpr (P == Pass::kGradInput) {
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(nb * kBoxBytes));
+    for (int i = 0; i < nb; ++i) {
+      tma_load_3d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, kk, tile.expert);
+    }
+  } else if constexpr (P == Pass::kGradWeight) {
+    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(nb * kBoxBytes));
+    for (int i = 0; i < nb; ++i) {
+      tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, tile.row0 + kk);
+    }
+  }
+}
+
 // A finished tile half, as its epilogue needs it.
 struct Finished {
   int half_row0;  // first output row of the consumer's half
@@ -484,13 +514,13 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
 // this pass (docs/perf-notes.md). A stage is refilled only when the consumers of both CTAs have
 // released it, so each empty barrier counts the consumer warps of the whole cluster.
 //
-// kGather (forward only): A's rows are gathered from the token rows (Params::gather_*) instead
-// of read from a permuted copy: each of the producer warpgroup's 128 threads copies one row of
-// the 128-row stage with cp.async, 16 bytes at a time into the slots of the 128-byte swizzle
-// that TMA would have used, and arrives on the stage's full barrier when its copies land; thread
-// 0 still loads B by TMA. The consumers make those generic-proxy writes visible to WGMMA (async
-// proxy) with a proxy fence after their wait.
-template <Pass P, typename OutT, int kEpi, int kCluster, bool kGather>
+// kGather (kGatherA / kGatherB): one operand's rows are gathered from the token rows
+// (Params::gather_*) instead of read from a permuted copy: the producer warpgroup's 128 threads
+// copy the stage's rows of it with cp.async, 16 bytes at a time into the slots of the 128-byte
+// swizzle that TMA would have used, and each arrives on the stage's full barrier when its copies
+// land; thread 0 still loads the other operand by TMA. The consumers make those generic-proxy
+// writes visible to WGMMA (async proxy) with a proxy fence after their wait.
+template <Pass P, typename OutT, int kEpi, int kCluster, int kGather>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
                         const __grid_constant__ CUtensorMap map_b,
@@ -498,8 +528,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(kCluster == 1 || (kCluster == 2 && P == Pass::kGradWeight),
                 "clusters share the grad-weight's B operand only");
-  static_assert(!kGather || ((P == Pass::kForward || P == Pass::kGradWeight) && kCluster == 1),
-                "the gathered load serves the plain forward (A) and the grad-weight (B)");
+  static_assert(
+      kGather == kGatherNone ||
+          (kCluster == 1 && (kGather == kGatherA ? P == Pass::kForward || P == Pass::kGradInput ||
+                                                       P == Pass::kGradWeight
+                                                 : P == Pass::kGradWeight)),
+      "gathered A rows serve the plain passes, gathered B rows the grad-weight");
   using L = Layout<kEpi>;
   constexpr int kStages = L::kStages;
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
@@ -539,7 +573,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       // Gathered A: thread 0's expect-tx arrival, then one cp.async arrival a producer thread.
-      mbar_init(full_bar + 8 * s, kGather ? 1 + 128 : 1);
+      mbar_init(full_bar + 8 * s, kGather != kGatherNone ? 1 + 128 : 1);
       // One arrival per consumer warp of the cluster.
       mbar_init(empty_bar + 8 * s, kConsumers * 4 * kCluster);
     }
@@ -628,21 +662,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       zero_tile += static_cast<int>(gridDim.x);
     };
-    if constexpr (kGather) {
-      // Forward: thread tid copies row tid of the A stage (two 64-row boxes). Grad-weight:
-      // row tid % 64 of the stage's reduction chunk, into B boxes 2 (tid / 64) and the next.
-      // Rows past the expert's end read as zeros (the forward's feed only dropped outputs; the
+    if constexpr (kGather != kGatherNone) {
+      // Row passes: thread tid copies row tid of the A stage (two 64-row boxes, one a thread).
+      // Grad-weight: row tid % 64 of the stage's reduction chunk into the gathered operand's
+      // boxes, 64 columns each: A (dy^T) box tid / 64, or B (x) boxes 2 (tid / 64) and the next.
+      // Rows past the expert's end read as zeros (the row passes' feed only dropped outputs; the
       // grad-weight's must add nothing, and its consumers clear them as well).
-      constexpr bool kRowsOfA = P == Pass::kForward;
+      constexpr bool kRowPass = P != Pass::kGradWeight;
+      constexpr bool kIntoA = kGather == kGatherA;
+      constexpr int kBoxesPerThread = kRowPass || kIntoA ? 1 : 2;
       const int box_row = tid & 63;
-      const int first_box = kRowsOfA ? tid >> 6 : 2 * (tid >> 6);
-      const int cols = kRowsOfA ? p.reduce : p.out_cols;  // multiples of 8 (host-checked)
+      const int first_box = kBoxesPerThread * (tid >> 6);
+      // Multiples of 8 (host-checked): the gathered matrix's width.
+      const int cols = kRowPass ? p.reduce : (kIntoA ? p.out_rows : p.out_cols);
       uint32_t it = 0;
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_tiles) break;
         const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
-        const int na = a_boxes<P>(tile, p);
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
           const uint32_t s = it % kStages;
           const uint32_t phase = (it / kStages) & 1u;
@@ -651,11 +688,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t a_dst = base + s * kStageBytes;
           const uint32_t b_dst = a_dst + kTileABytes;
           if (tid == 0) {
-            // The operand TMA still loads: the expert's weights (forward), dy^T (grad-weight).
-            if constexpr (kRowsOfA) {
-              mbar_arrive_expect_tx(bar, kTileBBytes);
-              tma_load_3d(&map_b, b_dst, bar, k * kBlockK, tile.col0, tile.expert);
+            // The other operand still comes by TMA.
+            if constexpr (kIntoA) {
+              issue_b_only<P>(&map_b, tile, k, b_boxes<P>(tile, p), b_dst, bar);
             } else {
+              const int na = a_boxes<P>(tile, p);
               mbar_arrive_expect_tx(bar, static_cast<uint32_t>(na * kBoxBytes));
               for (int b = 0; b < na; ++b) {
                 tma_load_2d(&map_a, a_dst + b * kBoxBytes, bar, tile.out_row0 + 64 * b,
@@ -663,16 +700,17 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
           }
-          const int row = kRowsOfA ? tile.row0 + tid : tile.row0 + k * kBlockK + box_row;
+          const int row = kRowPass ? tile.row0 + tid : tile.row0 + k * kBlockK + box_row;
           const char* src = gathered_row(p, row, tile.row_end);
-          if constexpr (kRowsOfA) {
+          if constexpr (kRowPass) {
             copy_row_chunks(a_dst + first_box * kBoxBytes, box_row, src, k * kBlockK, cols,
                             p.gather_src);
           } else {
+            const uint32_t dst = kIntoA ? a_dst : b_dst;
+            const int col0 = kIntoA ? tile.out_row0 : tile.col0;
 #pragma unroll 1
-            for (int b = first_box; b < first_box + 2; ++b) {
-              copy_row_chunks(b_dst + b * kBoxBytes, box_row, src, tile.col0 + 64 * b, cols,
-                              p.gather_src);
+            for (int b = first_box; b < first_box + kBoxesPerThread; ++b) {
+              copy_row_chunks(dst + b * kBoxBytes, box_row, src, col0 + 64 * b, cols, p.gather_src);
             }
           }
           cp_async_arrive(bar);
@@ -789,7 +827,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t phase = (it / kStages) & 1u;
         mbar_wait(full_bar + 8 * s, phase);
         // The gathered rows were written through the generic proxy; WGMMA reads the async one.
-        if constexpr (kGather) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        if constexpr (kGather != kGatherNone) {
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        }
         const uint32_t a_base = base + s * kStageBytes + consumer * kBoxBytes;
         const uint32_t b_base = base + s * kStageBytes + kTileABytes;
         int steps = kBlockK / 16;  // 16-deep WGMMAs of this chunk

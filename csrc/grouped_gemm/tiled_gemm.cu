@@ -93,9 +93,9 @@ struct TileLoader {
     }
   }
 
-  // A gathered tile (the forward's A, the grad-weight's B): tile row o is row pairs[o] / top_k
-  // of `src` (ld apart), columns from k0; rows at or past outer_valid, and tokens outside
-  // [0, src_rows), read as zero.
+  // A gathered tile (the row passes' A, the grad-weight's A or B): tile row o is row
+  // pairs[o] / top_k of `src` (ld apart), columns from k0; rows at or past outer_valid, and
+  // tokens outside [0, src_rows), read as zero.
   __device__ __forceinline__ void load_gathered(const T* src, int64_t ld, const int32_t* pairs,
                                                 int top_k, int64_t src_rows, int64_t outer_valid,
                                                 int64_t k0, int64_t contig_valid, bool vec) {
@@ -375,14 +375,20 @@ __global__ void __launch_bounds__(Shape<T>::kThreads) tiled_gemm_kernel(TiledPro
   typename X::BLoader b_loader;
   auto load = [&](int64_t k0) {
     const int64_t valid_k = ke - k0;
-    if (P == TM_GEMM_FORWARD && p.gather_pairs != nullptr) {
+    const bool gathered = p.gather_pairs != nullptr;
+    if (gathered && p.gather_a && L::kAKMajor) {
+      // Forward, grad-input: A's tile rows are output rows.
       a_loader.load_gathered(static_cast<const T*>(p.a), p.a_ld, p.gather_pairs + m0,
                              p.gather_top_k, p.gather_src_rows, valid_m, k0, valid_k, a_vec);
+    } else if (gathered && p.gather_a) {
+      // Grad-weight: A's (dy's) tile rows are the reduction's, its columns start at m0.
+      a_loader.load_gathered(static_cast<const T*>(p.a), p.a_ld, p.gather_pairs + k0,
+                             p.gather_top_k, p.gather_src_rows, valid_k, m0, valid_m, a_vec);
     } else {
       a_loader.load(a_tile + k0 * a_sk, p.a_ld, L::kAKMajor ? valid_m : valid_k,
                     L::kAKMajor ? valid_k : valid_m, a_vec);
     }
-    if (P == TM_GEMM_GRAD_WEIGHT && p.gather_pairs != nullptr) {
+    if (P == TM_GEMM_GRAD_WEIGHT && gathered && !p.gather_a) {
       // B's rows are the reduction's (k0 counts rows of x); its columns start at n0.
       b_loader.load_gathered(static_cast<const T*>(p.b), p.b_ld, p.gather_pairs + k0,
                              p.gather_top_k, p.gather_src_rows, valid_k, n0, valid_n, b_vec);

@@ -32,12 +32,14 @@ struct TiledProblem {
   int64_t n;     // the columns of C
   int64_t k;     // forward: K; grad-input: N; grad-weight: unused (its reduction is the rows)
   int64_t m;     // grad-weight: N, the rows of each dw[e]; unused otherwise
-  // Optional gathered rows (forward: of A = x; grad-weight: of B = x): x's row r is row
+  // Optional gathered rows of one operand (gather_a: A's, i.e. x of the forward or dy of the
+  // backward passes; else B's, x of the grad-weight): that operand's row r is row
   // gather_pairs[r] / gather_top_k of the matrix given (gather_src_rows rows, ld apart; tokens
   // outside read as zeros) instead of row r.
   const int32_t* gather_pairs = nullptr;
   int32_t gather_top_k = 1;
   int64_t gather_src_rows = 0;
+  bool gather_a = true;
 };
 
 // Runs the pass on `stream`, including the zeroing of rows >= offsets[E] of y / dx.

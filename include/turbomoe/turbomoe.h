@@ -301,6 +301,16 @@ TM_API tm_status tm_grouped_gemm_backward_input(const tm_tensor* dy, const tm_te
                                                 const tm_tensor* expert_offsets, tm_tensor* dx,
                                                 void* workspace, size_t workspace_bytes,
                                                 void* stream);
+/* The grad-input with the token gather folded into the operand load: dx [M,K] row r =
+ * dy_src[sorted_pairs[r] / top_k] . w[e] for the rows r of expert e, i.e. tm_gather_rows(dy_src,
+ * ...) then tm_grouped_gemm_backward_input without the permuted copy (the down projection's
+ * grad-input of the lean experts, whose output gradient is per token). dy_src [T,N],
+ * sorted_pairs and the rest as tm_grouped_gemm_forward_gathered's. */
+TM_API tm_status tm_grouped_gemm_backward_input_gathered(const tm_tensor* dy_src,
+                                                         const tm_tensor* sorted_pairs,
+                                                         int64_t top_k, const tm_tensor* w,
+                                                         const tm_tensor* expert_offsets,
+                                                         tm_tensor* dx, void* stream);
 /* SMs the persistent Hopper grouped GEMM leaves to other streams (default 0: it takes every SM).
  * Its CTAs fill whole SMs (registers and shared memory) and take tiles in a fixed order, so a
  * kernel that runs beside it (the expert-parallel exchange on its side stream) would otherwise
@@ -318,6 +328,12 @@ TM_API tm_status tm_grouped_gemm_backward_weight_gathered(const tm_tensor* dy, c
                                                           int64_t top_k,
                                                           const tm_tensor* expert_offsets,
                                                           tm_tensor* dw, void* stream);
+/* dw [E,N,K] = dy_e^T . x_e with dy's row r = dy_src[sorted_pairs[r] / top_k] (x [M,K] as
+ * stored): the weight gradient of a projection whose output gradient is per token, read from
+ * dy_src [T,N] directly. Checks as tm_grouped_gemm_backward_weight_gathered's. */
+TM_API tm_status tm_grouped_gemm_backward_weight_gathered_dy(
+    const tm_tensor* dy_src, const tm_tensor* x, const tm_tensor* sorted_pairs, int64_t top_k,
+    const tm_tensor* expert_offsets, tm_tensor* dw, void* stream);
 /* dw [E,N,K] = dy_e^T . x_e (overwritten; zero for experts without rows); f32 or the dtype of x. */
 TM_API tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* x,
                                                  const tm_tensor* expert_offsets, tm_tensor* dw,

@@ -82,3 +82,51 @@ def test_gathered_gemm_opcheck():
         torch.ops.turbomoe.grouped_gemm_gathered.default,
         (src, sorted_pairs, pair_to_row, w, offsets, 2, sorted_pairs.shape[0]),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_down_projection_passes_equal_gather_then_pass(dtype: torch.dtype):
+    """The lean experts' down-projection backward with a per-token gradient: grad-input and
+    grad-weight reading dy's rows from the token rows equal gather_rows then the plain pass."""
+    from turbomoe.ops.gathered_gemm import (
+        _backward_input_gathered,
+        _backward_weight_gathered_dy,
+    )
+    from turbomoe.ops.grouped_gemm import (
+        _grouped_gemm_backward_input,
+        _grouped_gemm_backward_weight,
+    )
+
+    gen = torch.Generator().manual_seed(9)
+    tokens, top_k, experts, h, i = 9, 3, 5, 16, 8
+    sorted_pairs, _, offsets = permute_plan(routing(tokens, top_k, experts, gen), experts)
+    rows = int(offsets[-1]) + 2  # two rows past the routed ones: zero rows of dx
+    grad_tokens = torch.randn(tokens, h, generator=gen).to(dtype)
+    w_down = (torch.randn(experts, h, i, generator=gen) * 0.3).to(dtype)
+    act = torch.randn(rows, i, generator=gen).to(dtype)
+    gathered = gather_rows(grad_tokens, sorted_pairs, offsets, top_k, rows=rows)
+
+    dx = _backward_input_gathered(grad_tokens, sorted_pairs, w_down, offsets, top_k, rows)
+    assert torch.equal(dx, _grouped_gemm_backward_input(gathered, w_down, offsets))
+    dw = _backward_weight_gathered_dy(grad_tokens, act, sorted_pairs, offsets, top_k, dtype)
+    assert torch.equal(dw, _grouped_gemm_backward_weight(gathered, act, offsets, dtype))
+    # Not vacuous: routed rows carry products, the rows past them are zero, expert 2 got none.
+    routed = int(offsets[-1])
+    assert float(dx[:routed].abs().max()) > 0 and float(dx[routed:].abs().max()) == 0
+    assert float(dw.abs().max()) > 0 and float(dw[2].abs().max()) == 0
+
+
+def test_gathered_down_projection_passes_opcheck():
+    gen = torch.Generator().manual_seed(10)
+    sorted_pairs, _, offsets = permute_plan(routing(5, 2, 4, gen), 4)
+    grad_tokens, w_down = torch.randn(5, 8, generator=gen), torch.randn(4, 8, 6, generator=gen)
+    rows = sorted_pairs.shape[0]
+    act = torch.randn(rows, 6, generator=gen)
+    torch.library.opcheck(
+        torch.ops.turbomoe.grouped_gemm_backward_input_gathered.default,
+        (grad_tokens, sorted_pairs, w_down, offsets, 2, rows),
+    )
+    torch.library.opcheck(
+        torch.ops.turbomoe.grouped_gemm_backward_weight_gathered_dy.default,
+        (grad_tokens, act, sorted_pairs, offsets, 2, torch.float32),
+    )

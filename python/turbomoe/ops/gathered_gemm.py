@@ -6,6 +6,11 @@ token rows (on Hopper in the GEMM's A load), and the backward's weight gradient 
 same way (the B load of the grad-weight pass), so the [rows, K] copy is neither written in the
 forward nor kept for the backward. The input's gradient is the grad-input GEMM followed by the
 gather's adjoint (an unweighted combine), as in the unfused pair.
+
+The lean experts' backward (ops/moe_lean.py) also needs the other two passes with a per-token
+operand: the down projection's grad-input and grad-weight read the token gradient g[t(r)] as
+their dy (``backward_input_gathered``, ``backward_weight_gathered_dy``), so that the gathered
+copy of g is never written either.
 """
 
 from __future__ import annotations
@@ -110,6 +115,81 @@ def _(
     return dy.new_empty((experts, dy.shape[1], src.shape[1]), dtype=w_dtype)
 
 
+@torch.library.custom_op("turbomoe::grouped_gemm_backward_input_gathered", mutates_args=())
+def _backward_input_gathered(
+    dy_src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    rows: int,
+) -> torch.Tensor:
+    """dx [rows, K]: row r = dy_src[sorted_pairs[r] // top_k] · w[e] (w [E, N, K])."""
+    w = _weight_operand(w)
+    dx = torch.empty((rows, w.shape[2]), dtype=dy_src.dtype, device=dy_src.device)
+    _native.call(
+        "tm_grouped_gemm_backward_input_gathered",
+        _native.describe(dy_src),
+        _native.describe(sorted_pairs),
+        top_k,
+        _native.describe(w),
+        _native.describe(expert_offsets),
+        _native.describe(dx),
+        _native.stream_for(dy_src),
+    )
+    return dx
+
+
+@_backward_input_gathered.register_fake
+def _(
+    dy_src: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    w: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    rows: int,
+) -> torch.Tensor:
+    return dy_src.new_empty((rows, w.shape[2]))
+
+
+@torch.library.custom_op("turbomoe::grouped_gemm_backward_weight_gathered_dy", mutates_args=())
+def _backward_weight_gathered_dy(
+    dy_src: torch.Tensor,
+    x: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    w_dtype: torch.dtype,
+) -> torch.Tensor:
+    """dw [E,N,K] = dy_eᵀ · x_e with dy's row r = dy_src[sorted_pairs[r] // top_k], in w's dtype."""
+    experts = expert_offsets.shape[0] - 1
+    dw = torch.empty((experts, dy_src.shape[1], x.shape[1]), dtype=w_dtype, device=x.device)
+    _native.call(
+        "tm_grouped_gemm_backward_weight_gathered_dy",
+        _native.describe(dy_src),
+        _native.describe(x),
+        _native.describe(sorted_pairs),
+        top_k,
+        _native.describe(expert_offsets),
+        _native.describe(dw),
+        _native.stream_for(x),
+    )
+    return dw
+
+
+@_backward_weight_gathered_dy.register_fake
+def _(
+    dy_src: torch.Tensor,
+    x: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    top_k: int,
+    w_dtype: torch.dtype,
+) -> torch.Tensor:
+    experts = expert_offsets.shape[0] - 1
+    return x.new_empty((experts, dy_src.shape[1], x.shape[1]), dtype=w_dtype)
+
+
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     src, sorted_pairs, pair_to_row, w, expert_offsets, top_k, _rows = inputs
     need_src, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
@@ -143,6 +223,8 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
 _grouped_gemm_gathered.register_autograd(_backward, setup_context=_setup_context)
 _grouped_gemm_gathered_eager = differentiable(_grouped_gemm_gathered, _setup_context, _backward)
 _backward_weight_gathered_eager = direct(_backward_weight_gathered)
+_backward_input_gathered_eager = direct(_backward_input_gathered)
+_backward_weight_gathered_dy_eager = direct(_backward_weight_gathered_dy)
 
 
 def grouped_gemm_gathered(

@@ -37,7 +37,12 @@ from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eage
 from turbomoe.ops.gated import _gated_eager as gated_activation_eager
 from turbomoe.ops.gated import _weighted_backward_eager as weighted_activation_backward_eager
 from turbomoe.ops.gated_gemm import _grouped_gemm_gated_eager as grouped_gemm_gated_eager
-from turbomoe.ops.gathered_gemm import _backward_weight_gathered_eager, forward_gathered_into
+from turbomoe.ops.gathered_gemm import (
+    _backward_input_gathered_eager,
+    _backward_weight_gathered_dy_eager,
+    _backward_weight_gathered_eager,
+    forward_gathered_into,
+)
 from turbomoe.ops.grouped_gemm import _backward_input_eager as grouped_gemm_backward_input_eager
 from turbomoe.ops.grouped_gemm import _backward_weight_eager as grouped_gemm_backward_weight_eager
 from turbomoe.ops.grouped_gemm import _grouped_gemm_eager as grouped_gemm_eager
@@ -106,20 +111,32 @@ class _LeanExperts(torch.autograd.Function):
         pairs = sorted_pairs[:rows].to(torch.int64)
         routed = pairs >= 0
         row_weights = weights.reshape(-1)[pairs.clamp(min=0)] * routed
-        gathered = _gather(grad_out, plan, top_k, rows)  # g[t(r)], unweighted
-        unweighted = grouped_gemm_backward_input_eager(gathered, w_down, offsets)  # U
+        fused_gather = gather_in_gemm()
+        # g[t(r)], unweighted: read by the two down-projection GEMMs from grad_out itself, or
+        # gathered once into a [rows, H] copy.
+        gathered = None if fused_gather else _gather(grad_out, plan, top_k, rows)
+        if gathered is None:
+            unweighted = _backward_input_gathered_eager(
+                grad_out, sorted_pairs, w_down, offsets, top_k, rows
+            )
+        else:
+            unweighted = grouped_gemm_backward_input_eager(gathered, w_down, offsets)  # U
         grad_gate_up, weighted_act, grad_row_weights = _activation_backward(
             unweighted, gate_up, row_weights, ctx.activation, ctx.needs_input_grad[3]
         )
         del unweighted
         grad_w_down = None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[3] and gathered is None:
+            grad_w_down = _backward_weight_gathered_dy_eager(
+                grad_out, weighted_act, sorted_pairs, offsets, top_k, w_down.dtype
+            )
+        elif ctx.needs_input_grad[3]:
             grad_w_down = grouped_gemm_backward_weight_eager(
                 gathered, weighted_act, offsets, w_down.dtype
             )
         del weighted_act, gathered
         grad_w_gate_up = None
-        if ctx.needs_input_grad[2] and gather_in_gemm():
+        if ctx.needs_input_grad[2] and fused_gather:
             # x's rows read from hidden in the GEMM's B load instead of re-gathered.
             grad_w_gate_up = _backward_weight_gathered_eager(
                 grad_gate_up, hidden, sorted_pairs, offsets, top_k, w_gate_up.dtype
@@ -154,7 +171,9 @@ class _LeanExperts(torch.autograd.Function):
 
 def gather_in_gemm() -> bool:
     """TURBOMOE_GATHER_IN_GEMM=1 (ops/moe.py): the gate/up GEMM's forward and grad-weight read
-    the token rows themselves, so neither the forward nor the backward gathers x."""
+    the token rows themselves, so neither the forward nor the backward gathers x; in the lean
+    record the down projection's grad-input and grad-weight also read the token gradient
+    themselves, so its backward gathers nothing."""
     return os.environ.get("TURBOMOE_GATHER_IN_GEMM", "0") == "1"
 
 

@@ -497,6 +497,66 @@ def test_grouped_gemm_gathered_passes(
         assert torch.equal(dw, dw_pair), f"seed {seed}: dw differs from gather + grad-weight"
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("path", ["hopper", "generic"])
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "n", "k"), GATHERED)
+def test_grouped_gemm_gathered_dy_passes(
+    tokens: int,
+    top_k: int,
+    experts: int,
+    n: int,
+    k: int,
+    path: str,
+    out_dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grad-input and the grad-weight with dy's rows gathered from a per-token gradient g
+    [tokens, N] (the lean experts' down projection; Hopper: cp.async rows into A's stage),
+    poisoned outputs, against the CPU reference of the same ops (large shapes: torch per expert
+    in float32 on the gathered rows); on the Hopper path also bitwise against the gather kernel
+    followed by the plain pass."""
+    from turbomoe.ops.gathered_gemm import _backward_input_gathered, _backward_weight_gathered_dy
+
+    monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_GATHER", "1" if path == "hopper" else "0")
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    # src plays g [tokens - 1, N]: the last token's pairs read zeros. w comes as [E, K, N].
+    problem = gathered_problem(tokens, top_k, experts, k, n, gen)
+    g, sorted_pairs, pair_to_row, offsets = problem[:4]
+    w = problem[4].transpose(1, 2).contiguous()  # [E, N, K]
+    rows, routed = sorted_pairs.shape[0], int(offsets[-1])
+    x = torch.randn(rows, k, generator=gen).to(BF16)
+    if tokens >= 512:
+        gf = gathered_rows_float(g, sorted_pairs, top_k)
+        wf, xf = w.float().to(CUDA), x.float().to(CUDA)
+        bounds = offsets.tolist()
+        ref_dx = torch.zeros(rows, k, device=CUDA)
+        for e, (a, b) in enumerate(itertools.pairwise(bounds)):
+            ref_dx[a:b] = gf[a:b] @ wf[e]
+        ref_dw = torch.stack([gf[a:b].t() @ xf[a:b] for a, b in itertools.pairwise(bounds)])
+        ref_dx, ref_dw = ref_dx.cpu(), ref_dw.cpu()
+    else:
+        ref_dx = _backward_input_gathered(g, sorted_pairs, w, offsets, top_k, rows).float()
+        ref_dw = _backward_weight_gathered_dy(g, x, sorted_pairs, offsets, top_k, out_dtype)
+    g_c, pairs_c, w_c, off_c, x_c = (t.to(CUDA) for t in (g, sorted_pairs, w, offsets, x))
+    poison()
+    dx = _backward_input_gathered(g_c, pairs_c, w_c, off_c, top_k, rows)
+    dw = _backward_weight_gathered_dy(g_c, x_c, pairs_c, off_c, top_k, out_dtype)
+    dx_cpu, dw_cpu = dx.cpu(), dw.cpu()
+    assert torch.isfinite(dx_cpu).all() and torch.isfinite(dw_cpu).all(), f"seed {seed}"
+    assert float(dx_cpu[routed:].abs().max()) == 0.0, f"seed {seed}: rows past offsets[E]"
+    assert float(dw_cpu[0].abs().max()) == 0.0, f"seed {seed}: expert 0 has no rows"
+    for name, got, ref, dtype in (("dx", dx_cpu, ref_dx, BF16), ("dw", dw_cpu, ref_dw, out_dtype)):
+        err = rel(got, ref)
+        assert err < tolerance(dtype, 1e-4), f"seed {seed}: {name} rel error {err}"
+    if path == "hopper":
+        gathered = tops.gather_rows(g_c, pairs_c, off_c, top_k, pair_to_row=pair_to_row.to(CUDA))
+        dx_pair = torch.ops.turbomoe.grouped_gemm_backward_input(gathered, w_c, off_c)
+        dw_pair = torch.ops.turbomoe.grouped_gemm_backward_weight(gathered, x_c, off_c, out_dtype)
+        assert torch.equal(dx, dx_pair), f"seed {seed}: dx differs from gather + grad-input"
+        assert torch.equal(dw, dw_pair), f"seed {seed}: dw differs from gather + grad-weight"
+
+
 @pytest.mark.parametrize(("tokens", "top_k", "experts", "n", "k"), GATHERED[1:3])
 def test_grouped_gemm_gathered_op_gradients(
     tokens: int, top_k: int, experts: int, n: int, k: int
