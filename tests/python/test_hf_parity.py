@@ -346,3 +346,40 @@ def test_cpu_autocast_bf16_smoke(family: str) -> None:
     assert rel_err(loss1, loss0) <= 2e-2
     assert_grads_close(grads1, grads0, 1e-1)
     _assert_called(counts, {"linear_cross_entropy", "moe_experts", "rms_norm", "apply_rope"})
+
+
+@pytest.mark.parametrize("gather", ["0", "1"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_train_step_parity_lean_experts(
+    family: str, gather: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TURBOMOE_LEAN_EXPERTS=1: the patched experts keep the lean autograd record (with and
+    without the gathers inside the GEMMs) and still match stock's loss and gradients."""
+    from turbomoe.ops import moe
+
+    monkeypatch.setenv("TURBOMOE_LEAN_EXPERTS", "1")
+    monkeypatch.setenv("TURBOMOE_GATHER_IN_GEMM", gather)
+    lean_calls = []
+    original = moe.lean_experts
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        lean_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(moe, "lean_experts", counted)
+    model = build_model(family)
+    batch = make_batch()
+    (loss0, grads0, _), (loss1, grads1, _), counts = stock_and_turbomoe(
+        lambda: loss_and_grads(model, batch)
+    )
+    assert rel_err(loss1, loss0) <= LOSS_TOL, (loss1.item(), loss0.item())
+    assert_grads_close(grads1, grads0, GRAD_TOL)
+    assert counts["moe_experts"] > 0 and len(lean_calls) == counts["moe_experts"]
+
+
+def test_lean_experts_switch_rejects_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turbomoe.ops.moe_lean import lean_experts_requested
+
+    monkeypatch.setenv("TURBOMOE_LEAN_EXPERTS", "yes")
+    with pytest.raises(ValueError, match="TURBOMOE_LEAN_EXPERTS='yes' must be 0 or 1"):
+        lean_experts_requested()

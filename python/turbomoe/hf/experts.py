@@ -24,6 +24,7 @@ from transformers.integrations.moe import _default_apply_gate
 from turbomoe import ops
 from turbomoe.hf.fallback import warn_once
 from turbomoe.hf.registry import FAMILIES, KERNEL_DTYPES, unsupported_reason
+from turbomoe.ops.moe_lean import lean_experts_requested
 
 try:  # transformers itself imports torch.distributed.tensor, so this costs nothing extra
     from torch.distributed.tensor import DTensor as _DTensor
@@ -131,4 +132,5 @@ def turbomoe_experts_forward(
         down,
         activation="silu",
         interleaved=not getattr(self, "is_concatenated", True),
+        recompute=lean_experts_requested(),
     )

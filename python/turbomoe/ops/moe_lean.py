@@ -177,6 +177,16 @@ def gather_in_gemm() -> bool:
     return os.environ.get("TURBOMOE_GATHER_IN_GEMM", "0") == "1"
 
 
+def lean_experts_requested() -> bool:
+    """TURBOMOE_LEAN_EXPERTS=1: the patched one-GPU experts keep the lean record (the expert-
+    parallel owner has its own switch, TURBOMOE_EP_RECOMPUTE). Off until an end-to-end A/B on
+    the device shows it at least as fast as the composed ops (docs/perf-notes.md)."""
+    text = os.environ.get("TURBOMOE_LEAN_EXPERTS", "0")
+    if text not in ("0", "1"):
+        raise ValueError(f"TURBOMOE_LEAN_EXPERTS={text!r} must be 0 or 1")
+    return text == "1"
+
+
 def fused_activation_backward() -> bool:
     """Whether the backward takes the one-pass activation backward
     (``TURBOMOE_FUSED_ACT_BACKWARD=0``: the four passes it replaced, same values)."""
