@@ -40,8 +40,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}  # name -> (K, N)
-PASSES = ("fwd", "dx", "dw", "fwd_gather", "dw_gather")
-TOP_K = 8  # fwd_gather: each token feeds TOP_K rows
+PASSES = ("fwd", "dx", "dw", "fwd_gather", "dw_gather", "dx_gather", "dw_gather_dy")
+# The passes with a gathered operand: x's rows from the token rows (fwd_gather, dw_gather), or
+# dy's rows from a per-token gradient (dx_gather, dw_gather_dy: the lean experts' down projection).
+GATHER_PASSES = ("fwd_gather", "dw_gather", "dx_gather", "dw_gather_dy")
+WEIGHT_PASSES = ("dw", "dw_gather", "dw_gather_dy")
+TOP_K = 8  # the gathered passes: each token feeds TOP_K rows
 # Kernel variants for A/B timing in one run (environment switches read by the library per call;
 # see csrc/grouped_gemm/hopper_gemm.cu).
 VARIANTS = {
@@ -176,24 +180,37 @@ class Ours:
         return True
 
     def gathered(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
-        """fwd_gather / dw_gather: the pass with x's rows read from src[pairs // TOP_K] in the
-        operand load, or (TURBOMOE_BENCH_GATHER=composed) the gather kernel into a permuted copy,
-        then the plain pass."""
+        """A GATHER_PASSES pass with the gathered operand's rows read from the token rows
+        (src or dsrc, row pairs // TOP_K) in the operand load, or (TURBOMOE_BENCH_GATHER=composed)
+        the gather kernel into a permuted copy, then the plain pass."""
         if self.impl != "native":
             return False
         d, stream = self.native.describe, self.native.stream_for(out)
-        src, pairs, offsets = ins["src"], ins["pairs"], ins["offsets"]
+        pairs, offsets = ins["pairs"], ins["offsets"]
+        of_dy = pass_ in ("dx_gather", "dw_gather_dy")
+        src = ins["dsrc"] if of_dy else ins["src"]
         if os.environ.get("TURBOMOE_BENCH_GATHER") == "composed":
-            x = ins.get("x_gathered")
-            if x is None:
-                x = ins["x_gathered"] = torch.empty(ins["x"].shape, **_like(src))
-            self.native.call("tm_gather_rows", d(src), d(pairs), d(offsets), TOP_K, d(x), stream)
+            key = "dy_gathered" if of_dy else "x_gathered"
+            rows = ins.get(key)
+            if rows is None:
+                rows = ins[key] = torch.empty(ins["dy" if of_dy else "x"].shape, **_like(src))
+            self.native.call("tm_gather_rows", d(src), d(pairs), d(offsets), TOP_K, d(rows), stream)
             if pass_ == "fwd_gather":
-                return self.forward(x, ins["w"], offsets, out)
-            return self.grad_weight(ins["dy"], x, offsets, out)
+                return self.forward(rows, ins["w"], offsets, out)
+            if pass_ == "dx_gather":
+                return self.grad_input(rows, ins["w"], offsets, out)
+            if pass_ == "dw_gather_dy":
+                return self.grad_weight(rows, ins["x"], offsets, out)
+            return self.grad_weight(ins["dy"], rows, offsets, out)
         if pass_ == "fwd_gather":
             name = "tm_grouped_gemm_forward_gathered"
             operands = (d(src), d(pairs), TOP_K, d(ins["w"]))
+        elif pass_ == "dx_gather":
+            name = "tm_grouped_gemm_backward_input_gathered"
+            operands = (d(src), d(pairs), TOP_K, d(ins["w"]))
+        elif pass_ == "dw_gather_dy":
+            name = "tm_grouped_gemm_backward_weight_gathered_dy"
+            operands = (d(src), d(ins["x"]), d(pairs), TOP_K)
         else:
             name = "tm_grouped_gemm_backward_weight_gathered"
             operands = (d(ins["dy"]), d(src), d(pairs), TOP_K)
@@ -201,7 +218,7 @@ class Ours:
         return True
 
     def run(self, pass_: str, ins: dict, out: torch.Tensor) -> bool:
-        if pass_ in ("fwd_gather", "dw_gather"):
+        if pass_ in GATHER_PASSES:
             return self.gathered(pass_, ins, out)
         if pass_ == "fwd_gated":
             return self.forward_gated(ins, out)
@@ -278,6 +295,9 @@ def reference(pass_: str, ins: dict, rows_total: int) -> torch.Tensor:
     if pass_ in ("fwd_gather", "dw_gather"):
         plain = pass_.removesuffix("_gather")
         return reference(plain, {**ins, "x": gathered(ins, rows_total)}, rows_total)
+    if pass_ in ("dx_gather", "dw_gather_dy"):
+        plain = "dx" if pass_ == "dx_gather" else "dw"
+        return reference(plain, {**ins, "dy": gathered_dy(ins, rows_total)}, rows_total)
     if pass_ == "fwd":
         x = ins["x"]
         out = torch.zeros(rows_total, w.shape[1], dtype=torch.float32, device=x.device)
@@ -305,13 +325,18 @@ def gathered(ins: dict, rows: int) -> torch.Tensor:
     return ins["src_padded"].index_select(0, ins["tokens"][:rows])
 
 
+def gathered_dy(ins: dict, rows: int) -> torch.Tensor:
+    """The permuted gradient rows dx_gather reads: dsrc[pairs[r] // TOP_K]."""
+    return ins["dsrc_padded"].index_select(0, ins["tokens"][:rows])
+
+
 def out_shape(pass_: str, ins: dict, rows_total: int) -> tuple[int, ...]:
     E, N, K = ins["w"].shape
     if pass_ == "fwd_gated":
         return (rows_total, N // 2)
     if pass_ in ("fwd", "fwd_gather"):
         return (rows_total, N)
-    if pass_ == "dx":
+    if pass_ in ("dx", "dx_gather"):
         return (rows_total, K)
     return (E, N, K)
 
@@ -349,11 +374,16 @@ def make_inputs(
     tokens = -(-M // TOP_K) + 1
     src = torch.randn(tokens - 1, K, device=device, dtype=torch.float32, generator=gen).to(bf)
     pairs = torch.randperm(tokens * TOP_K, device=device, generator=gen).to(torch.int32)
-    # The torch side of fwd_gather: src with a zero row for the missing token, and row tokens.
+    # dx_gather / dw_gather_dy: one gradient row per token.
+    dsrc = torch.randn(tokens - 1, N, device=device, dtype=torch.float32, generator=gen).to(bf)
+    # The torch side of the gathered passes: src / dsrc with a zero row for the missing token,
+    # and the rows' tokens.
     src_padded = torch.cat([src, src.new_zeros(1, K)])
     return {
         "routed": routed,
         "src_padded": src_padded,
+        "dsrc": dsrc,
+        "dsrc_padded": torch.cat([dsrc, dsrc.new_zeros(1, N)]),
         "tokens": (pairs.long() // TOP_K).clamp(max=tokens - 1),
         "x": x,
         "dy": dy,
@@ -386,6 +416,14 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
         x = gathered(ins, ins["routed"])
         return torch._grouped_mm(ins["dy"][: ins["routed"]].t(), x, offs=ins["offsets"][1:])
 
+    def dx_gather(ins: dict) -> torch.Tensor:
+        dy = gathered_dy(ins, ins["routed"])
+        return torch._grouped_mm(dy, ins["w"], offs=ins["offsets"][1:])
+
+    def dw_gather_dy(ins: dict) -> torch.Tensor:
+        dy = gathered_dy(ins, ins["routed"])
+        return torch._grouped_mm(dy.t(), ins["x"][: ins["routed"]], offs=ins["offsets"][1:])
+
     def dx(ins: dict) -> torch.Tensor:
         return torch._grouped_mm(ins["dy"], ins["w"], offs=ins["offsets"][1:])
 
@@ -400,6 +438,8 @@ def grouped_mm_fn(pass_: str) -> Callable[[dict], torch.Tensor]:
         "fwd_gated": fwd_gated,
         "fwd_gather": fwd_gather,
         "dw_gather": dw_gather,
+        "dx_gather": dx_gather,
+        "dw_gather_dy": dw_gather_dy,
         "dx": dx,
         "dw": dw_nk,
         "dw_kn": dw_kn,
@@ -603,7 +643,9 @@ def main() -> int:
     ap.add_argument("--shapes", default="gate_up,down")
     ap.add_argument("--routing", default="balanced,skewed")
     ap.add_argument(
-        "--passes", default="fwd,dx,dw", help="of fwd, dx, dw, fwd_gated, fwd_gather, dw_gather"
+        "--passes",
+        default="fwd,dx,dw",
+        help="of fwd, dx, dw, fwd_gated, fwd_gather, dw_gather, dx_gather, dw_gather_dy",
     )
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--reps", type=int, default=30)
@@ -660,7 +702,7 @@ def main() -> int:
                 for pass_ in args.passes.split(","):
                     if pass_ == "fwd_gated" and shape_name != "gate_up":
                         continue  # the gated epilogue belongs to the gate/up projection
-                    dt = dw_dtype if pass_ in ("dw", "dw_gather") else torch.bfloat16
+                    dt = dw_dtype if pass_ in WEIGHT_PASSES else torch.bfloat16
                     row = {
                         "shape": shape_name,
                         "K": K,
