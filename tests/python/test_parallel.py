@@ -388,25 +388,33 @@ def test_from_pretrained_with_ep_needs_torchrun(
 
 
 @pytest.mark.parametrize(
-    ("family", "world", "chunks", "recompute"),
+    ("family", "world", "chunks", "recompute", "gather"),
     [
-        ("qwen3_moe", 2, 2, "0"),
-        ("qwen3_moe", 2, 3, "1"),  # 26 tokens a rank: chunks of 9, 9 and 8
-        ("deepseek_v3", 4, 4, "0"),  # experts without tokens, each rank's last chunk short
-        ("deepseek_v3", 4, 1, "1"),  # the owner's lean autograd record alone
-        ("deepseek_v3", 8, 2, "1"),  # eight ranks, one expert each, chunked and lean
+        ("qwen3_moe", 2, 2, "0", "0"),
+        ("qwen3_moe", 2, 3, "1", "0"),  # 26 tokens a rank: chunks of 9, 9 and 8
+        ("deepseek_v3", 4, 4, "0", "0"),  # experts without tokens, each rank's last chunk short
+        ("deepseek_v3", 4, 1, "1", "0"),  # the owner's lean autograd record alone
+        ("deepseek_v3", 8, 2, "1", "0"),  # eight ranks, one expert each, chunked and lean
+        # the lean record with every gather inside the GEMMs' operand loads
+        ("qwen3_moe", 2, 2, "1", "1"),
+        ("deepseek_v3", 4, 1, "1", "1"),
     ],
 )
 def test_token_chunks_and_recompute_match_one_process(
-    family: str, world: int, chunks: int, recompute: str, tmp_path: Path
+    family: str, world: int, chunks: int, recompute: str, gather: str, tmp_path: Path
 ) -> None:
     """TURBOMOE_EP_CHUNKS: each layer's exchange in chunks (on CUDA their exchanges queue on a
-    side stream; here they are gloo's), and TURBOMOE_EP_RECOMPUTE: the owner's experts keep only
-    their input and gate/up output; both give the one-process loss and gradients."""
+    side stream; here they are gloo's), TURBOMOE_EP_RECOMPUTE: the owner's experts keep only
+    their input and gate/up output, TURBOMOE_GATHER_IN_GEMM: their GEMMs read the received rows
+    and the token gradient themselves; all give the one-process loss and gradients."""
     base = build(family, seed=3)
     batches = [make_batch(seed=r, pad=r % 3) for r in range(world)]
     ref = _reference(base, batches)
-    env = {"TURBOMOE_EP_CHUNKS": str(chunks), "TURBOMOE_EP_RECOMPUTE": recompute}
+    env = {
+        "TURBOMOE_EP_CHUNKS": str(chunks),
+        "TURBOMOE_EP_RECOMPUTE": recompute,
+        "TURBOMOE_GATHER_IN_GEMM": gather,
+    }
     results = run_ranks(
         with_env_worker, world, tmp_path, env, parity_worker, base, batches, world, None, "auto"
     )
