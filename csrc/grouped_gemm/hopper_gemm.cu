@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 
 #include "common/cuda_utils.cuh"
@@ -352,6 +353,14 @@ void set_gather(Params* p, const tm_tensor& src, const tm_tensor& sorted_pairs, 
 
 bool gather_declined() { return disabled_by_env() || env_is("TURBOMOE_HOPPER_GEMM_GATHER", "0"); }
 
+// Whether every tensor of `rest` lives on `first`'s device.
+bool on_one_device(const tm_tensor& first, std::initializer_list<const tm_tensor*> rest) {
+  for (const tm_tensor* t : rest) {
+    if (t->device_index != first.device_index) return false;
+  }
+  return true;
+}
+
 // A gathered operand's tensors: src [T, K] bf16 (16-byte row copies: K a multiple of 8),
 // sorted_pairs int32 with at least `rows` entries, top_k in [1, 2^31).
 bool gather_operands_ok(const tm_tensor& src, const tm_tensor& sorted_pairs, int64_t top_k,
@@ -380,10 +389,7 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
   const int64_t reduce = P == Pass::kForward ? k : n;
   const int64_t cols = P == Pass::kForward ? n : k;
   if (a.sizes[1] != reduce || out.sizes[0] != m || out.sizes[1] != cols) return false;
-  if (a.device_index != w.device_index || a.device_index != out.device_index ||
-      a.device_index != offsets.device_index) {
-    return false;
-  }
+  if (!on_one_device(a, {&w, &out, &offsets})) return false;
   cuda::DeviceGuard guard(a.device_index);
   int sm_count = 0;
   if (!device_ok(a.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
@@ -435,10 +441,7 @@ bool run_row_pass_gathered(const tm_tensor& src, const tm_tensor& sorted_pairs, 
       out.sizes[1] != cols) {
     return false;
   }
-  if (src.device_index != w.device_index || src.device_index != out.device_index ||
-      src.device_index != offsets.device_index) {
-    return false;
-  }
+  if (!on_one_device(src, {&w, &out, &offsets, &sorted_pairs})) return false;
   cuda::DeviceGuard guard(src.device_index);
   int sm_count = 0;
   if (!device_ok(src.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
@@ -484,10 +487,7 @@ bool run_grad_weight_gathered(const tm_tensor& dy, const tm_tensor& x, const tm_
       dw.sizes[0] != num_experts || dw.sizes[1] != dy.sizes[1] || dw.sizes[2] != x.sizes[1]) {
     return false;
   }
-  if (dy.device_index != x.device_index || dy.device_index != dw.device_index ||
-      dy.device_index != expert_offsets.device_index) {
-    return false;
-  }
+  if (!on_one_device(dy, {&x, &dw, &expert_offsets, &sorted_pairs})) return false;
   cuda::DeviceGuard guard(dy.device_index);
   int sm_count = 0;
   if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
@@ -533,10 +533,7 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
       !swiglu_outputs_ok(gate_up, act, m, inter)) {
     return false;
   }
-  if (x.device_index != w.device_index || x.device_index != gate_up.device_index ||
-      x.device_index != act.device_index || x.device_index != expert_offsets.device_index) {
-    return false;
-  }
+  if (!on_one_device(x, {&w, &gate_up, &act, &expert_offsets})) return false;
   cuda::DeviceGuard guard(x.device_index);
   int sm_count = 0;
   if (!device_ok(x.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
@@ -636,10 +633,7 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   if (x.sizes[0] != m || dw.sizes[0] != num_experts || dw.sizes[1] != n || dw.sizes[2] != k) {
     return false;
   }
-  if (dy.device_index != x.device_index || dy.device_index != dw.device_index ||
-      dy.device_index != expert_offsets.device_index) {
-    return false;
-  }
+  if (!on_one_device(dy, {&x, &dw, &expert_offsets})) return false;
   cuda::DeviceGuard guard(dy.device_index);
   int sm_count = 0;
   if (!device_ok(dy.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
