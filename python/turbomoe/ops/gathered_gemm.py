@@ -25,6 +25,16 @@ from turbomoe.ops.grouped_gemm import _backward_input_eager, _weight_operand
 from turbomoe.ops.permute import _combine_eager
 
 
+def _call(name: str, *args: torch.Tensor | int) -> torch.Tensor:
+    """The C ABI function `name` over args (tensors described, ints as they are) on the stream
+    of the last tensor, the output, which it returns."""
+    out = args[-1]
+    assert isinstance(out, torch.Tensor)
+    described = [_native.describe(a) if isinstance(a, torch.Tensor) else a for a in args]
+    _native.call(name, *described, _native.stream_for(out))
+    return out
+
+
 def forward_gathered_into(
     src: torch.Tensor,
     sorted_pairs: torch.Tensor,
@@ -35,17 +45,7 @@ def forward_gathered_into(
 ) -> torch.Tensor:
     """The C ABI's forward into y (float32 or src's dtype; [rows, N] with rows <= the pairs),
     without autograd. Every tensor must stay alive until the call returns (pass named ones)."""
-    _native.call(
-        "tm_grouped_gemm_forward_gathered",
-        _native.describe(src),
-        _native.describe(sorted_pairs),
-        top_k,
-        _native.describe(w),
-        _native.describe(expert_offsets),
-        _native.describe(y),
-        _native.stream_for(src),
-    )
-    return y
+    return _call("tm_grouped_gemm_forward_gathered", src, sorted_pairs, top_k, w, expert_offsets, y)
 
 
 @torch.library.custom_op("turbomoe::grouped_gemm_gathered", mutates_args=())
@@ -89,17 +89,9 @@ def _backward_weight_gathered(
     """dw [E,N,K] = dy_eᵀ · x_e with x's row r = src[sorted_pairs[r] // top_k], in w's dtype."""
     experts = expert_offsets.shape[0] - 1
     dw = torch.empty((experts, dy.shape[1], src.shape[1]), dtype=w_dtype, device=dy.device)
-    _native.call(
-        "tm_grouped_gemm_backward_weight_gathered",
-        _native.describe(dy),
-        _native.describe(src),
-        _native.describe(sorted_pairs),
-        top_k,
-        _native.describe(expert_offsets),
-        _native.describe(dw),
-        _native.stream_for(dy),
+    return _call(
+        "tm_grouped_gemm_backward_weight_gathered", dy, src, sorted_pairs, top_k, expert_offsets, dw
     )
-    return dw
 
 
 @_backward_weight_gathered.register_fake
@@ -127,17 +119,15 @@ def _backward_input_gathered(
     """dx [rows, K]: row r = dy_src[sorted_pairs[r] // top_k] · w[e] (w [E, N, K])."""
     w = _weight_operand(w)
     dx = torch.empty((rows, w.shape[2]), dtype=dy_src.dtype, device=dy_src.device)
-    _native.call(
+    return _call(
         "tm_grouped_gemm_backward_input_gathered",
-        _native.describe(dy_src),
-        _native.describe(sorted_pairs),
+        dy_src,
+        sorted_pairs,
         top_k,
-        _native.describe(w),
-        _native.describe(expert_offsets),
-        _native.describe(dx),
-        _native.stream_for(dy_src),
+        w,
+        expert_offsets,
+        dx,
     )
-    return dx
 
 
 @_backward_input_gathered.register_fake
@@ -164,17 +154,15 @@ def _backward_weight_gathered_dy(
     """dw [E,N,K] = dy_eᵀ · x_e with dy's row r = dy_src[sorted_pairs[r] // top_k], in w's dtype."""
     experts = expert_offsets.shape[0] - 1
     dw = torch.empty((experts, dy_src.shape[1], x.shape[1]), dtype=w_dtype, device=x.device)
-    _native.call(
+    return _call(
         "tm_grouped_gemm_backward_weight_gathered_dy",
-        _native.describe(dy_src),
-        _native.describe(x),
-        _native.describe(sorted_pairs),
+        dy_src,
+        x,
+        sorted_pairs,
         top_k,
-        _native.describe(expert_offsets),
-        _native.describe(dw),
-        _native.stream_for(x),
+        expert_offsets,
+        dw,
     )
-    return dw
 
 
 @_backward_weight_gathered_dy.register_fake
