@@ -23,27 +23,9 @@ AB=${AB:-base}
 AB_ARGS=${AB_ARGS:---layers 12 --only turbomoe --steps 6 --warmup 2}
 AB_REPEAT=${AB_REPEAT:-1}
 read -r -a args <<<"$AB_ARGS"
-results=()
-for round in $(seq 1 "$AB_REPEAT"); do
-  for tag in $AB; do
-    envs=()
-    if [ "$tag" != base ]; then IFS=, read -r -a envs <<<"$tag"; fi
-    name=${tag//[^A-Za-z0-9_]/_}_r$round
-    json=$OUT/ab_$name.json
-    echo "== $tag (round $round)"
-    if ! env "${envs[@]}" python3 -m turbomoe.bench "${args[@]}" --json "$json" \
-      >"$OUT/ab_$name.log" 2>&1; then
-      echo "   failed: tail of $OUT/ab_$name.log"
-      tail -n 5 "$OUT/ab_$name.log"
-      continue
-    fi
-    results+=("$tag|$json")
-  done
-done
-echo
-printf '%-60s %10s %9s %8s %8s %9s\n' run TPS/GPU "peak GiB" "fwd ms" "bwd ms" "loss@1"
-for item in "${results[@]}"; do
-  python3 - "${item%%|*}" "${item#*|}" <<'PY'
+# row TAG JSON: one summary line of a finished run.
+row() {
+  python3 - "$1" "$2" <<'PY'
 import json
 import sys
 
@@ -61,4 +43,31 @@ print(
     f"{fmt('fwd_ms_mean', '.1f', 8)} {fmt('bwd_ms_mean', '.1f', 8)} {fmt('first_loss', '.5f', 9)}"
 )
 PY
+}
+header() {
+  printf '%-60s %10s %9s %8s %8s %9s\n' run TPS/GPU "peak GiB" "fwd ms" "bwd ms" "loss@1"
+}
+results=()
+for round in $(seq 1 "$AB_REPEAT"); do
+  for tag in $AB; do
+    envs=()
+    if [ "$tag" != base ]; then IFS=, read -r -a envs <<<"$tag"; fi
+    name=${tag//[^A-Za-z0-9_]/_}_r$round
+    json=$OUT/ab_$name.json
+    echo "== $tag (round $round)"
+    if ! env "${envs[@]}" python3 -m turbomoe.bench "${args[@]}" --json "$json" \
+      >"$OUT/ab_$name.log" 2>&1; then
+      echo "   failed: tail of $OUT/ab_$name.log"
+      tail -n 5 "$OUT/ab_$name.log"
+      continue
+    fi
+    # Printed as each run ends, so that a call cut short still shows the runs it finished.
+    row "$tag" "$json"
+    results+=("$tag|$json")
+  done
+done
+echo
+header
+for item in "${results[@]}"; do
+  row "${item%%|*}" "${item#*|}"
 done
