@@ -95,3 +95,43 @@ def test_wrappers_fall_back_to_the_op_when_torch_hides_the_implementation():
     op = Opaque()
     assert direct(op) is op
     assert differentiable(op, lambda *a: None, lambda *a: None) is op
+
+
+class _CountZeroFills(TorchDispatchMode):
+    """Counts the ops that fill a tensor with zeros (what autograd runs to materialise the
+    gradient of an output the backward never reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fills: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func.overloadpacket)
+        if name in ("aten.zeros", "aten.zero_", "aten.zeros_like", "aten.new_zeros") or (
+            name == "aten.fill_" and len(args) > 1 and args[1] == 0
+        ):
+            self.fills.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backwards_fill_no_zero_gradients_for_side_outputs():
+    """rms_norm (rstd), route (ids, scores) and linear_cross_entropy_total (the stored gradients,
+    the whole [V, H] lm_head among them) return outputs that get no gradient; autograd must not
+    hand their backwards zero tensors (a memset of each, every step)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 16, generator=gen, requires_grad=True)
+    w = torch.rand(16, generator=gen).requires_grad_()
+    logits = torch.randn(6, 8, generator=gen, requires_grad=True)
+    lm_head = torch.randn(32, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 32, (6,), generator=gen)
+
+    normed = ops.rms_norm(x, w, 1e-6)
+    weights, _ids = ops.route(logits, 2, "softmax_topk", True)
+    loss = ops.linear_cross_entropy_total(normed, lm_head, labels)
+    total = loss + (weights * normed[:, :2]).sum()
+    with _CountZeroFills() as counter:
+        total.backward()
+    assert counter.fills == [], counter.fills
+    # Not vacuous: every input got its gradient.
+    for t in (x, w, logits, lm_head):
+        assert t.grad is not None and float(t.grad.abs().max()) > 0

@@ -111,9 +111,14 @@ def _ce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(logits, labels, lse)
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse)
+    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
+    # a memset of each on every backward (for nothing: the backward ignores them).
+    ctx.set_materialize_grads(False)
 
 
-def _ce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
+def _ce_backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
+    if grad_loss is None:
+        return None, None, None
     logits, labels, lse = ctx.saved_tensors
     grad_logits = _cross_entropy_backward_eager(
         grad_loss.to(torch.float32).contiguous(), logits, labels, lse, ctx.ignore_index
@@ -394,9 +399,14 @@ def _lce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
     ctx.need_weight_grad = ctx.needs_input_grad[1]
     ctx.mark_non_differentiable(lse)
+    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
+    # a memset of each on every backward (for nothing: the backward ignores them).
+    ctx.set_materialize_grads(False)
 
 
-def _lce_backward(ctx: Any, grad_loss: torch.Tensor, _grad_lse: Any) -> tuple[Any, ...]:
+def _lce_backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
+    if grad_loss is None:
+        return None, None, None, None, None
     hidden, weight, labels, lse = ctx.saved_tensors
     grad_hidden, grad_weight = _linear_cross_entropy_backward_eager(
         grad_loss.to(torch.float32).contiguous(),

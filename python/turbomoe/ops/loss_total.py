@@ -91,9 +91,14 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.need_weight_grad = inputs[5]
     ctx.save_for_backward(grad_hidden, grad_weight)
     ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    # Autograd would otherwise hand the backward zeros for the two stored gradients: a memset of
+    # [N, H] and of the whole [V, H] lm_head on every backward (for nothing: they are ignored).
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, grad_total: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+def _backward(ctx: Any, grad_total: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
+    if grad_total is None:
+        return None, None, None, None, None, None, None
     grad_hidden, grad_weight = ctx.saved_tensors
     # One launch for both, in their dtype (see the module docstring). Out of place, so that a
     # retained graph can run its backward again.

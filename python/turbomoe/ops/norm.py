@@ -91,9 +91,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(x, weight, rstd)
     ctx.need_weight_grad = weight is not None and ctx.needs_input_grad[1]
     ctx.mark_non_differentiable(rstd)
+    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
+    # a memset of each on every backward (for nothing: the backward ignores them).
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, grad_y: torch.Tensor, _grad_rstd: Any) -> tuple[Any, ...]:
+def _backward(ctx: Any, grad_y: torch.Tensor | None, _grad_rstd: Any) -> tuple[Any, ...]:
+    if grad_y is None:
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
     grad_x, grad_weight = _rms_norm_backward_eager(
         grad_y.contiguous(), x, weight, rstd, ctx.need_weight_grad

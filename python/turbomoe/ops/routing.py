@@ -156,12 +156,15 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.logits_dtype = logits.dtype
     ctx.config = inputs[2:]
     ctx.mark_non_differentiable(ids, scores)
+    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
+    # a memset of each on every backward (for nothing: the backward ignores them).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, grad_weights: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
+    if grad_weights is None:  # the weights fed nothing that needs a gradient
+        return (None, None, *([None] * len(ctx.config)))
     scores, ids = ctx.saved_tensors
-    if grad_weights is None:
-        grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     grad_logits = _route_backward_eager(
         grad_weights.to(torch.float32).contiguous(), scores, ids, ctx.logits_dtype, *ctx.config
     )
