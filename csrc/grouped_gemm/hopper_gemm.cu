@@ -85,6 +85,24 @@ bool offsets_ok(const tm_tensor& o, int64_t* num_experts) {
   return *num_experts <= hopper_gemm::kMaxExperts;
 }
 
+// The per-device records (shared-memory attributes, resident clusters, bound contexts) cover
+// device indices below this; others are served without a record.
+constexpr int kMaxCachedDevices = 64;
+
+// The tensor-map encoder is a driver API call: it needs the device's context current on the
+// calling thread. The runtime binds it lazily, at the first call of the thread that needs it, and
+// DeviceGuard skips cudaSetDevice when the device is already the current one, so a fresh thread
+// whose first CUDA work is this GEMM (autograd's backward worker, when the op's backward runs
+// first) reached the encoder without a context: CUDA_ERROR_INVALID_CONTEXT (201), found by the
+// GPU tests. cudaSetDevice makes the primary context current (CUDA 12+); once a thread and device.
+void bind_context(int device) {
+  thread_local std::array<bool, kMaxCachedDevices> bound{};
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  if (cached && bound[static_cast<size_t>(device)]) return;
+  cuda::check(cudaSetDevice(device), "cudaSetDevice");
+  if (cached) bound[static_cast<size_t>(device)] = true;
+}
+
 // Device checks: Hopper (the kernels are built for sm_90a only) and the caller's device.
 // sm_count: the SMs the persistent grid may use (all of them less tm_set_gemm_sm_margin's, at
 // least one).
@@ -93,6 +111,7 @@ bool device_ok(int device, int* sm_count) {
   cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
               "cudaDeviceGetAttribute");
   if (major != 9) return false;
+  bind_context(device);
   cuda::check(cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, device),
               "cudaDeviceGetAttribute");
   const int usable = *sm_count - grouped_gemm::sm_margin();
@@ -163,8 +182,6 @@ bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
 }
-
-constexpr int kMaxCachedDevices = 64;
 
 // Raises `kernel`'s dynamic shared-memory limit to at least `smem` bytes on the current device.
 // The attribute call costs microseconds of host time and a training step launches hundreds of

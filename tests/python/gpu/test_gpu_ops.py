@@ -480,7 +480,9 @@ def test_grouped_gemm_gathered_passes(
         err = rel(got, ref)
         assert err < tolerance(out_dtype, 1e-4), f"seed {seed}: {name} rel error {err}"
     if path == "hopper":
-        x = tops.gather_rows(src_c, pairs_c, off_c, top_k, pair_to_row=pair_to_row.to(CUDA))
+        # src is one token short; the gather kernel needs every token's row: a zero row for it.
+        src_full = torch.cat([src_c, src_c.new_zeros(1, k)])
+        x = tops.gather_rows(src_full, pairs_c, off_c, top_k, pair_to_row=pair_to_row.to(CUDA))
         y_pair = torch.empty(rows, n, dtype=out_dtype, device=CUDA)
         _native.call(
             "tm_grouped_gemm_forward",
@@ -550,7 +552,8 @@ def test_grouped_gemm_gathered_dy_passes(
         err = rel(got, ref)
         assert err < tolerance(dtype, 1e-4), f"seed {seed}: {name} rel error {err}"
     if path == "hopper":
-        gathered = tops.gather_rows(g_c, pairs_c, off_c, top_k, pair_to_row=pair_to_row.to(CUDA))
+        g_full = torch.cat([g_c, g_c.new_zeros(1, n)])  # the missing token's zero row
+        gathered = tops.gather_rows(g_full, pairs_c, off_c, top_k, pair_to_row=pair_to_row.to(CUDA))
         dx_pair = torch.ops.turbomoe.grouped_gemm_backward_input(gathered, w_c, off_c)
         dw_pair = torch.ops.turbomoe.grouped_gemm_backward_weight(gathered, x_c, off_c, out_dtype)
         assert torch.equal(dx, dx_pair), f"seed {seed}: dx differs from gather + grad-input"
@@ -577,8 +580,9 @@ def test_grouped_gemm_gathered_op_gradients(
 
     results = {}
     for device in (torch.device("cpu"), CUDA):
-        s = src.to(device).requires_grad_()
-        ww = w.to(device).requires_grad_()
+        # Fresh leaves on each device (src.to("cpu") would be src itself).
+        s = src.detach().clone().to(device).requires_grad_()
+        ww = w.detach().clone().to(device).requires_grad_()
         if device == CUDA:
             poison()
         y = fn(s, ww, sorted_pairs.to(device), pair_to_row.to(device), offsets.to(device))
