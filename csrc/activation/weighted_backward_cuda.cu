@@ -19,15 +19,25 @@ __device__ __forceinline__ float rounded(float v) {
   return cuda::load(&t);
 }
 
-// Element (r, c) of a strided view (the scalar path).
-template <typename T>
-__device__ __forceinline__ float load_elem(const View2d& v, int64_t r, int64_t c) {
-  return cuda::load(static_cast<const T*>(v.data) + r * v.s0 + c * v.s1);
+// V elements of row r from column c: one 16-byte access when V > 1 (unit column stride), else
+// one strided element.
+template <typename T, int V>
+__device__ __forceinline__ void load_elems(const View2d& v, int64_t r, int64_t c, float* out) {
+  if constexpr (V > 1) {
+    load_pack<T, V>(v, r, c, out);
+  } else {
+    out[0] = cuda::load(static_cast<const T*>(v.data) + r * v.s0 + c * v.s1);
+  }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_elem(const View2d& v, int64_t r, int64_t c, float value) {
-  cuda::store(static_cast<T*>(v.data) + r * v.s0 + c * v.s1, value);
+template <typename T, int V>
+__device__ __forceinline__ void store_elems(const View2d& v, int64_t r, int64_t c,
+                                            const float* in) {
+  if constexpr (V > 1) {
+    store_pack<T, V>(v, r, c, in);
+  } else {
+    cuda::store(static_cast<T*>(v.data) + r * v.s0 + c * v.s1, in[0]);
+  }
 }
 
 struct RowArgs {
@@ -40,47 +50,10 @@ struct RowArgs {
 
 constexpr int kThreads = 256;
 
-// Vectors of a row a lane loads before it computes with any of them: with one access at a time
-// (the first version) a warp had three 16-byte loads a lane in flight and the kernel ran at half
-// its memory floor on an H100 (0.200 ms against 0.103 at 32k x 768). Three make a whole row of
-// the Qwen3-30B-A3B width (I = 768, bf16) one batch: nine loads a lane in flight, held packed.
-constexpr int kBatch = 3;
-
-// The math of V elements: d holds the gradient of the row's output (U), g and u the gate and up
-// values; writes gate/up's gradients and w ⊙ act, adds ⟨U, act⟩ to dot.
-template <typename T, int V>
-__device__ __forceinline__ void weighted_elems(const tm_swiglu_params& p, float w, float w_rounded,
-                                               const float* g, const float* u, const float* grad,
-                                               float* dg, float* du, float* weighted, float* dot) {
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const float act = rounded<T>(swiglu_value(p.variant, p.alpha, p.limit, g[j], u[j]));
-    *dot += grad[j] * act;
-    weighted[j] = act * w_rounded;
-    const float grad_act = rounded<T>(w * grad[j]);
-    float dgj, duj;
-    swiglu_grads(p.variant, p.alpha, p.limit, g[j], u[j], &dgj, &duj);
-    dg[j] = grad_act * dgj;
-    du[j] = grad_act * duj;
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load_raw(const View2d& v, int64_t r, int64_t c) {
-  return *reinterpret_cast<const Pack<T, V>*>(static_cast<const T*>(v.data) + r * v.s0 + c);
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void unpack(const Pack<T, V>& pack, float* out) {
-#pragma unroll
-  for (int j = 0; j < V; ++j) out[j] = cuda::load(&pack.v[j]);
-}
-
-// Two blocks an SM for the vector path: the batch's packed vectors (36 registers with bf16 x 8)
-// and the math take 124 registers without spills (ptxas, sm_90a; capped at 80 for three blocks
-// it spilled 96 bytes a thread); 16 warps an SM then keep ~74 KB of loads in flight.
+// Four blocks an SM: 64 registers a thread, without spills (ptxas, sm_90a, bf16 x 8); left to
+// itself ptxas took 72, three blocks, and the kernel ran at half its memory floor (H100).
 template <typename T, typename W, int V>
-__global__ void __launch_bounds__(kThreads, V > 1 ? 2 : 4)
+__global__ void __launch_bounds__(kThreads, 4)
     swiglu_weighted_backward_kernel(tm_swiglu_params p, int64_t rows, int64_t cols, RowArgs a) {
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int64_t warps_per_block = blockDim.x / 32;
@@ -90,43 +63,25 @@ __global__ void __launch_bounds__(kThreads, V > 1 ? 2 : 4)
     const float w = cuda::load(static_cast<const W*>(a.row_weights) + r * a.row_weights_stride);
     const float w_rounded = rounded<T>(w);
     float dot = 0.0f;
-    if constexpr (V > 1) {
-      for (int64_t c0 = static_cast<int64_t>(lane) * V; c0 < cols; c0 += 32 * V * kBatch) {
-        Pack<T, V> pg[kBatch], pu[kBatch], pd[kBatch];
+    for (int64_t c = static_cast<int64_t>(lane) * V; c < cols; c += 32 * V) {
+      float g[V], u[V], grad[V], dg[V], du[V], weighted[V];
+      load_elems<T, V>(a.gate, r, c, g);
+      load_elems<T, V>(a.up, r, c, u);
+      load_elems<T, V>(a.grad_rows, r, c, grad);
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int64_t c = c0 + b * 32 * V;
-          if (c < cols) {
-            pg[b] = load_raw<T, V>(a.gate, r, c);
-            pu[b] = load_raw<T, V>(a.up, r, c);
-            pd[b] = load_raw<T, V>(a.grad_rows, r, c);
-          }
-        }
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int64_t c = c0 + b * 32 * V;
-          if (c >= cols) break;
-          float g[V], u[V], grad[V], dg[V], du[V], weighted[V];
-          unpack<T, V>(pg[b], g);
-          unpack<T, V>(pu[b], u);
-          unpack<T, V>(pd[b], grad);
-          weighted_elems<T, V>(p, w, w_rounded, g, u, grad, dg, du, weighted, &dot);
-          store_pack<T, V>(a.grad_gate, r, c, dg);
-          store_pack<T, V>(a.grad_up, r, c, du);
-          if (want_weighted) store_pack<T, V>(a.weighted_act, r, c, weighted);
-        }
+      for (int j = 0; j < V; ++j) {
+        const float act = rounded<T>(swiglu_value(p.variant, p.alpha, p.limit, g[j], u[j]));
+        dot += grad[j] * act;
+        weighted[j] = act * w_rounded;
+        const float grad_act = rounded<T>(w * grad[j]);
+        float dgj, duj;
+        swiglu_grads(p.variant, p.alpha, p.limit, g[j], u[j], &dgj, &duj);
+        dg[j] = grad_act * dgj;
+        du[j] = grad_act * duj;
       }
-    } else {
-      for (int64_t c = lane; c < cols; c += 32) {
-        const float g = load_elem<T>(a.gate, r, c);
-        const float u = load_elem<T>(a.up, r, c);
-        const float grad = load_elem<T>(a.grad_rows, r, c);
-        float dg, du, weighted;
-        weighted_elems<T, 1>(p, w, w_rounded, &g, &u, &grad, &dg, &du, &weighted, &dot);
-        store_elem<T>(a.grad_gate, r, c, dg);
-        store_elem<T>(a.grad_up, r, c, du);
-        if (want_weighted) store_elem<T>(a.weighted_act, r, c, weighted);
-      }
+      store_elems<T, V>(a.grad_gate, r, c, dg);
+      store_elems<T, V>(a.grad_up, r, c, du);
+      if (want_weighted) store_elems<T, V>(a.weighted_act, r, c, weighted);
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
