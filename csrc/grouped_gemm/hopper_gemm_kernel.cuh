@@ -680,6 +680,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_tiles) break;
         const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
+        // Row passes: this thread's row is the same in every stage of the tile, so its pair is
+        // read once here rather than before each stage's copies (a dependent global load).
+        const char* tile_src = kRowPass ? gathered_row(p, tile.row0 + tid, tile.row_end) : nullptr;
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
           const uint32_t s = it % kStages;
           const uint32_t phase = (it / kStages) & 1u;
@@ -700,12 +703,11 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
           }
-          const int row = kRowPass ? tile.row0 + tid : tile.row0 + k * kBlockK + box_row;
-          const char* src = gathered_row(p, row, tile.row_end);
           if constexpr (kRowPass) {
-            copy_row_chunks(a_dst + first_box * kBoxBytes, box_row, src, k * kBlockK, cols,
+            copy_row_chunks(a_dst + first_box * kBoxBytes, box_row, tile_src, k * kBlockK, cols,
                             p.gather_src);
           } else {
+            const char* src = gathered_row(p, tile.row0 + k * kBlockK + box_row, tile.row_end);
             const uint32_t dst = kIntoA ? a_dst : b_dst;
             const int col0 = kIntoA ? tile.out_row0 : tile.col0;
 #pragma unroll 1
