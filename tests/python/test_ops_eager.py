@@ -89,12 +89,18 @@ def test_no_grad_call_runs_the_implementation_without_a_graph():
 
 def test_wrappers_fall_back_to_the_op_when_torch_hides_the_implementation():
     class Opaque:  # a custom-op stand-in without the _init_fn attribute
+        registered = False
+
         def __call__(self, *args):  # type: ignore[no-untyped-def]
             return "op"
+
+        def register_autograd(self, backward, setup_context):  # type: ignore[no-untyped-def]
+            self.registered = True
 
     op = Opaque()
     assert direct(op) is op
     assert differentiable(op, lambda *a: None, lambda *a: None) is op
+    assert op.registered  # the op path keeps its autograd formula
 
 
 class _CountZeroFills(TorchDispatchMode):

@@ -55,17 +55,29 @@ def direct(op: Any) -> Callable[..., Any]:
 def differentiable(
     op: Any, setup_context: Callable[..., None], backward: Callable[..., Any]
 ) -> Callable[..., Any]:
-    """``op``, registered with this ``setup_context`` / ``backward``, with an eager fast path.
+    """``op`` with this ``setup_context`` / ``backward`` registered as its autograd formula, and
+    an eager fast path.
 
     Positional arguments only, all of them passed (setup_context unpacks the full input tuple).
+    An op with several outputs (a result and side outputs: statistics, ids, stored gradients)
+    gets no materialised zeros for the outputs nobody differentiates: autograd would otherwise
+    hand its backward a zero tensor of each, a memset on every backward (the whole [V, H] lm_head
+    gradient among them); such a backward takes a missing gradient as "nothing to do".
     """
+
+    def setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        setup_context(ctx, inputs, output)
+        if isinstance(output, tuple) and len(output) > 1:
+            ctx.set_materialize_grads(False)
+
+    op.register_autograd(backward, setup_context=setup)
     impl = _implementation(op)
     if impl is None:
         return op
 
     def forward(ctx: Any, *args: Any) -> Any:
         output = impl(*args)
-        setup_context(ctx, args, output)
+        setup(ctx, args, output)
         return output
 
     # The ctx-in-forward style: a Function with a separate setup_context goes through functorch's

@@ -92,7 +92,6 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     return grad_gate, grad_up, None, None, None
 
 
-swiglu.register_autograd(_backward, setup_context=_setup_context)
 swiglu_eager = differentiable(swiglu, _setup_context, _backward)
 _swiglu_backward_eager = direct(swiglu_backward)
 

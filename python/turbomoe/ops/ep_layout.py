@@ -185,9 +185,6 @@ def _send_plan_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.num_experts, ctx.capacity, ctx.weights_dtype = num_experts, capacity, weights.dtype
     send_pairs, pair_to_row, _meta, bad = output
     ctx.mark_non_differentiable(send_pairs, pair_to_row, bad)
-    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
-    # a memset of each on every backward (for nothing: the backward ignores them).
-    ctx.set_materialize_grads(False)
 
 
 def _send_plan_backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:
@@ -202,7 +199,6 @@ def _send_plan_backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...
     return (None, grad_weights, *none)
 
 
-_ep_send_plan.register_autograd(_send_plan_backward, setup_context=_send_plan_setup)
 _ep_send_plan_eager = differentiable(_ep_send_plan, _send_plan_setup, _send_plan_backward)
 _ep_send_plan_backward_eager = direct(_ep_send_plan_backward)
 

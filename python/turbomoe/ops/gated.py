@@ -153,7 +153,6 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     return grad, None, None, None, None
 
 
-gated_activation.register_autograd(_backward, setup_context=_setup_context)
 _gated_eager = differentiable(gated_activation, _setup_context, _backward)
 _backward_eager = direct(gated_activation_backward)
 _weighted_backward_eager = direct(gated_activation_weighted_backward)

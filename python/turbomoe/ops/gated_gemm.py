@@ -74,8 +74,6 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.need_x, ctx.need_w = need_x, need_w
     ctx.w_dtype = w.dtype
     ctx.args = (variant, alpha, limit)
-    # gate_up is usually not used downstream: its gradient then stays None instead of zeros.
-    ctx.set_materialize_grads(False)
 
 
 def _backward(
@@ -95,7 +93,6 @@ def _backward(
     return dx, dw, None, None, None, None
 
 
-_grouped_gemm_gated.register_autograd(_backward, setup_context=_setup_context)
 _grouped_gemm_gated_eager = differentiable(_grouped_gemm_gated, _setup_context, _backward)
 
 

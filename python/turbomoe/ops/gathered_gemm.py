@@ -208,7 +208,6 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     return grad_src, None, None, grad_w, None, None, None
 
 
-_grouped_gemm_gathered.register_autograd(_backward, setup_context=_setup_context)
 _grouped_gemm_gathered_eager = differentiable(_grouped_gemm_gathered, _setup_context, _backward)
 _backward_weight_gathered_eager = direct(_backward_weight_gathered)
 _backward_input_gathered_eager = direct(_backward_input_gathered)

@@ -128,7 +128,6 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     return dx, dw, None
 
 
-_grouped_gemm.register_autograd(_backward, setup_context=_setup_context)
 _grouped_gemm_eager = differentiable(_grouped_gemm, _setup_context, _backward)
 _backward_input_eager = direct(_grouped_gemm_backward_input)
 _backward_weight_eager = direct(_grouped_gemm_backward_weight)

@@ -111,9 +111,6 @@ def _ce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(logits, labels, lse)
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse)
-    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
-    # a memset of each on every backward (for nothing: the backward ignores them).
-    ctx.set_materialize_grads(False)
 
 
 def _ce_backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
@@ -126,7 +123,6 @@ def _ce_backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_lse: Any) -> tu
     return grad_logits, None, None
 
 
-_cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 _cross_entropy_eager = differentiable(_cross_entropy, _ce_setup, _ce_backward)
 _cross_entropy_backward_eager = direct(_cross_entropy_backward)
 
@@ -399,9 +395,6 @@ def _lce_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
     ctx.need_weight_grad = ctx.needs_input_grad[1]
     ctx.mark_non_differentiable(lse)
-    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
-    # a memset of each on every backward (for nothing: the backward ignores them).
-    ctx.set_materialize_grads(False)
 
 
 def _lce_backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_lse: Any) -> tuple[Any, ...]:
@@ -421,7 +414,6 @@ def _lce_backward(ctx: Any, grad_loss: torch.Tensor | None, _grad_lse: Any) -> t
     return grad_hidden, grad_weight if ctx.need_weight_grad else None, None, None, None
 
 
-_linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
 _linear_cross_entropy_eager = differentiable(_linear_cross_entropy, _lce_setup, _lce_backward)
 _linear_cross_entropy_backward_eager = direct(_linear_cross_entropy_backward)
 

@@ -91,9 +91,6 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.need_weight_grad = inputs[5]
     ctx.save_for_backward(grad_hidden, grad_weight)
     ctx.mark_non_differentiable(grad_hidden, grad_weight)
-    # Autograd would otherwise hand the backward zeros for the two stored gradients: a memset of
-    # [N, H] and of the whole [V, H] lm_head on every backward (for nothing: they are ignored).
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, grad_total: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
@@ -108,7 +105,6 @@ def _backward(ctx: Any, grad_total: torch.Tensor | None, *_: Any) -> tuple[Any, 
     return scaled[0], weight_grad, None, None, None, None, None
 
 
-_linear_cross_entropy_total.register_autograd(_backward, setup_context=_setup)
 _total_eager = differentiable(_linear_cross_entropy_total, _setup, _backward)
 
 

@@ -91,9 +91,6 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(x, weight, rstd)
     ctx.need_weight_grad = weight is not None and ctx.needs_input_grad[1]
     ctx.mark_non_differentiable(rstd)
-    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
-    # a memset of each on every backward (for nothing: the backward ignores them).
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, grad_y: torch.Tensor | None, _grad_rstd: Any) -> tuple[Any, ...]:
@@ -106,7 +103,6 @@ def _backward(ctx: Any, grad_y: torch.Tensor | None, _grad_rstd: Any) -> tuple[A
     return grad_x, grad_weight.to(weight.dtype) if ctx.need_weight_grad else None, None
 
 
-_rms_norm.register_autograd(_backward, setup_context=_setup_context)
 _rms_norm_eager = differentiable(_rms_norm, _setup_context, _backward)
 _rms_norm_backward_eager = direct(_rms_norm_backward)
 

@@ -172,7 +172,6 @@ def _combine_backward_fn(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     return grad_rows, None, None, None
 
 
-_combine.register_autograd(_combine_backward_fn, setup_context=_combine_setup)
 _combine_eager = differentiable(_combine, _combine_setup, _combine_backward_fn)
 _combine_backward_eager = direct(_combine_backward)
 _combine_backward_rows_eager = direct(_combine_backward_rows)
@@ -248,7 +247,6 @@ def _gather_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     return grad_x, None, None, None, None, None
 
 
-_gather_rows.register_autograd(_gather_backward, setup_context=_gather_setup)
 _gather_rows_eager = differentiable(_gather_rows, _gather_setup, _gather_backward)
 
 

@@ -82,7 +82,6 @@ def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     return _rope_backward_eager(grad_out, cos, sin, ctx.interleaved), None, None, None
 
 
-_rope.register_autograd(_backward, setup_context=_setup_context)
 _rope_eager = differentiable(_rope, _setup_context, _backward)
 _rope_backward_eager = direct(_rope_backward)
 

@@ -156,9 +156,6 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.logits_dtype = logits.dtype
     ctx.config = inputs[2:]
     ctx.mark_non_differentiable(ids, scores)
-    # Autograd would otherwise hand the backward zeros for the non-differentiable outputs:
-    # a memset of each on every backward (for nothing: the backward ignores them).
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx: Any, grad_weights: torch.Tensor | None, *_: Any) -> tuple[Any, ...]:
@@ -171,7 +168,6 @@ def _backward(ctx: Any, grad_weights: torch.Tensor | None, *_: Any) -> tuple[Any
     return (grad_logits, None, *([None] * len(ctx.config)))
 
 
-_route.register_autograd(_backward, setup_context=_setup_context)
 _route_eager = differentiable(_route, _setup_context, _backward)
 _route_backward_eager = direct(_route_backward)
 
