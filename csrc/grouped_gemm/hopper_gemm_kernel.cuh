@@ -279,64 +279,48 @@ __device__ __forceinline__ int b_boxes(const Tile& tile, const Params& p) {
   return is_forward(P) ? 4 : min(4, ceil_div(p.out_cols - tile.col0, 64));
 }
 
-// Loads reduction chunk k of a tile into a stage. In a grad-weight cluster the CTAs share B:
-// CTA `rank` loads B boxes rank, rank + kCluster, ... into every CTA of the cluster.
+// The A operand of reduction chunk k: the row passes' 128 rows (one 2-D box), the grad-weight's
+// na 64-row boxes of dy^T.
+template <Pass P>
+__device__ __forceinline__ void load_a(const CUtensorMap* map_a, const Tile& tile, int k, int na,
+                                       uint32_t a_dst, uint32_t bar) {
+  const int kk = k * kBlockK;
+  if constexpr (P == Pass::kGradWeight) {
+    for (int i = 0; i < na; ++i) {
+      tma_load_2d(map_a, a_dst + i * kBoxBytes, bar, tile.out_row0 + 64 * i, tile.row0 + kk);
+    }
+  } else {
+    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
+  }
+}
+
+// The B operand of reduction chunk k: the forward's 256 rows of w[e] (SwiGLU: 128 gate rows,
+// then the 128 up rows of the same columns), the grad-input's nb 64-wide boxes of w[e], the
+// grad-weight's nb 64-wide boxes of x. In a grad-weight cluster the CTAs share B: CTA `rank`
+// loads boxes rank, rank + kCluster, ... into every CTA of the cluster.
 template <Pass P, int kCluster>
-__device__ __forceinline__ void issue_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
-                                            const Tile& tile, int k, int na, int nb, uint32_t a_dst,
-                                            uint32_t b_dst, uint32_t bar, const Params& p,
-                                            int rank) {
+__device__ __forceinline__ void load_b(const CUtensorMap* map_b, const Tile& tile, int k, int nb,
+                                       uint32_t b_dst, uint32_t bar, const Params& p, int rank) {
   const int kk = k * kBlockK;
   if constexpr (P == Pass::kForward) {
-    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
     tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
   } else if constexpr (P == Pass::kForwardSwiglu) {
     // Two 128-row boxes make the same swizzled 256-row operand as one (the pattern repeats
     // every 8 rows): the gate rows, then the up rows of the same columns. Past 2I TMA fills
     // zeros; a last gate box reaching past I reads up rows whose columns are never stored.
-    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
     tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
     tma_load_3d(map_b, b_dst + 2 * kBoxBytes, bar, kk, p.gate_rows + tile.col0, tile.expert);
   } else if constexpr (P == Pass::kGradInput) {
-    tma_load_2d(map_a, a_dst, bar, kk, tile.row0);
     for (int i = 0; i < nb; ++i) {
       tma_load_3d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, kk, tile.expert);
+    }
+  } else if constexpr (kCluster > 1) {
+    constexpr uint16_t kAll = (1u << kCluster) - 1u;
+    for (int i = rank; i < nb; i += kCluster) {
+      tma_load_2d_multicast(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, tile.row0 + kk,
+                            kAll);
     }
   } else {
-    const int row = tile.row0 + kk;
-    for (int i = 0; i < na; ++i) {
-      tma_load_2d(map_a, a_dst + i * kBoxBytes, bar, tile.out_row0 + 64 * i, row);
-    }
-    if constexpr (kCluster > 1) {
-      constexpr uint16_t kAll = (1u << kCluster) - 1u;
-      for (int i = rank; i < nb; i += kCluster) {
-        tma_load_2d_multicast(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row, kAll);
-      }
-    } else {
-      for (int i = 0; i < nb; ++i) {
-        tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, row);
-      }
-    }
-  }
-}
-
-// The B operand of reduction chunk k alone (A is gathered by the producer's threads), with the
-// expect-tx arrival for its bytes: the forward's one 256-row box of w[e], the grad-input's nb
-// 64-wide boxes of w[e], the grad-weight's nb 64-wide boxes of x.
-template <Pass P>
-__device__ __forceinline__ void issue_b_only(const CUtensorMap* map_b, const Tile& tile, int k,
-                                             int nb, uint32_t b_dst, uint32_t bar) {
-  const int kk = k * kBlockK;
-  if constexpr (P == Pass::kForward) {
-    mbar_arrive_expect_tx(bar, kTileBBytes);
-    tma_load_3d(map_b, b_dst, bar, kk, tile.col0, tile.expert);
-  } else if constexpr (P == Pass::kGradInput) {
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(nb * kBoxBytes));
-    for (int i = 0; i < nb; ++i) {
-      tma_load_3d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, kk, tile.expert);
-    }
-  } else if constexpr (P == Pass::kGradWeight) {
-    mbar_arrive_expect_tx(bar, static_cast<uint32_t>(nb * kBoxBytes));
     for (int i = 0; i < nb; ++i) {
       tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, tile.row0 + kk);
     }
@@ -692,15 +676,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t b_dst = a_dst + kTileABytes;
           if (tid == 0) {
             // The other operand still comes by TMA.
+            const int boxes = kIntoA ? b_boxes<P>(tile, p) : a_boxes<P>(tile, p);
+            mbar_arrive_expect_tx(bar, static_cast<uint32_t>(boxes * kBoxBytes));
             if constexpr (kIntoA) {
-              issue_b_only<P>(&map_b, tile, k, b_boxes<P>(tile, p), b_dst, bar);
+              load_b<P, kCluster>(&map_b, tile, k, boxes, b_dst, bar, p, rank);
             } else {
-              const int na = a_boxes<P>(tile, p);
-              mbar_arrive_expect_tx(bar, static_cast<uint32_t>(na * kBoxBytes));
-              for (int b = 0; b < na; ++b) {
-                tma_load_2d(&map_a, a_dst + b * kBoxBytes, bar, tile.out_row0 + 64 * b,
-                            tile.row0 + k * kBlockK);
-              }
+              load_a<P>(&map_a, tile, k, boxes, a_dst, bar);
             }
           }
           if constexpr (kRowPass) {
@@ -742,8 +723,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t bar = full_bar + 8 * s;
           const uint32_t a_dst = base + s * kStageBytes;
           mbar_arrive_expect_tx(bar, stage_bytes);
-          issue_stage<P, kCluster>(&map_a, &map_b, tile, k, na, nb, a_dst, a_dst + kTileABytes, bar,
-                                   p, rank);
+          load_a<P>(&map_a, tile, k, na, a_dst, bar);
+          load_b<P, kCluster>(&map_b, tile, k, nb, a_dst + kTileABytes, bar, p, rank);
         }
       }
     } else if (tid == 32) {
