@@ -389,23 +389,35 @@ bool gather_operands_ok(const tm_tensor& src, const tm_tensor& sorted_pairs, int
          sorted_pairs.device_index == src.device_index;
 }
 
-// Shared by forward and grad-input: a = [M, R] activations (R the reduction), w [E, N, K],
-// out [M, C]. The grid never exceeds the largest possible tile count.
+// The token gather of a row pass: A's row r is src[sorted_pairs[r] / top_k] (null: no gather).
+struct RowGather {
+  const tm_tensor* sorted_pairs = nullptr;
+  int64_t top_k = 0;
+};
+
+// Shared by forward and grad-input: a = [M, R] activations (R the reduction) or, with `gather`,
+// the token rows src [T, R] that A's rows are gathered from (kGatherA); w [E, N, K], out [M, C].
+// The grid never exceeds the largest possible tile count.
 template <Pass P>
-bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offsets,
-                  const tm_tensor& out, void* stream) {
-  if (disabled_by_env()) return false;
+bool run_row_pass(const tm_tensor& a, const RowGather& gather, const tm_tensor& w,
+                  const tm_tensor& offsets, const tm_tensor& out, void* stream) {
+  const bool gathered = gather.sorted_pairs != nullptr;
+  if (gathered ? gather_declined() : disabled_by_env()) return false;
   int64_t num_experts = 0;
-  if (!tma_operand(a, 2) || !tma_operand(w, 3) || !pair_store_output(out, 2) ||
-      !offsets_ok(offsets, &num_experts) || w.sizes[0] != num_experts) {
+  if (!tma_operand(w, 3) || !pair_store_output(out, 2) || !offsets_ok(offsets, &num_experts) ||
+      w.sizes[0] != num_experts) {
     return false;
   }
-  const int64_t m = a.sizes[0];
+  const int64_t m = out.sizes[0];
   const int64_t n = w.sizes[1];
   const int64_t k = w.sizes[2];
   const int64_t reduce = P == Pass::kForward ? k : n;
   const int64_t cols = P == Pass::kForward ? n : k;
-  if (a.sizes[1] != reduce || out.sizes[0] != m || out.sizes[1] != cols) return false;
+  // Gathered rows are copied 16 bytes at a time: aligned base and row stride, whole 8-element
+  // chunks (gather_operands_ok).
+  const bool a_ok = gathered ? gather_operands_ok(a, *gather.sorted_pairs, gather.top_k, m)
+                             : tma_operand(a, 2) && a.sizes[0] == m;
+  if (!a_ok || a.sizes[1] != reduce || out.sizes[1] != cols) return false;
   if (!on_one_device(a, {&w, &out, &offsets})) return false;
   cuda::DeviceGuard guard(a.device_index);
   int sm_count = 0;
@@ -413,7 +425,6 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
 
   // Forward reads w[e] as 256 rows of 64 K values; grad-input as four 64 x 64 boxes, 64 output
   // columns (K) by 64 reduction rows (N) each.
-  const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);
   const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
 
   Params p{};
@@ -431,56 +442,17 @@ bool run_row_pass(const tm_tensor& a, const tm_tensor& w, const tm_tensor& offse
   CUtensorMap map_out{};
   const bool tma_out = tma_storable(out);
   if (tma_out) map_out = matrix_map(out, 64);
-  launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
-                cuda::as_stream(stream));
-  return true;
-}
-
-// run_row_pass with A's rows gathered from src [T, R] (kGatherA): the forward (R = K) or the
-// grad-input (R = N).
-template <Pass P>
-bool run_row_pass_gathered(const tm_tensor& src, const tm_tensor& sorted_pairs, int64_t top_k,
-                           const tm_tensor& w, const tm_tensor& offsets, const tm_tensor& out,
-                           void* stream) {
-  if (gather_declined()) return false;
-  int64_t num_experts = 0;
-  if (!tma_operand(w, 3) || !pair_store_output(out, 2) || !offsets_ok(offsets, &num_experts) ||
-      w.sizes[0] != num_experts) {
-    return false;
+  const cudaStream_t s = cuda::as_stream(stream);
+  if (gathered) {
+    set_gather(&p, a, *gather.sorted_pairs, gather.top_k);
+    // map_b stands in for the A map, which the gathered kernel does not read.
+    launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
+                                              p, grid, a.device_index, s);
+  } else {
+    const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);
+    launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
+                  s);
   }
-  const int64_t m = out.sizes[0];
-  const int64_t n = w.sizes[1];
-  const int64_t k = w.sizes[2];
-  const int64_t reduce = P == Pass::kForward ? k : n;
-  const int64_t cols = P == Pass::kForward ? n : k;
-  // src rows are copied 16 bytes at a time: aligned base and row stride, whole 8-element chunks.
-  if (!gather_operands_ok(src, sorted_pairs, top_k, m) || src.sizes[1] != reduce ||
-      out.sizes[1] != cols) {
-    return false;
-  }
-  if (!on_one_device(src, {&w, &out, &offsets, &sorted_pairs})) return false;
-  cuda::DeviceGuard guard(src.device_index);
-  int sm_count = 0;
-  if (!device_ok(src.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
-
-  const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
-  Params p{};
-  p.offsets = static_cast<const int32_t*>(offsets.data);
-  p.out = out.data;
-  p.out_row_stride = out.strides[0];
-  p.num_experts = static_cast<int32_t>(num_experts);
-  p.m = static_cast<int32_t>(m);
-  p.reduce = static_cast<int32_t>(reduce);
-  p.out_rows = static_cast<int32_t>(m);
-  p.out_cols = static_cast<int32_t>(cols);
-  set_gather(&p, src, sorted_pairs, top_k);
-  const int grid = row_pass_grid(m, num_experts, cols, hopper_gemm::kBlockN, sm_count);
-  CUtensorMap map_out{};
-  const bool tma_out = tma_storable(out);
-  if (tma_out) map_out = matrix_map(out, 64);
-  // map_b stands in for the unused A map.
-  launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
-                                            p, grid, src.device_index, cuda::as_stream(stream));
   return true;
 }
 
@@ -593,15 +565,15 @@ bool hopper_grouped_gemm_swiglu_forward(const tm_swiglu_params& params, const tm
 bool hopper_grouped_gemm_forward(const tm_tensor& x, const tm_tensor& w,
                                  const tm_tensor& expert_offsets, const tm_tensor& y,
                                  void* stream) {
-  return run_row_pass<Pass::kForward>(x, w, expert_offsets, y, stream);
+  return run_row_pass<Pass::kForward>(x, RowGather{}, w, expert_offsets, y, stream);
 }
 
 bool hopper_grouped_gemm_forward_gathered(const tm_tensor& src, const tm_tensor& sorted_pairs,
                                           int64_t top_k, const tm_tensor& w,
                                           const tm_tensor& expert_offsets, const tm_tensor& y,
                                           void* stream) {
-  return run_row_pass_gathered<Pass::kForward>(src, sorted_pairs, top_k, w, expert_offsets, y,
-                                               stream);
+  return run_row_pass<Pass::kForward>(src, RowGather{&sorted_pairs, top_k}, w, expert_offsets, y,
+                                      stream);
 }
 
 bool hopper_grouped_gemm_backward_input_gathered(const tm_tensor& dy_src,
@@ -609,8 +581,8 @@ bool hopper_grouped_gemm_backward_input_gathered(const tm_tensor& dy_src,
                                                  const tm_tensor& w,
                                                  const tm_tensor& expert_offsets,
                                                  const tm_tensor& dx, void* stream) {
-  return run_row_pass_gathered<Pass::kGradInput>(dy_src, sorted_pairs, top_k, w, expert_offsets, dx,
-                                                 stream);
+  return run_row_pass<Pass::kGradInput>(dy_src, RowGather{&sorted_pairs, top_k}, w, expert_offsets,
+                                        dx, stream);
 }
 
 bool hopper_grouped_gemm_backward_weight_gathered(const tm_tensor& dy, const tm_tensor& src,
@@ -632,7 +604,7 @@ bool hopper_grouped_gemm_backward_weight_gathered_dy(const tm_tensor& dy_src, co
 bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,
                                         const tm_tensor& expert_offsets, const tm_tensor& dx,
                                         void* stream) {
-  return run_row_pass<Pass::kGradInput>(dy, w, expert_offsets, dx, stream);
+  return run_row_pass<Pass::kGradInput>(dy, RowGather{}, w, expert_offsets, dx, stream);
 }
 
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
