@@ -31,6 +31,21 @@ HostTensor random_offsets(std::mt19937_64& rng, int64_t experts, int64_t routed)
   return off;
 }
 
+// A permutation of the pairs [0, pairs) as sorted_pairs.
+HostTensor shuffled_pairs(std::mt19937_64& rng, int64_t pairs) {
+  std::vector<int32_t> order(static_cast<size_t>(pairs));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  HostTensor sorted({pairs}, TM_DTYPE_INT32);
+  for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
+  return sorted;
+}
+
+bool any_nonzero(const HostTensor& t) {
+  const std::vector<double> v = t.values();
+  return std::any_of(v.begin(), v.end(), [](double d) { return d != 0.0; });
+}
+
 TEST(GatheredForward, EqualsGatherThenForward) {
   auto rng = turbomoe::testing::rng_for_test();
   for (const Problem p : {Problem{7, 2, 3, 12, 16, 14, TM_DTYPE_FLOAT32, TM_DTYPE_FLOAT32},
@@ -41,14 +56,10 @@ TEST(GatheredForward, EqualsGatherThenForward) {
     const int64_t pairs = p.tokens * p.top_k + 2;
     const int64_t routed = std::max<int64_t>(p.rows - 3, 1);
     HostTensor src({p.tokens, p.k}, p.in), w({p.experts, p.n, p.k}, p.in);
-    HostTensor sorted({pairs}, TM_DTYPE_INT32);
     HostTensor off = random_offsets(rng, p.experts, routed);
     src.fill_uniform(rng);
     w.fill_uniform(rng);
-    std::vector<int32_t> order(static_cast<size_t>(pairs));
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
+    HostTensor sorted = shuffled_pairs(rng, pairs);
 
     HostTensor gathered({p.rows, p.k}, p.in), expected({p.rows, p.n}, p.out);
     HostTensor y({p.rows, p.n}, p.out);
@@ -63,7 +74,8 @@ TEST(GatheredForward, EqualsGatherThenForward) {
                                                   off.desc(), y.desc(), nullptr));
     EXPECT_EQ(y.values(), expected.values()) << "tokens " << p.tokens << " rows " << p.rows;
     // Not vacuous: a row that names a present token carries products, not zeros.
-    const int64_t present_row = order[0] / p.top_k < p.tokens ? 0 : -1;
+    const int64_t present_row =
+        static_cast<int64_t>(sorted.values()[0]) / p.top_k < p.tokens ? 0 : -1;
     if (present_row == 0) {
       const std::vector<double> v = y.values();
       EXPECT_TRUE(std::any_of(v.begin(), v.begin() + p.n, [](double d) { return d != 0.0; }));
@@ -79,14 +91,10 @@ TEST(GatheredGradWeight, EqualsGatherThenGradWeight) {
     const int64_t pairs = p.tokens * p.top_k + 2;
     const int64_t routed = p.rows - 3;
     HostTensor src({p.tokens, p.k}, p.in), dy({p.rows, p.n}, p.in);
-    HostTensor sorted({pairs}, TM_DTYPE_INT32);
     HostTensor off = random_offsets(rng, p.experts, routed);
     src.fill_uniform(rng);
     dy.fill_uniform(rng);
-    std::vector<int32_t> order(static_cast<size_t>(pairs));
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
+    HostTensor sorted = shuffled_pairs(rng, pairs);
 
     HostTensor gathered({p.rows, p.k}, p.in);
     HostTensor expected({p.experts, p.n, p.k}, p.out), dw({p.experts, p.n, p.k}, p.out);
@@ -99,24 +107,8 @@ TEST(GatheredGradWeight, EqualsGatherThenGradWeight) {
     TM_ASSERT_OK(tm_grouped_gemm_backward_weight_gathered(dy.desc(), src.desc(), sorted.desc(),
                                                           p.top_k, off.desc(), dw.desc(), nullptr));
     EXPECT_EQ(dw.values(), expected.values()) << "tokens " << p.tokens << " rows " << p.rows;
-    const std::vector<double> v = dw.values();
-    EXPECT_TRUE(std::any_of(v.begin(), v.end(), [](double d) { return d != 0.0; }));
+    EXPECT_TRUE(any_nonzero(dw));
   }
-}
-
-// A permutation of the pairs [0, pairs) as sorted_pairs.
-HostTensor shuffled_pairs(std::mt19937_64& rng, int64_t pairs) {
-  std::vector<int32_t> order(static_cast<size_t>(pairs));
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng);
-  HostTensor sorted({pairs}, TM_DTYPE_INT32);
-  for (int64_t i = 0; i < pairs; ++i) sorted.set(i, order[static_cast<size_t>(i)]);
-  return sorted;
-}
-
-bool any_nonzero(const HostTensor& t) {
-  const std::vector<double> v = t.values();
-  return std::any_of(v.begin(), v.end(), [](double d) { return d != 0.0; });
 }
 
 // dy_src holds one gradient row per token, [tokens, n]; the pass reads row r of dy from

@@ -24,6 +24,17 @@ void require_unit_last_stride(const Arg& a) {
 
 int32_t expert_count(const Arg& offsets) { return static_cast<int32_t>(offsets.size(0) - 1); }
 
+// `p` with one operand's rows gathered from src (gather_a: A's, else B's): row r is
+// src[sorted_pairs[r] / top_k].
+TiledProblem with_gather(TiledProblem p, const Arg& sorted_pairs, int64_t top_k, const Arg& src,
+                         bool gather_a) {
+  p.gather_pairs = sorted_pairs.ptr<const int32_t>();
+  p.gather_top_k = static_cast<int32_t>(top_k);
+  p.gather_src_rows = src.size(0);
+  p.gather_a = gather_a;
+  return p;
+}
+
 }  // namespace
 
 void forward_cuda(const Arg& x, const Arg& w, const Arg& offsets, const Arg& y, void* stream) {
@@ -44,27 +55,12 @@ void forward_gathered_cuda(const Arg& src, const Arg& sorted_pairs, int64_t top_
                                            y.t(), stream)) {
     return;
   }
-  TiledProblem problem{TM_GEMM_FORWARD,
-                       src.dtype(),
-                       y.dtype(),
-                       src.data(),
-                       src.stride(0),
-                       w.data(),
-                       w.stride(1),
-                       w.stride(0),
-                       y.data(),
-                       y.stride(0),
-                       0,
-                       offsets.ptr<const int32_t>(),
-                       expert_count(offsets),
-                       y.size(0),
-                       y.size(1),
-                       src.size(1),
-                       0};
-  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
-  problem.gather_top_k = static_cast<int32_t>(top_k);
-  problem.gather_src_rows = src.size(0);
-  launch_tiled(problem, stream);
+  launch_tiled(
+      with_gather({TM_GEMM_FORWARD, src.dtype(), y.dtype(), src.data(), src.stride(0), w.data(),
+                   w.stride(1), w.stride(0), y.data(), y.stride(0), 0, offsets.ptr<const int32_t>(),
+                   expert_count(offsets), y.size(0), y.size(1), src.size(1), 0},
+                  sorted_pairs, top_k, src, /*gather_a=*/true),
+      stream);
 }
 
 void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sorted_pairs,
@@ -75,28 +71,12 @@ void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sor
                                                    offsets.t(), dw.t(), stream)) {
     return;
   }
-  TiledProblem problem{TM_GEMM_GRAD_WEIGHT,
-                       src.dtype(),
-                       dw.dtype(),
-                       dy.data(),
-                       dy.stride(0),
-                       src.data(),
-                       src.stride(0),
-                       0,
-                       dw.data(),
-                       dw.stride(1),
-                       dw.stride(0),
-                       offsets.ptr<const int32_t>(),
-                       expert_count(offsets),
-                       dy.size(0),
-                       dw.size(2),
-                       0,
-                       dw.size(1)};
-  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
-  problem.gather_top_k = static_cast<int32_t>(top_k);
-  problem.gather_src_rows = src.size(0);
-  problem.gather_a = false;
-  launch_tiled(problem, stream);
+  launch_tiled(with_gather({TM_GEMM_GRAD_WEIGHT, src.dtype(), dw.dtype(), dy.data(), dy.stride(0),
+                            src.data(), src.stride(0), 0, dw.data(), dw.stride(1), dw.stride(0),
+                            offsets.ptr<const int32_t>(), expert_count(offsets), dy.size(0),
+                            dw.size(2), 0, dw.size(1)},
+                           sorted_pairs, top_k, src, /*gather_a=*/false),
+               stream);
 }
 
 void backward_weight_gathered_dy_cuda(const Arg& dy_src, const Arg& x, const Arg& sorted_pairs,
@@ -108,27 +88,12 @@ void backward_weight_gathered_dy_cuda(const Arg& dy_src, const Arg& x, const Arg
                                                       offsets.t(), dw.t(), stream)) {
     return;
   }
-  TiledProblem problem{TM_GEMM_GRAD_WEIGHT,
-                       x.dtype(),
-                       dw.dtype(),
-                       dy_src.data(),
-                       dy_src.stride(0),
-                       x.data(),
-                       x.stride(0),
-                       0,
-                       dw.data(),
-                       dw.stride(1),
-                       dw.stride(0),
-                       offsets.ptr<const int32_t>(),
-                       expert_count(offsets),
-                       x.size(0),
-                       dw.size(2),
-                       0,
-                       dw.size(1)};
-  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
-  problem.gather_top_k = static_cast<int32_t>(top_k);
-  problem.gather_src_rows = dy_src.size(0);
-  launch_tiled(problem, stream);
+  launch_tiled(with_gather({TM_GEMM_GRAD_WEIGHT, x.dtype(), dw.dtype(), dy_src.data(),
+                            dy_src.stride(0), x.data(), x.stride(0), 0, dw.data(), dw.stride(1),
+                            dw.stride(0), offsets.ptr<const int32_t>(), expert_count(offsets),
+                            x.size(0), dw.size(2), 0, dw.size(1)},
+                           sorted_pairs, top_k, dy_src, /*gather_a=*/true),
+               stream);
 }
 
 void backward_input_gathered_cuda(const Arg& dy_src, const Arg& sorted_pairs, int64_t top_k,
@@ -139,27 +104,12 @@ void backward_input_gathered_cuda(const Arg& dy_src, const Arg& sorted_pairs, in
                                                   offsets.t(), dx.t(), stream)) {
     return;
   }
-  TiledProblem problem{TM_GEMM_GRAD_INPUT,
-                       dy_src.dtype(),
-                       dx.dtype(),
-                       dy_src.data(),
-                       dy_src.stride(0),
-                       w.data(),
-                       w.stride(1),
-                       w.stride(0),
-                       dx.data(),
-                       dx.stride(0),
-                       0,
-                       offsets.ptr<const int32_t>(),
-                       expert_count(offsets),
-                       dx.size(0),
-                       dx.size(1),
-                       dy_src.size(1),
-                       0};
-  problem.gather_pairs = sorted_pairs.ptr<const int32_t>();
-  problem.gather_top_k = static_cast<int32_t>(top_k);
-  problem.gather_src_rows = dy_src.size(0);
-  launch_tiled(problem, stream);
+  launch_tiled(with_gather({TM_GEMM_GRAD_INPUT, dy_src.dtype(), dx.dtype(), dy_src.data(),
+                            dy_src.stride(0), w.data(), w.stride(1), w.stride(0), dx.data(),
+                            dx.stride(0), 0, offsets.ptr<const int32_t>(), expert_count(offsets),
+                            dx.size(0), dx.size(1), dy_src.size(1), 0},
+                           sorted_pairs, top_k, dy_src, /*gather_a=*/true),
+               stream);
 }
 
 void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const Arg& dx,

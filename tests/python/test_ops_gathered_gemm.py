@@ -90,7 +90,7 @@ def test_gathered_down_projection_passes_equal_gather_then_pass(dtype: torch.dty
     grad-weight reading dy's rows from the token rows equal gather_rows then the plain pass."""
     from turbomoe.ops.gathered_gemm import (
         _backward_input_gathered,
-        _backward_weight_gathered_dy,
+        _backward_weight_gathered,
     )
     from turbomoe.ops.grouped_gemm import (
         _grouped_gemm_backward_input,
@@ -108,7 +108,7 @@ def test_gathered_down_projection_passes_equal_gather_then_pass(dtype: torch.dty
 
     dx = _backward_input_gathered(grad_tokens, sorted_pairs, w_down, offsets, top_k, rows)
     assert torch.equal(dx, _grouped_gemm_backward_input(gathered, w_down, offsets))
-    dw = _backward_weight_gathered_dy(grad_tokens, act, sorted_pairs, offsets, top_k, dtype)
+    dw = _backward_weight_gathered(grad_tokens, act, sorted_pairs, offsets, top_k, dtype, True)
     assert torch.equal(dw, _grouped_gemm_backward_weight(gathered, act, offsets, dtype))
     # Not vacuous: routed rows carry products, the rows past them are zero, expert 2 got none.
     routed = int(offsets[-1])
@@ -127,6 +127,6 @@ def test_gathered_down_projection_passes_opcheck():
         (grad_tokens, sorted_pairs, w_down, offsets, 2, rows),
     )
     torch.library.opcheck(
-        torch.ops.turbomoe.grouped_gemm_backward_weight_gathered_dy.default,
-        (grad_tokens, act, sorted_pairs, offsets, 2, torch.float32),
+        torch.ops.turbomoe.grouped_gemm_backward_weight_gathered.default,
+        (grad_tokens, act, sorted_pairs, offsets, 2, torch.float32, True),
     )

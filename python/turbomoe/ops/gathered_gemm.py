@@ -9,8 +9,8 @@ gather's adjoint (an unweighted combine), as in the unfused pair.
 
 The lean experts' backward (ops/moe_lean.py) also needs the other two passes with a per-token
 operand: the down projection's grad-input and grad-weight read the token gradient g[t(r)] as
-their dy (``backward_input_gathered``, ``backward_weight_gathered_dy``), so that the gathered
-copy of g is never written either.
+their dy (``backward_input_gathered``, ``backward_weight_gathered`` with gather_dy), so that
+the gathered copy of g is never written either.
 """
 
 from __future__ import annotations
@@ -80,31 +80,34 @@ def _(
 @torch.library.custom_op("turbomoe::grouped_gemm_backward_weight_gathered", mutates_args=())
 def _backward_weight_gathered(
     dy: torch.Tensor,
-    src: torch.Tensor,
+    x: torch.Tensor,
     sorted_pairs: torch.Tensor,
     expert_offsets: torch.Tensor,
     top_k: int,
     w_dtype: torch.dtype,
+    gather_dy: bool,
 ) -> torch.Tensor:
-    """dw [E,N,K] = dy_eᵀ · x_e with x's row r = src[sorted_pairs[r] // top_k], in w's dtype."""
+    """dw [E,N,K] = dy_eᵀ · x_e in w's dtype, with one operand's row r read from its token rows
+    at sorted_pairs[r] // top_k: x's (x holds the tokens, dy the rows) or, with gather_dy, dy's
+    (dy holds the tokens, x the rows)."""
     experts = expert_offsets.shape[0] - 1
-    dw = torch.empty((experts, dy.shape[1], src.shape[1]), dtype=w_dtype, device=dy.device)
-    return _call(
-        "tm_grouped_gemm_backward_weight_gathered", dy, src, sorted_pairs, top_k, expert_offsets, dw
-    )
+    dw = torch.empty((experts, dy.shape[1], x.shape[1]), dtype=w_dtype, device=dy.device)
+    name = "tm_grouped_gemm_backward_weight_gathered" + ("_dy" if gather_dy else "")
+    return _call(name, dy, x, sorted_pairs, top_k, expert_offsets, dw)
 
 
 @_backward_weight_gathered.register_fake
 def _(
     dy: torch.Tensor,
-    src: torch.Tensor,
+    x: torch.Tensor,
     sorted_pairs: torch.Tensor,
     expert_offsets: torch.Tensor,
     top_k: int,
     w_dtype: torch.dtype,
+    gather_dy: bool,
 ) -> torch.Tensor:
     experts = expert_offsets.shape[0] - 1
-    return dy.new_empty((experts, dy.shape[1], src.shape[1]), dtype=w_dtype)
+    return dy.new_empty((experts, dy.shape[1], x.shape[1]), dtype=w_dtype)
 
 
 @torch.library.custom_op("turbomoe::grouped_gemm_backward_input_gathered", mutates_args=())
@@ -142,42 +145,6 @@ def _(
     return dy_src.new_empty((rows, w.shape[2]))
 
 
-@torch.library.custom_op("turbomoe::grouped_gemm_backward_weight_gathered_dy", mutates_args=())
-def _backward_weight_gathered_dy(
-    dy_src: torch.Tensor,
-    x: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    top_k: int,
-    w_dtype: torch.dtype,
-) -> torch.Tensor:
-    """dw [E,N,K] = dy_eᵀ · x_e with dy's row r = dy_src[sorted_pairs[r] // top_k], in w's dtype."""
-    experts = expert_offsets.shape[0] - 1
-    dw = torch.empty((experts, dy_src.shape[1], x.shape[1]), dtype=w_dtype, device=x.device)
-    return _call(
-        "tm_grouped_gemm_backward_weight_gathered_dy",
-        dy_src,
-        x,
-        sorted_pairs,
-        top_k,
-        expert_offsets,
-        dw,
-    )
-
-
-@_backward_weight_gathered_dy.register_fake
-def _(
-    dy_src: torch.Tensor,
-    x: torch.Tensor,
-    sorted_pairs: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    top_k: int,
-    w_dtype: torch.dtype,
-) -> torch.Tensor:
-    experts = expert_offsets.shape[0] - 1
-    return x.new_empty((experts, dy_src.shape[1], x.shape[1]), dtype=w_dtype)
-
-
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     src, sorted_pairs, pair_to_row, w, expert_offsets, top_k, _rows = inputs
     need_src, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
@@ -203,7 +170,7 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         grad_src = _combine_eager(grad_rows, pair_to_row, None, ctx.top_k)
     if ctx.need_w:
         grad_w = _backward_weight_gathered_eager(
-            dy, src, sorted_pairs, expert_offsets, ctx.top_k, ctx.w_dtype
+            dy, src, sorted_pairs, expert_offsets, ctx.top_k, ctx.w_dtype, False
         )
     return grad_src, None, None, grad_w, None, None, None
 
@@ -211,7 +178,6 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
 _grouped_gemm_gathered_eager = differentiable(_grouped_gemm_gathered, _setup_context, _backward)
 _backward_weight_gathered_eager = direct(_backward_weight_gathered)
 _backward_input_gathered_eager = direct(_backward_input_gathered)
-_backward_weight_gathered_dy_eager = direct(_backward_weight_gathered_dy)
 
 
 def grouped_gemm_gathered(

@@ -39,7 +39,6 @@ from turbomoe.ops.gated import _weighted_backward_eager as weighted_activation_b
 from turbomoe.ops.gated_gemm import _grouped_gemm_gated_eager as grouped_gemm_gated_eager
 from turbomoe.ops.gathered_gemm import (
     _backward_input_gathered_eager,
-    _backward_weight_gathered_dy_eager,
     _backward_weight_gathered_eager,
     forward_gathered_into,
 )
@@ -127,8 +126,8 @@ class _LeanExperts(torch.autograd.Function):
         del unweighted
         grad_w_down = None
         if ctx.needs_input_grad[3] and gathered is None:
-            grad_w_down = _backward_weight_gathered_dy_eager(
-                grad_out, weighted_act, sorted_pairs, offsets, top_k, w_down.dtype
+            grad_w_down = _backward_weight_gathered_eager(
+                grad_out, weighted_act, sorted_pairs, offsets, top_k, w_down.dtype, True
             )
         elif ctx.needs_input_grad[3]:
             grad_w_down = grouped_gemm_backward_weight_eager(
@@ -139,7 +138,7 @@ class _LeanExperts(torch.autograd.Function):
         if ctx.needs_input_grad[2] and fused_gather:
             # x's rows read from hidden in the GEMM's B load instead of re-gathered.
             grad_w_gate_up = _backward_weight_gathered_eager(
-                grad_gate_up, hidden, sorted_pairs, offsets, top_k, w_gate_up.dtype
+                grad_gate_up, hidden, sorted_pairs, offsets, top_k, w_gate_up.dtype, False
             )
         elif ctx.needs_input_grad[2]:
             x = _gather(hidden, plan, top_k, rows)

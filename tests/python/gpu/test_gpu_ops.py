@@ -465,13 +465,13 @@ def test_grouped_gemm_gathered_passes(
         ref_y = forward_gathered_into(
             src, sorted_pairs, top_k, w, offsets, torch.empty(rows, n, dtype=out_dtype)
         )
-        ref_dw = _backward_weight_gathered(dy, src, sorted_pairs, offsets, top_k, out_dtype)
+        ref_dw = _backward_weight_gathered(dy, src, sorted_pairs, offsets, top_k, out_dtype, False)
     src_c, pairs_c, w_c, off_c, dy_c = (t.to(CUDA) for t in (src, sorted_pairs, w, offsets, dy))
     poison()
     y = forward_gathered_into(
         src_c, pairs_c, top_k, w_c, off_c, torch.empty(rows, n, dtype=out_dtype, device=CUDA)
     )
-    dw = _backward_weight_gathered(dy_c, src_c, pairs_c, off_c, top_k, out_dtype)
+    dw = _backward_weight_gathered(dy_c, src_c, pairs_c, off_c, top_k, out_dtype, False)
     y_cpu, dw_cpu = y.cpu(), dw.cpu()
     assert torch.isfinite(y_cpu).all() and torch.isfinite(dw_cpu).all(), f"seed {seed}"
     assert float(y_cpu[routed:].abs().max()) == 0.0, f"seed {seed}: rows past offsets[E]"
@@ -517,7 +517,7 @@ def test_grouped_gemm_gathered_dy_passes(
     poisoned outputs, against the CPU reference of the same ops (large shapes: torch per expert
     in float32 on the gathered rows); on the Hopper path also bitwise against the gather kernel
     followed by the plain pass."""
-    from turbomoe.ops.gathered_gemm import _backward_input_gathered, _backward_weight_gathered_dy
+    from turbomoe.ops.gathered_gemm import _backward_input_gathered, _backward_weight_gathered
 
     monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_GATHER", "1" if path == "hopper" else "0")
     seed = fresh_seed()
@@ -539,11 +539,11 @@ def test_grouped_gemm_gathered_dy_passes(
         ref_dx, ref_dw = ref_dx.cpu(), ref_dw.cpu()
     else:
         ref_dx = _backward_input_gathered(g, sorted_pairs, w, offsets, top_k, rows).float()
-        ref_dw = _backward_weight_gathered_dy(g, x, sorted_pairs, offsets, top_k, out_dtype)
+        ref_dw = _backward_weight_gathered(g, x, sorted_pairs, offsets, top_k, out_dtype, True)
     g_c, pairs_c, w_c, off_c, x_c = (t.to(CUDA) for t in (g, sorted_pairs, w, offsets, x))
     poison()
     dx = _backward_input_gathered(g_c, pairs_c, w_c, off_c, top_k, rows)
-    dw = _backward_weight_gathered_dy(g_c, x_c, pairs_c, off_c, top_k, out_dtype)
+    dw = _backward_weight_gathered(g_c, x_c, pairs_c, off_c, top_k, out_dtype, True)
     dx_cpu, dw_cpu = dx.cpu(), dw.cpu()
     assert torch.isfinite(dx_cpu).all() and torch.isfinite(dw_cpu).all(), f"seed {seed}"
     assert float(dx_cpu[routed:].abs().max()) == 0.0, f"seed {seed}: rows past offsets[E]"
