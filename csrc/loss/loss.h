@@ -27,6 +27,11 @@ void ce_forward_cuda(const Arg& logits, const Arg& labels, int64_t ignore_index,
                      const Arg& lse, void* stream);
 void ce_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg& labels, const Arg& lse,
                       int64_t ignore_index, const Arg& grad_logits, void* stream);
+// Forward and backward with every row read once (see loss_cuda.cu); grad_logits may alias
+// logits.
+void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg& labels,
+                              int64_t ignore_index, const Arg& loss, const Arg& lse,
+                              const Arg& grad_logits, void* stream);
 
 // Float32 scratch of the CPU linear cross-entropy, as offsets (in floats) into the workspace:
 // weight^T [H,V] (so that logits are axpys over contiguous rows), one chunk of logits [C,V] and

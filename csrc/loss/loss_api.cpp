@@ -27,6 +27,17 @@ void check_labels(const Arg& labels, int64_t rows) {
   labels.index().ndim_is(1).size_is(0, rows, "one label per row");
 }
 
+// grad_logits like logits: in place is fine element for element; any other overlap would read
+// overwritten logits.
+void check_grad_logits(const Arg& grad, const Arg& logits) {
+  check_logits(grad);
+  grad.same_shape(logits);
+  if (grad.data() == logits.data() &&
+      (grad.dtype() != logits.dtype() || grad.stride(0) != logits.stride(0))) {
+    turbomoe::invalid("grad_logits aliases logits but differs in dtype or row stride");
+  }
+}
+
 void check_per_row(const Arg& a, int64_t rows) {
   a.dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, rows, "one value per row");
 }
@@ -88,12 +99,7 @@ tm_status tm_cross_entropy_backward(const tm_tensor* grad_loss, const tm_tensor*
     check_labels(lb, lg.size(0));
     check_per_row(gl, lg.size(0));
     check_per_row(le, lg.size(0));
-    check_logits(gx);
-    gx.same_shape(lg);
-    // In place is fine element for element; any other overlap would read overwritten logits.
-    if (gx.data() == lg.data() && (gx.dtype() != lg.dtype() || gx.stride(0) != lg.stride(0))) {
-      turbomoe::invalid("grad_logits aliases logits but differs in dtype or row stride");
-    }
+    check_grad_logits(gx, lg);
     const int32_t device = turbomoe::common_device({&gl, &lg, &lb, &le, &gx});
     turbomoe::require_cuda_build(device, "tm_cross_entropy_backward");
     if (lg.size(0) == 0) return;
@@ -101,6 +107,32 @@ tm_status tm_cross_entropy_backward(const tm_tensor* grad_loss, const tm_tensor*
       turbomoe::loss::ce_backward_cpu(gl, lg, lb, le, ignore_index, gx);
     } else {
       TM_CUDA_ONLY(turbomoe::loss::ce_backward_cuda(gl, lg, lb, le, ignore_index, gx, stream));
+    }
+  });
+}
+
+tm_status tm_cross_entropy_forward_backward(const tm_tensor* grad_loss, const tm_tensor* logits,
+                                            const tm_tensor* labels, int64_t ignore_index,
+                                            tm_tensor* loss, tm_tensor* lse, tm_tensor* grad_logits,
+                                            void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg gl(grad_loss, "grad_loss"), lg(logits, "logits"), lb(labels, "labels");
+    const Arg ls(loss, "loss"), le(lse, "lse"), gx(grad_logits, "grad_logits");
+    check_logits(lg);
+    check_labels(lb, lg.size(0));
+    check_per_row(gl, lg.size(0));
+    check_per_row(ls, lg.size(0));
+    check_per_row(le, lg.size(0));
+    check_grad_logits(gx, lg);
+    const int32_t device = turbomoe::common_device({&gl, &lg, &lb, &ls, &le, &gx});
+    turbomoe::require_cuda_build(device, "tm_cross_entropy_forward_backward");
+    if (lg.size(0) == 0) return;
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::loss::ce_forward_cpu(lg, lb, ignore_index, ls, le);
+      turbomoe::loss::ce_backward_cpu(gl, lg, lb, le, ignore_index, gx);
+    } else {
+      TM_CUDA_ONLY(
+          turbomoe::loss::ce_forward_backward_cuda(gl, lg, lb, ignore_index, ls, le, gx, stream));
     }
   });
 }

@@ -143,6 +143,46 @@ TEST_P(CrossEntropyTest, BackwardInPlaceMatchesOutOfPlace) {
   EXPECT_EQ(logits.values(), grad.values());
 }
 
+TEST_P(CrossEntropyTest, ForwardBackwardMatchesTheTwoCalls) {
+  const int32_t dtype = GetParam();
+  auto rng = turbomoe::testing::rng_for_test();
+  const int64_t rows = 11, vocab = 93;
+  HostTensor logits({rows, vocab}, dtype), grad({rows, vocab}, dtype);
+  logits.fill_uniform(rng, -4, 4);
+  HostTensor labels = random_labels(rows, vocab, rng);
+  HostTensor loss({rows}, TM_DTYPE_FLOAT32), lse({rows}, TM_DTYPE_FLOAT32);
+  HostTensor grad_loss({rows}, TM_DTYPE_FLOAT32);
+  grad_loss.fill_uniform(rng, 0.5, 2);
+  TM_ASSERT_OK(tm_cross_entropy_forward(logits.desc(), labels.desc(), kIgnore, loss.desc(),
+                                        lse.desc(), nullptr));
+  TM_ASSERT_OK(tm_cross_entropy_backward(grad_loss.desc(), logits.desc(), labels.desc(), lse.desc(),
+                                         kIgnore, grad.desc(), nullptr));
+  HostTensor loss2({rows}, TM_DTYPE_FLOAT32), lse2({rows}, TM_DTYPE_FLOAT32);
+  loss2.poison();
+  lse2.poison();
+  // In place: the gradient overwrites the logits it is formed from.
+  TM_ASSERT_OK(tm_cross_entropy_forward_backward(grad_loss.desc(), logits.desc(), labels.desc(),
+                                                 kIgnore, loss2.desc(), lse2.desc(), logits.desc(),
+                                                 nullptr));
+  EXPECT_EQ(loss2.values(), loss.values());
+  EXPECT_EQ(lse2.values(), lse.values());
+  EXPECT_EQ(logits.values(), grad.values());
+}
+
+TEST(CrossEntropy, ForwardBackwardRejectsAMisalignedAlias) {
+  const int64_t rows = 4, vocab = 16;
+  HostTensor logits({rows, vocab}, TM_DTYPE_FLOAT32);
+  HostTensor labels({rows}, TM_DTYPE_INT64);
+  HostTensor loss({rows}, TM_DTYPE_FLOAT32), lse({rows}, TM_DTYPE_FLOAT32);
+  HostTensor grad_loss({rows}, TM_DTYPE_FLOAT32);
+  tm_tensor as_bf16 = *logits.desc();
+  as_bf16.dtype = TM_DTYPE_BFLOAT16;
+  TM_EXPECT_ERROR(
+      tm_cross_entropy_forward_backward(grad_loss.desc(), logits.desc(), labels.desc(), kIgnore,
+                                        loss.desc(), lse.desc(), &as_bf16, nullptr),
+      TM_ERR_INVALID_ARGUMENT, "aliases logits");
+}
+
 INSTANTIATE_TEST_SUITE_P(CrossEntropy, CrossEntropyTest,
                          ::testing::Values(TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16));
 

@@ -441,6 +441,15 @@ TM_API tm_status tm_cross_entropy_backward(const tm_tensor* grad_loss, const tm_
                                            const tm_tensor* labels, const tm_tensor* lse,
                                            int64_t ignore_index, tm_tensor* grad_logits,
                                            void* stream);
+/* Both at once, for a caller that has the upstream gradient before the forward (a loss that is
+ * a fixed scale of the summed rows): loss and lse as tm_cross_entropy_forward, grad_logits as
+ * tm_cross_entropy_backward with that lse (may alias logits). On CUDA each row is read from
+ * memory once, where the two calls read it twice. */
+TM_API tm_status tm_cross_entropy_forward_backward(const tm_tensor* grad_loss,
+                                                   const tm_tensor* logits, const tm_tensor* labels,
+                                                   int64_t ignore_index, tm_tensor* loss,
+                                                   tm_tensor* lse, tm_tensor* grad_logits,
+                                                   void* stream);
 
 /* Fused linear cross-entropy: logits = hidden [N,H] . weight [V,H]^T never exist beyond one
  * chunk of chunk_rows rows at a time. */

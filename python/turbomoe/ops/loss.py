@@ -64,6 +64,29 @@ def _ce_backward_into(
     )
 
 
+def _ce_forward_backward_into(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    loss: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logits: torch.Tensor,
+) -> None:
+    """Both of the above in one call (each row read once on CUDA); grad_logits may be logits."""
+    _native.call(
+        "tm_cross_entropy_forward_backward",
+        _native.describe(grad_loss),
+        _native.describe(logits),
+        _native.describe(labels),
+        ignore_index,
+        _native.describe(loss),
+        _native.describe(lse),
+        _native.describe(grad_logits),
+        _native.stream_for(logits),
+    )
+
+
 @torch.library.custom_op("turbomoe::cross_entropy", mutates_args=())
 def _cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
@@ -227,12 +250,24 @@ def _lce_backward_cuda(
         h = hidden[start:end]
         logits = torch.mm(h, weight.t())
         if loss_out is not None:
-            _ce_forward_into(
-                logits, labels[start:end], ignore_index, loss_out[start:end], lse[start:end]
+            _ce_forward_backward_into(
+                grad_loss[start:end],
+                logits,
+                labels[start:end],
+                ignore_index,
+                loss_out[start:end],
+                lse[start:end],
+                logits,
             )
-        _ce_backward_into(
-            grad_loss[start:end], logits, labels[start:end], lse[start:end], ignore_index, logits
-        )
+        else:
+            _ce_backward_into(
+                grad_loss[start:end],
+                logits,
+                labels[start:end],
+                lse[start:end],
+                ignore_index,
+                logits,
+            )
         torch.mm(logits, weight, out=grad_hidden[start:end])
         if direct:
             torch.mm(logits.t(), h, out=grad_weight)

@@ -1012,6 +1012,56 @@ def test_cross_entropy(rows, vocab, large, dtype):
     check(fn, [logits, labels], [0], dtype, seed, reference=reference if large else None)
 
 
+# The one-pass forward + backward: a row over 1 CTA (101: unvectorised), 2 (bf16 151,936), 4
+# (float32 151,936), 8 (float32 400,000) CTAs of a cluster, and the two-kernel path (float32
+# 1,000,000: too long for 8 CTAs' shared memory).
+CE_FORWARD_BACKWARD = [(13, 101), (257, 151936), (64, 400000), (16, 1000000)]
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "vocab"), CE_FORWARD_BACKWARD)
+def test_cross_entropy_forward_backward(rows, vocab, dtype, in_place):
+    """tm_cross_entropy_forward_backward against float64 torch: loss, lse and the gradient
+    (grad_loss[r] * (softmax - onehot)), ignored rows zero, an out-of-range label NaN."""
+    from turbomoe.ops.loss import _ce_forward_backward_into
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::5] = -100
+    labels[-1] = vocab  # invalid: NaN loss and gradient row, no host sync
+    grad_loss = torch.rand(rows, generator=gen) + 0.5
+    z = logits.double()
+    lse_ref = torch.logsumexp(z, dim=1)
+    valid = labels >= 0
+    safe = labels.clamp(0, vocab - 1)
+    loss_ref = torch.where(valid, lse_ref - z.gather(1, safe[:, None])[:, 0], 0.0)
+    onehot = torch.zeros_like(z).scatter_(1, safe[:, None], 1.0)
+    grad_ref = grad_loss.double()[:, None] * (torch.softmax(z, dim=1) - onehot)
+    grad_ref[~valid] = 0.0
+
+    poison()
+    lg = logits.to(CUDA)
+    loss = torch.empty(rows, device=CUDA)
+    lse = torch.empty(rows, device=CUDA)
+    grad = lg if in_place else torch.empty_like(lg)
+    _ce_forward_backward_into(grad_loss.to(CUDA), lg, labels.to(CUDA), -100, loss, lse, grad)
+    loss, lse, grad = loss.cpu(), lse.cpu(), grad.cpu().double()
+
+    ok = valid.clone()
+    ok[-1] = False
+    assert torch.isnan(loss[-1]) and torch.isnan(grad[-1]).all()
+    assert torch.equal(loss[~valid], torch.zeros(int((~valid).sum())))
+    assert torch.equal(grad[~valid], torch.zeros_like(grad[~valid]))
+    assert torch.equal(lse[~valid], torch.zeros(int((~valid).sum())))
+    # The loss and lse are formed in float32 from the (dtype) logits the reference also reads.
+    assert rel(loss[ok], loss_ref[ok]) < 1e-5
+    assert rel(lse[ok], lse_ref[ok]) < 1e-5
+    assert rel(grad[ok], grad_ref[ok]) < tolerance(dtype)
+
+
 # Several chunks and one chunk (rows <= chunk: the summed op's single pass), small and large.
 LINEAR_CE_CASES = [
     (13, 72, 101, 5, False),
