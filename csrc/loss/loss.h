@@ -33,6 +33,10 @@ void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg
                               int64_t ignore_index, const Arg& loss, const Arg& lse,
                               const Arg& grad_logits, void* stream);
 
+// x *= scale (rounded to x's dtype) unless scale == 1; scale one float32 element.
+void scale_unless_one_cpu(const Arg& scale, const Arg& x);
+void scale_unless_one_cuda(const Arg& scale, const Arg& x, void* stream);
+
 // Float32 scratch of the CPU linear cross-entropy, as offsets (in floats) into the workspace:
 // weight^T [H,V] (so that logits are axpys over contiguous rows), one chunk of logits [C,V] and
 // of hidden [C,H]; the backward adds a float32 copy of a bfloat16 weight [V,H] and a float32

@@ -451,6 +451,13 @@ TM_API tm_status tm_cross_entropy_forward_backward(const tm_tensor* grad_loss,
                                                    tm_tensor* lse, tm_tensor* grad_logits,
                                                    void* stream);
 
+/* x *= scale, skipped (nothing read or written) when scale is exactly 1, decided on the device
+ * without a host sync. scale: one float32 element on x's device (a loss's upstream gradient,
+ * normally the autograd seed 1); x: contiguous float32 / bfloat16, in place, scale rounded to
+ * x's dtype first. For gradients formed in a loss's forward (ops/loss_total.py), so that the
+ * backward of a unit seed costs a launch instead of a pass over the lm_head's gradient. */
+TM_API tm_status tm_scale_unless_one(const tm_tensor* scale, tm_tensor* x, void* stream);
+
 /* Fused linear cross-entropy: logits = hidden [N,H] . weight [V,H]^T never exist beyond one
  * chunk of chunk_rows rows at a time. */
 typedef struct tm_linear_ce_params {

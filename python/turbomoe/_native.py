@@ -166,6 +166,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_cross_entropy_forward": (_I32, [_T, _T, _I64, _T, _T, _P]),
     "tm_cross_entropy_backward": (_I32, [_T, _T, _T, _T, _I64, _T, _P]),
     "tm_cross_entropy_forward_backward": (_I32, [_T, _T, _T, _I64, _T, _T, _T, _P]),
+    "tm_scale_unless_one": (_I32, [_T, _T, _P]),
     "tm_linear_cross_entropy_workspace_size": (
         _I32,
         [ctypes.POINTER(LinearCeParams), _I64, _I64, _I64, _I32, _SZP],

@@ -87,6 +87,23 @@ def _ce_forward_backward_into(
     )
 
 
+@torch.library.custom_op("turbomoe::scale_unless_one", mutates_args=("x",))
+def scale_unless_one(scale: torch.Tensor, x: torch.Tensor) -> None:
+    """x *= scale (one float32 element, rounded to x's dtype) in place, skipped on the device
+    when scale is exactly 1: no host sync, and a unit upstream gradient costs one launch."""
+    _native.call(
+        "tm_scale_unless_one",
+        _native.describe(scale),
+        _native.describe(x),
+        _native.stream_for(x),
+    )
+
+
+@scale_unless_one.register_fake
+def _(scale: torch.Tensor, x: torch.Tensor) -> None:
+    return None
+
+
 @torch.library.custom_op("turbomoe::cross_entropy", mutates_args=())
 def _cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int

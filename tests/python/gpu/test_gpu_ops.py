@@ -1062,6 +1062,31 @@ def test_cross_entropy_forward_backward(rows, vocab, dtype, in_place):
     assert rel(grad[ok], grad_ref[ok]) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [1, 1000, 622 * 1024 + 8])
+def test_scale_unless_one(numel, dtype):
+    """A unit scale leaves every bit (NaNs included) as it was; another scale equals the CPU
+    reference bit for bit (the product of x and the scale rounded to x's dtype)."""
+    from turbomoe.ops.loss import scale_unless_one
+
+    gen = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(numel, generator=gen).to(dtype)
+    x[::7] = float("nan")
+    on_gpu = x.to(CUDA)
+    scale_unless_one(torch.ones(1, device=CUDA), on_gpu)
+    assert torch.equal(on_gpu.cpu().view(torch.uint8), x.view(torch.uint8))
+    for s in (0.3, -2.0, 0.0):
+        want = x.clone()
+        scale_unless_one(torch.full((1,), s), want)
+        got = x.to(CUDA)
+        scale_unless_one(torch.full((1,), s, device=CUDA), got)
+        got = got.cpu()
+        # NaN payloads may differ between the CPU and CUDA roundings; positions may not.
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        assert torch.equal(got[finite].view(torch.uint8), want[finite].view(torch.uint8))
+
+
 # Several chunks and one chunk (rows <= chunk: the summed op's single pass), small and large.
 LINEAR_CE_CASES = [
     (13, 72, 101, 5, False),
