@@ -168,34 +168,32 @@ __device__ __forceinline__ int cta_tile(int i, const Params& p) {
                                                               : i * grid + cta;
 }
 
-// The token whose row is the gathered operand's row `row` (< row_end: of the tile's expert):
-// gather_pairs[row] / gather_top_k, or -1 (zeros) past the expert's end or for a token outside
-// gather_src.
-__device__ __forceinline__ int gathered_token(const Params& p, int row, int row_end) {
-  if (row >= row_end) return -1;
+// The gathered operand's row `row` (< row_end: of the tile's expert): row
+// gather_pairs[row] / gather_top_k of gather_src, or null (zeros) past the expert's end or for a
+// token outside gather_src.
+__device__ __forceinline__ const char* gathered_row(const Params& p, int row, int row_end) {
+  if (row >= row_end) return nullptr;
   const int pair = p.gather_pairs[row];
   const int token = pair >= 0 ? pair / p.gather_top_k : -1;
-  return token < p.gather_src_rows ? token : -1;
+  if (token < 0 || token >= p.gather_src_rows) return nullptr;
+  return static_cast<const char*>(p.gather_src) +
+         static_cast<int64_t>(token) * p.gather_src_stride * 2;
 }
 
-// The gathered copies are laid out for coalescing: the 8 threads of a group of 8 lanes copy the
-// 8 16-byte chunks of one row's 128 bytes, so a warp's cp.async touches 4 rows (4 lines) rather
-// than 32 (one chunk of each of 32 rows: 32 L1 wavefronts an instruction, which made the loads,
-// not the tensor cores, the bound of the gathered passes). Thread t copies chunk t % 8 of rows
-// t / 8 + 16 i.
-inline constexpr int kGatherRowStride = 128 / 8;
-
-// Chunk `chunk` (columns col + 8 chunk, +8) of token `token`'s bf16 row (-1: zeros) into row
-// box_row of a 64 x 64 box with the 128-byte swizzle, as TMA would have written it: chunk j to
-// slot j ^ (box_row % 8). Columns at or past `cols` read as zeros; a zero chunk still names a
-// valid address (gather_src) though it reads nothing.
-__device__ __forceinline__ void copy_gathered_chunk(uint32_t box, int box_row, int chunk, int token,
-                                                    int col, int cols, const Params& p) {
-  const int c = col + 8 * chunk;
-  const bool copy = token >= 0 && c < cols;
-  const int64_t element = copy ? static_cast<int64_t>(token) * p.gather_src_stride + c : 0;
-  cp_async_16(box + box_row * 128 + ((chunk ^ (box_row & 7)) << 4),
-              static_cast<const char*>(p.gather_src) + 2 * element, copy ? 16u : 0u);
+// Columns [col, col + 64) of a bf16 row (src; null: zeros) into row box_row of a 64 x 64 box
+// with the 128-byte swizzle, as TMA would have written it: 16-byte chunk j to slot
+// j ^ (box_row % 8). Columns at or past `cols` read as zeros; a zero chunk still names a valid
+// address (`anywhere`) though it reads nothing.
+__device__ __forceinline__ void copy_row_chunks(uint32_t box, int box_row, const char* src, int col,
+                                                int cols, const void* anywhere) {
+  const uint32_t row_addr = box + box_row * 128;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int c = col + 8 * j;
+    const bool copy = src != nullptr && c < cols;
+    cp_async_16(row_addr + ((j ^ (box_row & 7)) << 4), copy ? src + 2 * c : anywhere,
+                copy ? 16u : 0u);
+  }
 }
 
 // One output tile of the schedule.
@@ -625,11 +623,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = tid / 128;
   if (warpgroup == 0) {
     // Producer: one thread streams both operands of every stage.
-    if constexpr (kGather != kGatherNone) {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 48;");
-    } else {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    }
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     // The zero tiles of experts without rows (grad-weight with a zero box; thread 32): TMA
     // stores of the zero box, at most a few tiles in flight so that they share the memory
     // system with the operand loads. This CTA's are zero_tile, + gridDim.x, ...
@@ -653,34 +647,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       zero_tile += static_cast<int>(gridDim.x);
     };
     if constexpr (kGather != kGatherNone) {
-      // Row passes: the A stage's 128 rows (two 64-row boxes); the tile's rows are the same in
-      // every stage, so their tokens are read once a tile. Grad-weight: the stage's 64 reduction
-      // rows, 64 columns a box: A (dy^T) 2 boxes, or B (x) 4. Rows past the expert's end read as
-      // zeros (the row passes' feed only dropped outputs; the grad-weight's must add nothing,
-      // and its consumers clear them as well).
+      // Row passes: thread tid copies row tid of the A stage (two 64-row boxes, one a thread).
+      // Grad-weight: row tid % 64 of the stage's reduction chunk into the gathered operand's
+      // boxes, 64 columns each: A (dy^T) box tid / 64, or B (x) boxes 2 (tid / 64) and the next.
+      // Rows past the expert's end read as zeros (the row passes' feed only dropped outputs; the
+      // grad-weight's must add nothing, and its consumers clear them as well).
       constexpr bool kRowPass = P != Pass::kGradWeight;
       constexpr bool kIntoA = kGather == kGatherA;
-      constexpr int kRowsPerThread = (kRowPass ? kBlockM : kBlockK) / kGatherRowStride;
-      constexpr int kBoxes = kRowPass || kIntoA ? 2 : 4;
-      const int chunk = tid & 7;
-      const int first_row = tid >> 3;
+      constexpr int kBoxesPerThread = kRowPass || kIntoA ? 1 : 2;
+      const int box_row = tid & 63;
+      const int first_box = kBoxesPerThread * (tid >> 6);
       // Multiples of 8 (host-checked): the gathered matrix's width.
       const int cols = kRowPass ? p.reduce : (kIntoA ? p.out_rows : p.out_cols);
-      int tokens[kRowsPerThread];
       uint32_t it = 0;
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_tiles) break;
         const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
+        // Row passes: this thread's row is the same in every stage of the tile, so its pair is
+        // read once here rather than before each stage's copies (a dependent global load).
+        const char* tile_src = kRowPass ? gathered_row(p, tile.row0 + tid, tile.row_end) : nullptr;
         for (int k = 0; k < tile.k_iters; ++k, ++it) {
           const uint32_t s = it % kStages;
           const uint32_t phase = (it / kStages) & 1u;
-          // Read before the wait: the dependent loads overlap the consumers' last stage.
-          const int stage_row0 = tile.row0 + (kRowPass ? 0 : k * kBlockK) + first_row;
-#pragma unroll
-          for (int r = 0; r < kRowsPerThread; ++r) {
-            tokens[r] = gathered_token(p, stage_row0 + kGatherRowStride * r, tile.row_end);
-          }
           mbar_wait(empty_bar + 8 * s, phase ^ 1u);
           const uint32_t bar = full_bar + 8 * s;
           const uint32_t a_dst = base + s * kStageBytes;
@@ -696,22 +685,15 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
           }
           if constexpr (kRowPass) {
-#pragma unroll
-            for (int r = 0; r < kRowsPerThread; ++r) {
-              const int row = first_row + kGatherRowStride * r;
-              copy_gathered_chunk(a_dst + (row >> 6) * kBoxBytes, row & 63, chunk, tokens[r],
-                                  k * kBlockK, cols, p);
-            }
+            copy_row_chunks(a_dst + first_box * kBoxBytes, box_row, tile_src, k * kBlockK, cols,
+                            p.gather_src);
           } else {
+            const char* src = gathered_row(p, tile.row0 + k * kBlockK + box_row, tile.row_end);
             const uint32_t dst = kIntoA ? a_dst : b_dst;
             const int col0 = kIntoA ? tile.out_row0 : tile.col0;
-#pragma unroll
-            for (int b = 0; b < kBoxes; ++b) {
-#pragma unroll
-              for (int r = 0; r < kRowsPerThread; ++r) {
-                copy_gathered_chunk(dst + b * kBoxBytes, first_row + kGatherRowStride * r, chunk,
-                                    tokens[r], col0 + 64 * b, cols, p);
-              }
+#pragma unroll 1
+            for (int b = first_box; b < first_box + kBoxesPerThread; ++b) {
+              copy_row_chunks(dst + b * kBoxBytes, box_row, src, col0 + 64 * b, cols, p.gather_src);
             }
           }
           cp_async_arrive(bar);
@@ -750,11 +732,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (zero_tiles > 0) bulk_wait_all();
     }
   } else {
-    if constexpr (kGather != kGatherNone) {
-      asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
-    } else {
-      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
     const int consumer = warpgroup - 1;  // which 64-row half of the tile
     const int ctid = tid - 128;          // 0..255 over both consumers
     const int wg_tid = tid & 127;
