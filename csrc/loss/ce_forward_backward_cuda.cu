@@ -5,13 +5,15 @@
 // traffic a bf16 logit instead of 3 (Qwen3's 151,936-token head: 1.24 GB a 4096-row step less).
 //
 // A row of V logits is split over a cluster of C CTAs (C = 1, 2, 4 or 8, the fewest whose slice
-// fits in one CTA's shared memory), each holding V / C of them; the CTAs exchange their
+// is small enough for several CTAs an SM), each holding V / C of them; the CTAs exchange their
 // (max, sum of exp) pairs through distributed shared memory and merge all C in rank order, so
 // every CTA forms the same log-sum-exp bits. Rows too long for 8 CTAs, and GPUs without clusters
 // (or builds without sm_90 code), take the two-kernel path.
 #include <cooperative_groups.h>
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "loss/ce_math.cuh"
@@ -23,11 +25,14 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-// 512 threads: a CTA is alone on its SM (its slice fills shared memory), so it needs this many
-// 16-byte loads in flight to keep its share of the memory system busy.
-constexpr int kThreads = 512;
+// Several CTAs an SM: while one waits for its slice's loads (latency-bound on its own), the
+// others load or write. A first version with the fewest CTAs (a 152 KB slice each, one an SM,
+// 512 threads) measured 1.74 ms for Qwen3's head on an H100, slower than the two kernels.
+constexpr int kThreads = 256;
 constexpr int kMaxCluster = 8;  // the portable cluster size
-// Shared memory for the slice: the opt-in limit (227 KiB) less the static reduction buffers.
+// A slice this small lets 4 CTAs share an SM; rows too long for that at 8 CTAs take slices up
+// to the opt-in limit (227 KiB less the static reduction buffers).
+constexpr int64_t kSharedSliceBytes = 48 * 1024;
 constexpr int64_t kMaxSliceBytes = 224 * 1024;
 
 // Logits a CTA holds: V / C rounded up to whole vectors (the slices start vector-aligned).
@@ -128,10 +133,11 @@ int cluster_for(Kernel kernel, int64_t vocab, int vec, int device) {
   cuda::check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
   // Clusters need sm_90 hardware and the kernel's sm_90 code (not the sm_80 PTX JIT-compiled).
   if (major < 9 || attr.ptxVersion < 90) return 0;
+  const auto bytes = [&](int c) { return slice_len(vocab, c, vec) * int64_t(sizeof(T)); };
   for (int c = 1; c <= kMaxCluster; c *= 2) {
-    if (slice_len(vocab, c, vec) * static_cast<int64_t>(sizeof(T)) <= kMaxSliceBytes) return c;
+    if (bytes(c) <= kSharedSliceBytes) return c;
   }
-  return 0;
+  return bytes(kMaxCluster) <= kMaxSliceBytes ? kMaxCluster : 0;
 }
 
 }  // namespace
@@ -144,42 +150,46 @@ void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const bool vec =
       vocab % cuda::kVecElems == 0 && cuda::vectorisable(logits) && cuda::vectorisable(grad_logits);
+  // TURBOMOE_CE_ONE_PASS=0: the two kernels, for an A/B of this one on the same machine.
+  const char* one_pass = std::getenv("TURBOMOE_CE_ONE_PASS");
   bool fused = false;
-  cuda::dispatch_f32_bf16(logits.dtype(), [&](auto t_tag) {
-    using T = Elem<decltype(t_tag)>;
-    cuda::dispatch_f32_bf16(grad_logits.dtype(), [&](auto g_tag) {
-      using G = Elem<decltype(g_tag)>;
-      const int n = vec ? cuda::kVecElems : 1;
-      auto kernel =
-          vec ? forward_backward_kernel<T, G, cuda::kVecElems> : forward_backward_kernel<T, G, 1>;
-      const int ctas = cluster_for<T>(kernel, vocab, n, device_index);
-      if (ctas == 0 || rows * ctas > INT_MAX) return;
-      const int64_t slice = slice_len(vocab, ctas, n);
-      const size_t smem = static_cast<size_t>(slice) * sizeof(T);
-      cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem)),
-                  "cudaFuncSetAttribute");
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(static_cast<unsigned>(rows * ctas));
-      config.blockDim = dim3(kThreads);
-      config.dynamicSmemBytes = smem;
-      config.stream = cuda::as_stream(stream);
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      config.attrs = attr;
-      config.numAttrs = 1;
-      cuda::check(cudaLaunchKernelEx(&config, kernel, vocab, slice, logits.ptr<const T>(),
-                                     logits.stride(0), labels_of(labels), ignore_index,
-                                     grad_loss.ptr<const float>(), grad_loss.stride(0),
-                                     loss.ptr<float>(), loss.stride(0), lse.ptr<float>(),
-                                     lse.stride(0), grad_logits.ptr<G>(), grad_logits.stride(0)),
-                  "cudaLaunchKernelEx (cross-entropy forward_backward_kernel)");
-      fused = true;
+  if (one_pass == nullptr || std::strcmp(one_pass, "0") != 0) {
+    cuda::dispatch_f32_bf16(logits.dtype(), [&](auto t_tag) {
+      using T = Elem<decltype(t_tag)>;
+      cuda::dispatch_f32_bf16(grad_logits.dtype(), [&](auto g_tag) {
+        using G = Elem<decltype(g_tag)>;
+        const int n = vec ? cuda::kVecElems : 1;
+        auto kernel =
+            vec ? forward_backward_kernel<T, G, cuda::kVecElems> : forward_backward_kernel<T, G, 1>;
+        const int ctas = cluster_for<T>(kernel, vocab, n, device_index);
+        if (ctas == 0 || rows * ctas > INT_MAX) return;
+        const int64_t slice = slice_len(vocab, ctas, n);
+        const size_t smem = static_cast<size_t>(slice) * sizeof(T);
+        cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)),
+                    "cudaFuncSetAttribute");
+        cudaLaunchConfig_t config{};
+        config.gridDim = dim3(static_cast<unsigned>(rows * ctas));
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = smem;
+        config.stream = cuda::as_stream(stream);
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        config.attrs = attr;
+        config.numAttrs = 1;
+        cuda::check(cudaLaunchKernelEx(&config, kernel, vocab, slice, logits.ptr<const T>(),
+                                       logits.stride(0), labels_of(labels), ignore_index,
+                                       grad_loss.ptr<const float>(), grad_loss.stride(0),
+                                       loss.ptr<float>(), loss.stride(0), lse.ptr<float>(),
+                                       lse.stride(0), grad_logits.ptr<G>(), grad_logits.stride(0)),
+                    "cudaLaunchKernelEx (cross-entropy forward_backward_kernel)");
+        fused = true;
+      });
     });
-  });
+  }
   if (fused) return;
   ce_forward_cuda(logits, labels, ignore_index, loss, lse, stream);
   ce_backward_cuda(grad_loss, logits, labels, lse, ignore_index, grad_logits, stream);

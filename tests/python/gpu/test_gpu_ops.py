@@ -1012,10 +1012,10 @@ def test_cross_entropy(rows, vocab, large, dtype):
     check(fn, [logits, labels], [0], dtype, seed, reference=reference if large else None)
 
 
-# The one-pass forward + backward: a row over 1 CTA (101: unvectorised), 2 (bf16 151,936), 4
-# (float32 151,936), 8 (float32 400,000) CTAs of a cluster, and the two-kernel path (float32
-# 1,000,000: too long for 8 CTAs' shared memory).
-CE_FORWARD_BACKWARD = [(13, 101), (257, 151936), (64, 400000), (16, 1000000)]
+# The one-pass forward + backward: a row over 1 CTA (101: unvectorised), 2 (bf16 32,000) or 4
+# (float32 32,000) CTAs of a cluster with small slices, 8 (151,936) and 8 with large slices
+# (400,000), and the two-kernel path (1,000,000: too long for 8 CTAs' shared memory).
+CE_FORWARD_BACKWARD = [(13, 101), (64, 32000), (257, 151936), (64, 400000), (16, 1000000)]
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
