@@ -443,8 +443,9 @@ TM_API tm_status tm_cross_entropy_backward(const tm_tensor* grad_loss, const tm_
                                            void* stream);
 /* Both at once, for a caller that has the upstream gradient before the forward (a loss that is
  * a fixed scale of the summed rows): loss and lse as tm_cross_entropy_forward, grad_logits as
- * tm_cross_entropy_backward with that lse (may alias logits). On CUDA each row is read from
- * memory once, where the two calls read it twice. */
+ * tm_cross_entropy_backward with that lse (may alias logits). On CUDA, with the environment
+ * variable TURBOMOE_CE_ONE_PASS=1, one kernel reads each row from memory once (a cluster of
+ * CTAs holds it in shared memory) where the two read it twice; opt-in until measured faster. */
 TM_API tm_status tm_cross_entropy_forward_backward(const tm_tensor* grad_loss,
                                                    const tm_tensor* logits, const tm_tensor* labels,
                                                    int64_t ignore_index, tm_tensor* loss,

@@ -1018,13 +1018,17 @@ def test_cross_entropy(rows, vocab, large, dtype):
 CE_FORWARD_BACKWARD = [(13, 101), (64, 32000), (257, 151936), (64, 400000), (16, 1000000)]
 
 
+@pytest.mark.parametrize("one_pass", ["1", "0"], ids=["one_pass", "two_kernels"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["out", "in_place"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "vocab"), CE_FORWARD_BACKWARD)
-def test_cross_entropy_forward_backward(rows, vocab, dtype, in_place):
+def test_cross_entropy_forward_backward(rows, vocab, dtype, in_place, one_pass, monkeypatch):
     """tm_cross_entropy_forward_backward against float64 torch: loss, lse and the gradient
-    (grad_loss[r] * (softmax - onehot)), ignored rows zero, an out-of-range label NaN."""
+    (grad_loss[r] * (softmax - onehot)), ignored rows zero, an out-of-range label NaN; the
+    one-pass kernel (opt-in, TURBOMOE_CE_ONE_PASS=1) and the two kernels."""
     from turbomoe.ops.loss import _ce_forward_backward_into
+
+    monkeypatch.setenv("TURBOMOE_CE_ONE_PASS", one_pass)
 
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
