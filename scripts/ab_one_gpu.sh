@@ -10,12 +10,19 @@
 #                                   drift of the clock or of the machine favours no variant
 #   LIB=.prebuilt/libturbomoe.so    the library (scripts/prebuild_device.sh builds it here)
 #
-# Each run's JSON and log land in ${OUT:-out}/ab_<tag>_r<round>.{json,log}; the last lines
-# printed are one row per run: TPS/GPU, peak GiB, forward and backward ms, first-step loss.
+# Each run's JSON and log land in a scratch folder and are packed into ${OUT:-out}/ab.tar.gz at
+# the end (a device call brings back at most 8 files from $OUT: loose per-run files crowded out
+# the profile of the same call once); the last lines printed are one row per run: TPS/GPU, peak
+# GiB, forward and backward ms, first-step loss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RUNS=$(mktemp -d)
+# Packed on any exit, a call's time limit (SIGTERM) included.
+trap 'tar -czf "$OUT/ab.tar.gz" -C "$RUNS" . && rm -rf "$RUNS"' EXIT
+trap 'exit 143' TERM
 LIB=${LIB:-.prebuilt/libturbomoe.so}
 export PYTHONPATH=$PWD/python TURBOMOE_LIBRARY
 TURBOMOE_LIBRARY=$(realpath "$LIB")
@@ -53,12 +60,12 @@ for round in $(seq 1 "$AB_REPEAT"); do
     envs=()
     if [ "$tag" != base ]; then IFS=, read -r -a envs <<<"$tag"; fi
     name=${tag//[^A-Za-z0-9_]/_}_r$round
-    json=$OUT/ab_$name.json
+    json=$RUNS/ab_$name.json
     echo "== $tag (round $round)"
     if ! env "${envs[@]}" python3 -m turbomoe.bench "${args[@]}" --json "$json" \
-      >"$OUT/ab_$name.log" 2>&1; then
-      echo "   failed: tail of $OUT/ab_$name.log"
-      tail -n 5 "$OUT/ab_$name.log"
+      >"$RUNS/ab_$name.log" 2>&1; then
+      echo "   failed: tail of ab_$name.log"
+      tail -n 5 "$RUNS/ab_$name.log"
       continue
     fi
     # Printed as each run ends, so that a call cut short still shows the runs it finished.
