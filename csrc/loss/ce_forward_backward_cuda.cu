@@ -76,15 +76,28 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
+  // kBatch vectors a thread loaded before any is used: 32 registers a thread left ptxas room
+  // for one load in flight in a plain loop, and the slice's load phase is latency-bound.
+  using Vec = cuda::Pack<T, N>;
+  constexpr int kBatch = 4;
+  constexpr int64_t kStep = int64_t(kThreads) * N;
   float m = -INFINITY, s = 0.0f;
-#pragma unroll 4
-  for (int64_t c = first; c < end; c += kThreads * N) {
-    float v[N];
-    cuda::load_floats<N>(z + c, v);
-    online_add<N>(m, s, v);
-    // Kept as read (T), so the gradient sees the very logits the sum did.
-    *reinterpret_cast<cuda::Pack<T, N>*>(held + (c - begin)) =
-        *reinterpret_cast<const cuda::Pack<T, N>*>(z + c);
+  for (int64_t c0 = first; c0 < end; c0 += kBatch * kStep) {
+    Vec raw[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      if (c0 + b * kStep < end) raw[b] = *reinterpret_cast<const Vec*>(z + c0 + b * kStep);
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t c = c0 + b * kStep;
+      if (c >= end) break;
+      // Kept as read (T), so the gradient sees the very logits the sum did.
+      *reinterpret_cast<Vec*>(held + (c - begin)) = raw[b];
+      float v[N];
+      cuda::load_floats<N>(raw[b].v, v);
+      online_add<N>(m, s, v);
+    }
   }
   block_merge<kThreads>(m, s);
   if (threadIdx.x == 0) cta_stats = make_float2(m, s);
