@@ -174,3 +174,24 @@ def test_loss_opcheck():
                 need_weight_grad,
             ),
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_unless_one(dtype):
+    """In place by the scale rounded to x's dtype; a unit scale leaves every bit, NaNs too."""
+    from turbomoe.ops.loss import scale_unless_one
+
+    x = torch.randn(37).to(dtype)
+    x[5] = float("nan")
+    before = x.clone()
+    scale_unless_one(torch.ones(1), x)
+    assert torch.equal(x.view(torch.uint8), before.view(torch.uint8))
+    scale_unless_one(torch.full((1,), 0.3), x)
+    want = (before.float() * torch.tensor(0.3).to(dtype).float()).to(dtype)
+    assert torch.equal(x.isnan(), want.isnan())
+    assert torch.equal(x[~want.isnan()], want[~want.isnan()])
+    with pytest.raises(ValueError, match="expected 1"):
+        scale_unless_one(torch.ones(2), x)
+    torch.library.opcheck(
+        torch.ops.turbomoe.scale_unless_one.default, (torch.full((1,), 2.0), torch.randn(8))
+    )
