@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from turbomoe.ops._eager import _eager_ok as eager_ok
 from turbomoe.ops._eager import differentiable
 from turbomoe.ops.loss import (
     _labels,
@@ -102,7 +103,7 @@ def _backward(ctx: Any, grad_total: torch.Tensor | None, *_: Any) -> tuple[Any, 
         return None, None, None, None, None, None, None
     grad_hidden, grad_weight = ctx.saved_tensors
     stored = [grad_hidden, grad_weight] if ctx.need_weight_grad else [grad_hidden]
-    if type(grad_total) is torch.Tensor:
+    if eager_ok((grad_total, *stored)):
         # Eager: handed out themselves, scaled in place unless the upstream gradient is exactly
         # 1 (decided on the device; see the module docstring). The in-place op bumps their
         # version, so a second backward through a retained graph stops at autograd's check of
@@ -112,8 +113,8 @@ def _backward(ctx: Any, grad_total: torch.Tensor | None, *_: Any) -> tuple[Any, 
             scale_unless_one(seed, g)
         scaled = stored
     else:
-        # Traced (fake / functional tensors under torch.compile): AOT autograd cannot return a
-        # forward output from the backward, so the traced graph scales out of place.
+        # Traced (torch.compile, fake / functional tensors, a dispatch mode): AOT autograd cannot
+        # return a forward output from the backward, so the traced graph scales out of place.
         scaled = list(torch._foreach_mul(stored, grad_total.to(grad_hidden.dtype)))
     weight_grad = scaled[1] if ctx.need_weight_grad else None
     return scaled[0], weight_grad, None, None, None, None, None
