@@ -139,14 +139,12 @@ using Elem = std::remove_pointer_t<T>;
 
 // The cluster size for a row of `vocab` T logits, or 0 when it takes the two-kernel path.
 template <typename T, typename Kernel>
-int cluster_for(Kernel kernel, int64_t vocab, int vec, int device) {
-  int major = 0;
-  cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-              "cudaDeviceGetAttribute");
+int cluster_for(Kernel kernel, int64_t vocab, int vec) {
   cudaFuncAttributes attr{};
   cuda::check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
-  // Clusters need sm_90 hardware and the kernel's sm_90 code (not the sm_80 PTX JIT-compiled).
-  if (major < 9 || attr.ptxVersion < 90) return 0;
+  // Clusters need the kernel's sm_90 code: on any other GPU the loaded code is the sm_80 PTX
+  // JIT-compiled (ptxVersion 80), whose body is empty.
+  if (attr.ptxVersion < 90) return 0;
   const auto bytes = [&](int c) { return slice_len(vocab, c, vec) * int64_t(sizeof(T)); };
   for (int c = 1; c <= kMaxCluster; c *= 2) {
     if (bytes(c) <= kSharedSliceBytes) return c;
@@ -159,8 +157,7 @@ int cluster_for(Kernel kernel, int64_t vocab, int vec, int device) {
 void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg& labels,
                               int64_t ignore_index, const Arg& loss, const Arg& lse,
                               const Arg& grad_logits, void* stream) {
-  const int device_index = logits.t().device_index;
-  cuda::DeviceGuard device(device_index);
+  cuda::DeviceGuard device(logits.t().device_index);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const bool vec =
       vocab % cuda::kVecElems == 0 && cuda::vectorisable(logits) && cuda::vectorisable(grad_logits);
@@ -176,7 +173,7 @@ void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg
         const int n = vec ? cuda::kVecElems : 1;
         auto kernel =
             vec ? forward_backward_kernel<T, G, cuda::kVecElems> : forward_backward_kernel<T, G, 1>;
-        const int ctas = cluster_for<T>(kernel, vocab, n, device_index);
+        const int ctas = cluster_for<T>(kernel, vocab, n);
         if (ctas == 0 || rows * ctas > INT_MAX) return;
         const int64_t slice = slice_len(vocab, ctas, n);
         const size_t smem = static_cast<size_t>(slice) * sizeof(T);

@@ -1,5 +1,6 @@
 // CUDA kernel of tm_scale_unless_one: every thread reads the scale and leaves at once when it is
 // 1, so a unit seed costs one small launch; otherwise a grid-stride pass, 16 bytes at a time.
+#include <algorithm>
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
@@ -10,6 +11,7 @@ namespace turbomoe::loss {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr unsigned kMaxBlocks = 1024;
 
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
@@ -31,15 +33,12 @@ __global__ void __launch_bounds__(kThreads)
 
 void scale_unless_one_cuda(const Arg& scale, const Arg& x, void* stream) {
   cuda::DeviceGuard device(x.t().device_index);
-  int sms = 0;
-  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.t().device_index),
-              "cudaDeviceGetAttribute");
   const int64_t n = x.numel();
   const bool vec = n % cuda::kVecElems == 0 && cuda::vectorisable(x);
   const int64_t vectors = vec ? n / cuda::kVecElems : n;
-  // A few blocks an SM: enough to stream when scaling, few to launch when not.
-  const int64_t wanted = (vectors + kThreads - 1) / kThreads;
-  const unsigned blocks = static_cast<unsigned>(wanted < 4LL * sms ? wanted : 4LL * sms);
+  // Grid-stride: a few blocks an SM of any GPU stream the pass when it runs, and are few to
+  // launch when it does not.
+  const unsigned blocks = std::min(cuda::blocks_for(vectors, kThreads), kMaxBlocks);
   cuda::dispatch_f32_bf16(x.dtype(), [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     auto kernel = vec ? scale_unless_one_kernel<T, cuda::kVecElems> : scale_unless_one_kernel<T, 1>;
