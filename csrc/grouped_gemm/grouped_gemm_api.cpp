@@ -39,6 +39,22 @@ void check_offsets(const Arg& offsets, int64_t experts, const char* from) {
   offsets.size_is(0, experts + 1, from);
 }
 
+// The weight gradient dw [E, N, K] (float32 or the inputs' dtype) = dy_e^T x_e of dy [*, N] and
+// x [*, K] of one dtype (either may hold token rows that a gather reads), and expert_offsets
+// [E+1]; returns E.
+int64_t check_weight_grad(const Arg& dy, const Arg& x, const Arg& dw, const Arg& offsets) {
+  check_matrix(dy);
+  check_matrix(x);
+  x.same_dtype(dy);
+  dw.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
+  check_output_dtype(dw, x);
+  const std::string n_what = std::string("N, the columns of ") + dy.name();
+  const std::string k_what = std::string("K, the columns of ") + x.name();
+  dw.size_is(1, dy.size(1), n_what.c_str()).size_is(2, x.size(1), k_what.c_str());
+  check_offsets(offsets, dw.size(0), "E + 1, E from dw");
+  return dw.size(0);
+}
+
 // The gather of the *_gathered passes: src [T, K] rows, sorted_pairs int32 [P] with
 // P >= T * top_k and >= `rows` (the rows of the permuted space); on the CPU, every routed row's
 // pair in [0, P) (offsets validated first; on CUDA nothing is read on the host).
@@ -221,15 +237,8 @@ tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* 
                                           void* workspace, size_t workspace_bytes, void* stream) {
   return turbomoe::guard(__func__, [&] {
     const Arg dya(dy, "dy"), xa(x, "x"), off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
-    check_matrix(dya);
-    check_matrix(xa);
-    xa.same_dtype(dya).size_is(0, dya.size(0), "M, the rows of dy");
-    dwa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
-    check_output_dtype(dwa, xa);
-    dwa.size_is(1, dya.size(1), "N, the columns of dy")
-        .size_is(2, xa.size(1), "K, the columns of x");
-    const int64_t experts = dwa.size(0);
-    check_offsets(off, experts, "E + 1, E from dw");
+    check_weight_grad(dya, xa, dwa, off);
+    xa.size_is(0, dya.size(0), "M, the rows of dy");
     run(
         "tm_grouped_gemm_backward_weight", {&dya, &xa, &off, &dwa}, off, dya.size(0), dwa,
         [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
@@ -246,15 +255,7 @@ tm_status tm_grouped_gemm_backward_weight_gathered(const tm_tensor* dy, const tm
   return turbomoe::guard(__func__, [&] {
     const Arg dya(dy, "dy"), sa(src, "src"), sp(sorted_pairs, "sorted_pairs"),
         off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
-    check_matrix(dya);
-    check_matrix(sa);
-    sa.same_dtype(dya);
-    dwa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
-    check_output_dtype(dwa, sa);
-    dwa.size_is(1, dya.size(1), "N, the columns of dy")
-        .size_is(2, sa.size(1), "K, the columns of src");
-    const int64_t experts = dwa.size(0);
-    check_offsets(off, experts, "E + 1, E from dw");
+    const int64_t experts = check_weight_grad(dya, sa, dwa, off);
     turbomoe::common_device({&dya, &sa, &sp, &off, &dwa});
     check_gather(sa, sp, top_k, dya.size(0), off, experts, "dy");
     run(
@@ -275,15 +276,7 @@ tm_status tm_grouped_gemm_backward_weight_gathered_dy(const tm_tensor* dy_src, c
   return turbomoe::guard(__func__, [&] {
     const Arg da(dy_src, "dy_src"), xa(x, "x"), sp(sorted_pairs, "sorted_pairs"),
         off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
-    check_matrix(da);
-    check_matrix(xa);
-    xa.same_dtype(da);
-    dwa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3);
-    check_output_dtype(dwa, xa);
-    dwa.size_is(1, da.size(1), "N, the columns of dy_src")
-        .size_is(2, xa.size(1), "K, the columns of x");
-    const int64_t experts = dwa.size(0);
-    check_offsets(off, experts, "E + 1, E from dw");
+    const int64_t experts = check_weight_grad(da, xa, dwa, off);
     turbomoe::common_device({&da, &xa, &sp, &off, &dwa});
     check_gather(da, sp, top_k, xa.size(0), off, experts, "x");
     run(
