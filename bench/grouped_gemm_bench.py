@@ -62,6 +62,12 @@ VARIANTS = {
     # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast)
     "cluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1"},
     "nocluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0"},
+    # forward / grad-input in 2-CTA clusters sharing the weight columns (or rows) by multicast
+    "cluster_rows": {"TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS": "1"},
+    "cluster_rows_split": {
+        "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS": "1",
+        "TURBOMOE_HOPPER_GEMM_EPILOGUE": "split",
+    },
     # fwd_gather the unfused way: tm_gather_rows into a permuted copy, then the forward
     "gather_composed": {"TURBOMOE_BENCH_GATHER": "composed"},
     "v1": {
@@ -79,6 +85,7 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_BALANCE_DW",
     "TURBOMOE_HOPPER_GEMM_SWIGLU",
     "TURBOMOE_HOPPER_GEMM_CLUSTER_DW",
+    "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS",
     "TURBOMOE_BENCH_GATHER",
 )
 

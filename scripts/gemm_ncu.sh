@@ -27,7 +27,7 @@ ROWS=${NCU_ROWS:-32768}
 # Launches of our kernel to profile per run: the bench checks each pass once, then times it.
 LAUNCHES=${NCU_LAUNCHES:-6}
 SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats
-  --section ComputeWorkloadAnalysis)
+  --section ComputeWorkloadAnalysis --section LaunchStats --section Occupancy)
 if [ "${NCU_SOURCE:-0}" = 1 ]; then SECTIONS+=(--section SourceCounters); fi
 IFS=, read -r -a routings <<<"$ROUTING"
 IFS=, read -r -a variants <<<"$VARIANTS"

@@ -238,16 +238,15 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, 
   }
 }
 
-// The persistent grid of the kCluster-CTA grad-weight kernel: as many whole clusters as can be
-// resident at once (clusters must fit in one GPC, so this can be below sm_count / kCluster) and
-// no more than there are cluster tiles. 0 when no cluster fits.
-template <int kCluster>
+// The persistent grid of a kCluster-CTA kernel: as many whole clusters as can be resident at
+// once (clusters must fit in one GPC, so this can be below sm_count / kCluster) and no more than
+// there are cluster tiles. 0 when no cluster fits.
+template <Pass P, int kEpi, int kCluster>
 int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int device,
                  cudaStream_t stream) {
   auto kernel =
-      hopper_gemm::grouped_gemm_kernel<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma,
-                                       kCluster, hopper_gemm::kGatherNone>;
-  const int smem = hopper_gemm::Layout<hopper_gemm::kEpiTma>::smem_bytes(num_experts);
+      hopper_gemm::grouped_gemm_kernel<P, __nv_bfloat16, kEpi, kCluster, hopper_gemm::kGatherNone>;
+  const int smem = hopper_gemm::Layout<kEpi>::smem_bytes(num_experts);
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
@@ -389,6 +388,43 @@ bool gather_operands_ok(const tm_tensor& src, const tm_tensor& sorted_pairs, int
          sorted_pairs.device_index == src.device_index;
 }
 
+// Row passes in 2-CTA clusters (opt-in until measured faster: TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS=1):
+// bf16 outputs through a TMA epilogue, whole-box (default) or split.
+bool row_pairs_wanted(int32_t out_dtype, bool tma_out) {
+  return env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS", "1") && out_dtype == TM_DTYPE_BFLOAT16 &&
+         tma_out && (default_epilogue() || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split"));
+}
+
+// Launches a row pass in 2-CTA clusters (hopper_gemm_kernel.cuh, kRowPairs): A as 64-row boxes
+// and the forward's weights as 128-row boxes, so that either operand can be loaded by halves.
+// False when no cluster fits on the device (the caller then launches one CTA a tile).
+template <Pass P>
+bool launch_row_pairs(const tm_tensor& a, const tm_tensor& w, const CUtensorMap& map_out, Params p,
+                      int sm_count, int device, cudaStream_t stream) {
+  constexpr int kPair = 2;
+  const bool split = env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
+                     p.num_experts <= hopper_gemm::kMaxExpertsSplit;
+  const int64_t tiles = row_pass_grid(p.m, p.num_experts, p.out_cols, hopper_gemm::kBlockN,
+                                      INT32_MAX);  // the most tiles the pass can make
+  const int64_t pairs = (tiles + 1) / kPair;
+  const int grid = split ? cluster_grid<P, hopper_gemm::kEpiTmaSplit, kPair>(
+                               sm_count, p.num_experts, pairs, device, stream)
+                         : cluster_grid<P, hopper_gemm::kEpiTma, kPair>(sm_count, p.num_experts,
+                                                                        pairs, device, stream);
+  if (grid <= 0) return false;
+  const CUtensorMap map_a = matrix_map(a, 64);
+  const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN / 2 : 64);
+  apply_variant_switches(&p);
+  if (split) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit, kPair>(map_a, map_b, map_out, p, grid,
+                                                               device, stream);
+  } else {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma, kPair>(map_a, map_b, map_out, p, grid, device,
+                                                          stream);
+  }
+  return true;
+}
+
 // The token gather of a row pass: A's row r is src[sorted_pairs[r] / top_k] (null: no gather).
 struct RowGather {
   const tm_tensor* sorted_pairs = nullptr;
@@ -448,7 +484,8 @@ bool run_row_pass(const tm_tensor& a, const RowGather& gather, const tm_tensor& 
     // map_b stands in for the A map, which the gathered kernel does not read.
     launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
                                               p, grid, a.device_index, s);
-  } else {
+  } else if (!(row_pairs_wanted(out.dtype, tma_out) &&
+               launch_row_pairs<P>(a, w, map_out, p, sm_count, a.device_index, s))) {
     const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);
     launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
                   s);
@@ -639,8 +676,8 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   if (env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", "1") && l.tma_out &&
       dw.dtype == TM_DTYPE_BFLOAT16 && default_epilogue() &&
       n % (kPair * hopper_gemm::kBlockM) == 0) {
-    const int pair_grid =
-        cluster_grid<kPair>(sm_count, l.p.num_experts, l.tiles / kPair, dy.device_index, s);
+    const int pair_grid = cluster_grid<Pass::kGradWeight, hopper_gemm::kEpiTma, kPair>(
+        sm_count, l.p.num_experts, l.tiles / kPair, dy.device_index, s);
     if (pair_grid > 0) {
       apply_variant_switches(&l.p);
       launch<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma, kPair>(

@@ -245,16 +245,56 @@ __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_
     // Entry num_experts is the virtual expert owning rows [offsets[E], M): written as zeros.
     const int e = upper_index(tile_begin, num_experts, t);
     const int m_blocks = ceil_div(row_begin[e + 1] - row_begin[e], kBlockM);
-    const int local = t - tile_begin[e];
-    const int nb = local / m_blocks;
+    const RowTile rt = row_tile(t - tile_begin[e], m_blocks, kCluster > 1);
     tile.expert = e;
-    tile.row0 = row_begin[e] + (local - nb * m_blocks) * kBlockM;
+    tile.row0 = row_begin[e] + rt.m_block * kBlockM;
     tile.row_end = row_begin[e + 1];
     tile.out_row0 = 0;
-    tile.col0 = nb * tile_cols<P>();
+    tile.col0 = rt.n_block * tile_cols<P>();
     tile.k_iters = e < num_experts ? ceil_div(p.reduce, kBlockK) : 0;
   }
   return tile;
+}
+
+// Row passes in 2-CTA clusters: a cluster takes the tiles 2 * pair and 2 * pair + 1 (the second
+// may not exist), the CTA of rank r the first + r. Where both tiles are the same expert's and read
+// the same weight columns (kShareColumns: B) or the same rows (kShareRows: A), each CTA loads
+// half of that operand's boxes into both CTAs (TMA multicast). Both CTAs walk the same number
+// of stages (a stage is refilled only when the consumers of both have released it): the longer
+// of the two reductions; a CTA whose own tile reduces over nothing (unrouted rows, written as
+// zeros, or no tile at all) only passes the stages through.
+inline constexpr int kShareNone = 0;
+inline constexpr int kShareRows = 1;
+inline constexpr int kShareColumns = 2;
+struct PairWork {
+  Tile own;
+  bool own_exists;
+  int stages;
+  int share;
+};
+template <Pass P>
+__device__ __forceinline__ PairWork decode_pair(int pair, int total_tiles, const Params& p,
+                                                const int32_t* tile_begin, const int32_t* row_begin,
+                                                int rank) {
+  const int t0 = 2 * pair;
+  const bool second = t0 + 1 < total_tiles;
+  const Tile first = decode_tile<P, 2>(t0, p, tile_begin, row_begin, 0);
+  Tile other = first;
+  other.k_iters = 0;
+  if (second) other = decode_tile<P, 2>(t0 + 1, p, tile_begin, row_begin, 0);
+  PairWork w;
+  w.own = rank == 0 ? first : other;
+  w.own_exists = rank == 0 || second;
+  w.stages = max(first.k_iters, other.k_iters);
+  w.share = kShareNone;
+  if (second && first.k_iters > 0 && other.k_iters > 0 && first.expert == other.expert) {
+    if (first.col0 == other.col0) {
+      w.share = kShareColumns;
+    } else if (first.row0 == other.row0) {
+      w.share = kShareRows;
+    }
+  }
+  return w;
 }
 
 template <typename OutT>
@@ -323,6 +363,45 @@ __device__ __forceinline__ void load_b(const CUtensorMap* map_b, const Tile& til
   } else {
     for (int i = 0; i < nb; ++i) {
       tma_load_2d(map_b, b_dst + i * kBoxBytes, bar, tile.col0 + 64 * i, tile.row0 + kk);
+    }
+  }
+}
+
+// One stage of a row pass in 2-CTA clusters (A read as two 64-row boxes, the forward's B as two
+// 128-row boxes, the grad-input's as nb 64-wide boxes): the operand the pair shares only half of
+// its boxes from this CTA, multicast into both, the other whole.
+template <Pass P>
+__device__ __forceinline__ void load_pair_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
+                                                const Tile& tile, int k, int nb, int share,
+                                                int rank, uint32_t a_dst, uint32_t bar) {
+  constexpr uint16_t kBoth = 3;
+  const int kk = k * kBlockK;
+  const uint32_t b_dst = a_dst + kTileABytes;
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t dst = a_dst + h * kBoxBytes;
+    if (share != kShareRows) {
+      tma_load_2d(map_a, dst, bar, kk, tile.row0 + 64 * h);
+    } else if (h == rank) {
+      tma_load_2d_multicast(map_a, dst, bar, kk, tile.row0 + 64 * h, kBoth);
+    }
+  }
+  if constexpr (P == Pass::kForward) {
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t dst = b_dst + h * 2 * kBoxBytes;
+      if (share != kShareColumns) {
+        tma_load_3d(map_b, dst, bar, kk, tile.col0 + 128 * h, tile.expert);
+      } else if (h == rank) {
+        tma_load_3d_multicast(map_b, dst, bar, kk, tile.col0 + 128 * h, tile.expert, kBoth);
+      }
+    }
+  } else {
+    for (int i = 0; i < nb; ++i) {
+      const uint32_t dst = b_dst + i * kBoxBytes;
+      if (share != kShareColumns) {
+        tma_load_3d(map_b, dst, bar, tile.col0 + 64 * i, kk, tile.expert);
+      } else if ((i & 1) == rank) {
+        tma_load_3d_multicast(map_b, dst, bar, tile.col0 + 64 * i, kk, tile.expert, kBoth);
+      }
     }
   }
 }
@@ -492,11 +571,15 @@ __device__ __forceinline__ void store_swiglu(const float (&acc)[128], const Fini
 // the next tile's WGMMAs. Otherwise, and for the 64-row halves that straddle an expert's end
 // (TMA cannot drop rows inside a box), fragments are stored straight to global memory.
 //
-// kCluster = 2 (grad-weight only; launched with 2-CTA clusters): the two CTAs of a cluster
+// kCluster = 2, grad-weight (launched with 2-CTA clusters): the two CTAs of a cluster
 // compute vertically adjacent tiles, which read the same x columns (B), and each loads half of
 // B into both CTAs' stages (TMA multicast): a third less operand traffic from L2, which bounds
 // this pass (docs/perf-notes.md). A stage is refilled only when the consumers of both CTAs have
 // released it, so each empty barrier counts the consumer warps of the whole cluster.
+// kCluster = 2 for the forward and the grad-input (kRowPairs): a cluster takes two consecutive
+// tiles of the row order (decode_pair), which mostly read the same weight columns, and each CTA
+// loads half of them into both, as cuBLAS's 1x2 clusters do: per CTA and stage 32 KiB from L2
+// instead of 48, for passes that L2 bandwidth bounds (docs/perf-notes.md).
 //
 // kGather (kGatherA / kGatherB): one operand's rows are gathered from the token rows
 // (Params::gather_*) instead of read from a permuted copy: the producer warpgroup's 128 threads
@@ -510,8 +593,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                         const __grid_constant__ CUtensorMap map_b,
                         const __grid_constant__ CUtensorMap map_out, const Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(kCluster == 1 || (kCluster == 2 && P == Pass::kGradWeight),
-                "clusters share the grad-weight's B operand only");
+  static_assert(
+      kCluster == 1 || (kCluster == 2 && P != Pass::kForwardSwiglu &&
+                        (kEpi == kEpiTma || (P != Pass::kGradWeight && kEpi == kEpiTmaSplit))),
+      "2-CTA clusters: the grad-weight and the plain row passes, TMA epilogues");
+  // Row passes in clusters: the unit of the schedule is a pair of tiles (decode_pair).
+  constexpr bool kRowPairs = kCluster > 1 && P != Pass::kGradWeight;
   static_assert(
       kGather == kGatherNone ||
           (kCluster == 1 && (kGather == kGatherA ? P == Pass::kForward || P == Pass::kGradInput ||
@@ -619,6 +706,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     total_tiles = tile_begin[num_experts + 1];
   }
+  // What the CTAs (clusters) walk: tiles, or pairs of tiles (kRowPairs).
+  const int total_units = kRowPairs ? (total_tiles + 1) / 2 : total_tiles;
 
   const int warpgroup = tid / 128;
   if (warpgroup == 0) {
@@ -662,7 +751,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t it = 0;
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
-        if (t >= total_tiles) break;
+        if (t >= total_units) break;
         const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
         // Row passes: this thread's row is the same in every stage of the tile, so its pair is
         // read once here rather than before each stage's copies (a dependent global load).
@@ -711,7 +800,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t it = 0;
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
-        if (t >= total_tiles) break;
+        if (t >= total_units) break;
+        if constexpr (kRowPairs) {
+          const PairWork w = decode_pair<P>(t, total_tiles, p, tile_begin, row_begin, rank);
+          const int nb = b_boxes<P>(w.own, p);
+          const uint32_t stage_bytes = static_cast<uint32_t>((2 + nb) * kBoxBytes);
+          for (int k = 0; k < w.stages; ++k, ++it) {
+            const uint32_t s = it % kStages;
+            mbar_wait(empty_bar + 8 * s, ((it / kStages) & 1u) ^ 1u);
+            const uint32_t bar = full_bar + 8 * s;
+            if (w.own.k_iters == 0) {
+              mbar_arrive(bar);  // nothing to load: the stage only passes through
+            } else {
+              mbar_arrive_expect_tx(bar, stage_bytes);
+              load_pair_stage<P>(&map_a, &map_b, w.own, k, nb, w.share, rank,
+                                 base + s * kStageBytes, bar);
+            }
+          }
+          continue;
+        }
         const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
         const int na = a_boxes<P>(tile, p);
         const int nb = b_boxes<P>(tile, p);
@@ -774,9 +881,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     uint32_t it = 0;
     for (int i = 0;; ++i) {
-      const int t = cta_tile<P, kCluster>(i, p);
-      if (t >= total_tiles) break;
-      const Tile tile = decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank);
+      const int unit = cta_tile<P, kCluster>(i, p);
+      if (unit >= total_units) break;
+      Tile tile;
+      int stages;  // stages to wait for and release (a pair's: both CTAs walk the same ones)
+      bool exists = true;
+      if constexpr (kRowPairs) {
+        const PairWork w = decode_pair<P>(unit, total_tiles, p, tile_begin, row_begin, rank);
+        tile = w.own;
+        stages = w.stages;
+        exists = w.own_exists;
+      } else {
+        tile = decode_tile<P, kCluster>(unit, p, tile_begin, row_begin, rank);
+        stages = tile.k_iters;
+      }
       // First output row of this consumer's half and the rows it may write.
       int half_row0;
       int row_limit;
@@ -788,18 +906,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_limit = tile.row_end;
       }
       const bool idle =
-          P != Pass::kGradWeight && p.skip_empty_halves != 0 && half_row0 >= row_limit;
+          !exists || (P != Pass::kGradWeight && p.skip_empty_halves != 0 && half_row0 >= row_limit);
       // Without a WGMMA of this tile to hide behind, the previous tile is stored now.
       if (kDefer && has_pending && (idle || tile.k_iters == 0)) flush();
-      if (idle) {
-        // Nothing of ours to compute, but every stage still needs our release.
-        for (int k = 0; k < tile.k_iters; ++k, ++it) {
-          const uint32_t s = it % kStages;
-          mbar_wait(full_bar + 8 * s, (it / kStages) & 1u);
-          if (lane == 0) release(s);
-        }
-        continue;
+      // Nothing of ours to compute in these stages, but every one still needs our release.
+      const int passed = idle || tile.k_iters == 0 ? stages : 0;
+      for (int k = 0; k < passed; ++k, ++it) {
+        const uint32_t s = it % kStages;
+        mbar_wait(full_bar + 8 * s, (it / kStages) & 1u);
+        if (lane == 0) release(s);
       }
+      if (idle) continue;
       if (tile.k_iters == 0) {
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.0f;

@@ -1,5 +1,6 @@
-// How the Hopper grouped GEMM's persistent CTAs share the grad-weight tiles, as plain functions
-// that the kernel and the CPU tests share.
+// How the Hopper grouped GEMM's persistent CTAs share the tiles (the grad-weight's ranked and
+// dealt in snake order, the row passes' order in 2-CTA clusters), as plain functions that the
+// kernel and the CPU tests share.
 //
 // A grad-weight tile's work is its expert's row count, and real routing is skewed (a few experts
 // take most rows, many none). The tiles go in descending order of their expert's rows (experts
@@ -60,6 +61,23 @@ TM_HOST_DEVICE GradWeightTile cluster_grad_weight_tile(int t, const int32_t* ord
   GradWeightTile g = grad_weight_tile(t, order, k_blocks, n_blocks / cluster * k_blocks);
   g.out_block = g.out_block * cluster + rank;
   return g;
+}
+
+// Row passes (forward, grad-input): tile `local` of an expert with m_blocks row blocks (of
+// kBlockM rows) and any number of column blocks, column blocks outer. One CTA a tile walks the
+// row blocks in order within each column block. In 2-CTA clusters a pair of CTAs takes two
+// consecutive tiles, which should read one operand in common so that each CTA loads half of it
+// for both: the row blocks then run forwards in even column blocks and backwards in odd ones, so
+// that two consecutive tiles of an expert share the weights' columns (same column block) or,
+// where a column block turns into the next, the rows (same row block).
+struct RowTile {
+  int m_block;
+  int n_block;
+};
+TM_HOST_DEVICE RowTile row_tile(int local, int m_blocks, bool snake) {
+  const int n_block = local / m_blocks;
+  const int j = local - n_block * m_blocks;
+  return RowTile{snake && (n_block & 1) != 0 ? m_blocks - 1 - j : j, n_block};
 }
 
 }  // namespace turbomoe::hopper_gemm

@@ -1,5 +1,6 @@
-// The grad-weight tile schedule (tile_schedule.h): every tile dealt to exactly one CTA, the
-// experts ranked by descending rows, and the CTAs' work balanced under skewed routing.
+// The tile schedules (tile_schedule.h): every grad-weight tile dealt to exactly one CTA, the
+// experts ranked by descending rows, and the CTAs' work balanced under skewed routing; the row
+// passes' tile order, whose consecutive tiles share an operand in 2-CTA clusters.
 #include "grouped_gemm/tile_schedule.h"
 
 #include <gtest/gtest.h>
@@ -17,6 +18,8 @@ using turbomoe::hopper_gemm::cluster_grad_weight_tile;
 using turbomoe::hopper_gemm::grad_weight_tile;
 using turbomoe::hopper_gemm::GradWeightTile;
 using turbomoe::hopper_gemm::rank_by_rows;
+using turbomoe::hopper_gemm::row_tile;
+using turbomoe::hopper_gemm::RowTile;
 using turbomoe::hopper_gemm::snake_tile;
 
 // The tiles each CTA takes, walking i until its first tile past the end (as the kernel does).
@@ -178,6 +181,46 @@ TEST(TileSchedule, BalancesSkewedWorkAcrossCtas) {
   EXPECT_LT(snake_max, rr_max) << "no better than the expert-order round-robin";
   RecordProperty("snake_max_over_mean", std::to_string(snake_max / mean));
   RecordProperty("round_robin_max_over_mean", std::to_string(rr_max / mean));
+}
+
+TEST(TileSchedule, RowTilesCoverEveryBlockOnceInEitherOrder) {
+  for (const bool snake : {false, true}) {
+    for (const int m_blocks : {1, 2, 3, 7, 32}) {
+      for (const int n_blocks : {1, 3, 6, 8}) {
+        std::vector<int> seen(static_cast<size_t>(m_blocks * n_blocks), 0);
+        for (int local = 0; local < m_blocks * n_blocks; ++local) {
+          const RowTile t = row_tile(local, m_blocks, snake);
+          ASSERT_GE(t.m_block, 0);
+          ASSERT_LT(t.m_block, m_blocks);
+          ASSERT_GE(t.n_block, 0);
+          ASSERT_LT(t.n_block, n_blocks);
+          ++seen[static_cast<size_t>(t.n_block * m_blocks + t.m_block)];
+        }
+        for (const int count : seen) ASSERT_EQ(count, 1) << m_blocks << " x " << n_blocks;
+      }
+    }
+  }
+}
+
+// Two consecutive tiles of one expert (a cluster's pair, at either parity) read the same weight
+// columns or the same rows in the snake order; in plain order a pair that crosses a column block
+// of an expert with several row blocks shares neither.
+TEST(TileSchedule, ConsecutiveSnakeRowTilesShareAnOperand) {
+  for (const int m_blocks : {1, 2, 3, 5, 32}) {
+    for (const int n_blocks : {1, 3, 6, 8}) {
+      int plain_misses = 0;
+      for (int local = 0; local + 1 < m_blocks * n_blocks; ++local) {
+        const RowTile a = row_tile(local, m_blocks, true);
+        const RowTile b = row_tile(local + 1, m_blocks, true);
+        EXPECT_TRUE(a.n_block == b.n_block || a.m_block == b.m_block)
+            << "tiles " << local << ", " << local + 1 << " of " << m_blocks << " x " << n_blocks;
+        const RowTile pa = row_tile(local, m_blocks, false);
+        const RowTile pb = row_tile(local + 1, m_blocks, false);
+        if (pa.n_block != pb.n_block && pa.m_block != pb.m_block) ++plain_misses;
+      }
+      EXPECT_EQ(plain_misses, m_blocks > 1 ? n_blocks - 1 : 0);
+    }
+  }
 }
 
 }  // namespace

@@ -395,6 +395,69 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> 
     assert torch.equal(results["0"], results["1"]), f"seed {seed}: clusters differ"
 
 
+def skewed_offsets(experts: int, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """expert_offsets under routing like the model's: a few experts with most rows, a third with
+    none, counts not multiples of 64 or 128."""
+    share = torch.rand(experts, generator=gen) ** 6
+    share[torch.rand(experts, generator=gen) < 0.3] = 0
+    counts = (share / share.sum() * rows).floor().to(torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+
+
+@pytest.mark.parametrize("epilogue", ["tma", "split"])
+@pytest.mark.parametrize("pass_name", ["forward", "grad_input"])
+@pytest.mark.parametrize(
+    ("experts", "rows", "n", "k"),
+    # Qwen3-30B-A3B's gate/up and down (the down grad-input has 3 column blocks: odd pair
+    # counts), then a small odd case with few tiles (a lone last tile, experts of one row)
+    [(128, 8192, 1536, 2048), (128, 8192, 2048, 768), (7, 300, 136, 200)],
+)
+def test_grouped_gemm_row_pairs_equal_single_ctas(
+    experts: int, rows: int, n: int, k: int, pass_name: str, epilogue: str
+) -> None:
+    """The forward and grad-input in 2-CTA clusters (TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS=1: a
+    cluster takes two consecutive tiles and each CTA loads half of the operand they share) run
+    the same WGMMAs a tile as one CTA a tile, so the output must be bitwise the same, under
+    skewed routing with unrouted rows past offsets[E] (written as zeros); and it must match a
+    float32 reference."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    offsets = skewed_offsets(experts, rows, gen)
+    total = int(offsets[-1]) + 77  # unrouted rows
+    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
+    width = k if pass_name == "forward" else n
+    a = torch.randn(total, width, generator=gen).to(BF16)
+    op = (
+        torch.ops.turbomoe.grouped_gemm
+        if pass_name == "forward"
+        else torch.ops.turbomoe.grouped_gemm_backward_input
+    )
+    a_c, w_c, off_c = a.to(CUDA), w.to(CUDA), offsets.to(CUDA)
+    results = {}
+    for clusters in ("0", "1"):
+        os.environ["TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS"] = clusters
+        os.environ["TURBOMOE_HOPPER_GEMM_EPILOGUE"] = epilogue
+        try:
+            poison()
+            results[clusters] = op(a_c, w_c, off_c).cpu()
+        finally:
+            os.environ.pop("TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS", None)
+            os.environ.pop("TURBOMOE_HOPPER_GEMM_EPILOGUE", None)
+    got = results["1"]
+    assert torch.isfinite(got).all(), f"seed {seed}: unwritten output"
+    assert torch.equal(results["0"], got), f"seed {seed}: clusters differ from one CTA a tile"
+    bounds = offsets.tolist()
+    parts = []
+    for e in range(experts):
+        rows_e = a[bounds[e] : bounds[e + 1]].float()
+        we = w[e].float()
+        parts.append(rows_e @ (we.t() if pass_name == "forward" else we))
+    parts.append(torch.zeros(total - bounds[-1], got.shape[1]))
+    err = rel(got, torch.cat(parts))
+    assert err < 1e-2, f"seed {seed}: rel error {err}"
+    assert float(got[bounds[-1] :].abs().max()) == 0.0, f"seed {seed}: unrouted rows not zero"
+
+
 GATHERED = [
     # (tokens, top_k, experts, N, K): Qwen3-30B-A3B's gate/up and down at 4096 and 512 tokens,
     # then odd small shapes (K a multiple of 8, which the 16-byte row copies need)
