@@ -62,6 +62,8 @@ VARIANTS = {
     # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast)
     "cluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1"},
     "nocluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0"},
+    # grad-weight: empty experts' zero tiles spread over the pass instead of stored at its start
+    "pace_zeros": {"TURBOMOE_HOPPER_GEMM_PACE_ZEROS": "1"},
     # forward / grad-input in 2-CTA clusters sharing the weight columns (or rows) by multicast
     "cluster_rows": {"TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS": "1"},
     "cluster_rows_split": {
@@ -86,6 +88,7 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_SWIGLU",
     "TURBOMOE_HOPPER_GEMM_CLUSTER_DW",
     "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS",
+    "TURBOMOE_HOPPER_GEMM_PACE_ZEROS",
     "TURBOMOE_BENCH_GATHER",
 )
 

@@ -178,6 +178,8 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_DW = 0 (default) | 1 (grad-weight in 2-CTA clusters)
+//   TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS = 0 (default) | 1 (forward, grad-input in 2-CTA clusters)
+//   TURBOMOE_HOPPER_GEMM_PACE_ZEROS = 0 (default) | 1 (grad-weight's zero tiles spread out)
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
@@ -274,6 +276,7 @@ void apply_variant_switches(Params* p) {
   p->skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
   p->trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
   p->balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
+  p->pace_zero_tiles = env_is("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", "1") ? 1 : 0;
 }
 
 // The default (whole-box TMA) epilogue, which the clustered grad-weight kernel uses.

@@ -21,6 +21,7 @@
 #include <cuda.h>  // CUtensorMap (the type only: the library never links libcuda)
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "activation/swiglu_math.h"
@@ -118,6 +119,9 @@ struct Params {
   // Grad-weight: tiles in descending order of work, snaking over the CTAs, and empty experts'
   // zero tiles stored from the zero box (0: expert order, dealt round-robin, all computed).
   int32_t balance_grad_weight;
+  // Grad-weight with a zero box: the zero tiles spread over the pass in step with the operand
+  // loads (a share of them per stage loaded) instead of all stored at its start.
+  int32_t pace_zero_tiles;
   // Forward + SwiGLU: out is gate_up [M, 2I] (the gate columns, then the up columns, as w's
   // rows), out2 the activation [M, I]; out_cols = gate_rows = I.
   void* out2;
@@ -631,6 +635,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     row_begin[e] = min(max(p.offsets[e], 0), p.m);
   }
   __shared__ int active_experts;  // grad-weight: experts with rows
+  // Grad-weight, paced zero tiles: the producer's count of stages loaded, which thread 32 reads.
+  __shared__ volatile int stages_loaded;
   const uint32_t zero_box = base + L::kZeroOffset;
   if constexpr (L::kZeroBox) {
     for (int i = tid; i < kBoxBytes / 16; i += kThreads) {
@@ -641,6 +647,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (tid == 0) {
     active_experts = 0;
+    stages_loaded = 0;
     row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       // Gathered A: thread 0's expect-tx arrival, then one cp.async arrival a producer thread.
@@ -717,6 +724,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // stores of the zero box, at most a few tiles in flight so that they share the memory
     // system with the operand loads. This CTA's are zero_tile, + gridDim.x, ...
     int zero_tile = static_cast<int>(blockIdx.x);
+    const bool paced = L::kZeroBox && P == Pass::kGradWeight && kGather == kGatherNone &&
+                       p.pace_zero_tiles != 0 && zero_tiles > 0;
     auto store_zero_tile = [&]() {
       if constexpr (L::kZeroBox) {
         const int k_blocks = ceil_div(p.out_cols, kBlockN);
@@ -832,9 +841,28 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_expect_tx(bar, stage_bytes);
           load_a<P>(&map_a, tile, k, na, a_dst, bar);
           load_b<P, kCluster>(&map_b, tile, k, nb, a_dst + kTileABytes, bar, p, rank);
+          if (paced) stages_loaded = static_cast<int>(it) + 1;
         }
       }
+      if (paced) stages_loaded = INT_MAX;  // the rest of the zero tiles at once
     } else if (tid == 32) {
+      if (paced) {
+        // This CTA's stages (the producer's walk) and zero tiles: zero tile j waits until
+        // j / zeros of the stages are loaded. A pacing heuristic only: the loads never wait on it.
+        int stages = 0;
+        for (int i = 0;; ++i) {
+          const int t = cta_tile<P, kCluster>(i, p);
+          if (t >= total_units) break;
+          stages += decode_tile<P, kCluster>(t, p, tile_begin, row_begin, rank).k_iters;
+        }
+        const int grid = static_cast<int>(gridDim.x);
+        const int zeros = zero_tiles > zero_tile ? (zero_tiles - zero_tile + grid - 1) / grid : 0;
+        for (int j = 0; j < zeros; ++j) {
+          const int64_t due = static_cast<int64_t>(j) * stages;
+          while (static_cast<int64_t>(stages_loaded) * zeros < due) __nanosleep(200);
+          store_zero_tile();
+        }
+      }
       while (zero_tile < zero_tiles) store_zero_tile();
       if (zero_tiles > 0) bulk_wait_all();
     }
