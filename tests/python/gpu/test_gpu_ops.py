@@ -323,19 +323,26 @@ def test_grouped_gemm(tokens, top_k, experts, n, k, large, transposed, dtype):
     check(fn, [x, w, offsets], [0, 1], dtype, seed, 1e-4, reference if large else None)
 
 
+@pytest.mark.parametrize("pace_zeros", ["0", "1"])
 @pytest.mark.parametrize("clusters", ["0", "1"])
 @pytest.mark.parametrize("empty_share", [0.05, 0.7])
 @pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768), (48, 72)])
 def test_grouped_gemm_grad_weight_ignores_rows_outside_each_expert(
-    n: int, k: int, empty_share: float, clusters: str, monkeypatch: pytest.MonkeyPatch
+    n: int,
+    k: int,
+    empty_share: float,
+    clusters: str,
+    pace_zeros: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """dw[e] reads only expert e's rows: every expert's last reduction chunk reaches into the next
     expert's rows (counts are not multiples of 16 or 64) and the last one into unrouted rows,
     here NaN in both operands, which must not leak into any expert's gradient. Experts without
     rows get exact zeros (with many of them, as real routing gives, most tiles are such). Also
     through the 2-CTA cluster kernel (N a multiple of 256), whose CTAs clear their own copies of
-    the shared x operand."""
+    the shared x operand; and with the zero tiles paced by the operand loads."""
     monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", clusters)
+    monkeypatch.setenv("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", pace_zeros)
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     experts = 40
