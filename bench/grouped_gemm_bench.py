@@ -49,8 +49,11 @@ TOP_K = 8  # the gathered passes: each token feeds TOP_K rows
 # Kernel variants for A/B timing in one run (environment switches read by the library per call;
 # see csrc/grouped_gemm/hopper_gemm.cu).
 VARIANTS = {
-    "default": {},  # TMA-store epilogue (3 stages) + idle empty halves
+    # split epilogue (4 stages) for forward / grad-input, whole-box TMA epilogue (3 stages) with
+    # paced zero tiles for grad-weight, idle empty halves
+    "default": {},
     "split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "split"},  # 4 stages, two-piece epilogue
+    "tma": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "tma"},  # 3 stages, whole-box epilogue
     "direct": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct"},  # fragment stores, 4 stages
     "noskip": {"TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
     "notrim": {"TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0"},  # grad-weight: whole tail chunk
@@ -62,8 +65,8 @@ VARIANTS = {
     # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast)
     "cluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1"},
     "nocluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0"},
-    # grad-weight: empty experts' zero tiles spread over the pass instead of stored at its start
-    "pace_zeros": {"TURBOMOE_HOPPER_GEMM_PACE_ZEROS": "1"},
+    # grad-weight: empty experts' zero tiles all stored at the start (not paced)
+    "nopace": {"TURBOMOE_HOPPER_GEMM_PACE_ZEROS": "0"},
     # forward / grad-input in 2-CTA clusters sharing the weight columns (or rows) by multicast
     "cluster_rows": {"TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS": "1"},
     "cluster_rows_split": {

@@ -172,14 +172,15 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma (default) | split | direct | deferred
-//                                   (see hopper_gemm_kernel.cuh)
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | direct | deferred (see hopper_gemm_kernel.cuh);
+//                                   unset: split for the row passes, tma for grad-weight
+//                                   (use_split_epilogue)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_DW = 0 (default) | 1 (grad-weight in 2-CTA clusters)
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS = 0 (default) | 1 (forward, grad-input in 2-CTA clusters)
-//   TURBOMOE_HOPPER_GEMM_PACE_ZEROS = 0 (default) | 1 (grad-weight's zero tiles spread out)
+//   TURBOMOE_HOPPER_GEMM_PACE_ZEROS = 1 (default) | 0 (grad-weight's zero tiles all at the start)
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
@@ -276,13 +277,26 @@ void apply_variant_switches(Params* p) {
   p->skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
   p->trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
   p->balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
-  p->pace_zero_tiles = env_is("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", "1") ? 1 : 0;
+  p->pace_zero_tiles = env_is("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", "0") ? 0 : 1;
 }
 
 // The default (whole-box TMA) epilogue, which the clustered grad-weight kernel uses.
 bool default_epilogue() {
   const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
   return v == nullptr || v[0] == '\0' || std::strcmp(v, "tma") == 0;
+}
+
+// Whether a bf16 pass stores through the split TMA epilogue (4 stages; E <= kMaxExpertsSplit):
+// when asked for, and by default for the forward and grad-input, which it made 2-10% faster on an
+// H100 (32k rows, model routing). Grad-weight keeps the whole-box epilogue by default: its zero
+// box, which the split layout has no room for, stores the empty experts' tiles beside the
+// computation (paced), which measured faster still (docs/perf-notes.md, fifteenth session).
+template <Pass P>
+bool use_split_epilogue(int num_experts) {
+  if (num_experts > hopper_gemm::kMaxExpertsSplit) return false;
+  const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
+  if (v == nullptr || v[0] == '\0') return P != Pass::kGradWeight;
+  return std::strcmp(v, "split") == 0;
 }
 
 // out_map is null when the output cannot be written by TMA (fp32, or misaligned rows).
@@ -294,8 +308,7 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
     launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
-  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
-             p.num_experts <= hopper_gemm::kMaxExpertsSplit) {
+  } else if (use_split_epilogue<P>(p.num_experts)) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
@@ -405,8 +418,7 @@ template <Pass P>
 bool launch_row_pairs(const tm_tensor& a, const tm_tensor& w, const CUtensorMap& map_out, Params p,
                       int sm_count, int device, cudaStream_t stream) {
   constexpr int kPair = 2;
-  const bool split = env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split") &&
-                     p.num_experts <= hopper_gemm::kMaxExpertsSplit;
+  const bool split = use_split_epilogue<P>(p.num_experts);
   const int64_t tiles = row_pass_grid(p.m, p.num_experts, p.out_cols, hopper_gemm::kBlockN,
                                       INT32_MAX);  // the most tiles the pass can make
   const int64_t pairs = (tiles + 1) / kPair;
