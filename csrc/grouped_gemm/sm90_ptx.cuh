@@ -109,12 +109,15 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
-// Arrives on the mbarrier at shared-memory address `bar` of CTA `rank` of the cluster.
+// Arrives on the mbarrier at shared-memory address `bar` of CTA `rank` of the cluster. The
+// default semantics (release at CTA scope), as CUTLASS's cluster barriers use: the arrival only
+// says that this warp's WGMMAs (async proxy, already waited for) are done reading a stage. An
+// explicit `.release.cluster` compiled to a memory barrier (ERRBAR) before every arrival, 32% of
+// the consumers' stall samples in the row-pass cluster kernel (docs/perf-notes.md).
 __device__ __forceinline__ void mbar_arrive_in(uint32_t bar, uint32_t rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote)
-               : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
 }
 
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int32_t c0,
