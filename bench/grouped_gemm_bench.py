@@ -54,6 +54,8 @@ VARIANTS = {
     "default": {},
     "split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "split"},  # 4 stages, two-piece epilogue
     "tma": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "tma"},  # 3 stages, whole-box epilogue
+    # 4 stages and the zero box (grad-weight: paced zero tiles), four-piece epilogue
+    "quarter": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "quarter"},
     "direct": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "direct"},  # fragment stores, 4 stages
     "noskip": {"TURBOMOE_HOPPER_GEMM_SKIP_HALVES": "0"},
     "notrim": {"TURBOMOE_HOPPER_GEMM_TRIM_TAIL": "0"},  # grad-weight: whole tail chunk

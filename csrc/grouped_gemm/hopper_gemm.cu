@@ -172,7 +172,8 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | direct | deferred (see hopper_gemm_kernel.cuh);
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred
+//                                   (see hopper_gemm_kernel.cuh);
 //                                   unset: split for the row passes, tma for grad-weight
 //                                   (use_split_epilogue)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
@@ -310,6 +311,8 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
     launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (use_split_epilogue<P>(p.num_experts)) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
+  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "quarter")) {
+    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaQuarter>(a, b, *out_map, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
   } else {

@@ -54,6 +54,10 @@ inline constexpr int kEpiTmaSplit = 2;
 // WGMMAs do (the tile is held meanwhile as 64 registers of bf16 pairs).
 inline constexpr int kEpiTmaDeferred = 3;
 inline constexpr int kMaxExpertsSplit = 200;
+// kEpiTmaQuarter: the split epilogue in four 64-column pieces (a 16 KiB buffer), which leaves
+// room for 4 stages and the zero box at any expert count: for the grad-weight, whose paced zero
+// tiles need the box and whose operand loads wait on a 3-stage ring.
+inline constexpr int kEpiTmaQuarter = 4;
 
 // Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
 // staging buffer, one 64 x 64 box of zeros (the source of the grad-weight's zero tiles, where
@@ -61,11 +65,12 @@ inline constexpr int kMaxExpertsSplit = 200;
 template <int kEpi>
 struct Layout {
   static constexpr int kStages = kEpi == kEpiTma || kEpi == kEpiTmaDeferred ? 3 : 4;
-  static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : 1;
+  static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : (kEpi == kEpiTmaQuarter ? 4 : 1);
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
-  // The split epilogue's 4 stages leave no room for the zero box.
-  static constexpr bool kZeroBox = kEpi == kEpiTma || kEpi == kEpiTmaDeferred;
+  // The split epilogue's 4 stages leave no room for the zero box; the quarter one's do.
+  static constexpr bool kZeroBox =
+      kEpi == kEpiTma || kEpi == kEpiTmaDeferred || kEpi == kEpiTmaQuarter;
   static constexpr int kZeroOffset = kEpiOffset + kEpiBytes;
   static constexpr int kZeroBytes = kZeroBox ? kBoxBytes : 0;
   static constexpr int kBarOffset = kZeroOffset + kZeroBytes;
@@ -79,6 +84,7 @@ static_assert(Layout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaDeferred>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
+static_assert(Layout<kEpiTmaQuarter>::smem_bytes(kMaxExperts) <= kSmemLimit);
 
 enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2, kForwardSwiglu = 3 };
 
@@ -613,9 +619,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kStages = L::kStages;
   constexpr bool kTmaEpilogue = kEpi != kEpiDirect;
   static_assert(!kTmaEpilogue || sizeof(OutT) == 2, "the TMA epilogue stages bf16 tiles");
-  static_assert(P != Pass::kForwardSwiglu ||
-                    (sizeof(OutT) == 2 && kEpi != kEpiTmaSplit && kEpi != kEpiTmaDeferred),
-                "the SwiGLU forward stores bf16 through the whole-box or the direct epilogue");
+  static_assert(
+      P != Pass::kForwardSwiglu || (sizeof(OutT) == 2 && (kEpi == kEpiTma || kEpi == kEpiDirect)),
+      "the SwiGLU forward stores bf16 through the whole-box or the direct epilogue");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023u) & ~1023u;
