@@ -4,6 +4,8 @@
 // its grad_weight partial sums in registers (in the workspace past the cached columns), and two
 // reduction kernels add the partial rows in a fixed order, so grad_weight is deterministic
 // without atomics.
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "rmsnorm/rmsnorm.h"
@@ -87,7 +89,10 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
 
 // Team t owns rows [t * rows_per_team, ...) and partial row t. With n = x * rstd and
 // dn = dy * w: dx = rstd * (dn - n * mean(dn * n)); the partial sums add dy * cast(n).
-template <typename X, typename W, typename G, typename DX, int N>
+// kPrefetch: the cached vectors of the team's next row are loaded before the current row's team
+// sum, so that their latency overlaps the sum's barriers and the current row's stores (twice the
+// loads in flight; the same arithmetic in the same order, so bitwise the same results).
+template <typename X, typename W, typename G, typename DX, int N, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(int team, int64_t partials, int64_t rows_per_team, int64_t rows, int64_t hidden,
                     const G* grad_y, int64_t gy_stride, const X* x, int64_t x_stride,
@@ -105,26 +110,55 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < N; ++i) acc[j][i] = 0.0f;
   }
+  // Row `it` of this team (when it exists): its rstd and its cached vectors of x and grad_y, as
+  // loaded (bf16 vectors take half the registers of their float values; the prefetching kernel
+  // holds two rows).
+  struct CachedRow {
+    float rs;
+    cuda::Pack<X, N> xv[kCached];
+    cuda::Pack<G, N> gv[kCached];
+  };
+  auto load_row = [&](int64_t it, CachedRow& row) {
+    const int64_t r = t * rows_per_team + it;
+    const bool active = t < partials && r < rows;
+    const int64_t rr = active ? r : 0;
+    row.rs = active ? rstd[rr * rstd_stride] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kCached; ++j) {
+      const int64_t c = (int64_t(j) * team + lane) * N;
+      if (active && c < hidden) {
+        row.xv[j] = *reinterpret_cast<const cuda::Pack<X, N>*>(x + rr * x_stride + c);
+        row.gv[j] = *reinterpret_cast<const cuda::Pack<G, N>*>(grad_y + rr * gy_stride + c);
+      }
+    }
+  };
+  CachedRow cur;
+  CachedRow next;
   // Every thread runs the same number of iterations: team_sum may hold block-wide barriers.
   for (int64_t it = 0; it < rows_per_team; ++it) {
     const int64_t r = t * rows_per_team + it;
     const bool active = t < partials && r < rows;
     const int64_t rr = active ? r : 0;
-    const float rs = active ? rstd[rr * rstd_stride] : 0.0f;
+    if (kPrefetch && it > 0) {
+      cur = next;
+    } else {
+      load_row(it, cur);
+    }
+    const float rs = cur.rs;
     const X* xr = x + rr * x_stride;
     const G* gr = grad_y + rr * gy_stride;
-    float xv[kCached][N], gv[kCached][N];
+    // The row's cached values: element i of vector j.
+    auto xv_at = [&](int j, int i) { return cuda::load(&cur.xv[j].v[i]); };
+    auto gv_at = [&](int j, int i) { return cuda::load(&cur.gv[j].v[i]); };
     float dot = 0.0f;
 #pragma unroll
     for (int j = 0; j < kCached; ++j) {
       const int64_t c = (int64_t(j) * team + lane) * N;
       if (active && c < hidden) {
         float w[N];
-        cuda::load_floats<N>(xr + c, xv[j]);
-        cuda::load_floats<N>(gr + c, gv[j]);
         load_weight<N>(weight, c, w);
 #pragma unroll
-        for (int i = 0; i < N; ++i) dot += gv[j][i] * w[i] * (xv[j][i] * rs);
+        for (int i = 0; i < N; ++i) dot += gv_at(j, i) * w[i] * (xv_at(j, i) * rs);
       }
     }
     for (int64_t c = (int64_t(kCached) * team + lane) * N; active && c < hidden; c += step) {
@@ -135,6 +169,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < N; ++i) dot += gs[i] * w[i] * (xs[i] * rs);
     }
+    if (kPrefetch && it + 1 < rows_per_team) load_row(it + 1, next);
     const float mean = team_sum(dot, team, warp_sums) / static_cast<float>(hidden);
     if (!active) continue;
     DX* dr = grad_x + r * gx_stride;
@@ -146,9 +181,9 @@ __global__ void __launch_bounds__(kThreads)
         load_weight<N>(weight, c, w);
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-          const float n = xv[j][i] * rs;
-          dx[i] = rs * (gv[j][i] * w[i] - n * mean);
-          acc[j][i] += gv[j][i] * cuda::round_to<X>(n);
+          const float n = xv_at(j, i) * rs;
+          dx[i] = rs * (gv_at(j, i) * w[i] - n * mean);
+          acc[j][i] += gv_at(j, i) * cuda::round_to<X>(n);
         }
         cuda::store_floats<N>(dr + c, dx);
       }
@@ -255,6 +290,10 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
   cuda::DeviceGuard device(x.t().device_index);
   const int64_t rows = x.size(0), hidden = x.size(1);
   const BackwardPlan plan = backward_plan(rows, hidden);
+  // Opt-in (TURBOMOE_RMSNORM_PREFETCH=1) until measured faster on the device: the backward that
+  // loads each team's next row under the current row's sum (bitwise the same results).
+  const char* prefetch_env = std::getenv("TURBOMOE_RMSNORM_PREFETCH");
+  const bool prefetch = prefetch_env != nullptr && std::strcmp(prefetch_env, "1") == 0;
   float* partial = grad_weight ? static_cast<float*>(workspace) : nullptr;
   if (rows > 0) {
     const bool vec = hidden % cuda::kVecElems == 0 && cuda::vectorisable(x) &&
@@ -273,8 +312,9 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
           using G = Elem<decltype(g_tag)>;
           cuda::dispatch_f32_bf16(grad_x.dtype(), [&](auto dx_tag) {
             using DX = Elem<decltype(dx_tag)>;
-            auto kernel = vec ? backward_kernel<X, W, G, DX, cuda::kVecElems>
-                              : backward_kernel<X, W, G, DX, 1>;
+            auto kernel = vec ? (prefetch ? backward_kernel<X, W, G, DX, cuda::kVecElems, true>
+                                          : backward_kernel<X, W, G, DX, cuda::kVecElems, false>)
+                              : backward_kernel<X, W, G, DX, 1, false>;
             kernel<<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(
                 plan.team, plan.partials, plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(),
                 grad_y.stride(0), x.ptr<const X>(), x.stride(0),

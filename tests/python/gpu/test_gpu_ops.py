@@ -1049,6 +1049,38 @@ def test_rms_norm_row_stride(rows, hidden, width, start, dtype):
     check(fn, [buf, weight], [0, 1], dtype, seed, fp32_tol=1e-4 if rows > 1000 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("rows", "hidden"),
+    # the model's hidden and per-head norms (8 and 16 rows a team), an odd run of rows, rows
+    # wider than the cached vectors, element-wise rows
+    [(4096, 2048), (131072, 128), (16384, 128), (2500, 1024), (7, 6144), (33, 13)],
+)
+def test_rms_norm_backward_prefetch_is_bitwise_the_same(rows: int, hidden: int, dtype) -> None:
+    """The backward that loads each team's next row under the current row's sum
+    (TURBOMOE_RMSNORM_PREFETCH=1) does the same arithmetic in the same order: grad_x and the
+    weight's gradient bitwise equal to the default kernel's."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=gen) * 2).to(dtype).to(CUDA)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype).to(CUDA)
+    grad = torch.randn(rows, hidden, generator=gen).to(dtype).to(CUDA)
+    results = {}
+    for prefetch in ("0", "1"):
+        os.environ["TURBOMOE_RMSNORM_PREFETCH"] = prefetch
+        try:
+            xr = x.clone().requires_grad_(True)
+            wr = weight.clone().requires_grad_(True)
+            poison()
+            tops.rms_norm(xr, wr, 1e-6).backward(grad)
+            results[prefetch] = (xr.grad, wr.grad)
+        finally:
+            os.environ.pop("TURBOMOE_RMSNORM_PREFETCH", None)
+    for name, a, b in zip(("grad_x", "grad_weight"), results["0"], results["1"], strict=True):
+        assert torch.isfinite(b).all(), f"seed {seed}: {name} unwritten"
+        assert torch.equal(a, b), f"seed {seed}: {name} differs with the prefetch"
+
+
 ROPE = [
     # (B, NH, S, D, R, interleaved)
     (2, 3, 7, 16, 16, False),
