@@ -18,7 +18,7 @@ import turbomoe
 from turbomoe.bench import main
 from turbomoe.bench.flops import active_matmul_params, flops_per_token
 from turbomoe.bench.models import FAMILIES, build_model, qwen3_30b_a3b_config, tiny_config
-from turbomoe.bench.report import compare
+from turbomoe.bench.report import compare, git_commit
 from turbomoe.bench.runner import RunResult
 
 
@@ -171,3 +171,33 @@ def test_gloo_ranks_fsdp_against_expert_parallel(
         assert run["tps_per_gpu"] == pytest.approx(sum(run["tps_per_rank"]) / ranks)
     check = payload["ratios"]["loss_check"]
     assert check["ok"] and check["rel_diff"] < 1e-3  # same rank-0 batch, same weights
+
+
+def test_recorded_commit_names_what_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEAD of a clean tree; HEAD-dirty once a tracked file differs from it (a copied tree whose
+    git metadata is older than its files); TURBOMOE_BENCH_COMMIT over both."""
+    monkeypatch.delenv("TURBOMOE_BENCH_COMMIT", raising=False)
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    git("add", "code.py")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_commit(tmp_path) == head + "-dirty"
+    monkeypatch.setenv("TURBOMOE_BENCH_COMMIT", "4ab7474")
+    assert git_commit(tmp_path) == "4ab7474"
+    monkeypatch.delenv("TURBOMOE_BENCH_COMMIT")
+    assert git_commit(tmp_path / "code.py") == "unknown"  # not a directory git can run in

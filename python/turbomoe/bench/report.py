@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,19 +13,29 @@ from typing import Any
 from turbomoe.bench.runner import RunResult
 
 
-def git_commit(cwd: Path | None = None) -> str:
+def _git(args: list[str], cwd: Path | None) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
         )
-        return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The commit the benchmarked code is: TURBOMOE_BENCH_COMMIT when set (a copied tree whose
+    git metadata is older than its files, as on a lent device machine), else HEAD, marked
+    ``-dirty`` when tracked files differ from it, so that a record never names a commit whose
+    code it did not run."""
+    override = os.environ.get("TURBOMOE_BENCH_COMMIT", "").strip()
+    if override:
+        return override
+    head = _git(["rev-parse", "HEAD"], cwd)
+    if head is None or not head.strip():
         return "unknown"
+    changed = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    return head.strip() + ("-dirty" if changed is None or changed.strip() else "")
 
 
 def utc_now() -> str:
