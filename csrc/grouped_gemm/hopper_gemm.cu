@@ -173,7 +173,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
 //   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred
-//                                   (see hopper_gemm_kernel.cuh);
+//                                   (see hopper_gemm_layout.cuh);
 //                                   unset: split for the row passes, tma for grad-weight
 //                                   (use_split_epilogue)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
