@@ -123,50 +123,53 @@ TEST_P(CrossEntropyTest, BackwardMatchesFiniteDifferences) {
   EXPECT_LT(rel_error(got, want), dtype == TM_DTYPE_FLOAT32 ? 1e-4 : 1e-2);
 }
 
+// A random problem solved by the two separate calls (forward: loss and lse; backward out of
+// place: grad), the baseline that the in-place and the one-call paths must reproduce.
+struct TwoCallBaseline {
+  HostTensor logits, labels, loss, lse, grad_loss, grad;
+  TwoCallBaseline(int32_t dtype, int64_t rows, int64_t vocab, std::mt19937_64& rng)
+      : logits({rows, vocab}, dtype),
+        labels(random_labels(rows, vocab, rng)),
+        loss({rows}, TM_DTYPE_FLOAT32),
+        lse({rows}, TM_DTYPE_FLOAT32),
+        grad_loss({rows}, TM_DTYPE_FLOAT32),
+        grad({rows, vocab}, dtype) {
+    logits.fill_uniform(rng, -4, 4);
+    grad_loss.fill_uniform(rng, 0.5, 2);
+    grad.poison();
+  }
+  void solve() {
+    TM_ASSERT_OK(tm_cross_entropy_forward(logits.desc(), labels.desc(), kIgnore, loss.desc(),
+                                          lse.desc(), nullptr));
+    TM_ASSERT_OK(tm_cross_entropy_backward(grad_loss.desc(), logits.desc(), labels.desc(),
+                                           lse.desc(), kIgnore, grad.desc(), nullptr));
+  }
+};
+
 TEST_P(CrossEntropyTest, BackwardInPlaceMatchesOutOfPlace) {
-  const int32_t dtype = GetParam();
   auto rng = turbomoe::testing::rng_for_test();
-  const int64_t rows = 9, vocab = 77;
-  HostTensor logits({rows, vocab}, dtype), grad({rows, vocab}, dtype);
-  logits.fill_uniform(rng, -4, 4);
-  HostTensor labels = random_labels(rows, vocab, rng);
-  HostTensor loss({rows}, TM_DTYPE_FLOAT32), lse({rows}, TM_DTYPE_FLOAT32);
-  HostTensor grad_loss({rows}, TM_DTYPE_FLOAT32);
-  grad_loss.fill_uniform(rng, 0.5, 2);
-  TM_ASSERT_OK(tm_cross_entropy_forward(logits.desc(), labels.desc(), kIgnore, loss.desc(),
-                                        lse.desc(), nullptr));
-  grad.poison();
-  TM_ASSERT_OK(tm_cross_entropy_backward(grad_loss.desc(), logits.desc(), labels.desc(), lse.desc(),
-                                         kIgnore, grad.desc(), nullptr));
-  TM_ASSERT_OK(tm_cross_entropy_backward(grad_loss.desc(), logits.desc(), labels.desc(), lse.desc(),
-                                         kIgnore, logits.desc(), nullptr));
-  EXPECT_EQ(logits.values(), grad.values());
+  TwoCallBaseline b(GetParam(), 9, 77, rng);
+  b.solve();
+  TM_ASSERT_OK(tm_cross_entropy_backward(b.grad_loss.desc(), b.logits.desc(), b.labels.desc(),
+                                         b.lse.desc(), kIgnore, b.logits.desc(), nullptr));
+  EXPECT_EQ(b.logits.values(), b.grad.values());
 }
 
 TEST_P(CrossEntropyTest, ForwardBackwardMatchesTheTwoCalls) {
-  const int32_t dtype = GetParam();
   auto rng = turbomoe::testing::rng_for_test();
-  const int64_t rows = 11, vocab = 93;
-  HostTensor logits({rows, vocab}, dtype), grad({rows, vocab}, dtype);
-  logits.fill_uniform(rng, -4, 4);
-  HostTensor labels = random_labels(rows, vocab, rng);
-  HostTensor loss({rows}, TM_DTYPE_FLOAT32), lse({rows}, TM_DTYPE_FLOAT32);
-  HostTensor grad_loss({rows}, TM_DTYPE_FLOAT32);
-  grad_loss.fill_uniform(rng, 0.5, 2);
-  TM_ASSERT_OK(tm_cross_entropy_forward(logits.desc(), labels.desc(), kIgnore, loss.desc(),
-                                        lse.desc(), nullptr));
-  TM_ASSERT_OK(tm_cross_entropy_backward(grad_loss.desc(), logits.desc(), labels.desc(), lse.desc(),
-                                         kIgnore, grad.desc(), nullptr));
+  const int64_t rows = 11;
+  TwoCallBaseline b(GetParam(), rows, 93, rng);
+  b.solve();
   HostTensor loss2({rows}, TM_DTYPE_FLOAT32), lse2({rows}, TM_DTYPE_FLOAT32);
   loss2.poison();
   lse2.poison();
   // In place: the gradient overwrites the logits it is formed from.
-  TM_ASSERT_OK(tm_cross_entropy_forward_backward(grad_loss.desc(), logits.desc(), labels.desc(),
-                                                 kIgnore, loss2.desc(), lse2.desc(), logits.desc(),
-                                                 nullptr));
-  EXPECT_EQ(loss2.values(), loss.values());
-  EXPECT_EQ(lse2.values(), lse.values());
-  EXPECT_EQ(logits.values(), grad.values());
+  TM_ASSERT_OK(tm_cross_entropy_forward_backward(b.grad_loss.desc(), b.logits.desc(),
+                                                 b.labels.desc(), kIgnore, loss2.desc(),
+                                                 lse2.desc(), b.logits.desc(), nullptr));
+  EXPECT_EQ(loss2.values(), b.loss.values());
+  EXPECT_EQ(lse2.values(), b.lse.values());
+  EXPECT_EQ(b.logits.values(), b.grad.values());
 }
 
 TEST(CrossEntropy, ForwardBackwardRejectsAMisalignedAlias) {
