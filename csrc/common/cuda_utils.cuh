@@ -66,6 +66,25 @@ decltype(auto) dispatch_floating(int32_t dtype, Fn&& fn) {
   }
 }
 
+// Launch configuration of `grid` CTAs of `threads` threads in clusters of `cluster` CTAs along
+// x, for cudaLaunchKernelEx (which reads `*attr`: it must outlive the launch call).
+inline cudaLaunchConfig_t cluster_launch_config(unsigned grid, unsigned threads, size_t smem,
+                                                cudaStream_t stream, unsigned cluster,
+                                                cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 inline unsigned blocks_for(int64_t n, int threads) {
   const int64_t b = (n + threads - 1) / threads;
   return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 * 64 ? 65535 * 64 : b));

@@ -202,22 +202,12 @@ void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
   }
 }
 
-// Launch configuration of kCluster-CTA clusters (cudaLaunchKernelEx keeps pointers to `attr`).
+// Launch configuration of kCluster-CTA clusters of the kernel's block size.
 template <int kCluster>
 cudaLaunchConfig_t cluster_config(int grid, int smem, cudaStream_t stream,
                                   cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(grid));
-  config.blockDim = dim3(hopper_gemm::kThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
-  config.stream = stream;
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = kCluster;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return config;
+  return cuda::cluster_launch_config(static_cast<unsigned>(grid), hopper_gemm::kThreads,
+                                     static_cast<size_t>(smem), stream, kCluster, attr);
 }
 
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.

@@ -180,18 +180,10 @@ void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg
         cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),
                     "cudaFuncSetAttribute");
-        cudaLaunchConfig_t config{};
-        config.gridDim = dim3(static_cast<unsigned>(rows * ctas));
-        config.blockDim = dim3(kThreads);
-        config.dynamicSmemBytes = smem;
-        config.stream = cuda::as_stream(stream);
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        config.attrs = attr;
-        config.numAttrs = 1;
+        cudaLaunchAttribute attr{};
+        const cudaLaunchConfig_t config = cuda::cluster_launch_config(
+            static_cast<unsigned>(rows * ctas), kThreads, smem, cuda::as_stream(stream),
+            static_cast<unsigned>(ctas), &attr);
         cuda::check(cudaLaunchKernelEx(&config, kernel, vocab, slice, logits.ptr<const T>(),
                                        logits.stride(0), labels_of(labels), ignore_index,
                                        grad_loss.ptr<const float>(), grad_loss.stride(0),
