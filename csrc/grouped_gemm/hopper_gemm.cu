@@ -467,9 +467,9 @@ bool run_row_pass(const tm_tensor& a, const RowGather& gather, const tm_tensor& 
   int sm_count = 0;
   if (!device_ok(a.device_index, &sm_count) || tensor_map_encoder() == nullptr) return false;
 
-  // Forward reads w[e] as 256 rows of 64 K values; grad-input as four 64 x 64 boxes, 64 output
-  // columns (K) by 64 reduction rows (N) each.
-  const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
+  // One CTA a tile reads w[e], forward, as 256 rows of 64 K values; grad-input as four 64 x 64
+  // boxes, 64 output columns (K) by 64 reduction rows (N) each (launch_row_pairs: its own maps).
+  const uint32_t b_box_rows = P == Pass::kForward ? hopper_gemm::kBlockN : 64;
 
   Params p{};
   p.offsets = static_cast<const int32_t*>(offsets.data);
@@ -489,12 +489,14 @@ bool run_row_pass(const tm_tensor& a, const RowGather& gather, const tm_tensor& 
   const cudaStream_t s = cuda::as_stream(stream);
   if (gathered) {
     set_gather(&p, a, *gather.sorted_pairs, gather.top_k);
+    const CUtensorMap map_b = expert_map(w, b_box_rows);
     // map_b stands in for the A map, which the gathered kernel does not read.
     launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
                                               p, grid, a.device_index, s);
   } else if (!(row_pairs_wanted(out.dtype, tma_out) &&
                launch_row_pairs<P>(a, w, map_out, p, sm_count, a.device_index, s))) {
     const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);
+    const CUtensorMap map_b = expert_map(w, b_box_rows);
     launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
                   s);
   }
