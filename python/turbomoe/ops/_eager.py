@@ -24,7 +24,7 @@ import torch
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager_ok(args: tuple[Any, ...]) -> bool:
+def eager_ok(args: tuple[Any, ...]) -> bool:
     """True when calling the implementation directly is indistinguishable from the op."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
@@ -45,7 +45,7 @@ def direct(op: Any) -> Callable[..., Any]:
         return op
 
     def call(*args: Any) -> Any:
-        return impl(*args) if _eager_ok(args) else op(*args)
+        return impl(*args) if eager_ok(args) else op(*args)
 
     call.__name__ = getattr(impl, "__name__", "call")
     call.__doc__ = impl.__doc__
@@ -91,7 +91,7 @@ def differentiable(
     )
 
     def call(*args: Any) -> Any:
-        if not _eager_ok(args):
+        if not eager_ok(args):
             return op(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args)

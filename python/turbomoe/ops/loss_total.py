@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from turbomoe.ops._eager import _eager_ok as eager_ok
-from turbomoe.ops._eager import differentiable
+from turbomoe.ops._eager import differentiable, eager_ok
 from turbomoe.ops.loss import (
     _labels,
     _lce_backward_cuda,

@@ -32,7 +32,7 @@ import torch
 
 # The ops' eager entry points (no dispatcher round trip; inside this Function's forward and
 # backward no autograd graph is recorded).
-from turbomoe.ops._eager import _eager_ok as eager_ok
+from turbomoe.ops._eager import eager_ok
 from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eager
 from turbomoe.ops.gated import _gated_eager as gated_activation_eager
 from turbomoe.ops.gated import _weighted_backward_eager as weighted_activation_backward_eager
