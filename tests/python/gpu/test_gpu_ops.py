@@ -374,6 +374,15 @@ def test_grouped_gemm_grad_weight_ignores_rows_outside_each_expert(
     assert err < 1e-2, f"seed {seed}: rel error {err}"
 
 
+def skewed_offsets(experts: int, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """expert_offsets under routing like the model's: a few experts with most rows, a third with
+    none, counts not multiples of 64 or 128."""
+    share = torch.rand(experts, generator=gen) ** 6
+    share[torch.rand(experts, generator=gen) < 0.3] = 0
+    counts = (share / share.sum() * rows).floor().to(torch.int64)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+
+
 @pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768)])
 def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> None:
     """The 2-CTA cluster kernel (x's columns multicast to both CTAs) runs the same WGMMAs in the
@@ -381,11 +390,7 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> 
     skewed routing like the model's (a few experts with most rows, many empty)."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
-    experts = 128
-    share = torch.rand(experts, generator=gen) ** 6
-    share[torch.rand(experts, generator=gen) < 0.3] = 0
-    counts = (share / share.sum() * 8192).floor().to(torch.int64)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    offsets = skewed_offsets(128, 8192, gen)
     rows = int(offsets[-1]) + 5
     x = torch.randn(rows, k, generator=gen).to(BF16).to(CUDA)
     dy = torch.randn(rows, n, generator=gen).to(BF16).to(CUDA)
@@ -400,15 +405,6 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> 
             os.environ.pop("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", None)
     assert torch.isfinite(results["1"]).all(), f"seed {seed}"
     assert torch.equal(results["0"], results["1"]), f"seed {seed}: clusters differ"
-
-
-def skewed_offsets(experts: int, rows: int, gen: torch.Generator) -> torch.Tensor:
-    """expert_offsets under routing like the model's: a few experts with most rows, a third with
-    none, counts not multiples of 64 or 128."""
-    share = torch.rand(experts, generator=gen) ** 6
-    share[torch.rand(experts, generator=gen) < 0.3] = 0
-    counts = (share / share.sum() * rows).floor().to(torch.int64)
-    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
 
 
 @pytest.mark.parametrize("epilogue", ["tma", "split"])
