@@ -61,5 +61,9 @@ void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, con
 void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& weight,
                    const Arg& rstd, const Arg& grad_x, const std::optional<Arg>& grad_weight,
                    void* workspace, void* stream);
+// grad_weight [hidden] = the sum of the backward kernel's partial rows (the first plan.partials
+// rows of the workspace), in the fixed two-stage order.
+void reduce_partials_cuda(const BackwardPlan& plan, int64_t hidden, float* workspace,
+                          float* grad_weight, void* stream);
 
 }  // namespace turbomoe::rmsnorm

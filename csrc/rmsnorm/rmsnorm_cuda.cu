@@ -8,45 +8,17 @@
 #include <cstring>
 #include <type_traits>
 
+#include "rmsnorm/backward_kernel.cuh"
 #include "rmsnorm/rmsnorm.h"
 #include "rmsnorm/vector_io.cuh"
 
 namespace turbomoe::rmsnorm {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kForwardWarps = 4;
 constexpr int kReduceColumns = 32;
 constexpr int kReduceGroups = kThreads / kReduceColumns;
 static_assert(kVectorElems == cuda::kVecElems);
-
-// Sum over a team of `team` consecutive threads (a power of two, uniform over the block); every
-// thread of the team gets the same bits. Teams wider than a warp combine their warps' sums
-// through shared memory, so every thread of the block must call this.
-__device__ __forceinline__ float team_sum(float v, int team, float* warp_sums) {
-  const int width = team < 32 ? team : 32;
-  for (int offset = width / 2; offset > 0; offset >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  if (team <= 32) return v;
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
-  __syncthreads();
-  const int first = static_cast<int>(threadIdx.x) / team * (team / 32);
-  float total = 0.0f;
-  for (int w = 0; w < team / 32; ++w) total += warp_sums[first + w];
-  __syncthreads();  // warp_sums is reused by the next call
-  return total;
-}
-
-template <int N, typename W>
-__device__ __forceinline__ void load_weight(const W* weight, int64_t c, float (&w)[N]) {
-  if (weight != nullptr) {
-    cuda::load_floats<N>(weight + c, w);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) w[i] = 1.0f;
-  }
-}
 
 // A team of `team` lanes per row (a power of two up to 32: a warp for wide rows, part of one
 // for rows narrower than 32 vectors, e.g. the per-head q/k norms of 128 values, which would
@@ -84,138 +56,6 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = cuda::round_to<X>(v[i] * rs) * w[i];
     cuda::store_floats<N>(yr + c, v);
-  }
-}
-
-// Team t owns rows [t * rows_per_team, ...) and partial row t. With n = x * rstd and
-// dn = dy * w: dx = rstd * (dn - n * mean(dn * n)); the partial sums add dy * cast(n).
-// kPrefetch: the cached vectors of the team's next row are loaded before the current row's team
-// sum, so that their latency overlaps the sum's barriers and the current row's stores (twice the
-// loads in flight; the same arithmetic in the same order, so bitwise the same results).
-template <typename X, typename W, typename G, typename DX, int N, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads)
-    backward_kernel(int team, int64_t partials, int64_t rows_per_team, int64_t rows, int64_t hidden,
-                    const G* grad_y, int64_t gy_stride, const X* x, int64_t x_stride,
-                    const W* weight, const float* rstd, int64_t rstd_stride, DX* grad_x,
-                    int64_t gx_stride, float* partial) {
-  constexpr int kCached = kBackwardCached;
-  __shared__ float warp_sums[kThreads / 32];
-  const int lane = static_cast<int>(threadIdx.x) % team;
-  const int64_t t = int64_t(blockIdx.x) * (kThreads / team) + threadIdx.x / team;
-  const int64_t step = int64_t(team) * N;
-  float* part = partial != nullptr && t < partials ? partial + t * hidden : nullptr;
-  float acc[kCached][N];
-#pragma unroll
-  for (int j = 0; j < kCached; ++j) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) acc[j][i] = 0.0f;
-  }
-  // Row `it` of this team (when it exists): its rstd and its cached vectors of x and grad_y, as
-  // loaded (bf16 vectors take half the registers of their float values; the prefetching kernel
-  // holds two rows).
-  struct CachedRow {
-    float rs;
-    cuda::Pack<X, N> xv[kCached];
-    cuda::Pack<G, N> gv[kCached];
-  };
-  auto load_row = [&](int64_t it, CachedRow& row) {
-    const int64_t r = t * rows_per_team + it;
-    const bool active = t < partials && r < rows;
-    const int64_t rr = active ? r : 0;
-    row.rs = active ? rstd[rr * rstd_stride] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < kCached; ++j) {
-      const int64_t c = (int64_t(j) * team + lane) * N;
-      if (active && c < hidden) {
-        row.xv[j] = *reinterpret_cast<const cuda::Pack<X, N>*>(x + rr * x_stride + c);
-        row.gv[j] = *reinterpret_cast<const cuda::Pack<G, N>*>(grad_y + rr * gy_stride + c);
-      }
-    }
-  };
-  CachedRow cur;
-  CachedRow next;
-  // Every thread runs the same number of iterations: team_sum may hold block-wide barriers.
-  for (int64_t it = 0; it < rows_per_team; ++it) {
-    const int64_t r = t * rows_per_team + it;
-    const bool active = t < partials && r < rows;
-    const int64_t rr = active ? r : 0;
-    if (kPrefetch && it > 0) {
-      cur = next;
-    } else {
-      load_row(it, cur);
-    }
-    const float rs = cur.rs;
-    const X* xr = x + rr * x_stride;
-    const G* gr = grad_y + rr * gy_stride;
-    // The row's cached values: element i of vector j.
-    auto xv_at = [&](int j, int i) { return cuda::load(&cur.xv[j].v[i]); };
-    auto gv_at = [&](int j, int i) { return cuda::load(&cur.gv[j].v[i]); };
-    float dot = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kCached; ++j) {
-      const int64_t c = (int64_t(j) * team + lane) * N;
-      if (active && c < hidden) {
-        float w[N];
-        load_weight<N>(weight, c, w);
-#pragma unroll
-        for (int i = 0; i < N; ++i) dot += gv_at(j, i) * w[i] * (xv_at(j, i) * rs);
-      }
-    }
-    for (int64_t c = (int64_t(kCached) * team + lane) * N; active && c < hidden; c += step) {
-      float xs[N], gs[N], w[N];
-      cuda::load_floats<N>(xr + c, xs);
-      cuda::load_floats<N>(gr + c, gs);
-      load_weight<N>(weight, c, w);
-#pragma unroll
-      for (int i = 0; i < N; ++i) dot += gs[i] * w[i] * (xs[i] * rs);
-    }
-    if (kPrefetch && it + 1 < rows_per_team) load_row(it + 1, next);
-    const float mean = team_sum(dot, team, warp_sums) / static_cast<float>(hidden);
-    if (!active) continue;
-    DX* dr = grad_x + r * gx_stride;
-#pragma unroll
-    for (int j = 0; j < kCached; ++j) {
-      const int64_t c = (int64_t(j) * team + lane) * N;
-      if (c < hidden) {
-        float w[N], dx[N];
-        load_weight<N>(weight, c, w);
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          const float n = xv_at(j, i) * rs;
-          dx[i] = rs * (gv_at(j, i) * w[i] - n * mean);
-          acc[j][i] += gv_at(j, i) * cuda::round_to<X>(n);
-        }
-        cuda::store_floats<N>(dr + c, dx);
-      }
-    }
-    for (int64_t c = (int64_t(kCached) * team + lane) * N; c < hidden; c += step) {
-      float xs[N], gs[N], w[N], dx[N], contrib[N];
-      cuda::load_floats<N>(xr + c, xs);
-      cuda::load_floats<N>(gr + c, gs);
-      load_weight<N>(weight, c, w);
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float n = xs[i] * rs;
-        dx[i] = rs * (gs[i] * w[i] - n * mean);
-        contrib[i] = gs[i] * cuda::round_to<X>(n);
-      }
-      cuda::store_floats<N>(dr + c, dx);
-      if (part == nullptr) continue;
-      // These columns of the partial row belong to this thread alone.
-      if (it > 0) {
-        float old[N];
-        cuda::load_floats<N>(part + c, old);
-#pragma unroll
-        for (int i = 0; i < N; ++i) contrib[i] = old[i] + contrib[i];
-      }
-      cuda::store_floats<N>(part + c, contrib);
-    }
-  }
-  if (part == nullptr) return;
-#pragma unroll
-  for (int j = 0; j < kCached; ++j) {
-    const int64_t c = (int64_t(j) * team + lane) * N;
-    if (c < hidden) cuda::store_floats<N>(part + c, acc[j]);
   }
 }
 
@@ -319,27 +159,32 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
                 plan.team, plan.partials, plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(),
                 grad_y.stride(0), x.ptr<const X>(), x.stride(0),
                 static_cast<const W*>(data_or_null(weight)), rstd.ptr<const float>(),
-                rstd.stride(0), grad_x.ptr<DX>(), grad_x.stride(0), partial);
+                rstd.stride(0), grad_x.ptr<DX>(), grad_x.stride(0), partial, RopeRows{});
           });
         });
       });
     });
     cuda::check_launch("rmsnorm backward_kernel");
   }
-  if (!grad_weight) return;
+  if (grad_weight) reduce_partials_cuda(plan, hidden, partial, grad_weight->ptr<float>(), stream);
+}
+
+void reduce_partials_cuda(const BackwardPlan& plan, int64_t hidden, float* workspace,
+                          float* grad_weight, void* stream) {
   // Stage one adds slices of kReduceSliceRows partial rows; stage two adds the slices. With no
-  // row at all, stage one writes zeros.
+  // row at all, stage one writes zeros. The slices live in the workspace past the partial rows.
   const unsigned column_blocks =
       static_cast<unsigned>((hidden + kReduceColumns - 1) / kReduceColumns);
-  float* slices = partial + plan.partials * hidden;
-  float* stage_one_out = plan.slices == 1 ? grad_weight->ptr<float>() : slices;
+  const float* partial = workspace;
+  float* slices = workspace + plan.partials * hidden;
+  float* stage_one_out = plan.slices == 1 ? grad_weight : slices;
   reduce_rows_kernel<<<dim3(column_blocks, static_cast<unsigned>(plan.slices)), kThreads, 0,
                        cuda::as_stream(stream)>>>(plan.partials, kReduceSliceRows, hidden, partial,
                                                   stage_one_out);
   cuda::check_launch("rmsnorm reduce_rows_kernel");
   if (plan.slices == 1) return;
   reduce_rows_kernel<<<dim3(column_blocks, 1), kThreads, 0, cuda::as_stream(stream)>>>(
-      plan.slices, plan.slices, hidden, slices, grad_weight->ptr<float>());
+      plan.slices, plan.slices, hidden, slices, grad_weight);
   cuda::check_launch("rmsnorm reduce_rows_kernel");
 }
 

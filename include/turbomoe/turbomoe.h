@@ -407,6 +407,27 @@ TM_API tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x
                                      tm_tensor* grad_x, tm_tensor* grad_weight, void* workspace,
                                      size_t workspace_bytes, void* stream);
 
+/* ---------------------------------------------------------------- q/k RMSNorm + RoPE
+ * Qwen3's attention normalises each head of q and k (RMSNorm over the head dim) and then applies
+ * RoPE; this is both in one pass, bitwise tm_rmsnorm_forward over the rows [B*S*NH, D] followed
+ * by tm_rope_forward (rotate_half form over the whole head):
+ *   y = rope(weight * cast(x * rstd)), the normalised values rounded to x's dtype in between.
+ * x, y [B,S,NH,D] contiguous, same dtype (float32/bfloat16), D = 64, 128 or 256; weight [D] in
+ * x's dtype or NULL; cos/sin [B or 1,S,D], last dim contiguous; rstd [B*S*NH] float32 (required:
+ * the backward reads it). On CUDA every tensor's data and row strides are multiples of 8
+ * elements. The backward (grad_y [B,S,NH,D] contiguous, the gradient of y) takes the workspace
+ * of tm_rmsnorm_backward_workspace_size(B*S*NH, D, ...) when grad_weight is given, and is
+ * bitwise tm_rope_backward followed by tm_rmsnorm_backward.
+ */
+TM_API tm_status tm_qk_norm_rope_forward(const tm_tensor* x, const tm_tensor* weight, float eps,
+                                         const tm_tensor* cos, const tm_tensor* sin, tm_tensor* y,
+                                         tm_tensor* rstd, void* stream);
+TM_API tm_status tm_qk_norm_rope_backward(const tm_tensor* grad_y, const tm_tensor* x,
+                                          const tm_tensor* weight, const tm_tensor* rstd,
+                                          const tm_tensor* cos, const tm_tensor* sin,
+                                          tm_tensor* grad_x, tm_tensor* grad_weight,
+                                          void* workspace, size_t workspace_bytes, void* stream);
+
 /* ---------------------------------------------------------------- RoPE
  * x [B,NH,S,D] (any strides), cos/sin [B,S,R] with R <= D even: the first R dims of each head
  * are rotated, the rest pass through. Non-interleaved (rotate_half) form:

@@ -177,7 +177,15 @@ def count_op_calls() -> Iterator[dict[str, int]]:
     """Counts calls of turbomoe.ops' public functions made through the ops module."""
     from turbomoe import ops
 
-    names = ["route", "moe_experts", "silu_mul", "rms_norm", "apply_rope", "linear_cross_entropy"]
+    names = [
+        "route",
+        "moe_experts",
+        "silu_mul",
+        "rms_norm",
+        "apply_rope",
+        "qk_norm_rope",
+        "linear_cross_entropy",
+    ]
     counts = dict.fromkeys(names, 0)
     originals: dict[str, Callable[..., Any]] = {name: getattr(ops, name) for name in names}
 

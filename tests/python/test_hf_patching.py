@@ -14,12 +14,14 @@ from turbomoe.hf import experts as experts_hook
 from turbomoe.hf import fallback, patcher
 from turbomoe.hf.registry import HOOKS
 
+# Only Qwen3's attention has per-head q/k norms right before RoPE.
+_NO_QK_NORM = tuple(hook for hook in HOOKS if hook != "qk_norm_rope")
 EXPECTED_HOOKS = {
     "qwen3_moe": HOOKS,
-    "qwen2_moe": HOOKS,
+    "qwen2_moe": _NO_QK_NORM,
     "mixtral": ("experts", "router", "rmsnorm", "rope", "loss"),
     "olmoe": ("experts", "router", "rmsnorm", "rope", "loss"),
-    "deepseek_v3": HOOKS,
+    "deepseek_v3": _NO_QK_NORM,
 }
 
 
@@ -285,3 +287,14 @@ def test_float16_model_runs_stock_code() -> None:
     assert torch.equal(got, want)
     messages = _fallback_messages(caught)
     assert messages and all("float16" in m for m in messages), messages
+
+
+def test_skip_hooks_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm_rope, rope")
+    applied = turbomoe.patch()
+    assert applied["qwen3_moe"] == ("experts", "router", "rmsnorm", "dense_mlp", "loss")
+    # An explicit hook list is what it says, whatever the environment.
+    assert turbomoe.patch(hooks=["rope"])["qwen3_moe"] == ("rope",)
+    monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm")
+    with pytest.raises(ValueError, match="unknown hooks"):
+        turbomoe.patch()

@@ -12,6 +12,8 @@ Mechanisms, official extension points first:
   checkpoint key as stock, and reaches models built before the import as well.
 - rope: the modeling module's ``apply_rotary_pos_emb*`` globals, looked up by the attention at
   call time.
+- qk_norm_rope: method replacement of the attention's ``forward``, only where the stock forward
+  holds every line the replacement reproduces (``hf/attention.py``).
 
 Every change is recorded with the value it replaced; :func:`unpatch` puts those exact objects
 back, so stock behaviour returns bit for bit.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import textwrap
 import threading
 from collections.abc import Callable, Iterable
@@ -32,6 +35,7 @@ from typing import Any
 from torch import nn
 
 from turbomoe.hf import experts as experts_hook
+from turbomoe.hf.attention import make_attention_forward, matches_stock
 from turbomoe.hf.fallback import warn_once
 from turbomoe.hf.loss import CAUSAL_LM_FORWARDS
 from turbomoe.hf.mlp import make_mlp_forward
@@ -175,6 +179,22 @@ def _is_causal_lm(cls: type, family: Family) -> bool:
     )
 
 
+def _is_qk_norm_attention(cls: type) -> bool:
+    """An attention whose forward is Qwen3's: per-head q/k norms, then RoPE, then the interface."""
+    forward = _own_forward(cls)
+    if forward is None or not matches_stock(_source(forward)):
+        return False
+    params = list(inspect.signature(forward).parameters)
+    return params == [
+        "self",
+        "hidden_states",
+        "position_embeddings",
+        "attention_mask",
+        "past_key_values",
+        "kwargs",
+    ]
+
+
 _ROPE_FINGERPRINTS = {
     False: "(rotate_half(q) * sin)",
     True: "q[..., 0::2], q[..., 1::2]",
@@ -206,6 +226,12 @@ def _apply_hook(hook: str, family: Family, module: ModuleType) -> int:
         make_forward = CAUSAL_LM_FORWARDS[family.causal_lm_output]
         heads = [cls for cls in classes if _is_causal_lm(cls, family)]
         return _patch_classes(heads, lambda fwd: make_forward(fwd, module))
+    if hook == "qk_norm_rope":
+        norms = tuple(cls for cls in classes if _is_rmsnorm(cls))
+        attentions = [cls for cls in classes if _is_qk_norm_attention(cls)]
+        if not norms:
+            return 0
+        return _patch_classes(attentions, lambda fwd: make_attention_forward(fwd, module, norms))
     if hook == "rope":
         count = 0
         for name, interleaved in family.rope_functions:
@@ -271,19 +297,33 @@ def _available_hooks() -> set[str]:
     return available
 
 
+def skipped_hooks() -> set[str]:
+    """The hooks that ``TURBOMOE_SKIP_HOOKS`` (comma-separated names) leaves out of a default
+    :func:`patch`: an A/B of one fusion, or a way around one, without touching the code."""
+    text = os.environ.get("TURBOMOE_SKIP_HOOKS", "")
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = names - set(HOOKS)
+    if unknown:
+        raise ValueError(
+            f"TURBOMOE_SKIP_HOOKS names unknown hooks {sorted(unknown)}; hooks: {list(HOOKS)}"
+        )
+    return names
+
+
 # ----------------------------------------------------------------------------- public
 
 
 def patch(
     families: Iterable[str] | None = None, hooks: Iterable[str] | None = None
 ) -> dict[str, tuple[str, ...]]:
-    """Applies turbomoe's patches (all families and hooks of the table by default).
+    """Applies turbomoe's patches (all families and hooks of the table by default, less those
+    named in ``TURBOMOE_SKIP_HOOKS``).
 
     Calling it again first reverts the previous patches, so the arguments of the last call are
     what is in force. Returns :func:`patched_families`.
     """
     wanted_families = set(FAMILIES) if families is None else set(families)
-    wanted_hooks = set(HOOKS) if hooks is None else set(hooks)
+    wanted_hooks = set(HOOKS) - skipped_hooks() if hooks is None else set(hooks)
     unknown = (wanted_families - set(FAMILIES)) | (wanted_hooks - set(HOOKS))
     if unknown:
         raise ValueError(

@@ -16,6 +16,9 @@ Hooks:
   ``turbomoe.ops.apply_rope``.
 - ``loss``: ``XForCausalLM.forward`` computes the loss with fused linear cross-entropy when
   labels are given (``turbomoe.ops.linear_cross_entropy``).
+- ``qk_norm_rope``: the attention's ``forward`` (Qwen3's, with per-head q/k norms) runs each
+  of q and k through ``turbomoe.ops.qk_norm_rope``, norm and RoPE in one pass
+  (``hf/attention.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ MAX_TRANSFORMERS_EXCLUSIVE = "6"
 # The dtypes libturbomoe's kernels take (float16 is not among them: such models run stock code).
 KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 
-HOOKS: tuple[str, ...] = ("experts", "router", "rmsnorm", "dense_mlp", "rope", "loss")
+HOOKS: tuple[str, ...] = (
+    "experts",
+    "router",
+    "rmsnorm",
+    "dense_mlp",
+    "rope",
+    "loss",
+    "qk_norm_rope",
+)
 
 # The turbomoe op each hook calls; a hook whose op is missing from turbomoe.ops is skipped.
 HOOK_OPS: dict[str, str] = {
@@ -43,6 +54,7 @@ HOOK_OPS: dict[str, str] = {
     "dense_mlp": "silu_mul",
     "rope": "apply_rope",
     "loss": "linear_cross_entropy",
+    "qk_norm_rope": "qk_norm_rope",
 }
 
 
@@ -81,8 +93,11 @@ class Family:
 
 
 _ALL = frozenset(HOOKS)
+# Only Qwen3's attention normalises q and k per head right before RoPE (OLMoE's norms cover the
+# whole projection, the others have none).
+_NO_QK_NORM = _ALL - {"qk_norm_rope"}
 # Mixtral has no dense MLP class; OLMoE's OlmoeMLP is defined but never instantiated.
-_NO_DENSE_MLP = _ALL - {"dense_mlp"}
+_NO_DENSE_MLP = _NO_QK_NORM - {"dense_mlp"}
 _SOFTMAX_TOPK_CAST = Routing("softmax_topk", renormalize=None, weights_in_logits_dtype=True)
 
 FAMILIES: dict[str, Family] = {
@@ -98,7 +113,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "qwen2_moe",
             "transformers.models.qwen2_moe.modeling_qwen2_moe",
-            _ALL,
+            _NO_QK_NORM,
             _SOFTMAX_TOPK_CAST,
             "moe",
         ),
@@ -120,7 +135,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "deepseek_v3",
             "transformers.models.deepseek_v3.modeling_deepseek_v3",
-            _ALL,
+            _NO_QK_NORM,
             Routing(
                 "sigmoid_group_topk",
                 renormalize=None,

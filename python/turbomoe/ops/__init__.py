@@ -13,6 +13,7 @@ from turbomoe.ops.loss_total import linear_cross_entropy_total
 from turbomoe.ops.moe import moe_experts
 from turbomoe.ops.norm import rms_norm
 from turbomoe.ops.permute import combine, gather_rows, permute_plan
+from turbomoe.ops.qk_norm_rope import qk_norm_rope
 from turbomoe.ops.rope import apply_rope
 from turbomoe.ops.routing import route
 
@@ -34,6 +35,7 @@ __all__ = [
     "linear_cross_entropy_total",
     "moe_experts",
     "permute_plan",
+    "qk_norm_rope",
     "rms_norm",
     "route",
     "silu_mul",

@@ -1077,6 +1077,55 @@ def test_rms_norm_backward_prefetch_is_bitwise_the_same(rows: int, hidden: int, 
         assert torch.equal(a, b), f"seed {seed}: {name} differs with the prefetch"
 
 
+QK_NORM_ROPE = [
+    # (B, S, NH, D, cos/sin dtype, cos/sin of batch 1): Qwen3-30B-A3B's q and k heads at 4096
+    # tokens, the other head dims the kernel takes, cos/sin per batch row
+    (1, 4096, 32, 128, None, True),
+    (1, 4096, 4, 128, None, True),
+    (2, 33, 3, 64, None, False),
+    (1, 17, 5, 256, F32, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "s", "nh", "d", "cs_dtype", "broadcast"), QK_NORM_ROPE)
+def test_qk_norm_rope(b, s, nh, d, cs_dtype, broadcast, dtype):
+    """The fused q/k norm + RoPE against the CPU reference, and bitwise against the two CUDA
+    ops it fuses (rms_norm then apply_rope) forward and backward, on NaN-poisoned memory."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    cb = 1 if broadcast else b
+    x = torch.randn(b, s, nh, d, generator=gen) * 2
+    weight = torch.rand(d, generator=gen) + 0.5
+    angles = torch.rand(cb, s, d, generator=gen) * 10
+    cos, sin = angles.cos(), angles.sin()
+    if s * nh * b <= 4096:  # the CPU reference is slow on the model's shapes
+
+        def fn(x_, w_, c, s_):
+            return tops.qk_norm_rope(x_, w_, 1e-6, c, s_)
+
+        check(fn, [x, weight, cos, sin], [0, 1], dtype, seed, fp32_tol=1e-4)
+    cdt = cs_dtype or dtype
+    xc = x.to(dtype).to(CUDA).requires_grad_(True)
+    wc = weight.to(dtype).to(CUDA).requires_grad_(True)
+    cc, sc = cos.to(cdt).to(CUDA), sin.to(cdt).to(CUDA)
+    grad = torch.randn(b, s, nh, d, generator=gen).to(dtype).to(CUDA)
+    poison()
+    fused = tops.qk_norm_rope(xc, wc, 1e-6, cc, sc)
+    fused_gx, fused_gw = torch.autograd.grad(fused, (xc, wc), grad)
+    poison()
+    normed = tops.rms_norm(xc, wc, 1e-6)
+    two = tops.apply_rope(normed.transpose(1, 2), cc, sc).transpose(1, 2)
+    two_gx, two_gw = torch.autograd.grad(two, (xc, wc), grad)
+    for name, a, want in (
+        ("y", fused, two),
+        ("grad_x", fused_gx, two_gx),
+        ("grad_weight", fused_gw, two_gw),
+    ):
+        assert torch.isfinite(a).all(), f"seed {seed}: {name} unwritten"
+        assert torch.equal(a, want), f"seed {seed}: {name} differs from rms_norm + apply_rope"
+
+
 ROPE = [
     # (B, NH, S, D, R, interleaved)
     (2, 3, 7, 16, 16, False),
