@@ -174,8 +174,8 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
 //   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred
 //                                   (see hopper_gemm_layout.cuh);
-//                                   unset: split for the row passes, tma for grad-weight
-//                                   (use_split_epilogue)
+//                                   unset: split for the row passes, quarter for
+//                                   grad-weight (use_split_epilogue, use_quarter_epilogue)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
@@ -279,15 +279,24 @@ bool default_epilogue() {
 
 // Whether a bf16 pass stores through the split TMA epilogue (4 stages; E <= kMaxExpertsSplit):
 // when asked for, and by default for the forward and grad-input, which it made 2-10% faster on an
-// H100 (32k rows, model routing). Grad-weight keeps the whole-box epilogue by default: its zero
-// box, which the split layout has no room for, stores the empty experts' tiles beside the
-// computation (paced), which measured faster still (docs/perf-notes.md, fifteenth session).
+// H100 (32k rows, model routing). Grad-weight needs the zero box for its paced zero tiles, which
+// the split layout has no room for (use_quarter_epilogue).
 template <Pass P>
 bool use_split_epilogue(int num_experts) {
   if (num_experts > hopper_gemm::kMaxExpertsSplit) return false;
   const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
   if (v == nullptr || v[0] == '\0') return P != Pass::kGradWeight;
   return std::strcmp(v, "split") == 0;
+}
+
+// Whether a bf16 pass stores through the quarter epilogue (4 stages and the zero box at any
+// expert count): when asked for, and by default for the grad-weight, which it made 6-7% faster
+// than the whole-box epilogue's 3 stages on an H200 (32k rows, model routing; sixteenth session).
+template <Pass P>
+bool use_quarter_epilogue() {
+  const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
+  if (v == nullptr || v[0] == '\0') return P == Pass::kGradWeight;
+  return std::strcmp(v, "quarter") == 0;
 }
 
 // out_map is null when the output cannot be written by TMA (fp32, or misaligned rows).
@@ -301,7 +310,7 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
     launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
   } else if (use_split_epilogue<P>(p.num_experts)) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
-  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "quarter")) {
+  } else if (use_quarter_epilogue<P>()) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaQuarter>(a, b, *out_map, p, grid, device, stream);
   } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
