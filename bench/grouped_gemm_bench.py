@@ -49,8 +49,8 @@ TOP_K = 8  # the gathered passes: each token feeds TOP_K rows
 # Kernel variants for A/B timing in one run (environment switches read by the library per call;
 # see csrc/grouped_gemm/hopper_gemm.cu).
 VARIANTS = {
-    # split epilogue (4 stages) for forward / grad-input, whole-box TMA epilogue (3 stages) with
-    # paced zero tiles for grad-weight, idle empty halves
+    # split epilogue (4 stages) for forward / grad-input, quarter epilogue (4 stages and the zero
+    # box) with paced zero tiles for grad-weight, idle empty halves
     "default": {},
     "split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "split"},  # 4 stages, two-piece epilogue
     "tma": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "tma"},  # 3 stages, whole-box epilogue
@@ -64,8 +64,10 @@ VARIANTS = {
     "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
     # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
     "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
-    # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast)
+    # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast); through the
+    # default (quarter) epilogue, or the whole-box one
     "cluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1"},
+    "cluster_tma": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "1", "TURBOMOE_HOPPER_GEMM_EPILOGUE": "tma"},
     "nocluster": {"TURBOMOE_HOPPER_GEMM_CLUSTER_DW": "0"},
     # grad-weight: empty experts' zero tiles all stored at the start (not paced)
     "nopace": {"TURBOMOE_HOPPER_GEMM_PACE_ZEROS": "0"},

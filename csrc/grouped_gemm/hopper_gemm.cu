@@ -689,18 +689,27 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
 
   GradWeightLaunch l = grad_weight_launch(dw, expert_offsets, m, num_experts, sm_count);
   const cudaStream_t s = cuda::as_stream(stream);
-  // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the default
-  // epilogue, dw's rows in whole pairs of tiles.
+  // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the quarter
+  // epilogue (the default) or the whole-box one, dw's rows in whole pairs of tiles.
   constexpr int kPair = 2;
+  const bool quarter = use_quarter_epilogue<Pass::kGradWeight>();
   if (env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", "1") && l.tma_out &&
-      dw.dtype == TM_DTYPE_BFLOAT16 && default_epilogue() &&
+      dw.dtype == TM_DTYPE_BFLOAT16 && (quarter || default_epilogue()) &&
       n % (kPair * hopper_gemm::kBlockM) == 0) {
-    const int pair_grid = cluster_grid<Pass::kGradWeight, hopper_gemm::kEpiTma, kPair>(
-        sm_count, l.p.num_experts, l.tiles / kPair, dy.device_index, s);
+    const int pair_grid = quarter
+                              ? cluster_grid<Pass::kGradWeight, hopper_gemm::kEpiTmaQuarter, kPair>(
+                                    sm_count, l.p.num_experts, l.tiles / kPair, dy.device_index, s)
+                              : cluster_grid<Pass::kGradWeight, hopper_gemm::kEpiTma, kPair>(
+                                    sm_count, l.p.num_experts, l.tiles / kPair, dy.device_index, s);
     if (pair_grid > 0) {
       apply_variant_switches(&l.p);
-      launch<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma, kPair>(
-          map_a, map_b, l.map_out, l.p, pair_grid, dy.device_index, s);
+      if (quarter) {
+        launch<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTmaQuarter, kPair>(
+            map_a, map_b, l.map_out, l.p, pair_grid, dy.device_index, s);
+      } else {
+        launch<Pass::kGradWeight, __nv_bfloat16, hopper_gemm::kEpiTma, kPair>(
+            map_a, map_b, l.map_out, l.p, pair_grid, dy.device_index, s);
+      }
       return true;
     }
   }

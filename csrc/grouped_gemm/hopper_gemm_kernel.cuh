@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(
       kCluster == 1 || (kCluster == 2 && P != Pass::kForwardSwiglu &&
-                        (kEpi == kEpiTma || (P != Pass::kGradWeight && kEpi == kEpiTmaSplit))),
+                        (kEpi == kEpiTma || (P != Pass::kGradWeight && kEpi == kEpiTmaSplit) ||
+                         (P == Pass::kGradWeight && kEpi == kEpiTmaQuarter))),
       "2-CTA clusters: the grad-weight and the plain row passes, TMA epilogues");
   // Row passes in clusters: the unit of the schedule is a pair of tiles (decode_pair).
   constexpr bool kRowPairs = kCluster > 1 && P != Pass::kGradWeight;

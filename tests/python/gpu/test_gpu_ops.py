@@ -383,11 +383,13 @@ def skewed_offsets(experts: int, rows: int, gen: torch.Generator) -> torch.Tenso
     return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
 
 
+@pytest.mark.parametrize("epilogue", ["", "tma"])  # "": the default (quarter)
 @pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768)])
-def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> None:
+def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int, epilogue: str) -> None:
     """The 2-CTA cluster kernel (x's columns multicast to both CTAs) runs the same WGMMAs in the
     same order as one CTA a tile, so its dw must be bitwise the single-CTA kernel's, under
-    skewed routing like the model's (a few experts with most rows, many empty)."""
+    skewed routing like the model's (a few experts with most rows, many empty), through either
+    epilogue the clusters take."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     offsets = skewed_offsets(128, 8192, gen)
@@ -398,11 +400,13 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int) -> 
     results = {}
     for clusters in ("0", "1"):
         os.environ["TURBOMOE_HOPPER_GEMM_CLUSTER_DW"] = clusters
+        os.environ["TURBOMOE_HOPPER_GEMM_EPILOGUE"] = epilogue
         try:
             poison()
             results[clusters] = op(dy, x, offsets.to(CUDA), BF16)
         finally:
             os.environ.pop("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", None)
+            os.environ.pop("TURBOMOE_HOPPER_GEMM_EPILOGUE", None)
     assert torch.isfinite(results["1"]).all(), f"seed {seed}"
     assert torch.equal(results["0"], results["1"]), f"seed {seed}: clusters differ"
 
