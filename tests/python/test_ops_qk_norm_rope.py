@@ -125,3 +125,13 @@ def test_rejects_mismatched_positions():
 def test_opcheck():
     x, w, cos, sin = inputs(1, 3, 2, 64, torch.float32, True)
     torch.library.opcheck(torch.ops.turbomoe.qk_norm_rope.default, (x, w, EPS, cos, sin))
+
+
+def test_offset_views_compose_on_cuda_only_when_misaligned():
+    """Alignment is read from the storage offset and strides (torch.compile's fake tensors have
+    no data pointer): a view starting 4 elements in cannot take 8-element vector accesses."""
+    x, w, cos, sin = inputs(1, 3, 2, 64, torch.float32, True)
+    base = torch.randn(4 + x.numel()).view(-1)
+    shifted = base[4:].view(x.shape)
+    assert fused_reason(shifted, w, cos, sin) is None  # on the CPU any offset is fine
+    assert qk_module._aligned(x) and not qk_module._aligned(shifted)

@@ -131,9 +131,10 @@ _qk_norm_rope_backward_eager = direct(_qk_norm_rope_backward)
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    if t.data_ptr() % (_VECTOR * t.element_size()) != 0:
-        return False
-    return all(s % _VECTOR == 0 for s in t.stride()[:-1])
+    """Rows reachable by 8-element vector accesses. Read from the offset and strides, which
+    torch.compile's fake tensors have too (they have no data pointer); the storage's own base is
+    the caching allocator's, aligned far beyond 16 bytes (the C API rejects any other)."""
+    return t.storage_offset() % _VECTOR == 0 and all(s % _VECTOR == 0 for s in t.stride()[:-1])
 
 
 def fused_reason(
