@@ -323,7 +323,7 @@ elif [ "${STATUS[build]}" = ok ]; then
     out=$1; shift
     "$@" >"$out/bench.txt"' _ "$OUT" \
     "$PYTHON" -m turbomoe.bench --layers 12 --json "$OUT/bench.json" --png "$OUT/bench.png" \
-    "${bench_extra[@]}"
+    --profile-out "$OUT/profile.md" "${bench_extra[@]}"
   DETAIL[bench]=$("$PYTHON" - "$OUT/bench.json" <<'PY' 2>/dev/null || echo "no bench.json (rc $RC)"
 import json
 import sys
