@@ -175,7 +175,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 //   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred
 //                                   (see hopper_gemm_layout.cuh);
 //                                   unset: split for the row passes, quarter for
-//                                   grad-weight (use_split_epilogue, use_quarter_epilogue)
+//                                   grad-weight (chosen_epilogue)
 //   TURBOMOE_HOPPER_GEMM_SKIP_HALVES = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_TRIM_TAIL = 1 (default) | 0
 //   TURBOMOE_HOPPER_GEMM_BALANCE_DW = 1 (default) | 0
@@ -271,32 +271,31 @@ void apply_variant_switches(Params* p) {
   p->pace_zero_tiles = env_is("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", "0") ? 0 : 1;
 }
 
-// The default (whole-box TMA) epilogue, which the clustered grad-weight kernel uses.
-bool default_epilogue() {
+// Whether TURBOMOE_HOPPER_GEMM_EPILOGUE is unset or "tma": the gathered kernels (launch_gathered)
+// store through the whole-box TMA epilogue then, and through the direct one otherwise.
+bool whole_box_or_unset() {
   const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
   return v == nullptr || v[0] == '\0' || std::strcmp(v, "tma") == 0;
 }
 
-// Whether a bf16 pass stores through the split TMA epilogue (4 stages; E <= kMaxExpertsSplit):
-// when asked for, and by default for the forward and grad-input, which it made 2-10% faster on an
-// H100 (32k rows, model routing). Grad-weight needs the zero box for its paced zero tiles, which
-// the split layout has no room for (use_quarter_epilogue).
+// The epilogue of a bf16 pass whose output TMA can store into: TURBOMOE_HOPPER_GEMM_EPILOGUE when
+// set; by default split for the forward and grad-input (4 stages; 2-10% faster than the whole-box
+// epilogue on an H100, 32k rows, model routing) and quarter for the grad-weight (4 stages and the
+// zero box its paced zero tiles need, which the split layout has no room for; 6-7% faster on an
+// H200, sixteenth session). Split needs E <= kMaxExpertsSplit and falls back to the whole box.
 template <Pass P>
-bool use_split_epilogue(int num_experts) {
-  if (num_experts > hopper_gemm::kMaxExpertsSplit) return false;
+int chosen_epilogue(int num_experts) {
   const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
-  if (v == nullptr || v[0] == '\0') return P != Pass::kGradWeight;
-  return std::strcmp(v, "split") == 0;
-}
-
-// Whether a bf16 pass stores through the quarter epilogue (4 stages and the zero box at any
-// expert count): when asked for, and by default for the grad-weight, which it made 6-7% faster
-// than the whole-box epilogue's 3 stages on an H200 (32k rows, model routing; sixteenth session).
-template <Pass P>
-bool use_quarter_epilogue() {
-  const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_EPILOGUE");
-  if (v == nullptr || v[0] == '\0') return P == Pass::kGradWeight;
-  return std::strcmp(v, "quarter") == 0;
+  const int split = num_experts <= hopper_gemm::kMaxExpertsSplit ? hopper_gemm::kEpiTmaSplit
+                                                                 : hopper_gemm::kEpiTma;
+  if (v == nullptr || v[0] == '\0') {
+    return P == Pass::kGradWeight ? hopper_gemm::kEpiTmaQuarter : split;
+  }
+  if (std::strcmp(v, "split") == 0) return split;
+  if (std::strcmp(v, "quarter") == 0) return hopper_gemm::kEpiTmaQuarter;
+  if (std::strcmp(v, "deferred") == 0) return hopper_gemm::kEpiTmaDeferred;
+  if (std::strcmp(v, "direct") == 0) return hopper_gemm::kEpiDirect;
+  return hopper_gemm::kEpiTma;
 }
 
 // out_map is null when the output cannot be written by TMA (fp32, or misaligned rows).
@@ -306,16 +305,25 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
   apply_variant_switches(&p);
   if (out_dtype == TM_DTYPE_FLOAT32) {
     launch<P, float, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
-  } else if (out_map == nullptr || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "direct")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
-  } else if (use_split_epilogue<P>(p.num_experts)) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
-  } else if (use_quarter_epilogue<P>()) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaQuarter>(a, b, *out_map, p, grid, device, stream);
-  } else if (env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "deferred")) {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device, stream);
-  } else {
-    launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);
+    return;
+  }
+  switch (out_map == nullptr ? hopper_gemm::kEpiDirect : chosen_epilogue<P>(p.num_experts)) {
+    case hopper_gemm::kEpiDirect:
+      launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect>(a, b, a, p, grid, device, stream);
+      break;
+    case hopper_gemm::kEpiTmaSplit:
+      launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaSplit>(a, b, *out_map, p, grid, device, stream);
+      break;
+    case hopper_gemm::kEpiTmaQuarter:
+      launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaQuarter>(a, b, *out_map, p, grid, device,
+                                                            stream);
+      break;
+    case hopper_gemm::kEpiTmaDeferred:
+      launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device,
+                                                             stream);
+      break;
+    default:
+      launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);
   }
 }
 
@@ -368,7 +376,7 @@ void launch_gathered(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap&
   apply_variant_switches(&p);
   if (out_dtype == TM_DTYPE_FLOAT32) {
     launch<P, float, hopper_gemm::kEpiDirect, 1, kGather>(a, b, a, p, grid, device, stream);
-  } else if (out_map == nullptr || !default_epilogue()) {
+  } else if (out_map == nullptr || !whole_box_or_unset()) {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiDirect, 1, kGather>(a, b, a, p, grid, device, stream);
   } else {
     launch<P, __nv_bfloat16, hopper_gemm::kEpiTma, 1, kGather>(a, b, *out_map, p, grid, device,
@@ -407,10 +415,10 @@ bool gather_operands_ok(const tm_tensor& src, const tm_tensor& sorted_pairs, int
 }
 
 // Row passes in 2-CTA clusters (opt-in until measured faster: TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS=1):
-// bf16 outputs through a TMA epilogue, whole-box (default) or split.
-bool row_pairs_wanted(int32_t out_dtype, bool tma_out) {
+// bf16 outputs through the split or the whole-box TMA epilogue (chosen_epilogue).
+bool row_pairs_wanted(int32_t out_dtype, bool tma_out, int epilogue) {
   return env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS", "1") && out_dtype == TM_DTYPE_BFLOAT16 &&
-         tma_out && (default_epilogue() || env_is("TURBOMOE_HOPPER_GEMM_EPILOGUE", "split"));
+         tma_out && (epilogue == hopper_gemm::kEpiTma || epilogue == hopper_gemm::kEpiTmaSplit);
 }
 
 // Launches a row pass in 2-CTA clusters (hopper_gemm_kernel.cuh, kRowPairs): A as 64-row boxes
@@ -418,9 +426,8 @@ bool row_pairs_wanted(int32_t out_dtype, bool tma_out) {
 // False when no cluster fits on the device (the caller then launches one CTA a tile).
 template <Pass P>
 bool launch_row_pairs(const tm_tensor& a, const tm_tensor& w, const CUtensorMap& map_out, Params p,
-                      int sm_count, int device, cudaStream_t stream) {
+                      bool split, int sm_count, int device, cudaStream_t stream) {
   constexpr int kPair = 2;
-  const bool split = use_split_epilogue<P>(p.num_experts);
   const int64_t tiles = row_pass_grid(p.m, p.num_experts, p.out_cols, hopper_gemm::kBlockN,
                                       INT32_MAX);  // the most tiles the pass can make
   const int64_t pairs = (tiles + 1) / kPair;
@@ -502,8 +509,10 @@ bool run_row_pass(const tm_tensor& a, const RowGather& gather, const tm_tensor& 
     // map_b stands in for the A map, which the gathered kernel does not read.
     launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
                                               p, grid, a.device_index, s);
-  } else if (!(row_pairs_wanted(out.dtype, tma_out) &&
-               launch_row_pairs<P>(a, w, map_out, p, sm_count, a.device_index, s))) {
+  } else if (const int epilogue = chosen_epilogue<P>(p.num_experts);
+             !(row_pairs_wanted(out.dtype, tma_out, epilogue) &&
+               launch_row_pairs<P>(a, w, map_out, p, epilogue == hopper_gemm::kEpiTmaSplit,
+                                   sm_count, a.device_index, s))) {
     const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);
     const CUtensorMap map_b = expert_map(w, b_box_rows);
     launch_out<P>(out.dtype, map_a, map_b, tma_out ? &map_out : nullptr, p, grid, a.device_index,
@@ -692,9 +701,10 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the quarter
   // epilogue (the default) or the whole-box one, dw's rows in whole pairs of tiles.
   constexpr int kPair = 2;
-  const bool quarter = use_quarter_epilogue<Pass::kGradWeight>();
+  const int epilogue = chosen_epilogue<Pass::kGradWeight>(l.p.num_experts);
+  const bool quarter = epilogue == hopper_gemm::kEpiTmaQuarter;
   if (env_is("TURBOMOE_HOPPER_GEMM_CLUSTER_DW", "1") && l.tma_out &&
-      dw.dtype == TM_DTYPE_BFLOAT16 && (quarter || default_epilogue()) &&
+      dw.dtype == TM_DTYPE_BFLOAT16 && (quarter || epilogue == hopper_gemm::kEpiTma) &&
       n % (kPair * hopper_gemm::kBlockM) == 0) {
     const int pair_grid = quarter
                               ? cluster_grid<Pass::kGradWeight, hopper_gemm::kEpiTmaQuarter, kPair>(
