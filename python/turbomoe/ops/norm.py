@@ -40,6 +40,24 @@ def _(
     return x.new_empty(x.shape), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
+def backward_buffers(
+    x: torch.Tensor, rows: int, hidden: int, need_weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_x like x, grad_weight [hidden] float32 (empty when not wanted) and the workspace of
+    the RMSNorm backward kernel's weight-gradient partial sums over `rows` rows, which
+    tm_rmsnorm_backward and tm_qk_norm_rope_backward share."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_weight = torch.empty(
+        (hidden if need_weight_grad else 0,), dtype=torch.float32, device=x.device
+    )
+    nbytes = 0
+    if need_weight_grad:
+        nbytes = _native.workspace_size(
+            "tm_rmsnorm_backward_workspace_size", rows, hidden, _native.device_code(x)
+        )
+    return grad_x, grad_weight, _native.workspace(nbytes, x)
+
+
 @torch.library.custom_op("turbomoe::rms_norm_backward", mutates_args=())
 def _rms_norm_backward(
     grad_y: torch.Tensor,
@@ -49,15 +67,7 @@ def _rms_norm_backward(
     need_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x [R,H], grad_weight [H] float32, or an empty tensor when not wanted)."""
-    rows, hidden = x.shape[0], x.shape[1]
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grad_weight = torch.empty(
-        (hidden if need_weight_grad else 0,), dtype=torch.float32, device=x.device
-    )
-    nbytes = _native.workspace_size(
-        "tm_rmsnorm_backward_workspace_size", rows, hidden, _native.device_code(x)
-    )
-    workspace = _native.workspace(nbytes, x)
+    grad_x, grad_weight, workspace = backward_buffers(x, x.shape[0], x.shape[1], need_weight_grad)
     _native.call(
         "tm_rmsnorm_backward",
         _native.describe(grad_y),

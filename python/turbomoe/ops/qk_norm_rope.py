@@ -16,7 +16,7 @@ import torch
 
 from turbomoe import _native
 from turbomoe.ops._eager import differentiable, direct
-from turbomoe.ops.norm import rms_norm
+from turbomoe.ops.norm import backward_buffers, rms_norm
 from turbomoe.ops.rope import apply_rope
 
 HEAD_DIMS = (64, 128, 256)
@@ -65,17 +65,9 @@ def _qk_norm_rope_backward(
     need_weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x [B,S,NH,D], grad_weight [D] float32, or an empty tensor when not wanted)."""
-    rows, dim = rstd.shape[0], x.shape[3]
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    grad_weight = torch.empty(
-        (dim if need_weight_grad else 0,), dtype=torch.float32, device=x.device
+    grad_x, grad_weight, workspace = backward_buffers(
+        x, rstd.shape[0], x.shape[3], need_weight_grad
     )
-    nbytes = 0
-    if need_weight_grad:
-        nbytes = _native.workspace_size(
-            "tm_rmsnorm_backward_workspace_size", rows, dim, _native.device_code(x)
-        )
-    workspace = _native.workspace(nbytes, x)
     _native.call(
         "tm_qk_norm_rope_backward",
         _native.describe(grad_y),
