@@ -317,11 +317,17 @@ def test_bfloat16_smoke(family: str) -> None:
     _assert_called(counts, {"moe_experts", "route", "rms_norm", "linear_cross_entropy"})
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_patched_training_forward_traces_without_graph_breaks(family: str) -> None:
-    """The patched forwards' checks are plain attribute/dtype tests that torch.compile traces:
-    the whole training forward (fused loss included) is one graph."""
-    model = build_model(family, seed=19)
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    # head dim 64: Qwen3's q/k norm + RoPE through the fused kernel (18 composes the two ops)
+    [("qwen3_moe", {}), ("qwen3_moe", {"head_dim": 64}), ("deepseek_v3", {})],
+)
+def test_patched_training_forward_traces_without_graph_breaks(
+    family: str, overrides: dict[str, int]
+) -> None:
+    """The patched forwards' checks are plain attribute/dtype/stride tests that torch.compile
+    traces: the whole training forward (fused loss included) is one graph."""
+    model = build_model(family, seed=19, **overrides)
     batch = make_batch(seed=19)
     torch._dynamo.reset()
     try:
