@@ -85,6 +85,9 @@ __device__ __forceinline__ void load_weight(const W* weight, int64_t c, float (&
 // sum, so that their latency overlaps the sum's barriers and the current row's stores (twice the
 // loads in flight; the same arithmetic in the same order, so bitwise the same results).
 //
+// grad_residual (tm_rmsnorm_backward_add; null otherwise): a gradient that reaches x by another
+// path, added to each dx after it is rounded to DX (bitwise the backward followed by the add).
+//
 // kRope (tm_qk_norm_rope_backward): grad_y is the gradient of RoPE's output, and each loaded row
 // first goes through RoPE's transpose (rope_transpose_row), rounded to G as the separate RoPE
 // backward would store it. Needs the whole row in the two cached vectors of each thread
@@ -96,7 +99,8 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(int team, int64_t partials, int64_t rows_per_team, int64_t rows, int64_t hidden,
                     const G* grad_y, int64_t gy_stride, const X* x, int64_t x_stride,
                     const W* weight, const float* rstd, int64_t rstd_stride, DX* grad_x,
-                    int64_t gx_stride, float* partial, RopeRows rope) {
+                    int64_t gx_stride, float* partial, RopeRows rope, const DX* grad_residual,
+                    int64_t gr_stride) {
   constexpr int kCached = kBackwardCached;
   __shared__ float warp_sums[kThreads / 32];
   const int lane = static_cast<int>(threadIdx.x) % team;
@@ -116,6 +120,7 @@ __global__ void __launch_bounds__(kThreads)
     float rs;
     cuda::Pack<X, N> xv[kCached];
     cuda::Pack<G, N> gv[kCached];
+    cuda::Pack<DX, N> rv[kCached];  // grad_residual's, when given
   };
   auto load_row = [&](int64_t it, CachedRow& row) {
     const int64_t r = t * rows_per_team + it;
@@ -128,6 +133,10 @@ __global__ void __launch_bounds__(kThreads)
       if (active && c < hidden) {
         row.xv[j] = *reinterpret_cast<const cuda::Pack<X, N>*>(x + rr * x_stride + c);
         row.gv[j] = *reinterpret_cast<const cuda::Pack<G, N>*>(grad_y + rr * gy_stride + c);
+        if (grad_residual != nullptr) {
+          row.rv[j] =
+              *reinterpret_cast<const cuda::Pack<DX, N>*>(grad_residual + rr * gr_stride + c);
+        }
       }
     }
     if constexpr (kRope) {
@@ -189,6 +198,12 @@ __global__ void __launch_bounds__(kThreads)
           dx[i] = rs * (gv_at(j, i) * w[i] - n * mean);
           acc[j][i] += gv_at(j, i) * cuda::round_to<X>(n);
         }
+        if (grad_residual != nullptr) {
+#pragma unroll
+          for (int i = 0; i < N; ++i) {
+            dx[i] = cuda::round_to<DX>(dx[i]) + cuda::load(&cur.rv[j].v[i]);
+          }
+        }
         cuda::store_floats<N>(dr + c, dx);
       }
     }
@@ -202,6 +217,12 @@ __global__ void __launch_bounds__(kThreads)
         const float n = xs[i] * rs;
         dx[i] = rs * (gs[i] * w[i] - n * mean);
         contrib[i] = gs[i] * cuda::round_to<X>(n);
+      }
+      if (grad_residual != nullptr) {
+        float res[N];
+        cuda::load_floats<N>(grad_residual + r * gr_stride + c, res);
+#pragma unroll
+        for (int i = 0; i < N; ++i) dx[i] = cuda::round_to<DX>(dx[i]) + res[i];
       }
       cuda::store_floats<N>(dr + c, dx);
       if (part == nullptr) continue;

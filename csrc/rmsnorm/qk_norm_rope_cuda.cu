@@ -133,7 +133,8 @@ void qk_norm_rope_backward_cuda(const Arg& grad_y, const Arg& x, const std::opti
               <<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(
                   plan.team, plan.partials, plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(),
                   hidden, x.ptr<const X>(), hidden, weight ? weight->ptr<const X>() : nullptr,
-                  rstd.ptr<const float>(), rstd.stride(0), grad_x.ptr<X>(), hidden, partial, rope);
+                  rstd.ptr<const float>(), rstd.stride(0), grad_x.ptr<X>(), hidden, partial, rope,
+                  nullptr, 0);
         });
       });
     });

@@ -50,17 +50,26 @@ inline BackwardPlan backward_plan(int64_t rows, int64_t hidden) {
   return p;
 }
 
+// tm_add_rmsnorm_forward: the rows normalised are cast(x + residual), written to sum.
+struct ResidualAdd {
+  Arg residual;
+  Arg sum;
+};
+
 void forward_cpu(const Arg& x, const std::optional<Arg>& weight, float eps, const Arg& y,
-                 const std::optional<Arg>& rstd);
+                 const std::optional<Arg>& rstd, const std::optional<ResidualAdd>& add);
+// grad_residual (tm_rmsnorm_backward_add) is added to each row of grad_x after its rounding.
 void backward_cpu(const Arg& grad_y, const Arg& x, const std::optional<Arg>& weight,
-                  const Arg& rstd, const Arg& grad_x, const std::optional<Arg>& grad_weight);
+                  const Arg& rstd, const std::optional<Arg>& grad_residual, const Arg& grad_x,
+                  const std::optional<Arg>& grad_weight);
 
 void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, const Arg& y,
-                  const std::optional<Arg>& rstd, void* stream);
+                  const std::optional<Arg>& rstd, const std::optional<ResidualAdd>& add,
+                  void* stream);
 // workspace holds backward_plan(rows, hidden).workspace_floats floats when grad_weight is given.
 void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& weight,
-                   const Arg& rstd, const Arg& grad_x, const std::optional<Arg>& grad_weight,
-                   void* workspace, void* stream);
+                   const Arg& rstd, const std::optional<Arg>& grad_residual, const Arg& grad_x,
+                   const std::optional<Arg>& grad_weight, void* workspace, void* stream);
 // grad_weight [hidden] = the sum of the backward kernel's partial rows (the first plan.partials
 // rows of the workspace), in the fixed two-stage order.
 void reduce_partials_cuda(const BackwardPlan& plan, int64_t hidden, float* workspace,

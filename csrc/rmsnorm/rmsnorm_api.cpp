@@ -1,7 +1,9 @@
-// C ABI of RMSNorm: validation, then the CPU reference or the CUDA kernels.
+// C ABI of RMSNorm (and of the residual add / gradient fused with it): validation, then the CPU
+// reference or the CUDA kernels.
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "common/device.h"
 #include "rmsnorm/rmsnorm.h"
@@ -48,6 +50,101 @@ void check_rstd(const Arg& r, int64_t rows) {
   r.dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, rows, "the rows of x");
 }
 
+// The bytes a [R,H] rows-contiguous tensor's elements span.
+std::pair<uintptr_t, uintptr_t> span_of(const Arg& a) {
+  const auto begin = reinterpret_cast<uintptr_t>(a.data());
+  if (a.size(0) == 0) return {begin, begin};
+  const int64_t last = (a.size(0) - 1) * a.stride(0) + a.size(1);
+  return {begin, begin + static_cast<uintptr_t>(last) * turbomoe::dtype_size(a.dtype())};
+}
+
+// An output written while `input` is still read (another thread's row, or a later pass of the
+// same row) must not share memory with it.
+void check_disjoint(const Arg& output, const Arg& input) {
+  const auto [ob, oe] = span_of(output);
+  const auto [ib, ie] = span_of(input);
+  if (ob < ie && ib < oe) {
+    turbomoe::invalid(std::string(output.name()) + " overlaps " + input.name());
+  }
+}
+
+void check_eps(float eps) {
+  if (!(std::isfinite(eps) && eps >= 0.0f)) {
+    turbomoe::invalid("eps is " + std::to_string(eps) + ", expected a finite value >= 0");
+  }
+}
+
+// tm_rmsnorm_forward, and tm_add_rmsnorm_forward when residual and sum are given.
+void forward(const Arg& xa, const std::optional<Arg>& wa, float eps, const Arg& ya,
+             const std::optional<Arg>& ra, const std::optional<turbomoe::rmsnorm::ResidualAdd>& add,
+             void* stream, const char* entry) {
+  check_rows(xa);
+  check_rows(ya);
+  ya.same_shape(xa);
+  check_weight(wa, xa.size(1));
+  if (ra) check_rstd(*ra, xa.size(0));
+  check_eps(eps);
+  const Arg* res = add ? &add->residual : nullptr;
+  const Arg* sum = add ? &add->sum : nullptr;
+  if (add) {
+    for (const Arg* a : {res, sum}) {
+      check_rows(*a);
+      a->same_shape(xa).same_dtype(xa);
+    }
+    for (const Arg* out : {sum, &ya}) {
+      check_disjoint(*out, xa);
+      check_disjoint(*out, *res);
+    }
+    check_disjoint(ya, *sum);
+  }
+  const int32_t device =
+      turbomoe::common_device({&xa, &ya, wa ? &*wa : nullptr, ra ? &*ra : nullptr, res, sum});
+  turbomoe::require_cuda_build(device, entry);
+  if (xa.size(0) == 0) return;
+  if (device == TM_DEVICE_CPU) {
+    turbomoe::rmsnorm::forward_cpu(xa, wa, eps, ya, ra, add);
+  } else {
+    TM_CUDA_ONLY(turbomoe::rmsnorm::forward_cuda(xa, wa, eps, ya, ra, add, stream));
+  }
+}
+
+// tm_rmsnorm_backward, and tm_rmsnorm_backward_add when grad_residual is given.
+void backward(const Arg& gy, const Arg& xa, const std::optional<Arg>& wa, const Arg& ra,
+              const std::optional<Arg>& gr, const Arg& gx, const std::optional<Arg>& gw,
+              void* workspace, size_t workspace_bytes, void* stream, const char* entry) {
+  check_rows(xa);
+  check_rows(gy);
+  gy.same_shape(xa);
+  check_rows(gx);
+  gx.same_shape(xa);
+  check_weight(wa, xa.size(1));
+  check_rstd(ra, xa.size(0));
+  if (gw) {
+    if (!wa) turbomoe::invalid("grad_weight must be NULL when weight is NULL");
+    gw->dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, xa.size(1), "the hidden size of x");
+    gw->contiguous();
+  }
+  if (gr) {
+    check_rows(*gr);
+    gr->same_shape(xa).same_dtype(gx);
+    check_disjoint(gx, *gr);
+  }
+  const int32_t device = turbomoe::common_device(
+      {&gy, &xa, wa ? &*wa : nullptr, &ra, &gx, gw ? &*gw : nullptr, gr ? &*gr : nullptr});
+  const size_t needed = gw ? workspace_bytes_for(xa.size(0), xa.size(1), device) : 0;
+  turbomoe::check_workspace(workspace, workspace_bytes, needed,
+                            "tm_rmsnorm_backward_workspace_size");
+  turbomoe::require_cuda_build(device, entry);
+  // Zero rows still overwrite grad_weight (with zeros), so only an empty grad_x without a
+  // grad_weight is a no-op.
+  if (xa.size(0) == 0 && !gw) return;
+  if (device == TM_DEVICE_CPU) {
+    turbomoe::rmsnorm::backward_cpu(gy, xa, wa, ra, gr, gx, gw);
+  } else {
+    TM_CUDA_ONLY(turbomoe::rmsnorm::backward_cuda(gy, xa, wa, ra, gr, gx, gw, workspace, stream));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -56,25 +153,19 @@ tm_status tm_rmsnorm_forward(const tm_tensor* x, const tm_tensor* weight, float 
                              tm_tensor* rstd, void* stream) {
   return turbomoe::guard(__func__, [&] {
     const Arg xa(x, "x"), ya(y, "y");
-    const auto wa = turbomoe::optional_arg(weight, "weight");
-    const auto ra = turbomoe::optional_arg(rstd, "rstd");
-    check_rows(xa);
-    check_rows(ya);
-    ya.same_shape(xa);
-    check_weight(wa, xa.size(1));
-    if (ra) check_rstd(*ra, xa.size(0));
-    if (!(std::isfinite(eps) && eps >= 0.0f)) {
-      turbomoe::invalid("eps is " + std::to_string(eps) + ", expected a finite value >= 0");
-    }
-    const int32_t device =
-        turbomoe::common_device({&xa, &ya, wa ? &*wa : nullptr, ra ? &*ra : nullptr});
-    turbomoe::require_cuda_build(device, "tm_rmsnorm_forward");
-    if (xa.size(0) == 0) return;
-    if (device == TM_DEVICE_CPU) {
-      turbomoe::rmsnorm::forward_cpu(xa, wa, eps, ya, ra);
-    } else {
-      TM_CUDA_ONLY(turbomoe::rmsnorm::forward_cuda(xa, wa, eps, ya, ra, stream));
-    }
+    forward(xa, turbomoe::optional_arg(weight, "weight"), eps, ya,
+            turbomoe::optional_arg(rstd, "rstd"), std::nullopt, stream, "tm_rmsnorm_forward");
+  });
+}
+
+tm_status tm_add_rmsnorm_forward(const tm_tensor* x, const tm_tensor* residual,
+                                 const tm_tensor* weight, float eps, tm_tensor* sum, tm_tensor* y,
+                                 tm_tensor* rstd, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg xa(x, "x"), ya(y, "y");
+    const turbomoe::rmsnorm::ResidualAdd add{Arg(residual, "residual"), Arg(sum, "sum")};
+    forward(xa, turbomoe::optional_arg(weight, "weight"), eps, ya,
+            turbomoe::optional_arg(rstd, "rstd"), add, stream, "tm_add_rmsnorm_forward");
   });
 }
 
@@ -95,35 +186,23 @@ tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x, const
                               const tm_tensor* rstd, tm_tensor* grad_x, tm_tensor* grad_weight,
                               void* workspace, size_t workspace_bytes, void* stream) {
   return turbomoe::guard(__func__, [&] {
-    const Arg gy(grad_y, "grad_y"), xa(x, "x"), ra(rstd, "rstd"), gx(grad_x, "grad_x");
-    const auto wa = turbomoe::optional_arg(weight, "weight");
-    const auto gw = turbomoe::optional_arg(grad_weight, "grad_weight");
-    check_rows(xa);
-    check_rows(gy);
-    gy.same_shape(xa);
-    check_rows(gx);
-    gx.same_shape(xa);
-    check_weight(wa, xa.size(1));
-    check_rstd(ra, xa.size(0));
-    if (gw) {
-      if (!wa) turbomoe::invalid("grad_weight must be NULL when weight is NULL");
-      gw->dtype_in({TM_DTYPE_FLOAT32}).ndim_is(1).size_is(0, xa.size(1), "the hidden size of x");
-      gw->contiguous();
-    }
-    const int32_t device =
-        turbomoe::common_device({&gy, &xa, wa ? &*wa : nullptr, &ra, &gx, gw ? &*gw : nullptr});
-    const size_t needed = gw ? workspace_bytes_for(xa.size(0), xa.size(1), device) : 0;
-    turbomoe::check_workspace(workspace, workspace_bytes, needed,
-                              "tm_rmsnorm_backward_workspace_size");
-    turbomoe::require_cuda_build(device, "tm_rmsnorm_backward");
-    // Zero rows still overwrite grad_weight (with zeros), so only an empty grad_x without a
-    // grad_weight is a no-op.
-    if (xa.size(0) == 0 && !gw) return;
-    if (device == TM_DEVICE_CPU) {
-      turbomoe::rmsnorm::backward_cpu(gy, xa, wa, ra, gx, gw);
-    } else {
-      TM_CUDA_ONLY(turbomoe::rmsnorm::backward_cuda(gy, xa, wa, ra, gx, gw, workspace, stream));
-    }
+    backward(Arg(grad_y, "grad_y"), Arg(x, "x"), turbomoe::optional_arg(weight, "weight"),
+             Arg(rstd, "rstd"), std::nullopt, Arg(grad_x, "grad_x"),
+             turbomoe::optional_arg(grad_weight, "grad_weight"), workspace, workspace_bytes, stream,
+             "tm_rmsnorm_backward");
+  });
+}
+
+tm_status tm_rmsnorm_backward_add(const tm_tensor* grad_y, const tm_tensor* x,
+                                  const tm_tensor* weight, const tm_tensor* rstd,
+                                  const tm_tensor* grad_residual, tm_tensor* grad_x,
+                                  tm_tensor* grad_weight, void* workspace, size_t workspace_bytes,
+                                  void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    backward(Arg(grad_y, "grad_y"), Arg(x, "x"), turbomoe::optional_arg(weight, "weight"),
+             Arg(rstd, "rstd"), turbomoe::optional_arg(grad_residual, "grad_residual"),
+             Arg(grad_x, "grad_x"), turbomoe::optional_arg(grad_weight, "grad_weight"), workspace,
+             workspace_bytes, stream, "tm_rmsnorm_backward_add");
   });
 }
 

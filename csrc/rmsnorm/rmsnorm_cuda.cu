@@ -1,4 +1,6 @@
-// CUDA kernels of RMSNorm. Forward: one warp per row (part of a warp for narrow rows). Backward: a
+// CUDA kernels of RMSNorm (and of the residual add before it, tm_add_rmsnorm_forward, and the
+// residual gradient after its backward, tm_rmsnorm_backward_add). Forward: one warp per row (part
+// of a warp for narrow rows). Backward: a
 // team of threads (see rmsnorm.h) per row, each thread keeping a few vectors of x and grad_y in
 // registers so that the row is read from memory once; every team owns a fixed run of rows and keeps
 // its grad_weight partial sums in registers (in the workspace past the cached columns), and two
@@ -24,20 +26,34 @@ static_assert(kVectorElems == cuda::kVecElems);
 // for rows narrower than 32 vectors, e.g. the per-head q/k norms of 128 values, which would
 // otherwise leave half of each warp idle), two passes over the row (the second hits L1):
 // measured faster on H200 than teams holding the row in registers, for hidden sizes 128 to 7168.
-template <typename X, typename W, typename Y, int N>
+// kAdd (tm_add_rmsnorm_forward): the row normalised is cast(x + residual), formed in both passes
+// (the same bits each time) and written to sum in the second.
+template <typename X, typename W, typename Y, int N, bool kAdd>
 __global__ void __launch_bounds__(kForwardWarps * 32)
     forward_kernel(int team, int64_t rows, int64_t hidden, float eps, const X* x, int64_t x_stride,
-                   const W* weight, Y* y, int64_t y_stride, float* rstd, int64_t rstd_stride) {
+                   const W* weight, Y* y, int64_t y_stride, float* rstd, int64_t rstd_stride,
+                   const X* residual, int64_t res_stride, X* sum, int64_t sum_stride) {
   const int warp_lane = static_cast<int>(threadIdx.x) % 32;
   const int lane = warp_lane % team;
   const int64_t r =
       (int64_t(blockIdx.x) * kForwardWarps + threadIdx.x / 32) * (32 / team) + warp_lane / team;
   const bool active = r < rows;
   const X* xr = x + (active ? r : 0) * x_stride;
+  const X* rr = kAdd ? residual + (active ? r : 0) * res_stride : nullptr;
+  // The row's elements [c, c + N) as normalised: x's, or cast(x + residual)'s.
+  auto load_row = [&](int64_t c, float(&v)[N]) {
+    cuda::load_floats<N>(xr + c, v);
+    if constexpr (kAdd) {
+      float res[N];
+      cuda::load_floats<N>(rr + c, res);
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = cuda::round_to<X>(v[i] + res[i]);
+    }
+  };
   float sum_sq = 0.0f;
   for (int64_t c = int64_t(lane) * N; active && c < hidden; c += int64_t(team) * N) {
     float v[N];
-    cuda::load_floats<N>(xr + c, v);
+    load_row(c, v);
 #pragma unroll
     for (int i = 0; i < N; ++i) sum_sq += v[i] * v[i];
   }
@@ -51,7 +67,8 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
   Y* yr = y + r * y_stride;
   for (int64_t c = int64_t(lane) * N; c < hidden; c += int64_t(team) * N) {
     float v[N], w[N];
-    cuda::load_floats<N>(xr + c, v);
+    load_row(c, v);
+    if constexpr (kAdd) cuda::store_floats<N>(sum + r * sum_stride + c, v);
     load_weight<N>(weight, c, w);
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = cuda::round_to<X>(v[i] * rs) * w[i];
@@ -93,11 +110,13 @@ const void* data_or_null(const std::optional<Arg>& a) { return a ? a->data() : n
 }  // namespace
 
 void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, const Arg& y,
-                  const std::optional<Arg>& rstd, void* stream) {
+                  const std::optional<Arg>& rstd, const std::optional<ResidualAdd>& add,
+                  void* stream) {
   cuda::DeviceGuard device(x.t().device_index);
   const int64_t rows = x.size(0), hidden = x.size(1);
   const bool vec = hidden % cuda::kVecElems == 0 && cuda::vectorisable(x) &&
-                   cuda::vectorisable(y) && (!weight || cuda::vectorisable(*weight));
+                   cuda::vectorisable(y) && (!weight || cuda::vectorisable(*weight)) &&
+                   (!add || (cuda::vectorisable(add->residual) && cuda::vectorisable(add->sum)));
   // Lanes per row: enough for one pass of vectors over the row, at most a warp.
   const int64_t vectors = (hidden + (vec ? cuda::kVecElems : 1) - 1) / (vec ? cuda::kVecElems : 1);
   int team = 1;
@@ -113,11 +132,16 @@ void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, con
       using W = Elem<decltype(w_tag)>;
       cuda::dispatch_f32_bf16(y.dtype(), [&](auto y_tag) {
         using Y = Elem<decltype(y_tag)>;
-        auto kernel = vec ? forward_kernel<X, W, Y, cuda::kVecElems> : forward_kernel<X, W, Y, 1>;
+        auto kernel =
+            vec ? (add ? forward_kernel<X, W, Y, cuda::kVecElems, true>
+                       : forward_kernel<X, W, Y, cuda::kVecElems, false>)
+                : (add ? forward_kernel<X, W, Y, 1, true> : forward_kernel<X, W, Y, 1, false>);
         kernel<<<blocks, kForwardWarps * 32, 0, cuda::as_stream(stream)>>>(
             team, rows, hidden, eps, x.ptr<const X>(), x.stride(0),
             static_cast<const W*>(data_or_null(weight)), y.ptr<Y>(), y.stride(0), rstd_ptr,
-            rstd_stride);
+            rstd_stride, add ? add->residual.ptr<const X>() : nullptr,
+            add ? add->residual.stride(0) : 0, add ? add->sum.ptr<X>() : nullptr,
+            add ? add->sum.stride(0) : 0);
       });
     });
   });
@@ -125,8 +149,8 @@ void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, con
 }
 
 void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& weight,
-                   const Arg& rstd, const Arg& grad_x, const std::optional<Arg>& grad_weight,
-                   void* workspace, void* stream) {
+                   const Arg& rstd, const std::optional<Arg>& grad_residual, const Arg& grad_x,
+                   const std::optional<Arg>& grad_weight, void* workspace, void* stream) {
   cuda::DeviceGuard device(x.t().device_index);
   const int64_t rows = x.size(0), hidden = x.size(1);
   const BackwardPlan plan = backward_plan(rows, hidden);
@@ -138,6 +162,7 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
   if (rows > 0) {
     const bool vec = hidden % cuda::kVecElems == 0 && cuda::vectorisable(x) &&
                      cuda::vectorisable(grad_y) && cuda::vectorisable(grad_x) &&
+                     (!grad_residual || cuda::vectorisable(*grad_residual)) &&
                      (!weight || cuda::vectorisable(*weight)) &&
                      reinterpret_cast<uintptr_t>(partial) % (cuda::kVecElems * sizeof(float)) == 0;
     const int64_t teams_per_block = kThreads / plan.team;
@@ -159,7 +184,9 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
                 plan.team, plan.partials, plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(),
                 grad_y.stride(0), x.ptr<const X>(), x.stride(0),
                 static_cast<const W*>(data_or_null(weight)), rstd.ptr<const float>(),
-                rstd.stride(0), grad_x.ptr<DX>(), grad_x.stride(0), partial, RopeRows{});
+                rstd.stride(0), grad_x.ptr<DX>(), grad_x.stride(0), partial, RopeRows{},
+                grad_residual ? grad_residual->ptr<const DX>() : nullptr,
+                grad_residual ? grad_residual->stride(0) : 0);
           });
         });
       });

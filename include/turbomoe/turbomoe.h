@@ -407,6 +407,26 @@ TM_API tm_status tm_rmsnorm_backward(const tm_tensor* grad_y, const tm_tensor* x
                                      tm_tensor* grad_x, tm_tensor* grad_weight, void* workspace,
                                      size_t workspace_bytes, void* stream);
 
+/* ---------------------------------------------------------------- residual add + RMSNorm
+ * A decoder layer's "h = residual + x; y = RMSNorm(h)" in one pass over the rows:
+ *   sum = cast(x + residual) in x's dtype, then y and rstd as tm_rmsnorm_forward(sum, ...),
+ * bitwise the add followed by tm_rmsnorm_forward. x, residual, sum [R,H] rows contiguous, one
+ * dtype (float32/bfloat16); y [R,H]; weight, rstd, eps as tm_rmsnorm_forward. sum and y must not
+ * overlap x, residual or each other.
+ */
+TM_API tm_status tm_add_rmsnorm_forward(const tm_tensor* x, const tm_tensor* residual,
+                                        const tm_tensor* weight, float eps, tm_tensor* sum,
+                                        tm_tensor* y, tm_tensor* rstd, void* stream);
+/* tm_rmsnorm_backward for an x that also reaches the loss by another path (the residual stream):
+ * grad_x = cast(cast(RMSNorm's grad_x) + grad_residual), bitwise tm_rmsnorm_backward followed by
+ * adding grad_residual [R,H] (grad_x's dtype, rows contiguous, not overlapping grad_x). With
+ * grad_residual NULL this is tm_rmsnorm_backward. Same workspace. */
+TM_API tm_status tm_rmsnorm_backward_add(const tm_tensor* grad_y, const tm_tensor* x,
+                                         const tm_tensor* weight, const tm_tensor* rstd,
+                                         const tm_tensor* grad_residual, tm_tensor* grad_x,
+                                         tm_tensor* grad_weight, void* workspace,
+                                         size_t workspace_bytes, void* stream);
+
 /* ---------------------------------------------------------------- q/k RMSNorm + RoPE
  * Qwen3's attention normalises each head of q and k (RMSNorm over the head dim) and then applies
  * RoPE; this is both in one pass, bitwise tm_rmsnorm_forward over the rows [B*S*NH, D] followed

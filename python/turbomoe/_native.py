@@ -161,6 +161,8 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_rmsnorm_forward": (_I32, [_T, _T, _F, _T, _T, _P]),
     "tm_rmsnorm_backward_workspace_size": (_I32, [_I64, _I64, _I32, _SZP]),
     "tm_rmsnorm_backward": (_I32, [_T, _T, _T, _T, _T, _T, _P, _SZ, _P]),
+    "tm_add_rmsnorm_forward": (_I32, [_T, _T, _T, _F, _T, _T, _T, _P]),
+    "tm_rmsnorm_backward_add": (_I32, [_T, _T, _T, _T, _T, _T, _T, _P, _SZ, _P]),
     "tm_qk_norm_rope_forward": (_I32, [_T, _T, _F, _T, _T, _T, _T, _P]),
     "tm_qk_norm_rope_backward": (_I32, [_T, _T, _T, _T, _T, _T, _T, _T, _P, _SZ, _P]),
     "tm_rope_forward": (_I32, [ctypes.POINTER(RopeParams), _T, _T, _T, _T, _P]),

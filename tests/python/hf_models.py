@@ -185,6 +185,8 @@ def count_op_calls() -> Iterator[dict[str, int]]:
         "apply_rope",
         "qk_norm_rope",
         "linear_cross_entropy",
+        "rms_norm_keep_input",
+        "add_rms_norm",
     ]
     counts = dict.fromkeys(names, 0)
     originals: dict[str, Callable[..., Any]] = {name: getattr(ops, name) for name in names}

@@ -19,8 +19,8 @@ _NO_QK_NORM = tuple(hook for hook in HOOKS if hook != "qk_norm_rope")
 EXPECTED_HOOKS = {
     "qwen3_moe": HOOKS,
     "qwen2_moe": _NO_QK_NORM,
-    "mixtral": ("experts", "router", "rmsnorm", "rope", "loss"),
-    "olmoe": ("experts", "router", "rmsnorm", "rope", "loss"),
+    "mixtral": ("experts", "router", "rmsnorm", "rope", "loss", "residual_norm"),
+    "olmoe": ("experts", "router", "rmsnorm", "rope", "loss", "residual_norm"),
     "deepseek_v3": _NO_QK_NORM,
 }
 
@@ -292,7 +292,19 @@ def test_float16_model_runs_stock_code() -> None:
 def test_skip_hooks_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm_rope, rope")
     applied = turbomoe.patch()
-    assert applied["qwen3_moe"] == ("experts", "router", "rmsnorm", "dense_mlp", "loss")
+    assert applied["qwen3_moe"] == (
+        "experts",
+        "router",
+        "rmsnorm",
+        "dense_mlp",
+        "loss",
+        "residual_norm",
+    )
+    # The residual adds are folded into turbomoe's norms: without the rmsnorm hook, no fusion.
+    monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "rmsnorm")
+    with pytest.warns(UserWarning, match="residual_norm hook needs the rmsnorm hook"):
+        applied = turbomoe.patch()
+    assert "residual_norm" not in applied["qwen3_moe"]
     # An explicit hook list is what it says, whatever the environment.
     assert turbomoe.patch(hooks=["rope"])["qwen3_moe"] == ("rope",)
     monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm")

@@ -18,7 +18,6 @@ dtype (stock promotes, as under autocast), cos/sin not covering the whole head.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from turbomoe import ops
+from turbomoe.hf.norms import fused_norm_reason
 from turbomoe.hf.registry import KERNEL_DTYPES
 
 AttentionForward = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -60,29 +60,6 @@ def matches_stock(source: str) -> bool:
     return all(line in lines for line in STOCK_LINES)
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _norm_reason(
-    norm: nn.Module, dtype: torch.dtype, head_dim: int, norm_classes: tuple[type, ...]
-) -> str | None:
-    name = type(norm).__name__
-    if not isinstance(norm, norm_classes):
-        return f"{name}: a q/k norm that is not the family's RMSNorm"
-    if _hooked(norm):
-        return f"{name}: a q/k norm with forward hooks of its own"
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (head_dim,):
-        return f"{name}: a q/k norm weight that is not a [head_dim] vector"
-    if weight.dtype != dtype:
-        return f"{name}: a {weight.dtype} q/k norm weight over {dtype} activations"
-    eps = getattr(norm, "variance_epsilon", None)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        return f"{name}: no numeric variance_epsilon"
-    return None
-
-
 def _unfused_reason(
     attention: nn.Module,
     query: torch.Tensor,
@@ -105,7 +82,7 @@ def _unfused_reason(
     if cos.dim() != 3 or cos.shape != sin.shape or cos.shape[-1] != query.shape[-1]:
         return "RoPE cos/sin that are not [B, S, head_dim]"
     for norm in (attention.q_norm, attention.k_norm):
-        reason = _norm_reason(norm, query.dtype, query.shape[-1], norm_classes)
+        reason = fused_norm_reason(norm, query.dtype, query.shape[-1], norm_classes, "q/k norm")
         if reason is not None:
             return reason
     return None

@@ -10,6 +10,7 @@ without the weight and keeps stock's promoting multiply.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -54,3 +55,30 @@ def make_rmsnorm_forward(original: NormForward) -> NormForward:
         return ops.rms_norm(hidden_states, self.weight, eps)
 
     return forward
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def fused_norm_reason(
+    norm: nn.Module, dtype: torch.dtype, size: int, norm_classes: tuple[type, ...], role: str
+) -> str | None:
+    """Why ``norm`` cannot be folded into a fused op over ``dtype`` activations of last dim
+    ``size`` (the fused forwards of hf/attention.py and hf/decoder_layer.py call the norm's
+    arithmetic themselves, so only the family's plain RMSNorm, without hooks of its own, with a
+    weight of the activations' dtype, qualifies), or None."""
+    name = type(norm).__name__
+    if not isinstance(norm, norm_classes):
+        return f"{name}: a {role} that is not the family's RMSNorm"
+    if _hooked(norm):
+        return f"{name}: a {role} with forward hooks of its own"
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (size,):
+        return f"{name}: a {role} weight that is not a [{size}] vector"
+    if weight.dtype != dtype:
+        return f"{name}: a {weight.dtype} {role} weight over {dtype} activations"
+    eps = getattr(norm, "variance_epsilon", None)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        return f"{name}: no numeric variance_epsilon"
+    return None

@@ -14,6 +14,9 @@ Mechanisms, official extension points first:
   call time.
 - qk_norm_rope: method replacement of the attention's ``forward``, only where the stock forward
   holds every line the replacement reproduces (``hf/attention.py``).
+- residual_norm: method replacement of the decoder layer's ``forward``, only where the stock
+  forward is exactly the body the replacement reproduces (``hf/decoder_layer.py``), and only with
+  the rmsnorm hook.
 
 Every change is recorded with the value it replaced; :func:`unpatch` puts those exact objects
 back, so stock behaviour returns bit for bit.
@@ -36,6 +39,8 @@ from torch import nn
 
 from turbomoe.hf import experts as experts_hook
 from turbomoe.hf.attention import make_attention_forward, matches_stock
+from turbomoe.hf.decoder_layer import make_decoder_layer_forward
+from turbomoe.hf.decoder_layer import matches_stock as decoder_layer_matches_stock
 from turbomoe.hf.fallback import warn_once
 from turbomoe.hf.loss import CAUSAL_LM_FORWARDS
 from turbomoe.hf.mlp import make_mlp_forward
@@ -195,6 +200,12 @@ def _is_qk_norm_attention(cls: type) -> bool:
     ]
 
 
+def _is_decoder_layer(cls: type) -> bool:
+    """A pre-norm decoder layer: norm, attention, add, norm, MLP, add (``hf/decoder_layer.py``)."""
+    forward = _own_forward(cls)
+    return forward is not None and decoder_layer_matches_stock(forward)
+
+
 _ROPE_FINGERPRINTS = {
     False: "(rotate_half(q) * sin)",
     True: "q[..., 0::2], q[..., 1::2]",
@@ -232,6 +243,12 @@ def _apply_hook(hook: str, family: Family, module: ModuleType) -> int:
         if not norms:
             return 0
         return _patch_classes(attentions, lambda fwd: make_attention_forward(fwd, module, norms))
+    if hook == "residual_norm":
+        norms = tuple(cls for cls in classes if _is_rmsnorm(cls))
+        layers = [cls for cls in classes if _is_decoder_layer(cls)]
+        if not norms:
+            return 0
+        return _patch_classes(layers, lambda fwd: make_decoder_layer_forward(fwd, norms))
     if hook == "rope":
         count = 0
         for name, interleaved in family.rope_functions:
@@ -358,6 +375,12 @@ def patch(
                     if hook == "experts":
                         experts_families.add(model_type)
                         applied.append(hook)
+                    elif hook == "residual_norm" and "rmsnorm" not in applied:
+                        # The fused forward runs turbomoe's norm: not where the user kept stock's.
+                        warn_once(
+                            f"{model_type}: the residual_norm hook needs the rmsnorm hook, which "
+                            "is off; the decoder layers keep their stock forward"
+                        )
                     elif _apply_hook(hook, family, module) > 0:
                         applied.append(hook)
                     else:

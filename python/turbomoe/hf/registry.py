@@ -19,6 +19,9 @@ Hooks:
 - ``qk_norm_rope``: the attention's ``forward`` (Qwen3's, with per-head q/k norms) runs each
   of q and k through ``turbomoe.ops.qk_norm_rope``, norm and RoPE in one pass
   (``hf/attention.py``).
+- ``residual_norm``: the decoder layer's ``forward`` folds the residual adds into its two
+  RMSNorms (``turbomoe.ops.rms_norm_keep_input`` / ``add_rms_norm``, ``hf/decoder_layer.py``);
+  only together with the rmsnorm hook.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ HOOKS: tuple[str, ...] = (
     "rope",
     "loss",
     "qk_norm_rope",
+    "residual_norm",
 )
 
 # The turbomoe op each hook calls; a hook whose op is missing from turbomoe.ops is skipped.
@@ -55,6 +59,7 @@ HOOK_OPS: dict[str, str] = {
     "rope": "apply_rope",
     "loss": "linear_cross_entropy",
     "qk_norm_rope": "qk_norm_rope",
+    "residual_norm": "add_rms_norm",
 }
 
 

@@ -14,6 +14,7 @@ from turbomoe.ops.moe import moe_experts
 from turbomoe.ops.norm import rms_norm
 from turbomoe.ops.permute import combine, gather_rows, permute_plan
 from turbomoe.ops.qk_norm_rope import qk_norm_rope
+from turbomoe.ops.residual_norm import add_rms_norm, rms_norm_keep_input
 from turbomoe.ops.rope import apply_rope
 from turbomoe.ops.routing import route
 
@@ -21,6 +22,7 @@ __all__ = [
     "SendPlan",
     "adamw_step_",
     "adamw_step_reason",
+    "add_rms_norm",
     "apply_rope",
     "clamped_swiglu",
     "combine",
@@ -37,6 +39,7 @@ __all__ = [
     "permute_plan",
     "qk_norm_rope",
     "rms_norm",
+    "rms_norm_keep_input",
     "route",
     "silu_mul",
     "swiglu",

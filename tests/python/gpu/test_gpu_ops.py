@@ -1082,6 +1082,52 @@ def test_rms_norm_backward_prefetch_is_bitwise_the_same(rows: int, hidden: int, 
         assert torch.equal(a, b), f"seed {seed}: {name} differs with the prefetch"
 
 
+RESIDUAL_NORM = [
+    # (rows, hidden, width): the model's hidden at 4096 tokens, wider rows than the cached
+    # vectors of the backward, element-wise rows, padded rows (row stride `width`)
+    (4096, 2048, 2048),
+    (7, 6144, 6144),
+    (33, 13, 13),
+    (13, 24, 40),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "hidden", "width"), RESIDUAL_NORM)
+def test_residual_norm_ops(rows: int, hidden: int, width: int, dtype) -> None:
+    """add_rms_norm and rms_norm_keep_input (the residual adds in the norms' kernels) against
+    the CPU reference, and bitwise against torch's add and turbomoe's rms_norm on the GPU,
+    forward and backward, on NaN-poisoned memory."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    xb = torch.randn(rows, width, generator=gen) * 2
+    res = torch.randn(rows, hidden, generator=gen) * 2
+    weight = torch.rand(hidden, generator=gen) + 0.5
+
+    def layer(x_: torch.Tensor, r_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+        kept, y = tops.rms_norm_keep_input(x_[:, :hidden], w_, 1e-6)
+        total, y2 = tops.add_rms_norm(y * r_, kept, w_, 1e-6)
+        return total * 0.5 + y2
+
+    def plain(x_: torch.Tensor, r_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+        x_ = x_[:, :hidden]
+        total = x_ + tops.rms_norm(x_, w_, 1e-6) * r_
+        return total * 0.5 + tops.rms_norm(total, w_, 1e-6)
+
+    if rows * hidden <= 1 << 16:  # the CPU reference is slow on the model's shape
+        check(layer, [xb, res, weight], [0, 1, 2], dtype, seed, fp32_tol=1e-4)
+    args = [a.to(dtype).to(CUDA).requires_grad_(True) for a in (xb, res, weight)]
+    grad = torch.randn(rows, hidden, generator=gen).to(dtype).to(CUDA)
+    results = []
+    for fn in (layer, plain):
+        poison()
+        out = fn(*args)
+        results.append((out, *torch.autograd.grad(out, args, grad)))
+    for name, got, want in zip(("out", "grad_x", "grad_r", "grad_w"), *results, strict=True):
+        assert torch.isfinite(got).all(), f"seed {seed}: {name} unwritten"
+        assert torch.equal(got, want), f"seed {seed}: {name} differs from add + rms_norm"
+
+
 QK_NORM_ROPE = [
     # (B, S, NH, D, cos/sin dtype, cos/sin of batch 1): Qwen3-30B-A3B's q and k heads at 4096
     # tokens, the other head dims the kernel takes, cos/sin per batch row
