@@ -187,6 +187,7 @@ def count_op_calls() -> Iterator[dict[str, int]]:
         "linear_cross_entropy",
         "rms_norm_keep_input",
         "add_rms_norm",
+        "shared_input_linears",
     ]
     counts = dict.fromkeys(names, 0)
     originals: dict[str, Callable[..., Any]] = {name: getattr(ops, name) for name in names}

@@ -18,6 +18,7 @@ dtype (stock promotes, as under autocast), cos/sin not covering the whole head.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from turbomoe import ops
-from turbomoe.hf.norms import fused_norm_reason
+from turbomoe.hf.norms import fused_norm_reason, hooked
 from turbomoe.hf.registry import KERNEL_DTYPES
 
 AttentionForward = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -88,6 +89,23 @@ def _unfused_reason(
     return None
 
 
+def _plain_projections(projections: tuple[nn.Module, ...], hidden: torch.Tensor) -> bool:
+    """Whether q/k/v are plain bias-free ``nn.Linear`` layers of the activations' dtype, without
+    hooks, outside autocast: then ``ops.shared_input_linears`` computes them (the same forward,
+    the input gradients summed inside the GEMMs). ``TURBOMOE_QKV_SHARED_GRAD=0`` keeps the three
+    stock calls."""
+    if os.environ.get("TURBOMOE_QKV_SHARED_GRAD", "1") == "0":
+        return False
+    if torch.is_autocast_enabled(hidden.device.type):
+        return False
+    for proj in projections:
+        if type(proj) is not nn.Linear or proj.bias is not None or hooked(proj):
+            return False
+        if proj.weight.dtype != hidden.dtype:
+            return False
+    return True
+
+
 def make_attention_forward(
     original: AttentionForward, module: ModuleType, norm_classes: tuple[type, ...]
 ) -> AttentionForward:
@@ -106,8 +124,15 @@ def make_attention_forward(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if _plain_projections(projections, hidden_states):
+            query, key, value = ops.shared_input_linears(
+                hidden_states, tuple(proj.weight for proj in projections)
+            )
+        else:
+            query, key, value = (proj(hidden_states) for proj in projections)
+        query = query.view(hidden_shape)
+        key = key.view(hidden_shape)
         cos, sin = position_embeddings
         if _unfused_reason(self, query, key, position_embeddings, norm_classes) is None:
             q_norm, k_norm = self.q_norm, self.k_norm
@@ -123,7 +148,7 @@ def make_attention_forward(
             query_states, key_states = module.apply_rotary_pos_emb(
                 query_states, key_states, cos, sin
             )
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = value.view(hidden_shape).transpose(1, 2)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(

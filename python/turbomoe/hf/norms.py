@@ -57,7 +57,8 @@ def make_rmsnorm_forward(original: NormForward) -> NormForward:
     return forward
 
 
-def _hooked(module: nn.Module) -> bool:
+def hooked(module: nn.Module) -> bool:
+    """Whether the module has forward hooks of its own (which a fused forward would skip)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
@@ -71,7 +72,7 @@ def fused_norm_reason(
     name = type(norm).__name__
     if not isinstance(norm, norm_classes):
         return f"{name}: a {role} that is not the family's RMSNorm"
-    if _hooked(norm):
+    if hooked(norm):
         return f"{name}: a {role} with forward hooks of its own"
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.shape != (size,):

@@ -17,6 +17,7 @@ from turbomoe.ops.qk_norm_rope import qk_norm_rope
 from turbomoe.ops.residual_norm import add_rms_norm, rms_norm_keep_input
 from turbomoe.ops.rope import apply_rope
 from turbomoe.ops.routing import route
+from turbomoe.ops.shared_input import shared_input_linears
 
 __all__ = [
     "SendPlan",
@@ -41,6 +42,7 @@ __all__ = [
     "rms_norm",
     "rms_norm_keep_input",
     "route",
+    "shared_input_linears",
     "silu_mul",
     "swiglu",
 ]
