@@ -1128,6 +1128,39 @@ def test_residual_norm_ops(rows: int, hidden: int, width: int, dtype) -> None:
         assert torch.equal(got, want), f"seed {seed}: {name} differs from add + rms_norm"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_input_linears(dtype) -> None:
+    """Qwen3-30B-A3B's q/k/v projections at 4096 tokens: the forward bitwise F.linear's, the
+    weight gradients bitwise stock's, the summed input gradient as close to the exact sum as
+    stock's adds are."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, 4096, 2048, generator=gen)).to(dtype).to(CUDA).requires_grad_(True)
+    outs = (4096, 512, 512)
+    weights = [
+        (torch.randn(n, 2048, generator=gen) * 0.02).to(dtype).to(CUDA).requires_grad_(True)
+        for n in outs
+    ]
+    grads = [torch.randn(1, 4096, n, generator=gen).to(dtype).to(CUDA) for n in outs]
+    poison()
+    fused_out = tops.shared_input_linears(x, tuple(weights))
+    fused = torch.autograd.grad(fused_out, [x, *weights], grads)
+    poison()
+    stock_out = [torch.nn.functional.linear(x, w) for w in weights]
+    stock = torch.autograd.grad(stock_out, [x, *weights], grads)
+    for got, want in zip(fused_out, stock_out, strict=True):
+        assert torch.equal(got, want), f"seed {seed}: forward differs from F.linear"
+    for got, want in zip(fused[1:], stock[1:], strict=True):
+        assert torch.isfinite(got).all() and torch.equal(got, want), f"seed {seed}: weight grad"
+    exact = sum(
+        g.double().reshape(-1, g.shape[-1]) @ w.double()
+        for g, w in zip(grads, weights, strict=True)
+    ).reshape(x.shape)
+    err = rel(fused[0].double(), exact)
+    assert err < tolerance(dtype, 1e-5), f"seed {seed}: grad_x rel {err:.3g}"
+    assert err <= rel(stock[0].double(), exact) * 1.5 + 1e-7, f"seed {seed}: worse than stock"
+
+
 QK_NORM_ROPE = [
     # (B, S, NH, D, cos/sin dtype, cos/sin of batch 1): Qwen3-30B-A3B's q and k heads at 4096
     # tokens, the other head dims the kernel takes, cos/sin per batch row
