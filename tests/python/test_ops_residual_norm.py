@@ -134,10 +134,10 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.turbomoe.add_rms_norm.default, (x, residual, None, 1e-6))
     _total, _y, rstd = torch.ops.turbomoe.add_rms_norm(x.detach(), residual.detach(), None, 1e-6)
     grad_y, grad_res = torch.randn(13, 72, generator=gen), torch.randn(13, 72, generator=gen)
-    args = (grad_y, x.detach(), weight.detach(), rstd, grad_res, True)
-    torch.library.opcheck(torch.ops.turbomoe.rms_norm_backward_add.default, args)
-    args = (grad_y, x.detach(), None, rstd, None, False)
-    torch.library.opcheck(torch.ops.turbomoe.rms_norm_backward_add.default, args)
+    args = (grad_y, x.detach(), weight.detach(), rstd, True, grad_res)
+    torch.library.opcheck(torch.ops.turbomoe.rms_norm_backward.default, args)
+    args = (grad_y, x.detach(), None, rstd, False, None)
+    torch.library.opcheck(torch.ops.turbomoe.rms_norm_backward.default, args)
 
 
 def test_compiled_layer_matches_eager() -> None:

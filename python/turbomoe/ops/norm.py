@@ -65,15 +65,21 @@ def _rms_norm_backward(
     weight: torch.Tensor | None,
     rstd: torch.Tensor,
     need_weight_grad: bool,
+    grad_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x [R,H], grad_weight [H] float32, or an empty tensor when not wanted)."""
+    """(grad_x [R,H], grad_weight [H] float32, or an empty tensor when not wanted).
+
+    grad_residual [R,H] (grad_x's dtype), when given, is a gradient that reaches x by another
+    path (the residual stream, ops/residual_norm.py): it is added to each row of grad_x inside
+    the kernel (``tm_rmsnorm_backward_add``), bitwise the backward followed by the add."""
     grad_x, grad_weight, workspace = backward_buffers(x, x.shape[0], x.shape[1], need_weight_grad)
     _native.call(
-        "tm_rmsnorm_backward",
+        "tm_rmsnorm_backward_add",
         _native.describe(grad_y),
         _native.describe(x),
         _native.describe(weight),
         _native.describe(rstd),
+        _native.describe(grad_residual),
         _native.describe(grad_x),
         _native.describe(grad_weight) if need_weight_grad else None,
         workspace.data_ptr(),
@@ -90,6 +96,7 @@ def _(
     weight: torch.Tensor | None,
     rstd: torch.Tensor,
     need_weight_grad: bool,
+    grad_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = x.shape[1] if need_weight_grad else 0
     return x.new_empty(x.shape), x.new_empty((hidden,), dtype=torch.float32)
@@ -103,14 +110,36 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.mark_non_differentiable(rstd)
 
 
+def norm_backward(
+    grad_y: torch.Tensor,
+    grad_residual: torch.Tensor | None,
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the gradient of the norm's input rows [R,H], plus grad_residual when given; the weight's
+    gradient in its dtype, or None). grad_y / grad_residual: any shape of R*H elements."""
+    shape = rows.shape
+    grad_x, grad_weight = _rms_norm_backward_eager(
+        grad_y.reshape(shape).contiguous(),
+        rows,
+        weight,
+        rstd,
+        need_weight_grad,
+        None if grad_residual is None else grad_residual.reshape(shape).contiguous(),
+    )
+    if not need_weight_grad or weight is None:
+        return grad_x, None
+    return grad_x, grad_weight.to(weight.dtype)
+
+
 def _backward(ctx: Any, grad_y: torch.Tensor | None, _grad_rstd: Any) -> tuple[Any, ...]:
     if grad_y is None:
         return None, None, None
     x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_weight = _rms_norm_backward_eager(
-        grad_y.contiguous(), x, weight, rstd, ctx.need_weight_grad
-    )
-    return grad_x, grad_weight.to(weight.dtype) if ctx.need_weight_grad else None, None
+    grad_x, grad_weight = norm_backward(grad_y, None, x, weight, rstd, ctx.need_weight_grad)
+    return grad_x, grad_weight, None
 
 
 _rms_norm_eager = differentiable(_rms_norm, _setup_context, _backward)

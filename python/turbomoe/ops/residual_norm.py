@@ -13,9 +13,10 @@ more pass each. Two ops fold three of those four passes into the norms beside th
   pass; its backward hands both inputs grad_sum + RMSNorm's backward, formed in one pass.
 * ``rms_norm_keep_input(x, weight, eps) -> (x, RMSNorm(x))``: the norm, with x handed on as the
   layer's residual by this op, so that the gradient x gets through the residual arrives at this
-  op's backward, where the RMSNorm backward kernel adds it (``tm_rmsnorm_backward_add``) instead
-  of autograd. An op that returns its input is not a torch custom op (whose outputs may not alias
-  its inputs), so under ``torch.compile`` or a dispatch mode this is the plain norm and x.
+  op's backward, where the RMSNorm backward kernel adds it (``turbomoe::rms_norm_backward``'s
+  grad_residual) instead of autograd. An op that returns its input is not a torch custom op
+  (whose outputs may not alias its inputs), so under ``torch.compile`` or a dispatch mode this
+  is the plain norm and x.
 
 Both give bitwise what turbomoe's ``rms_norm`` and torch's add give in turn.
 """
@@ -27,8 +28,8 @@ from typing import Any
 import torch
 
 from turbomoe import _native
-from turbomoe.ops._eager import differentiable, direct, eager_ok
-from turbomoe.ops.norm import _rms_norm_eager, backward_buffers, rms_norm
+from turbomoe.ops._eager import differentiable, eager_ok
+from turbomoe.ops.norm import _rms_norm_eager, norm_backward, rms_norm
 
 
 @torch.library.custom_op("turbomoe::add_rms_norm", mutates_args=())
@@ -64,72 +65,6 @@ def _(
     )
 
 
-@torch.library.custom_op("turbomoe::rms_norm_backward_add", mutates_args=())
-def _rms_norm_backward_add(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    rstd: torch.Tensor,
-    grad_residual: torch.Tensor | None,
-    need_weight_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm's grad_x + grad_residual [R,H], grad_weight [H] float32 or an empty tensor)."""
-    grad_x, grad_weight, workspace = backward_buffers(x, x.shape[0], x.shape[1], need_weight_grad)
-    _native.call(
-        "tm_rmsnorm_backward_add",
-        _native.describe(grad_y),
-        _native.describe(x),
-        _native.describe(weight),
-        _native.describe(rstd),
-        _native.describe(grad_residual),
-        _native.describe(grad_x),
-        _native.describe(grad_weight) if need_weight_grad else None,
-        workspace.data_ptr(),
-        workspace.numel(),
-        _native.stream_for(x),
-    )
-    return grad_x, grad_weight
-
-
-@_rms_norm_backward_add.register_fake
-def _(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    rstd: torch.Tensor,
-    grad_residual: torch.Tensor | None,
-    need_weight_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = x.shape[1] if need_weight_grad else 0
-    return x.new_empty(x.shape), x.new_empty((hidden,), dtype=torch.float32)
-
-
-_rms_norm_backward_add_eager = direct(_rms_norm_backward_add)
-
-
-def _norm_backward(
-    grad_y: torch.Tensor,
-    grad_residual: torch.Tensor | None,
-    rows: torch.Tensor,
-    weight: torch.Tensor | None,
-    rstd: torch.Tensor,
-    need_weight_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the gradient of the norm's input plus grad_residual, weight's gradient or None)."""
-    shape = rows.shape
-    grad_x, grad_weight = _rms_norm_backward_add_eager(
-        grad_y.reshape(shape).contiguous(),
-        rows,
-        weight,
-        rstd,
-        None if grad_residual is None else grad_residual.reshape(shape).contiguous(),
-        need_weight_grad,
-    )
-    if not need_weight_grad or weight is None:
-        return grad_x, None
-    return grad_x, grad_weight.to(weight.dtype)
-
-
 def _add_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     _x, _residual, weight, _eps = inputs
     total, _y, rstd = output
@@ -144,7 +79,7 @@ def _add_backward(
     if grad_y is None:
         return grad_sum, grad_sum, None, None
     total, weight, rstd = ctx.saved_tensors
-    grad, grad_weight = _norm_backward(grad_y, grad_sum, total, weight, rstd, ctx.need_weight_grad)
+    grad, grad_weight = norm_backward(grad_y, grad_sum, total, weight, rstd, ctx.need_weight_grad)
     return grad, grad, grad_weight, None
 
 
@@ -190,7 +125,7 @@ class _KeepInput(torch.autograd.Function):
         if grad_y is None:
             return grad_x, None, None
         rows, weight, rstd = ctx.saved_tensors
-        grad, grad_weight = _norm_backward(grad_y, grad_x, rows, weight, rstd, ctx.need_weight_grad)
+        grad, grad_weight = norm_backward(grad_y, grad_x, rows, weight, rstd, ctx.need_weight_grad)
         return grad.view(grad_y.shape), grad_weight, None
 
 
