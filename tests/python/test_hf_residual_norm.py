@@ -4,6 +4,9 @@ cases that keep the stock forward."""
 
 from __future__ import annotations
 
+import inspect
+import textwrap
+
 import pytest
 import torch
 from hf_models import (
@@ -18,7 +21,7 @@ from hf_models import (
 )
 
 import turbomoe
-from turbomoe.hf.decoder_layer import matches_stock
+from turbomoe.hf.decoder_layer import body_matches_stock, matches_stock
 from turbomoe.hf.registry import HOOKS
 
 LAYERS = 2  # the tiny models'
@@ -149,40 +152,16 @@ def _stock_like(self, hidden_states, attention_mask=None, position_ids=None, **k
     return hidden_states
 
 
-def _scaled_residual(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        **kwargs,
-    )
-    hidden_states = residual + hidden_states * 0.5
-    residual = hidden_states
-    hidden_states = self.post_attention_layernorm(hidden_states)
-    hidden_states = self.mlp(hidden_states)
-    hidden_states = residual + hidden_states
-    return hidden_states
-
-
-def _argument_dropped(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(
-        hidden_states=hidden_states,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
-    hidden_states = residual + hidden_states
-    residual = hidden_states
-    hidden_states = self.post_attention_layernorm(hidden_states)
-    hidden_states = self.mlp(hidden_states)
-    hidden_states = residual + hidden_states
-    return hidden_states
-
-
 def test_only_the_stock_body_is_replaced() -> None:
     assert matches_stock(_stock_like)
-    assert not matches_stock(_scaled_residual)
-    assert not matches_stock(_argument_dropped)
+    source = textwrap.dedent(inspect.getsource(_stock_like))
+    names = ["attention_mask", "position_ids"]
+    assert body_matches_stock(source, names)
+    first_add = "hidden_states = residual + hidden_states\n    residual"
+    scaled = source.replace(
+        first_add, "hidden_states = residual + hidden_states * 0.5\n    residual"
+    )
+    assert scaled != source and not body_matches_stock(scaled, names)
+    dropped = source.replace("        position_ids=position_ids,\n", "")
+    assert dropped != source and not body_matches_stock(dropped, names)
+    assert not body_matches_stock(source, ["attention_mask"])  # an argument not passed on

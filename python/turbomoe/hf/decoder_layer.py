@@ -1,16 +1,7 @@
 """Decoder-layer ``forward`` with the residual adds folded into the RMSNorms (``residual_norm``).
 
-Every supported family's decoder layer is, line for line (``STOCK_BODY``)::
-
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    hidden_states, _ = self.self_attn(hidden_states=hidden_states, <its arguments>, **kwargs)
-    hidden_states = residual + hidden_states
-    residual = hidden_states
-    hidden_states = self.post_attention_layernorm(hidden_states)
-    hidden_states = self.mlp(hidden_states)
-    hidden_states = residual + hidden_states
-    return hidden_states
+Every supported family's decoder layer is, line for line, ``STOCK_BODY`` below: norm, attention,
+add, norm, MLP, add, with the residual kept across each half.
 
 This forward computes the same values with ``turbomoe.ops.rms_norm_keep_input`` for the first
 norm and ``turbomoe.ops.add_rms_norm`` for the first add and the second norm: the add runs inside
@@ -78,8 +69,18 @@ def matches_stock(forward: Callable[..., Any]) -> bool:
     if names is None:
         return False
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError):
+        source = textwrap.dedent(inspect.getsource(forward))
+    except (OSError, TypeError):
+        return False
+    return body_matches_stock(source, names)
+
+
+def body_matches_stock(source: str, names: list[str]) -> bool:
+    """True when the function defined by ``source`` has ``STOCK_BODY``'s statements, with
+    ``names`` passed on to the attention, docstring aside (compared as syntax trees)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
         return False
     if not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
         return False
