@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from turbomoe import ops
-from turbomoe.hf.norms import fused_norm_reason, hooked
+from turbomoe.hf.norms import fused_norm_reason, global_hooks_registered, hooked
 from turbomoe.hf.registry import KERNEL_DTYPES
 
 AttentionForward = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -73,9 +73,7 @@ def _unfused_reason(
         return f"q/k in {query.dtype} on {query.device.type}"
     if key.dtype != query.dtype:
         return f"k in {key.dtype}, q in {query.dtype}"
-    if torch.nn.modules.module._global_forward_hooks or (
-        torch.nn.modules.module._global_forward_pre_hooks
-    ):
+    if global_hooks_registered():
         return "global module forward hooks are registered"
     cos, sin = position_embeddings
     if cos.dtype != query.dtype or sin.dtype != query.dtype:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from turbomoe import ops
-from turbomoe.hf.norms import fused_norm_reason
+from turbomoe.hf.norms import fused_norm_reason, global_hooks_registered
 from turbomoe.hf.registry import KERNEL_DTYPES
 
 LayerForward = Callable[..., torch.Tensor]
@@ -100,9 +100,7 @@ def _unfused_reason(
         return f"hidden states in {hidden_states.dtype} on {hidden_states.device.type}"
     if hidden_states.dim() == 0:
         return "0-d hidden states"
-    if torch.nn.modules.module._global_forward_hooks or (
-        torch.nn.modules.module._global_forward_pre_hooks
-    ):
+    if global_hooks_registered():
         return "global module forward hooks are registered"
     for norm in (layer.input_layernorm, layer.post_attention_layernorm):
         reason = fused_norm_reason(

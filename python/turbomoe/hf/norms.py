@@ -62,6 +62,13 @@ def hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def global_hooks_registered() -> bool:
+    """Whether module hooks for every module are registered (a fused forward would skip the
+    calls of the modules it folds, so it must not run)."""
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def fused_norm_reason(
     norm: nn.Module, dtype: torch.dtype, size: int, norm_classes: tuple[type, ...], role: str
 ) -> str | None:

@@ -146,6 +146,12 @@ _rms_norm_eager = differentiable(_rms_norm, _setup_context, _backward)
 _rms_norm_backward_eager = direct(_rms_norm_backward)
 
 
+def rms_norm_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the [R,H] rows the kernels take: a view where its last dim is contiguous."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows.contiguous() if rows.numel() == 0 or rows.stride(-1) != 1 else rows
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """weight · (x / sqrt(mean(x², -1) + eps)) over the last dim, statistics in float32.
 
@@ -155,8 +161,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     shape = x.shape
-    rows_view = x.reshape(-1, shape[-1])
-    if rows_view.numel() == 0 or rows_view.stride(-1) != 1:
-        rows_view = rows_view.contiguous()
-    y, _rstd = _rms_norm_eager(rows_view, weight, float(eps))
+    y, _rstd = _rms_norm_eager(rms_norm_rows(x), weight, float(eps))
     return y.view(shape)

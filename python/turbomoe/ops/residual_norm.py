@@ -29,7 +29,7 @@ import torch
 
 from turbomoe import _native
 from turbomoe.ops._eager import differentiable, eager_ok
-from turbomoe.ops.norm import _rms_norm_eager, norm_backward, rms_norm
+from turbomoe.ops.norm import _rms_norm_eager, norm_backward, rms_norm, rms_norm_rows
 
 
 @torch.library.custom_op("turbomoe::add_rms_norm", mutates_args=())
@@ -86,11 +86,6 @@ def _add_backward(
 _add_rms_norm_eager = differentiable(_add_rms_norm, _add_setup_context, _add_backward)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    rows = t.reshape(-1, t.shape[-1])
-    return rows.contiguous() if rows.numel() == 0 or rows.stride(-1) != 1 else rows
-
-
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +96,9 @@ def add_rms_norm(
         raise ValueError("x must have at least one dimension (the normalised one)")
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
-    total, y, _rstd = _add_rms_norm_eager(_rows(x), _rows(residual), weight, float(eps))
+    total, y, _rstd = _add_rms_norm_eager(
+        rms_norm_rows(x), rms_norm_rows(residual), weight, float(eps)
+    )
     return total.view(x.shape), y.view(x.shape)
 
 
@@ -110,7 +107,7 @@ class _KeepInput(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = _rows(x)
+        rows = rms_norm_rows(x)
         y, rstd = _rms_norm_eager(rows, weight, eps)  # grad mode is off in here: the plain op
         ctx.save_for_backward(rows, weight, rstd)
         ctx.need_weight_grad = weight is not None and ctx.needs_input_grad[1]
