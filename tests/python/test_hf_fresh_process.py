@@ -25,12 +25,7 @@ PYTHON_DIR = TESTS.parents[1] / "python"
 
 PATCH_AND_UNPATCH = """
 import importlib
-import os
 import torch
-
-# The opt-in fusions too, so that every op is seen patched and every patch seen reverted.
-os.environ["TURBOMOE_RESIDUAL_NORM"] = "1"
-os.environ["TURBOMOE_QKV_SHARED_GRAD"] = "1"
 
 # Any CUDA initialisation (torch's lazy init) from here on is recorded and fails the check.
 cuda_init_calls = []

@@ -14,14 +14,13 @@ from turbomoe.hf import experts as experts_hook
 from turbomoe.hf import fallback, patcher
 from turbomoe.hf.registry import HOOKS
 
-# Only Qwen3's attention has per-head q/k norms right before RoPE; residual_norm is opt-in.
-_DEFAULT = tuple(hook for hook in HOOKS if hook != "residual_norm")
-_NO_QK_NORM = tuple(hook for hook in _DEFAULT if hook != "qk_norm_rope")
+# Only Qwen3's attention has per-head q/k norms right before RoPE.
+_NO_QK_NORM = tuple(hook for hook in HOOKS if hook != "qk_norm_rope")
 EXPECTED_HOOKS = {
-    "qwen3_moe": _DEFAULT,
+    "qwen3_moe": HOOKS,
     "qwen2_moe": _NO_QK_NORM,
-    "mixtral": ("experts", "router", "rmsnorm", "rope", "loss"),
-    "olmoe": ("experts", "router", "rmsnorm", "rope", "loss"),
+    "mixtral": ("experts", "router", "rmsnorm", "rope", "loss", "residual_norm"),
+    "olmoe": ("experts", "router", "rmsnorm", "rope", "loss", "residual_norm"),
     "deepseek_v3": _NO_QK_NORM,
 }
 
@@ -293,30 +292,21 @@ def test_float16_model_runs_stock_code() -> None:
 def test_skip_hooks_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm_rope, rope")
     applied = turbomoe.patch()
-    assert applied["qwen3_moe"] == ("experts", "router", "rmsnorm", "dense_mlp", "loss")
-    # An explicit hook list is what it says, whatever the environment.
-    assert turbomoe.patch(hooks=["rope"])["qwen3_moe"] == ("rope",)
-    monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm")
-    with pytest.raises(ValueError, match="unknown hooks"):
-        turbomoe.patch()
-
-
-def test_opt_in_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert "residual_norm" not in turbomoe.patch()["qwen3_moe"]
-    monkeypatch.setenv("TURBOMOE_RESIDUAL_NORM", "1")
-    assert turbomoe.patch()["qwen3_moe"] == HOOKS
+    assert applied["qwen3_moe"] == (
+        "experts",
+        "router",
+        "rmsnorm",
+        "dense_mlp",
+        "loss",
+        "residual_norm",
+    )
     # The residual adds are folded into turbomoe's norms: without the rmsnorm hook, no fusion.
     monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "rmsnorm")
     with pytest.warns(UserWarning, match="residual_norm hook needs the rmsnorm hook"):
         applied = turbomoe.patch()
     assert "residual_norm" not in applied["qwen3_moe"]
-    monkeypatch.delenv("TURBOMOE_SKIP_HOOKS")
-    monkeypatch.setenv("TURBOMOE_RESIDUAL_NORM", "yes")
-    with pytest.raises(ValueError, match="TURBOMOE_RESIDUAL_NORM='yes' must be 0 or 1"):
+    # An explicit hook list is what it says, whatever the environment.
+    assert turbomoe.patch(hooks=["rope"])["qwen3_moe"] == ("rope",)
+    monkeypatch.setenv("TURBOMOE_SKIP_HOOKS", "qk_norm")
+    with pytest.raises(ValueError, match="unknown hooks"):
         turbomoe.patch()
-    monkeypatch.delenv("TURBOMOE_RESIDUAL_NORM")
-    # Named explicitly, an opt-in hook applies without its variable.
-    assert turbomoe.patch(hooks=["rmsnorm", "residual_norm"])["mixtral"] == (
-        "rmsnorm",
-        "residual_norm",
-    )

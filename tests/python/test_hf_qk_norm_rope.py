@@ -53,7 +53,7 @@ def test_train_step_matches_stock_through_the_fused_kernel(head_dim, fused_calls
     assert rel_err(loss1, loss0) <= 1e-5
     assert_grads_close(grads1, grads0, 1e-4)
     assert counts["qk_norm_rope"] == 2 * LAYERS and counts["apply_rope"] == 0
-    assert counts["shared_input_linears"] == 0  # opt-in: TURBOMOE_QKV_SHARED_GRAD=1
+    assert counts["shared_input_linears"] == LAYERS  # q/k/v with the input gradients summed
     assert len(fused_calls) == 2 * LAYERS
     # The q/k norm weights get their gradient through the fused backward.
     assert any("q_norm" in name for name in grads1)
@@ -120,10 +120,10 @@ def test_bf16_weights_take_the_fused_kernel(fused_calls):
     assert len(fused_calls) == 2 * LAYERS
 
 
-def test_shared_projection_gradients_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TURBOMOE_QKV_SHARED_GRAD=1: q/k/v as one op whose GEMMs sum the input gradients (instead
-    of autograd's adds); the step stays the stock one within rounding."""
-    monkeypatch.setenv("TURBOMOE_QKV_SHARED_GRAD", "1")
+def test_separate_projections_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TURBOMOE_QKV_SHARED_GRAD=0 keeps the three stock projection calls (autograd adds their
+    input gradients); the step stays the stock one within rounding."""
+    monkeypatch.setenv("TURBOMOE_QKV_SHARED_GRAD", "0")
     model = build_model("qwen3_moe", seed=8, head_dim=64)
     batch = make_batch(seed=8)
     (loss0, grads0, _), (loss1, grads1, _), counts = stock_and_turbomoe(
@@ -131,4 +131,4 @@ def test_shared_projection_gradients_on_request(monkeypatch: pytest.MonkeyPatch)
     )
     assert rel_err(loss1, loss0) <= 1e-5
     assert_grads_close(grads1, grads0, 1e-4)
-    assert counts["shared_input_linears"] == LAYERS and counts["qk_norm_rope"] == 2 * LAYERS
+    assert counts["shared_input_linears"] == 0 and counts["qk_norm_rope"] == 2 * LAYERS

@@ -29,11 +29,9 @@ WITHOUT = [hook for hook in HOOKS if hook != "residual_norm"]
 
 
 @pytest.fixture(autouse=True)
-def _patched(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TURBOMOE_RESIDUAL_NORM", "1")  # opt-in until measured on a GPU
+def _patched() -> None:
     turbomoe.patch()
     yield
-    monkeypatch.delenv("TURBOMOE_RESIDUAL_NORM")
     turbomoe.patch()
 
 

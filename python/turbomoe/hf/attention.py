@@ -90,9 +90,9 @@ def _unfused_reason(
 def _plain_projections(projections: tuple[nn.Module, ...], hidden: torch.Tensor) -> bool:
     """Whether q/k/v are plain bias-free ``nn.Linear`` layers of the activations' dtype, without
     hooks, outside autocast: then ``ops.shared_input_linears`` computes them (the same forward,
-    the input gradients summed inside the GEMMs), where ``TURBOMOE_QKV_SHARED_GRAD=1`` asks
-    for it (opt-in until an A/B on a GPU measures it)."""
-    if os.environ.get("TURBOMOE_QKV_SHARED_GRAD", "0") != "1":
+    the input gradients summed inside the GEMMs). ``TURBOMOE_QKV_SHARED_GRAD=0`` keeps the three
+    stock calls."""
+    if os.environ.get("TURBOMOE_QKV_SHARED_GRAD", "1") == "0":
         return False
     if torch.is_autocast_enabled(hidden.device.type):
         return False

@@ -51,7 +51,6 @@ from turbomoe.hf.registry import (
     HOOKS,
     MAX_TRANSFORMERS_EXCLUSIVE,
     MIN_TRANSFORMERS,
-    OPT_IN_HOOKS,
     Family,
 )
 from turbomoe.hf.rope import make_rope
@@ -328,31 +327,20 @@ def skipped_hooks() -> set[str]:
     return names
 
 
-def default_hooks() -> set[str]:
-    """The hooks a :func:`patch` without ``hooks`` applies: every hook of the table, less the
-    opt-in ones whose variable is not 1 and those named in ``TURBOMOE_SKIP_HOOKS``."""
-    for hook, variable in OPT_IN_HOOKS.items():
-        value = os.environ.get(variable, "0")
-        if value not in ("0", "1"):
-            raise ValueError(f"{variable}={value!r} must be 0 or 1 (the {hook} hook)")
-    opted_out = {h for h, v in OPT_IN_HOOKS.items() if os.environ.get(v, "0") != "1"}
-    return set(HOOKS) - opted_out - skipped_hooks()
-
-
 # ----------------------------------------------------------------------------- public
 
 
 def patch(
     families: Iterable[str] | None = None, hooks: Iterable[str] | None = None
 ) -> dict[str, tuple[str, ...]]:
-    """Applies turbomoe's patches (all families and hooks of the table by default, less the
-    opt-in hooks not asked for and those named in ``TURBOMOE_SKIP_HOOKS``: :func:`default_hooks`).
+    """Applies turbomoe's patches (all families and hooks of the table by default, less those
+    named in ``TURBOMOE_SKIP_HOOKS``).
 
     Calling it again first reverts the previous patches, so the arguments of the last call are
     what is in force. Returns :func:`patched_families`.
     """
     wanted_families = set(FAMILIES) if families is None else set(families)
-    wanted_hooks = default_hooks() if hooks is None else set(hooks)
+    wanted_hooks = set(HOOKS) - skipped_hooks() if hooks is None else set(hooks)
     unknown = (wanted_families - set(FAMILIES)) | (wanted_hooks - set(HOOKS))
     if unknown:
         raise ValueError(

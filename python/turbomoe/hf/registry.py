@@ -21,7 +21,7 @@ Hooks:
   (``hf/attention.py``).
 - ``residual_norm``: the decoder layer's ``forward`` folds the residual adds into its two
   RMSNorms (``turbomoe.ops.rms_norm_keep_input`` / ``add_rms_norm``, ``hf/decoder_layer.py``);
-  only together with the rmsnorm hook; opt-in (``TURBOMOE_RESIDUAL_NORM=1``) until measured.
+  only together with the rmsnorm hook.
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ HOOKS: tuple[str, ...] = (
     "qk_norm_rope",
     "residual_norm",
 )
-
-# Hooks left out of a default patch until an end-to-end A/B on a GPU shows them at least as
-# fast as without (docs/perf-notes.md); the environment variable set to 1 adds each. An explicit
-# ``patch(hooks=[...])`` applies whatever it names.
-OPT_IN_HOOKS: dict[str, str] = {"residual_norm": "TURBOMOE_RESIDUAL_NORM"}
 
 # The turbomoe op each hook calls; a hook whose op is missing from turbomoe.ops is skipped.
 HOOK_OPS: dict[str, str] = {
