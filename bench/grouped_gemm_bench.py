@@ -30,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -40,6 +41,22 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"gate_up": (2048, 1536), "down": (768, 2048)}  # name -> (K, N)
+
+
+def parse_shape(name: str) -> tuple[int, int]:
+    """(K, N) of a named shape, or of "KxN" (e.g. 4096x1536: a sweep over K at a fixed N keeps
+    the tile count fixed, which separates a per-tile cost from the main loop's rate)."""
+    if name in SHAPES:
+        return SHAPES[name]
+    match = re.fullmatch(r"(\d+)x(\d+)", name)
+    if match is None:
+        raise SystemExit(f"--shapes: {name!r} is neither {', '.join(SHAPES)} nor KxN")
+    k, n = int(match.group(1)), int(match.group(2))
+    if k % 8 or n % 8 or k <= 0 or n <= 0:
+        raise SystemExit(f"--shapes: {name!r}: K and N must be positive multiples of 8")
+    return k, n
+
+
 PASSES = ("fwd", "dx", "dw", "fwd_gather", "dw_gather", "dx_gather", "dw_gather_dy")
 # The passes with a gathered operand: x's rows from the token rows (fwd_gather, dw_gather), or
 # dy's rows from a per-token gradient (dx_gather, dw_gather_dy: the lean experts' down projection).
@@ -77,6 +94,13 @@ VARIANTS = {
         "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS": "1",
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "split",
     },
+    # forward / grad-input in the ping-pong kernel (each consumer warpgroup its own 64-row tile):
+    # split epilogue, 4 stages; quarter epilogue, 5 stages
+    "pingpong": {"TURBOMOE_HOPPER_GEMM_PINGPONG": "1", "TURBOMOE_HOPPER_GEMM_EPILOGUE": "split"},
+    "pingpong_quarter": {
+        "TURBOMOE_HOPPER_GEMM_PINGPONG": "1",
+        "TURBOMOE_HOPPER_GEMM_EPILOGUE": "quarter",
+    },
     # fwd_gather the unfused way: tm_gather_rows into a permuted copy, then the forward
     "gather_composed": {"TURBOMOE_BENCH_GATHER": "composed"},
     "v1": {
@@ -96,6 +120,7 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_CLUSTER_DW",
     "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS",
     "TURBOMOE_HOPPER_GEMM_PACE_ZEROS",
+    "TURBOMOE_HOPPER_GEMM_PINGPONG",
     "TURBOMOE_BENCH_GATHER",
 )
 
@@ -657,7 +682,9 @@ def main() -> int:
     ap.add_argument("--impl", choices=("hopper", "native", "none"), default="hopper")
     ap.add_argument("--lib", default=None, help="library for --impl hopper/native")
     ap.add_argument("--rows", default="8192,32768,131072")
-    ap.add_argument("--shapes", default="gate_up,down")
+    ap.add_argument(
+        "--shapes", default="gate_up,down", help="of gate_up, down, or KxN (e.g. 4096x1536)"
+    )
     ap.add_argument("--routing", default="balanced,skewed")
     ap.add_argument(
         "--passes",
@@ -710,7 +737,7 @@ def main() -> int:
     dw_dtype = torch.float32 if args.dw_dtype == "fp32" else torch.bfloat16
     table = []
     for shape_name in args.shapes.split(","):
-        K, N = SHAPES[shape_name]
+        K, N = parse_shape(shape_name)
         for rows in (int(r) for r in args.rows.split(",")):
             for routing in args.routing.split(","):
                 counts = make_counts(rows, args.experts, routing, cpu_gen)

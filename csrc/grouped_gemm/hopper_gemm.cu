@@ -13,6 +13,7 @@
 #include "grouped_gemm/grouped_gemm.h"
 #include "grouped_gemm/hopper_gemm.h"
 #include "grouped_gemm/hopper_gemm_kernel.cuh"
+#include "grouped_gemm/hopper_gemm_pingpong.cuh"
 
 namespace turbomoe {
 namespace {
@@ -182,6 +183,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_DW = 0 (default) | 1 (grad-weight in 2-CTA clusters)
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS = 0 (default) | 1 (forward, grad-input in 2-CTA clusters)
 //   TURBOMOE_HOPPER_GEMM_PACE_ZEROS = 1 (default) | 0 (grad-weight's zero tiles all at the start)
+//   TURBOMOE_HOPPER_GEMM_PINGPONG = 0 (default) | 1 (forward, grad-input: the ping-pong kernel)
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
@@ -449,6 +451,40 @@ bool launch_row_pairs(const tm_tensor& a, const tm_tensor& w, const CUtensorMap&
   return true;
 }
 
+// The ping-pong kernel for a row pass (opt-in until measured faster:
+// TURBOMOE_HOPPER_GEMM_PINGPONG=1): bf16 outputs that TMA can store, through the quarter epilogue
+// (5 stages) when that is the one chosen, else the split one (4 stages).
+bool pingpong_wanted(int32_t out_dtype, bool tma_out) {
+  return env_is("TURBOMOE_HOPPER_GEMM_PINGPONG", "1") && out_dtype == TM_DTYPE_BFLOAT16 && tma_out;
+}
+
+template <Pass P, int kEpi>
+void launch_pingpong(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out,
+                     const Params& p, int grid, int device, cudaStream_t stream) {
+  auto kernel = hopper_gemm::pingpong_row_kernel<P, kEpi>;
+  const int smem = hopper_gemm::PingPongLayout<kEpi>::smem_bytes(p.num_experts);
+  static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
+  ensure_smem_limit(kernel, smem,
+                    device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
+  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
+  cuda::check_launch("hopper pingpong_row_kernel");
+}
+
+// A row pass through the ping-pong kernel: A as 64-row boxes (one tile's rows), B as the
+// cooperative kernel reads it.
+template <Pass P>
+void run_pingpong(const tm_tensor& a, const tm_tensor& w, const CUtensorMap& map_out, Params p,
+                  int epilogue, int sm_count, int device, cudaStream_t stream) {
+  const CUtensorMap map_a = matrix_map(a, hopper_gemm::kPingRows);
+  const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
+  const int grid = hopper_gemm::pingpong_grid(p.m, p.num_experts, p.out_cols, sm_count);
+  if (epilogue == hopper_gemm::kEpiTmaQuarter) {
+    launch_pingpong<P, hopper_gemm::kEpiTmaQuarter>(map_a, map_b, map_out, p, grid, device, stream);
+  } else {
+    launch_pingpong<P, hopper_gemm::kEpiTmaSplit>(map_a, map_b, map_out, p, grid, device, stream);
+  }
+}
+
 // The token gather of a row pass: A's row r is src[sorted_pairs[r] / top_k] (null: no gather).
 struct RowGather {
   const tm_tensor* sorted_pairs = nullptr;
@@ -509,8 +545,12 @@ bool run_row_pass(const tm_tensor& a, const RowGather& gather, const tm_tensor& 
     // map_b stands in for the A map, which the gathered kernel does not read.
     launch_gathered<P, hopper_gemm::kGatherA>(out.dtype, map_b, map_b, tma_out ? &map_out : nullptr,
                                               p, grid, a.device_index, s);
-  } else if (const int epilogue = chosen_epilogue<P>(p.num_experts);
-             !(row_pairs_wanted(out.dtype, tma_out, epilogue) &&
+    return true;
+  }
+  const int epilogue = chosen_epilogue<P>(p.num_experts);
+  if (pingpong_wanted(out.dtype, tma_out)) {
+    run_pingpong<P>(a, w, map_out, p, epilogue, sm_count, a.device_index, s);
+  } else if (!(row_pairs_wanted(out.dtype, tma_out, epilogue) &&
                launch_row_pairs<P>(a, w, map_out, p, epilogue == hopper_gemm::kEpiTmaSplit,
                                    sm_count, a.device_index, s))) {
     const CUtensorMap map_a = matrix_map(a, hopper_gemm::kBlockM);

@@ -33,27 +33,6 @@
 
 namespace turbomoe::hopper_gemm {
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-// The first `kSteps` 16-deep WGMMAs of a stage as one commit group, behind their own fence (with
-// the fence and commit outside the branch that picks kSteps, ptxas injects fences on every
-// path). The first scales the accumulators by first_scale (0: overwrite), the others add.
-template <int kSteps, bool kTransA, bool kTransB, uint32_t kStepA, uint32_t kStepB, uint32_t kLboA,
-          uint32_t kLboB>
-__device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, uint32_t b_base,
-                                            int first_scale) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kSteps; ++kk) {
-    const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
-    const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
-    wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db, kk > 0 ? 1 : first_scale);
-  }
-  wgmma_commit();
-}
-
-#endif  // sm_90a device code
-
 // TMA epilogues (bf16 outputs only): a consumer writes its accumulators into a swizzled staging
 // buffer and one thread hands it to TMA bulk stores, which drain while the consumer already runs
 // the next tile's WGMMAs. Otherwise, and for the 64-row halves that straddle an expert's end
@@ -174,29 +153,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       total_tiles = num_experts * per_expert / kCluster;
     }
   } else {
-    // tile_begin[e] = tiles of experts before e (m-blocks x n-blocks each): a warp-wide scan.
-    if (tid < 32) {
-      const int n_blocks = ceil_div(p.out_cols, tile_cols<P>());
-      int carry = 0;
-      for (int first = 0; first <= num_experts; first += 32) {
-        const int e = first + lane;
-        int v = 0;
-        if (e <= num_experts) {
-          const int rows = row_begin[e + 1] - row_begin[e];
-          v = rows > 0 ? ceil_div(rows, kBlockM) * n_blocks : 0;
-        }
-#pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int up = __shfl_up_sync(0xffffffffu, v, d);
-          if (lane >= d) v += up;
-        }
-        if (e <= num_experts) tile_begin[e + 1] = carry + v;
-        carry += __shfl_sync(0xffffffffu, v, 31);
-      }
-      if (lane == 0) tile_begin[0] = 0;
-    }
-    __syncthreads();
-    total_tiles = tile_begin[num_experts + 1];
+    total_tiles = scan_row_tiles<kBlockM>(tile_begin, row_begin, num_experts, p.out_cols,
+                                          tile_cols<P>(), tid);
   }
   // What the CTAs (clusters) walk: tiles, or pairs of tiles (kRowPairs).
   const int total_units = kRowPairs ? (total_tiles + 1) / 2 : total_tiles;

@@ -45,11 +45,45 @@ __device__ __forceinline__ int upper_index(const int32_t* table, int hi, int t) 
   return lo;
 }
 
+// Row passes: tile_begin[e] = the tiles of experts before e (row blocks of kRows rows x column
+// blocks of `tile_cols` columns each), for e in [0, E + 1], where entry E is the virtual expert
+// of the unrouted rows [offsets[E], M); returns the total. A warp-wide scan by warp 0 (the other
+// threads pass through), then a block barrier: every thread of the CTA must call it.
+template <int kRows>
+__device__ __forceinline__ int scan_row_tiles(int32_t* tile_begin, const int32_t* row_begin,
+                                              int num_experts, int out_cols, int tile_cols,
+                                              int tid) {
+  if (tid < 32) {
+    const int lane = tid;
+    const int n_blocks = ceil_div(out_cols, tile_cols);
+    int carry = 0;
+    for (int first = 0; first <= num_experts; first += 32) {
+      const int e = first + lane;
+      int v = 0;
+      if (e <= num_experts) {
+        const int rows = row_begin[e + 1] - row_begin[e];
+        v = rows > 0 ? ceil_div(rows, kRows) * n_blocks : 0;
+      }
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int up = __shfl_up_sync(0xffffffffu, v, d);
+        if (lane >= d) v += up;
+      }
+      if (e <= num_experts) tile_begin[e + 1] = carry + v;
+      carry += __shfl_sync(0xffffffffu, v, 31);
+    }
+    if (lane == 0) tile_begin[0] = 0;
+  }
+  __syncthreads();
+  return tile_begin[num_experts + 1];
+}
+
 // Grad-weight tile t walks the experts in `order` (tile_begin's space; see the kernel); the
-// other passes walk tile_begin's prefix sums. In a grad-weight cluster, tile t is kCluster
-// vertically adjacent output tiles (the same x columns and rows, so the same B operand), and
-// `rank` picks this CTA's.
-template <Pass P, int kCluster>
+// other passes walk tile_begin's prefix sums, of row blocks of kRows rows (kBlockM: the
+// cooperative tile; 64: one warpgroup's tile in the ping-pong kernel). In a grad-weight cluster,
+// tile t is kCluster vertically adjacent output tiles (the same x columns and rows, so the same
+// B operand), and `rank` picks this CTA's.
+template <Pass P, int kCluster, int kRows = kBlockM>
 __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_t* tile_begin,
                                             const int32_t* row_begin, int rank) {
   Tile tile{};
@@ -69,10 +103,10 @@ __device__ __forceinline__ Tile decode_tile(int t, const Params& p, const int32_
   } else {
     // Entry num_experts is the virtual expert owning rows [offsets[E], M): written as zeros.
     const int e = upper_index(tile_begin, num_experts, t);
-    const int m_blocks = ceil_div(row_begin[e + 1] - row_begin[e], kBlockM);
+    const int m_blocks = ceil_div(row_begin[e + 1] - row_begin[e], kRows);
     const RowTile rt = row_tile(t - tile_begin[e], m_blocks, kCluster > 1);
     tile.expert = e;
-    tile.row0 = row_begin[e] + rt.m_block * kBlockM;
+    tile.row0 = row_begin[e] + rt.m_block * kRows;
     tile.row_end = row_begin[e + 1];
     tile.out_row0 = 0;
     tile.col0 = rt.n_block * tile_cols<P>();

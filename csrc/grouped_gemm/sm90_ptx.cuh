@@ -252,6 +252,23 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
       : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TransA), "n"(TransB));
 }
 
+// The first `kSteps` 16-deep WGMMAs of a stage as one commit group, behind their own fence (with
+// the fence and commit outside the branch that picks kSteps, ptxas injects fences on every
+// path). The first scales the accumulators by first_scale (0: overwrite), the others add.
+template <int kSteps, bool kTransA, bool kTransB, uint32_t kStepA, uint32_t kStepB, uint32_t kLboA,
+          uint32_t kLboB>
+__device__ __forceinline__ void issue_steps(float (&acc)[128], uint32_t a_base, uint32_t b_base,
+                                            int first_scale) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    const uint64_t da = make_desc(a_base + kk * kStepA, kLboA, 1024);
+    const uint64_t db = make_desc(b_base + kk * kStepB, kLboB, 1024);
+    wgmma_m64n256k16<kTransA ? 1 : 0, kTransB ? 1 : 0>(acc, da, db, kk > 0 ? 1 : first_scale);
+  }
+  wgmma_commit();
+}
+
 #endif  // sm_90a device code
 
 }  // namespace turbomoe::hopper_gemm

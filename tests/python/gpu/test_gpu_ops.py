@@ -411,7 +411,15 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int, epi
     assert torch.equal(results["0"], results["1"]), f"seed {seed}: clusters differ"
 
 
-@pytest.mark.parametrize("epilogue", ["tma", "split"])
+@pytest.mark.parametrize(
+    ("switch", "epilogue"),
+    [
+        ("TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS", "tma"),
+        ("TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS", "split"),
+        ("TURBOMOE_HOPPER_GEMM_PINGPONG", "split"),
+        ("TURBOMOE_HOPPER_GEMM_PINGPONG", "quarter"),
+    ],
+)
 @pytest.mark.parametrize("pass_name", ["forward", "grad_input"])
 @pytest.mark.parametrize(
     ("experts", "rows", "n", "k"),
@@ -419,14 +427,15 @@ def test_grouped_gemm_grad_weight_clusters_equal_single_ctas(n: int, k: int, epi
     # counts), then a small odd case with few tiles (a lone last tile, experts of one row)
     [(128, 8192, 1536, 2048), (128, 8192, 2048, 768), (7, 300, 136, 200)],
 )
-def test_grouped_gemm_row_pairs_equal_single_ctas(
-    experts: int, rows: int, n: int, k: int, pass_name: str, epilogue: str
+def test_grouped_gemm_row_kernels_equal_cooperative(
+    experts: int, rows: int, n: int, k: int, pass_name: str, switch: str, epilogue: str
 ) -> None:
     """The forward and grad-input in 2-CTA clusters (TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS=1: a
-    cluster takes two consecutive tiles and each CTA loads half of the operand they share) run
-    the same WGMMAs a tile as one CTA a tile, so the output must be bitwise the same, under
-    skewed routing with unrouted rows past offsets[E] (written as zeros); and it must match a
-    float32 reference."""
+    cluster takes two consecutive tiles and each CTA loads half of the operand they share) and
+    in the ping-pong kernel (TURBOMOE_HOPPER_GEMM_PINGPONG=1: each consumer warpgroup its own
+    64-row tile) run the same WGMMAs for each 64-row group of outputs as the cooperative kernel,
+    one CTA a tile, so the output must be bitwise the same, under skewed routing with unrouted
+    rows past offsets[E] (written as zeros); and it must match a float32 reference."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     offsets = skewed_offsets(experts, rows, gen)
@@ -441,18 +450,18 @@ def test_grouped_gemm_row_pairs_equal_single_ctas(
     )
     a_c, w_c, off_c = a.to(CUDA), w.to(CUDA), offsets.to(CUDA)
     results = {}
-    for clusters in ("0", "1"):
-        os.environ["TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS"] = clusters
+    for on in ("0", "1"):
+        os.environ[switch] = on
         os.environ["TURBOMOE_HOPPER_GEMM_EPILOGUE"] = epilogue
         try:
             poison()
-            results[clusters] = op(a_c, w_c, off_c).cpu()
+            results[on] = op(a_c, w_c, off_c).cpu()
         finally:
-            os.environ.pop("TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS", None)
+            os.environ.pop(switch, None)
             os.environ.pop("TURBOMOE_HOPPER_GEMM_EPILOGUE", None)
     got = results["1"]
     assert torch.isfinite(got).all(), f"seed {seed}: unwritten output"
-    assert torch.equal(results["0"], got), f"seed {seed}: clusters differ from one CTA a tile"
+    assert torch.equal(results["0"], got), f"seed {seed}: {switch} differs from one CTA a tile"
     bounds = offsets.tolist()
     parts = []
     for e in range(experts):
