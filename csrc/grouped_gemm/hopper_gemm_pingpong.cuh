@@ -6,12 +6,16 @@
 // A tile is one warpgroup's: 64 rows x 256 columns (one m64n256 accumulator, the cooperative
 // tile's half). The CTA's tiles, blockIdx.x, + gridDim.x, ..., go to its consumers by turns (even
 // ones to consumer 0, odd ones to consumer 1), and the producer loads their stages in that order
-// into one ring (A: one 64-row box, B as in the cooperative kernel). The ring itself sets the
-// turns: a consumer's first stage lands only once the other's tile is within a ring's depth of
-// its end, so the two overlap by at most a few stages, and each one's epilogue runs while the
-// other has the tensor cores to itself. No WGMMA changes: each 64-row group of outputs sees the
-// same instructions in the same order as in the cooperative kernel (whose tiles start at the same
-// multiples of 64 rows from each expert's start), so the outputs are bitwise the same.
+// into one ring (A: one 64-row box, B as in the cooperative kernel). A consumer starts a tile's
+// main loop only once the other has waited for the last stage of its previous tile (a turn
+// mbarrier each): so each one's epilogue runs while the other has the tensor cores to itself,
+// and no consumer waits on a stage's full barrier more than one phase ahead of it (a parity
+// wait cannot tell phase n from phase n + 2: without the turns, consumer 1 waited for its first
+// stage while the ring still held consumer 0's first ones, passed on their parity and read
+// them, which broke the kernel on its first GPU run). No WGMMA changes: each 64-row group of
+// outputs sees the same instructions in the same order as in the cooperative kernel (whose tiles
+// start at the same multiples of 64 rows from each expert's start), so the outputs are bitwise the
+// same.
 //
 // Operand bytes from L2 per FLOP rise by 5/3 against the cooperative tile (40 KiB a stage for
 // 2.1 MFLOP instead of 48 KiB for 4.2): docs/perf-notes.md weighs that against the epilogue.
@@ -48,7 +52,8 @@ struct PingPongLayout {
   static constexpr int kStages = (kSmemLimit - kFixedBytes) / kStageBytes;
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kBarOffset = kEpiOffset + kEpiBytes;
-  static constexpr int kSchedOffset = kBarOffset + 2 * kStages * 8;
+  // Full and empty barriers a stage, then one turn barrier a consumer.
+  static constexpr int kSchedOffset = kBarOffset + (2 * kStages + kConsumers) * 8;
   static constexpr int smem_bytes(int num_experts) {
     return kSchedOffset + 2 * (num_experts + 2) * 4 + 1024;  // + alignment slack
   }
@@ -84,6 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = smem_raw + (base - raw_addr);
   const uint32_t full_bar = base + L::kBarOffset;
   const uint32_t empty_bar = full_bar + 8 * kStages;
+  const uint32_t turn_bar = empty_bar + 8 * kStages;
   int32_t* tile_begin = reinterpret_cast<int32_t*>(smem + L::kSchedOffset);
   int32_t* row_begin = tile_begin + (p.num_experts + 2);
 
@@ -100,6 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full_bar + 8 * s, 1);
       mbar_init(empty_bar + 8 * s, 4);  // one arrival per warp of the consumer that used it
     }
+    for (int c = 0; c < kConsumers; ++c) mbar_init(turn_bar + 8 * c, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     prefetch_tensor_map(&map_a);
     prefetch_tensor_map(&map_b);
@@ -148,12 +155,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[128];
   uint32_t packed[64];
   uint32_t it = 0;  // stages of the CTA's tiles so far, both consumers'
+  uint32_t turns_waited = 0;
   int turn = 0;
   for (int t = cta; t < total_tiles; t += grid, ++turn) {
     const Tile tile = decode_tile<P, 1, kPingRows>(t, p, tile_begin, row_begin, 0);
     if ((turn & 1) != consumer) {
       it += static_cast<uint32_t>(tile.k_iters);  // the other consumer's stages
       continue;
+    }
+    // The other consumer has waited for every stage before this tile's (turn 0 has none before).
+    if (turn > 0) {
+      mbar_wait(turn_bar + 8 * consumer, turns_waited & 1u);
+      ++turns_waited;
     }
     if (tile.k_iters == 0) {
 #pragma unroll
@@ -172,6 +185,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (k > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
       prev_stage = s;
     }
+    // This tile's stages have all landed: the other consumer's turn (its WGMMAs may start while
+    // ours drain).
+    if (wg_tid == 0) mbar_arrive(turn_bar + 8 * (1 - consumer));
     wgmma_wait<0>();
     fence_acc(acc);
     if (tile.k_iters > 0 && lane == 0) mbar_arrive(empty_bar + 8 * prev_stage);
