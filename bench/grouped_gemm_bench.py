@@ -101,6 +101,10 @@ VARIANTS = {
         "TURBOMOE_HOPPER_GEMM_PINGPONG": "1",
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "quarter",
     },
+    # forward / grad-input: the producer fetches the boxes of the stage N ahead into L2
+    "prefetch2": {"TURBOMOE_HOPPER_GEMM_PREFETCH": "2"},
+    "prefetch4": {"TURBOMOE_HOPPER_GEMM_PREFETCH": "4"},
+    "prefetch8": {"TURBOMOE_HOPPER_GEMM_PREFETCH": "8"},
     # fwd_gather the unfused way: tm_gather_rows into a permuted copy, then the forward
     "gather_composed": {"TURBOMOE_BENCH_GATHER": "composed"},
     "v1": {
@@ -121,6 +125,7 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS",
     "TURBOMOE_HOPPER_GEMM_PACE_ZEROS",
     "TURBOMOE_HOPPER_GEMM_PINGPONG",
+    "TURBOMOE_HOPPER_GEMM_PREFETCH",
     "TURBOMOE_BENCH_GATHER",
 )
 

@@ -184,6 +184,8 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS = 0 (default) | 1 (forward, grad-input in 2-CTA clusters)
 //   TURBOMOE_HOPPER_GEMM_PACE_ZEROS = 1 (default) | 0 (grad-weight's zero tiles all at the start)
 //   TURBOMOE_HOPPER_GEMM_PINGPONG = 0 (default) | 1 (forward, grad-input: the ping-pong kernel)
+//   TURBOMOE_HOPPER_GEMM_PREFETCH = 0 (default) .. 16 (forward, grad-input: stages fetched into
+//                                   L2 ahead of their loads)
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
@@ -266,11 +268,27 @@ int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int devic
   return static_cast<int>(n) * kCluster;
 }
 
+// TURBOMOE_HOPPER_GEMM_PREFETCH = 0 (default) .. 16: stages the row passes' producer fetches into
+// L2 ahead of its loads (opt-in until measured faster). Anything else is an error, not a guess.
+int prefetch_stages() {
+  const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_PREFETCH");
+  if (v == nullptr || v[0] == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || n < 0 || n > 16) {
+    fail(TM_ERR_INVALID_ARGUMENT,
+         std::string("TURBOMOE_HOPPER_GEMM_PREFETCH must be an integer in [0, 16], got '") + v +
+             "'");
+  }
+  return static_cast<int>(n);
+}
+
 void apply_variant_switches(Params* p) {
   p->skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
   p->trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
   p->balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
   p->pace_zero_tiles = env_is("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", "0") ? 0 : 1;
+  p->prefetch_stages = prefetch_stages();
 }
 
 // Whether TURBOMOE_HOPPER_GEMM_EPILOGUE is unset or "tma": the gathered kernels (launch_gathered)

@@ -250,6 +250,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     } else if (tid == 0) {
       uint32_t it = 0;
+      // Row passes, one CTA a tile: stages fetched into L2 prefetch_stages ahead of their loads.
+      constexpr bool kCanPrefetch = (P == Pass::kForward || P == Pass::kGradInput) && kCluster == 1;
+      PrefetchCursor<P> ahead;
+      const bool prefetch = kCanPrefetch && p.prefetch_stages > 0;
+      if constexpr (kCanPrefetch) {
+        for (int j = 0; prefetch && j < p.prefetch_stages; ++j) {
+          ahead.step(&map_a, &map_b, p, tile_begin, row_begin, total_units);
+        }
+      }
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_units) break;
@@ -284,6 +293,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_expect_tx(bar, stage_bytes);
           load_a<P>(&map_a, tile, k, na, a_dst, bar);
           load_b<P, kCluster>(&map_b, tile, k, nb, a_dst + kTileABytes, bar, p, rank);
+          if constexpr (kCanPrefetch) {
+            if (prefetch) ahead.step(&map_a, &map_b, p, tile_begin, row_begin, total_units);
+          }
           if (paced) stages_loaded = static_cast<int>(it) + 1;
         }
       }

@@ -105,6 +105,9 @@ struct Params {
   // Grad-weight with a zero box: the zero tiles spread over the pass in step with the operand
   // loads (a share of them per stage loaded) instead of all stored at its start.
   int32_t pace_zero_tiles;
+  // Forward / grad-input, one CTA a tile, no gather: the producer fetches the boxes of the stage
+  // this many stages ahead of the one it loads into L2 (0: none), across tile boundaries.
+  int32_t prefetch_stages;
   // Forward + SwiGLU: out is gate_up [M, 2I] (the gate columns, then the up columns, as w's
   // rows), out2 the activation [M, I]; out_cols = gate_rows = I.
   void* out2;
