@@ -12,7 +12,8 @@
 # exit status is recorded and a failing stage does not stop the later ones (except that nothing
 # runs without a library); the summary table is printed last, and the script exits non-zero if
 # any stage failed. The logs end up in one logs.tar.gz (the device tool brings back at most 8
-# files): what comes back is logs.tar.gz, gpu_pytest.xml, bench.json/.png/.txt and profile.md.
+# files): what comes back is logs.tar.gz, gpu_pytest.xml, bench.json/.png/.txt, profile.md and
+# summary.txt (the summary table).
 #
 # The whole suite on one GPU takes more than one 10-minute device call (pytest ~450 s since
 # the fifteenth session's tests, sanitizer ~150 s, bench ~200 s, finetune ~260 s); split it
@@ -483,16 +484,23 @@ done
 # At most 8 files come back from the device: the logs travel as one archive.
 (cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt $(ls optim.json 2>/dev/null) 2>/dev/null &&
   rm -f ./*.log env.txt gemm.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt optim.json)
+# The summary table also goes to $OUT/summary.txt (written after the archive, so that a caller
+# who sent this script's output into $OUT, where the archive step deletes *.log, still has it).
 failed=()
-echo
-echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="
-printf '%-10s %-8s %s\n' stage status detail
 for s in "${ORDER[@]}"; do
-  printf '%-10s %-8s %s\n' "$s" "${STATUS[$s]}" "${DETAIL[$s]}"
   if [ "${STATUS[$s]}" = FAILED ]; then failed+=("$s"); fi
 done
-if [ "${#failed[@]}" -gt 0 ]; then
-  echo "overall: FAILED (${failed[*]}); logs in $OUT"
-  exit 1
-fi
-echo "overall: ok; logs in $OUT"
+{
+  echo
+  echo "=============== turbomoe GPU suite: $(git rev-parse --short HEAD 2>/dev/null || echo '?') ==============="
+  printf '%-10s %-8s %s\n' stage status detail
+  for s in "${ORDER[@]}"; do
+    printf '%-10s %-8s %s\n' "$s" "${STATUS[$s]}" "${DETAIL[$s]}"
+  done
+  if [ "${#failed[@]}" -gt 0 ]; then
+    echo "overall: FAILED (${failed[*]}); logs in $OUT"
+  else
+    echo "overall: ok; logs in $OUT"
+  fi
+} | tee "$OUT/summary.txt"
+[ "${#failed[@]}" -eq 0 ]
