@@ -79,6 +79,8 @@ VARIANTS = {
     # grad-weight: expert order dealt round-robin, zero tiles computed (the schedule before)
     "nobalance": {"TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0"},
     "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
+    # the same through the split epilogue's half-size buffer: 4 stages instead of 3
+    "deferred_split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred_split"},
     # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
     "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
     # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast); through the

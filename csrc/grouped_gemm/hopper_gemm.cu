@@ -173,7 +173,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred | deferred_split
 //                                   (see hopper_gemm_layout.cuh);
 //                                   unset: split for the row passes, quarter for
 //                                   grad-weight (chosen_epilogue)
@@ -314,6 +314,10 @@ int chosen_epilogue(int num_experts) {
   if (std::strcmp(v, "split") == 0) return split;
   if (std::strcmp(v, "quarter") == 0) return hopper_gemm::kEpiTmaQuarter;
   if (std::strcmp(v, "deferred") == 0) return hopper_gemm::kEpiTmaDeferred;
+  if (std::strcmp(v, "deferred_split") == 0) {
+    return num_experts <= hopper_gemm::kMaxExpertsSplit ? hopper_gemm::kEpiTmaDeferredSplit
+                                                        : hopper_gemm::kEpiTmaDeferred;
+  }
   if (std::strcmp(v, "direct") == 0) return hopper_gemm::kEpiDirect;
   return hopper_gemm::kEpiTma;
 }
@@ -341,6 +345,10 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
     case hopper_gemm::kEpiTmaDeferred:
       launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device,
                                                              stream);
+      break;
+    case hopper_gemm::kEpiTmaDeferredSplit:
+      launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferredSplit>(a, b, *out_map, p, grid, device,
+                                                                  stream);
       break;
     default:
       launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);

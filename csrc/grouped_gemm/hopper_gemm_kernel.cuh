@@ -340,10 +340,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
     // 8*(i/4) + 2*(lane%4) + i%2.
     const int frag_row = warp_in_wg * 16 + (lane >> 2);
-    constexpr bool kDefer = kEpi == kEpiTmaDeferred;
+    constexpr bool kDefer = is_deferred(kEpi);
     float acc[128];
     // A finished tile in bf16 pairs (pair 2j + h: fragments 4j + 2h and 4j + 2h + 1), waiting
-    // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred).
+    // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred, kEpiTmaDeferredSplit).
     uint32_t packed[64];
     // Frees stage s for the producer of every CTA that fills it (one lane per warp).
     auto release = [&](uint32_t s) {

@@ -493,9 +493,10 @@ def test_grouped_gemm_prefetch_rejects_bad_values(
 @pytest.mark.parametrize("pass_name", ["forward", "grad_input", "grad_weight"])
 @pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768)])
 def test_grouped_gemm_epilogues_agree_bitwise(n: int, k: int, pass_name: str) -> None:
-    """Every epilogue of the Hopper kernel (whole-box TMA, split, quarter, deferred, direct
-    stores) and the grad-weight's zero tiles paced or not store the same accumulators: the
-    outputs must be bitwise equal, under skewed routing with empty experts and unrouted rows."""
+    """Every epilogue of the Hopper kernel (whole-box TMA, split, quarter, deferred whole or
+    split, direct stores) and the grad-weight's zero tiles paced or not store the same
+    accumulators: the outputs must be bitwise equal, under skewed routing with empty experts and
+    unrouted rows."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     experts = 128
@@ -516,7 +517,9 @@ def test_grouped_gemm_epilogues_agree_bitwise(n: int, k: int, pass_name: str) ->
         return ops.grouped_gemm_backward_weight(dy, x, off, BF16)
 
     # "": the pass's default epilogue (the variable set but empty counts as unset)
-    settings = [(e, "1") for e in ("", "tma", "split", "quarter", "deferred", "direct")]
+    settings = [
+        (e, "1") for e in ("", "tma", "split", "quarter", "deferred", "deferred_split", "direct")
+    ]
     if pass_name == "grad_weight":
         settings += [("tma", "0"), ("quarter", "0")]
     results = {}
