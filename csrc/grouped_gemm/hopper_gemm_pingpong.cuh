@@ -17,8 +17,10 @@
 // start at the same multiples of 64 rows from each expert's start), so the outputs are bitwise the
 // same.
 //
-// Operand bytes from L2 per FLOP rise by 5/3 against the cooperative tile (40 KiB a stage for
-// 2.1 MFLOP instead of 48 KiB for 4.2): docs/perf-notes.md weighs that against the epilogue.
+// Measured slower than the cooperative kernel (H100: 6-14% a pass, eighteenth session): a 40 KiB
+// stage feeds one consumer for 2.1 MFLOP instead of 4.2 for 48 KiB, so the ring covers half the
+// operand latency in time, and the one consumer that computes waits for operands more often
+// than the hidden epilogue saves (docs/perf-notes.md). Opt-in; the base for wider tiles.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap (the type only: the library never links libcuda)
