@@ -24,6 +24,8 @@ ROUTING=${NCU_ROUTING:-model,balanced}
 VARIANTS=${NCU_VARIANTS:-default}
 SHAPES=${NCU_SHAPES:-gate_up}
 ROWS=${NCU_ROWS:-32768}
+# Our kernels (not _grouped_mm's): the cooperative kernel and the ping-pong one.
+KERNELS=${NCU_KERNELS:-regex:grouped_gemm_kernel|pingpong_row_kernel}
 # Launches of our kernel to profile per run: the bench checks each pass once, then times it.
 LAUNCHES=${NCU_LAUNCHES:-6}
 SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats
@@ -37,12 +39,12 @@ for variant in "${variants[@]}"; do
     report="$OUT/ncu_${name}.txt"
     save=()
     if [ "${NCU_SOURCE:-0}" = 1 ]; then save=(-f -o "$OUT/ncu_${name}"); fi
-    timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none -k 'regex:grouped_gemm_kernel' \
+    timeout "${NCU_TIMEOUT:-150}" ncu --clock-control none -k "$KERNELS" \
       -c "$LAUNCHES" "${SECTIONS[@]}" "${save[@]}" --print-summary none \
       python3 bench/grouped_gemm_bench.py --impl native --lib "$LIB" --rows "$ROWS" \
       --shapes "$SHAPES" --routing "$routing" --passes "$PASSES" --reps 1 --warmup 0 \
       --rounds 1 --sets 1 --skip-edge --variants "$variant" >"$report" 2>&1
-    echo "ncu ${variant} ${routing}: rc $? ($(grep -c 'grouped_gemm_kernel' "$report") reports)"
+    echo "ncu ${variant} ${routing}: rc $? ($(grep -cE 'grouped_gemm_kernel|pingpong_row_kernel' "$report") reports)"
     if [ "${NCU_SOURCE:-0}" = 1 ] && [ -f "$OUT/ncu_${name}.ncu-rep" ]; then
       # With -o the sections go to the report file: print them too, then the stall table.
       ncu -i "$OUT/ncu_${name}.ncu-rep" --print-summary none >>"$report" 2>&1
