@@ -165,11 +165,14 @@ CUtensorMap expert_map(const tm_tensor& t, uint32_t box_rows) {
 }
 
 // The persistent grid of a forward-like pass: no more CTAs than the most tiles `cols` output
-// columns can make (every expert's row blocks, one partial block each, plus the unrouted rows).
-int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, int sm_count) {
+// columns can make (every expert's row blocks of `block_rows`, one partial block each, plus the
+// unrouted rows), `tiles_per_cta` at a time (the ping-pong kernel's CTA runs two at once).
+int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, int sm_count,
+                  int block_rows = hopper_gemm::kBlockM, int tiles_per_cta = 1) {
   const int64_t n_blocks = hopper_gemm::ceil_div(static_cast<int>(cols), tile_cols);
-  const int64_t max_tiles = (m / hopper_gemm::kBlockM + num_experts + 1) * n_blocks;
-  return static_cast<int>(max_tiles < sm_count ? max_tiles : sm_count);
+  const int64_t max_tiles = (m / block_rows + num_experts + 1) * n_blocks;
+  const int64_t ctas = (max_tiles + tiles_per_cta - 1) / tiles_per_cta;
+  return static_cast<int>(ctas < sm_count ? ctas : sm_count);
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
@@ -503,7 +506,8 @@ void run_pingpong(const tm_tensor& a, const tm_tensor& w, const CUtensorMap& map
                   int epilogue, int sm_count, int device, cudaStream_t stream) {
   const CUtensorMap map_a = matrix_map(a, hopper_gemm::kPingRows);
   const CUtensorMap map_b = expert_map(w, P == Pass::kForward ? hopper_gemm::kBlockN : 64);
-  const int grid = hopper_gemm::pingpong_grid(p.m, p.num_experts, p.out_cols, sm_count);
+  const int grid = row_pass_grid(p.m, p.num_experts, p.out_cols, hopper_gemm::kBlockN, sm_count,
+                                 hopper_gemm::kPingRows, hopper_gemm::kConsumers);
   if (epilogue == hopper_gemm::kEpiTmaQuarter) {
     launch_pingpong<P, hopper_gemm::kEpiTmaQuarter>(map_a, map_b, map_out, p, grid, device, stream);
   } else {

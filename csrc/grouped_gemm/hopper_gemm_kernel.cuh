@@ -81,9 +81,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       P != Pass::kForwardSwiglu || (sizeof(OutT) == 2 && (kEpi == kEpiTma || kEpi == kEpiDirect)),
       "the SwiGLU forward stores bf16 through the whole-box or the direct epilogue");
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw_addr = smem_addr(smem_raw);
-  const uint32_t base = (raw_addr + 1023u) & ~1023u;
-  uint8_t* smem = smem_raw + (base - raw_addr);
+  const AlignedSmem aligned = aligned_smem(smem_raw);
+  const uint32_t base = aligned.addr;
+  uint8_t* smem = aligned.ptr;
   const uint32_t full_bar = base + L::kBarOffset;
   const uint32_t empty_bar = full_bar + 8 * kStages;
   int32_t* tile_begin = reinterpret_cast<int32_t*>(smem + L::kSchedOffset);
@@ -93,11 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int lane = tid & 31;
   const int num_experts = p.num_experts;
 
-  // Expert row ranges, clamped to [0, M] so that malformed offsets cannot send a store out of
-  // bounds; row_begin[E+1] = M closes the virtual expert of unrouted rows.
-  for (int e = tid; e <= num_experts; e += kThreads) {
-    row_begin[e] = min(max(p.offsets[e], 0), p.m);
-  }
+  fill_row_begin(row_begin, p, tid, kThreads);
   __shared__ int active_experts;  // grad-weight: experts with rows
   // Grad-weight, paced zero tiles: the producer's count of stages loaded, which thread 32 reads.
   __shared__ volatile int stages_loaded;
@@ -112,7 +108,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     active_experts = 0;
     stages_loaded = 0;
-    row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       // Gathered A: thread 0's expect-tx arrival, then one cp.async arrival a producer thread.
       mbar_init(full_bar + 8 * s, kGather != kGatherNone ? 1 + 128 : 1);

@@ -67,15 +67,6 @@ static_assert(PingPongLayout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(PingPongLayout<kEpiTmaSplit>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(PingPongLayout<kEpiTmaQuarter>::smem_bytes(kMaxExperts) <= kSmemLimit);
 
-// The persistent grid of the ping-pong kernel: no more CTAs than pairs of 64-row tiles the pass
-// can make (every expert's row blocks, one partial block each, plus the unrouted rows).
-inline int pingpong_grid(int64_t m, int64_t num_experts, int64_t cols, int sm_count) {
-  const int64_t n_blocks = ceil_div(static_cast<int>(cols), kBlockN);
-  const int64_t max_tiles = (m / kPingRows + num_experts + 1) * n_blocks;
-  const int64_t pairs = (max_tiles + 1) / 2;
-  return static_cast<int>(pairs < sm_count ? pairs : sm_count);
-}
-
 template <Pass P, int kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     pingpong_row_kernel(const __grid_constant__ CUtensorMap map_a,
@@ -86,9 +77,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   using L = PingPongLayout<kEpi>;
   constexpr int kStages = L::kStages;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw_addr = smem_addr(smem_raw);
-  const uint32_t base = (raw_addr + 1023u) & ~1023u;
-  uint8_t* smem = smem_raw + (base - raw_addr);
+  const AlignedSmem aligned = aligned_smem(smem_raw);
+  const uint32_t base = aligned.addr;
+  uint8_t* smem = aligned.ptr;
   const uint32_t full_bar = base + L::kBarOffset;
   const uint32_t empty_bar = full_bar + 8 * kStages;
   const uint32_t turn_bar = empty_bar + 8 * kStages;
@@ -97,13 +88,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int num_experts = p.num_experts;
-  // Expert row ranges clamped to [0, M] (malformed offsets cannot send a store out of bounds);
-  // row_begin[E+1] = M closes the virtual expert of unrouted rows.
-  for (int e = tid; e <= num_experts; e += kThreads) {
-    row_begin[e] = min(max(p.offsets[e], 0), p.m);
-  }
+  fill_row_begin(row_begin, p, tid, kThreads);
   if (tid == 0) {
-    row_begin[num_experts + 1] = p.m;
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_bar + 8 * s, 1);
       mbar_init(empty_bar + 8 * s, 4);  // one arrival per warp of the consumer that used it

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "grouped_gemm/hopper_gemm_layout.cuh"
+#include "grouped_gemm/sm90_ptx.cuh"
 #include "grouped_gemm/tile_schedule.h"
 
 namespace turbomoe::hopper_gemm {
@@ -43,6 +44,29 @@ __device__ __forceinline__ int upper_index(const int32_t* table, int hi, int t) 
     }
   }
   return lo;
+}
+
+// The dynamic shared memory's first 1024-byte aligned byte (the 128-byte swizzle's alignment),
+// as a pointer and as a shared-space address; the kernels' layouts leave 1024 bytes of slack.
+struct AlignedSmem {
+  uint8_t* ptr;
+  uint32_t addr;
+};
+__device__ __forceinline__ AlignedSmem aligned_smem(uint8_t* raw) {
+  const uint32_t raw_addr = smem_addr(raw);
+  const uint32_t addr = (raw_addr + 1023u) & ~1023u;
+  return AlignedSmem{raw + (addr - raw_addr), addr};
+}
+
+// row_begin[0..E+1]: expert e's rows start at row_begin[e], clamped to [0, M] so that malformed
+// offsets cannot send a store out of bounds; row_begin[E+1] = M closes the virtual expert of the
+// unrouted rows. Every thread of the CTA calls it; a block barrier must follow before any read.
+__device__ __forceinline__ void fill_row_begin(int32_t* row_begin, const Params& p, int tid,
+                                               int threads) {
+  for (int e = tid; e <= p.num_experts; e += threads) {
+    row_begin[e] = min(max(p.offsets[e], 0), p.m);
+  }
+  if (tid == 0) row_begin[p.num_experts + 1] = p.m;
 }
 
 // Row passes: tile_begin[e] = the tiles of experts before e (row blocks of kRows rows x column
