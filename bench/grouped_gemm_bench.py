@@ -79,8 +79,6 @@ VARIANTS = {
     # grad-weight: expert order dealt round-robin, zero tiles computed (the schedule before)
     "nobalance": {"TURBOMOE_HOPPER_GEMM_BALANCE_DW": "0"},
     "deferred": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred"},  # stores under next WGMMAs
-    # the same through the split epilogue's half-size buffer: 4 stages instead of 3
-    "deferred_split": {"TURBOMOE_HOPPER_GEMM_EPILOGUE": "deferred_split"},
     # fwd_gated: the SwiGLU epilogue (opt-in; the default is the GEMM, then the activation)
     "gated": {"TURBOMOE_HOPPER_GEMM_SWIGLU": "1"},
     # grad-weight in 2-CTA clusters, x's columns multicast to both (TMA multicast); through the
@@ -103,10 +101,6 @@ VARIANTS = {
         "TURBOMOE_HOPPER_GEMM_PINGPONG": "1",
         "TURBOMOE_HOPPER_GEMM_EPILOGUE": "quarter",
     },
-    # forward / grad-input: the producer fetches the boxes of the stage N ahead into L2
-    "prefetch2": {"TURBOMOE_HOPPER_GEMM_PREFETCH": "2"},
-    "prefetch4": {"TURBOMOE_HOPPER_GEMM_PREFETCH": "4"},
-    "prefetch8": {"TURBOMOE_HOPPER_GEMM_PREFETCH": "8"},
     # fwd_gather the unfused way: tm_gather_rows into a permuted copy, then the forward
     "gather_composed": {"TURBOMOE_BENCH_GATHER": "composed"},
     "v1": {
@@ -127,7 +121,6 @@ VARIANT_KEYS = (
     "TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS",
     "TURBOMOE_HOPPER_GEMM_PACE_ZEROS",
     "TURBOMOE_HOPPER_GEMM_PINGPONG",
-    "TURBOMOE_HOPPER_GEMM_PREFETCH",
     "TURBOMOE_BENCH_GATHER",
 )
 

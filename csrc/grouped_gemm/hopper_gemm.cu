@@ -176,7 +176,7 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 }
 
 // Variant switches for A/B timing (read at every call, so that a benchmark can flip them):
-//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred | deferred_split
+//   TURBOMOE_HOPPER_GEMM_EPILOGUE = tma | split | quarter | direct | deferred
 //                                   (see hopper_gemm_layout.cuh);
 //                                   unset: split for the row passes, quarter for
 //                                   grad-weight (chosen_epilogue)
@@ -187,8 +187,6 @@ int row_pass_grid(int64_t m, int64_t num_experts, int64_t cols, int tile_cols, i
 //   TURBOMOE_HOPPER_GEMM_CLUSTER_ROWS = 0 (default) | 1 (forward, grad-input in 2-CTA clusters)
 //   TURBOMOE_HOPPER_GEMM_PACE_ZEROS = 1 (default) | 0 (grad-weight's zero tiles all at the start)
 //   TURBOMOE_HOPPER_GEMM_PINGPONG = 0 (default) | 1 (forward, grad-input: the ping-pong kernel)
-//   TURBOMOE_HOPPER_GEMM_PREFETCH = 0 (default) .. 16 (forward, grad-input: stages fetched into
-//                                   L2 ahead of their loads)
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;  // no allocation: read at every launch
@@ -271,27 +269,11 @@ int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int devic
   return static_cast<int>(n) * kCluster;
 }
 
-// TURBOMOE_HOPPER_GEMM_PREFETCH = 0 (default) .. 16: stages the row passes' producer fetches into
-// L2 ahead of its loads (opt-in until measured faster). Anything else is an error, not a guess.
-int prefetch_stages() {
-  const char* v = std::getenv("TURBOMOE_HOPPER_GEMM_PREFETCH");
-  if (v == nullptr || v[0] == '\0') return 0;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  if (*end != '\0' || n < 0 || n > 16) {
-    fail(TM_ERR_INVALID_ARGUMENT,
-         std::string("TURBOMOE_HOPPER_GEMM_PREFETCH must be an integer in [0, 16], got '") + v +
-             "'");
-  }
-  return static_cast<int>(n);
-}
-
 void apply_variant_switches(Params* p) {
   p->skip_empty_halves = env_is("TURBOMOE_HOPPER_GEMM_SKIP_HALVES", "0") ? 0 : 1;
   p->trim_tail = env_is("TURBOMOE_HOPPER_GEMM_TRIM_TAIL", "0") ? 0 : 1;
   p->balance_grad_weight = env_is("TURBOMOE_HOPPER_GEMM_BALANCE_DW", "0") ? 0 : 1;
   p->pace_zero_tiles = env_is("TURBOMOE_HOPPER_GEMM_PACE_ZEROS", "0") ? 0 : 1;
-  p->prefetch_stages = prefetch_stages();
 }
 
 // Whether TURBOMOE_HOPPER_GEMM_EPILOGUE is unset or "tma": the gathered kernels (launch_gathered)
@@ -317,10 +299,6 @@ int chosen_epilogue(int num_experts) {
   if (std::strcmp(v, "split") == 0) return split;
   if (std::strcmp(v, "quarter") == 0) return hopper_gemm::kEpiTmaQuarter;
   if (std::strcmp(v, "deferred") == 0) return hopper_gemm::kEpiTmaDeferred;
-  if (std::strcmp(v, "deferred_split") == 0) {
-    return num_experts <= hopper_gemm::kMaxExpertsSplit ? hopper_gemm::kEpiTmaDeferredSplit
-                                                        : hopper_gemm::kEpiTmaDeferred;
-  }
   if (std::strcmp(v, "direct") == 0) return hopper_gemm::kEpiDirect;
   return hopper_gemm::kEpiTma;
 }
@@ -348,10 +326,6 @@ void launch_out(int32_t out_dtype, const CUtensorMap& a, const CUtensorMap& b,
     case hopper_gemm::kEpiTmaDeferred:
       launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferred>(a, b, *out_map, p, grid, device,
                                                              stream);
-      break;
-    case hopper_gemm::kEpiTmaDeferredSplit:
-      launch<P, __nv_bfloat16, hopper_gemm::kEpiTmaDeferredSplit>(a, b, *out_map, p, grid, device,
-                                                                  stream);
       break;
     default:
       launch<P, __nv_bfloat16, hopper_gemm::kEpiTma>(a, b, *out_map, p, grid, device, stream);

@@ -245,15 +245,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     } else if (tid == 0) {
       uint32_t it = 0;
-      // Row passes, one CTA a tile: stages fetched into L2 prefetch_stages ahead of their loads.
-      constexpr bool kCanPrefetch = (P == Pass::kForward || P == Pass::kGradInput) && kCluster == 1;
-      PrefetchCursor<P> ahead;
-      const bool prefetch = kCanPrefetch && p.prefetch_stages > 0;
-      if constexpr (kCanPrefetch) {
-        for (int j = 0; prefetch && j < p.prefetch_stages; ++j) {
-          ahead.step(&map_a, &map_b, p, tile_begin, row_begin, total_units);
-        }
-      }
       for (int i = 0;; ++i) {
         const int t = cta_tile<P, kCluster>(i, p);
         if (t >= total_units) break;
@@ -288,9 +279,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive_expect_tx(bar, stage_bytes);
           load_a<P>(&map_a, tile, k, na, a_dst, bar);
           load_b<P, kCluster>(&map_b, tile, k, nb, a_dst + kTileABytes, bar, p, rank);
-          if constexpr (kCanPrefetch) {
-            if (prefetch) ahead.step(&map_a, &map_b, p, tile_begin, row_begin, total_units);
-          }
           if (paced) stages_loaded = static_cast<int>(it) + 1;
         }
       }
@@ -335,10 +323,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Fragment (i) of m64nNk16 sits at row 16*warp + lane/4 (+8 for odd i/2), column
     // 8*(i/4) + 2*(lane%4) + i%2.
     const int frag_row = warp_in_wg * 16 + (lane >> 2);
-    constexpr bool kDefer = is_deferred(kEpi);
+    constexpr bool kDefer = kEpi == kEpiTmaDeferred;
     float acc[128];
     // A finished tile in bf16 pairs (pair 2j + h: fragments 4j + 2h and 4j + 2h + 1), waiting
-    // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred, kEpiTmaDeferredSplit).
+    // to be stored while the next tile's first WGMMAs run (kEpiTmaDeferred).
     uint32_t packed[64];
     // Frees stage s for the producer of every CTA that fills it (one lane per warp).
     auto release = [&](uint32_t s) {

@@ -35,13 +35,6 @@ inline constexpr int kMaxExpertsSplit = 200;
 // room for 4 stages and the zero box at any expert count: for the grad-weight, whose paced zero
 // tiles need the box and whose operand loads wait on a 3-stage ring.
 inline constexpr int kEpiTmaQuarter = 4;
-// kEpiTmaDeferredSplit: the deferred stores through the split epilogue's half-size buffer (two
-// 128-column pieces), which keeps 4 stages (kEpiTmaDeferred's whole-box buffer leaves 3); like
-// the split one, only where the schedule tables are small (E <= kMaxExpertsSplit).
-inline constexpr int kEpiTmaDeferredSplit = 5;
-__host__ __device__ constexpr bool is_deferred(int epi) {
-  return epi == kEpiTmaDeferred || epi == kEpiTmaDeferredSplit;
-}
 
 // Shared memory: the stages (1024-byte aligned, as the 128-byte swizzle requires), the epilogue
 // staging buffer, one 64 x 64 box of zeros (the source of the grad-weight's zero tiles, where
@@ -49,8 +42,7 @@ __host__ __device__ constexpr bool is_deferred(int epi) {
 template <int kEpi>
 struct Layout {
   static constexpr int kStages = kEpi == kEpiTma || kEpi == kEpiTmaDeferred ? 3 : 4;
-  static constexpr int kEpiPieces =
-      kEpi == kEpiTmaSplit || kEpi == kEpiTmaDeferredSplit ? 2 : (kEpi == kEpiTmaQuarter ? 4 : 1);
+  static constexpr int kEpiPieces = kEpi == kEpiTmaSplit ? 2 : (kEpi == kEpiTmaQuarter ? 4 : 1);
   static constexpr int kEpiOffset = kStages * kStageBytes;
   static constexpr int kEpiBytes = kEpi == kEpiDirect ? 0 : kConsumers * 4 * kBoxBytes / kEpiPieces;
   // The split epilogue's 4 stages leave no room for the zero box; the quarter one's do.
@@ -69,7 +61,6 @@ static_assert(Layout<kEpiTma>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaDeferred>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiDirect>::smem_bytes(kMaxExperts) <= kSmemLimit);
 static_assert(Layout<kEpiTmaSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
-static_assert(Layout<kEpiTmaDeferredSplit>::smem_bytes(kMaxExpertsSplit) <= kSmemLimit);
 static_assert(Layout<kEpiTmaQuarter>::smem_bytes(kMaxExperts) <= kSmemLimit);
 
 enum class Pass : int { kForward = 0, kGradInput = 1, kGradWeight = 2, kForwardSwiglu = 3 };
@@ -114,9 +105,6 @@ struct Params {
   // Grad-weight with a zero box: the zero tiles spread over the pass in step with the operand
   // loads (a share of them per stage loaded) instead of all stored at its start.
   int32_t pace_zero_tiles;
-  // Forward / grad-input, one CTA a tile, no gather: the producer fetches the boxes of the stage
-  // this many stages ahead of the one it loads into L2 (0: none), across tile boundaries.
-  int32_t prefetch_stages;
   // Forward + SwiGLU: out is gate_up [M, 2I] (the gate columns, then the up columns, as w's
   // rows), out2 the activation [M, I]; out_cols = gate_rows = I.
   void* out2;

@@ -90,45 +90,6 @@ __device__ __forceinline__ void load_b(const CUtensorMap* map_b, const Tile& til
   }
 }
 
-// The boxes of stage k of a row-pass tile (forward, grad-input: one CTA a tile) fetched into L2
-// ahead of their loads (Params::prefetch_stages), so that the load finds them there: the ring's
-// few stages cover less operand latency than an L2 miss can take (docs/perf-notes.md).
-template <Pass P>
-__device__ __forceinline__ void prefetch_stage(const CUtensorMap* map_a, const CUtensorMap* map_b,
-                                               const Tile& tile, int k, int nb) {
-  const int kk = k * kBlockK;
-  tma_prefetch_2d(map_a, kk, tile.row0);
-  if constexpr (P == Pass::kForward) {
-    tma_prefetch_3d(map_b, kk, tile.col0, tile.expert);
-  } else {
-    for (int i = 0; i < nb; ++i) tma_prefetch_3d(map_b, tile.col0 + 64 * i, kk, tile.expert);
-  }
-}
-
-// Walks a CTA's row-pass stages (its tiles i = 0, 1, ..., each tile's k = 0 .. k_iters - 1)
-// ahead of the producer's loads, prefetching one stage a step.
-template <Pass P>
-struct PrefetchCursor {
-  int i = -1;  // the CTA's tile being walked
-  int k = 0;
-  Tile tile{};
-  // Prefetches the next stage of the walk, if any is left.
-  __device__ __forceinline__ void step(const CUtensorMap* map_a, const CUtensorMap* map_b,
-                                       const Params& p, const int32_t* tile_begin,
-                                       const int32_t* row_begin, int total_units) {
-    while (k >= tile.k_iters) {
-      if (i >= 0 && cta_tile<P, 1>(i, p) >= total_units) return;  // walked off the end
-      ++i;
-      const int t = cta_tile<P, 1>(i, p);
-      if (t >= total_units) return;
-      tile = decode_tile<P, 1>(t, p, tile_begin, row_begin, 0);
-      k = 0;
-    }
-    prefetch_stage<P>(map_a, map_b, tile, k, b_boxes<P>(tile, p));
-    ++k;
-  }
-};
-
 // One stage of a row pass in 2-CTA clusters (A read as two 64-row boxes, the forward's B as two
 // 128-row boxes, the grad-input's as nb 64-wide boxes): the operand the pair shares only half of
 // its boxes from this CTA, multicast into both, the other whole.

@@ -63,22 +63,6 @@ __device__ __forceinline__ void tma_load_3d(const CUtensorMap* map, uint32_t dst
       : "memory");
 }
 
-// A TMA box fetched from global memory into L2 only (no shared memory, no barrier): a later load
-// of the same box then finds it in L2.
-__device__ __forceinline__ void tma_prefetch_2d(const CUtensorMap* map, int32_t c0, int32_t c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(c0), "r"(c1)
-               : "memory");
-}
-__device__ __forceinline__ void tma_prefetch_3d(const CUtensorMap* map, int32_t c0, int32_t c1,
-                                                int32_t c2) {
-  asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(c0), "r"(c1), "r"(c2)
-               : "memory");
-}
-
 // The same load delivered to the same shared-memory offset, and counted on the same mbarrier,
 // in every CTA of the cluster named by cta_mask.
 __device__ __forceinline__ void tma_load_2d_multicast(const CUtensorMap* map, uint32_t dst,
