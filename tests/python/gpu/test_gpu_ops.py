@@ -29,21 +29,32 @@ F32, BF16 = torch.float32, torch.bfloat16
 NAN_BYTE, BIG_BYTE = 0xFF, 0x7F  # float NaN / bf16 NaN;  int32 0x7F7F7F7F, floats ~3e38
 
 
+def caching_allocator_disabled() -> bool:
+    return os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "") == "1"
+
+
 def poison(byte: int = NAN_BYTE) -> None:
     """Fill free memory of torch's caching allocator with byte, then free it again.
 
     Large requests (> 1 MiB) are carved from one big poisoned segment and small ones from many
-    poisoned 2 MiB small-pool segments, so the next torch.empty returns poisoned memory.
+    poisoned 2 MiB small-pool segments, so the next torch.empty returns poisoned memory. Without
+    the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1: the suite's compute-sanitizer stage)
+    there is no pool to fill, only the freed range the next cudaMalloc is likely to reuse, so the
+    big segment is capped at 1 GiB: with 16 GiB filled before every run the memcheck stage ran
+    out of device memory (nineteenth session) and spent most of its time in the fills.
     """
     free, _total = torch.cuda.mem_get_info()
-    big = torch.empty(min(free // 2, 16 << 30), dtype=torch.uint8, device=CUDA).fill_(byte)
+    cap = 1 << 30 if caching_allocator_disabled() else 16 << 30
+    big = torch.empty(min(free // 2, cap), dtype=torch.uint8, device=CUDA).fill_(byte)
     small = [torch.empty(512 << 10, dtype=torch.uint8, device=CUDA).fill_(byte) for _ in range(128)]
     del big, small
     torch.cuda.synchronize()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    """Relative Frobenius error of a against b, in float64 on the GPU: on the CPU the comparison
+    of one Qwen3 expert-weight gradient (400 M elements) took seconds, a third of such a test."""
+    a, b = a.detach().to(CUDA, torch.float64), b.detach().to(CUDA, torch.float64)
     if not torch.isfinite(a).all():
         return float("inf")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -62,7 +73,7 @@ def run(
     seed: int,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """fn(*args) on device with float tensors in dtype, then the gradients of the inputs listed in
-    diff against fixed random upstream gradients. Returns (outputs, gradients), on the CPU."""
+    diff against fixed random upstream gradients. Returns (outputs, gradients), on device."""
     moved: list[object] = []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
@@ -88,7 +99,7 @@ def run(
             poison()
         inputs = [moved[i] for i in diff]
         grads = list(torch.autograd.grad(float_outs, inputs, upstream, allow_unused=False))
-    return [o.detach().cpu() for o in outs], [g.detach().cpu() for g in grads]
+    return [o.detach() for o in outs], [g.detach() for g in grads]
 
 
 def check(
@@ -106,10 +117,14 @@ def check(
     C++ CPU reference is too slow for a shape (it runs about 1 GFLOP/s; one Qwen3 expert layer
     of 512 tokens is ~120 GFLOP forward and backward), reference names a plain torch version of
     the same math, run on the GPU in float64 instead (bf16 then differs from it by its own
-    rounding, measured at 2e-3 to 5e-3 for these ops).
+    rounding, measured at 2e-3 to 5e-3 for these ops). With such a reference both runs are on
+    the GPU, and so is the rounding of the inputs (seconds on the CPU at those shapes).
     """
+    where = torch.device("cpu") if reference is None else CUDA
     rounded = [
-        a.to(dtype).to(F32) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+        a.to(where).to(dtype).to(F32)
+        if isinstance(a, torch.Tensor) and a.is_floating_point()
+        else a
         for a in args
     ]
     if reference is None:
@@ -124,7 +139,7 @@ def check(
         if r.is_floating_point():
             assert rel(o, r) < tol, f"output {i}: rel {rel(o, r):.3g}"
         else:
-            assert o.dtype == r.dtype and torch.equal(o, r), f"output {i} differs"
+            assert o.dtype == r.dtype and torch.equal(o.cpu(), r.cpu()), f"output {i} differs"
     for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
         assert g.shape == r.shape, f"grad {i}"
         assert rel(g, r) < tol, f"grad of input {diff[i]}: rel {rel(g, r):.3g}"
