@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from turbomoe.bench.flops import active_matmul_params, flops_per_token
 from turbomoe.bench.models import FAMILIES, build_model, qwen3_30b_a3b_config, tiny_config
 from turbomoe.bench.report import compare, git_commit
 from turbomoe.bench.runner import RunResult
+from turbomoe.bench.timing import measure_matmul_peak_tflops
 
 
 def test_flops_qwen3_30b_a3b_hand_count() -> None:
@@ -58,6 +60,27 @@ def test_active_params_match_built_model(family: str) -> None:
         else:
             counted += param.numel()
     assert active_matmul_params(config).total == pytest.approx(counted, rel=1e-12)
+
+
+def test_matmul_peak_is_timed_after_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GEMM peak is measured after warmup_s seconds of the same matmul (a GPU fresh from idle
+    runs its first milliseconds at low clocks, which read 15% under the peak), and every call
+    before the timed ones counts as warm-up, not as a sample."""
+    calls: list[float] = []
+    real_matmul = torch.matmul
+
+    def counting_matmul(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(time.perf_counter())
+        return real_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", counting_matmul)
+    start = time.perf_counter()
+    tflops = measure_matmul_peak_tflops(torch.device("cpu"), torch.float32, 32, 5, warmup_s=0.3)
+    assert tflops > 0
+    assert len(calls) > 5 + 4 and calls[-5] - start >= 0.3  # timing starts after the warm-up
+    calls.clear()
+    measure_matmul_peak_tflops(torch.device("cpu"), torch.float32, 32, 5, warmup_s=0.0)
+    assert len(calls) == 4 + 5  # one round of warm-up, then the timed calls
 
 
 def test_compare_flags_loss_mismatch() -> None:
