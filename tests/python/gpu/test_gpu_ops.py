@@ -12,6 +12,7 @@ and refuses to run them without CUDA).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,17 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 F32, BF16 = torch.float32, torch.bfloat16
 NAN_BYTE, BIG_BYTE = 0xFF, 0x7F  # float NaN / bf16 NaN;  int32 0x7F7F7F7F, floats ~3e38
+
+
+def randn(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """torch.randn(shape, generator=generator) on the CPU; from 16 M values on, drawn on the GPU
+    from a seed taken from generator (the test still replays from its printed seed) and brought
+    back: the CPU generator took seconds for each Qwen3 expert weight (400 M values)."""
+    if math.prod(shape) < 1 << 24:
+        return torch.randn(shape, generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    on_gpu = torch.Generator(device=CUDA).manual_seed(seed)
+    return torch.randn(shape, generator=on_gpu, device=CUDA).cpu()
 
 
 def caching_allocator_disabled() -> bool:
@@ -327,7 +339,7 @@ def test_grouped_gemm(tokens, top_k, experts, n, k, large, transposed, dtype):
     offsets = offsets_with_idle_expert(tokens, top_k, experts, gen)
     x = torch.randn(tokens * top_k, k, generator=gen)
     shape = (experts, k, n) if transposed else (experts, n, k)
-    w = torch.randn(shape, generator=gen) * k**-0.5
+    w = randn(*shape, generator=gen) * k**-0.5
 
     def fn(x_: torch.Tensor, w_: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
         return tops.grouped_gemm(x_, w_.transpose(1, 2) if transposed else w_, off)
@@ -455,7 +467,7 @@ def test_grouped_gemm_row_kernels_equal_cooperative(
     gen = torch.Generator().manual_seed(seed)
     offsets = skewed_offsets(experts, rows, gen)
     total = int(offsets[-1]) + 77  # unrouted rows
-    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
+    w = (randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
     width = k if pass_name == "forward" else n
     a = torch.randn(total, width, generator=gen).to(BF16)
     op = (
@@ -500,7 +512,7 @@ def test_grouped_gemm_epilogues_agree_bitwise(n: int, k: int, pass_name: str) ->
     experts = 128
     offsets = skewed_offsets(experts, 8192, gen)
     total = int(offsets[-1]) + 29
-    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16).to(CUDA)
+    w = (randn(experts, n, k, generator=gen) * k**-0.5).to(BF16).to(CUDA)
     x = torch.randn(total, k, generator=gen).to(BF16).to(CUDA)
     dy = torch.randn(total, n, generator=gen).to(BF16).to(CUDA)
     off = offsets.to(CUDA)
@@ -552,7 +564,7 @@ def gathered_problem(
     ids[ids == 0] = experts
     sorted_pairs, pair_to_row, offsets = tops.permute_plan(ids, experts)
     src = torch.randn(tokens - 1, k, generator=gen).to(BF16)
-    w = (torch.randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
+    w = (randn(experts, n, k, generator=gen) * k**-0.5).to(BF16)
     dy = torch.randn(sorted_pairs.shape[0], n, generator=gen).to(BF16)
     return src, sorted_pairs, pair_to_row, offsets, w, dy
 
@@ -776,7 +788,7 @@ def test_grouped_gemm_gated(
     # the clamped variant's limit of 7 is crossed often. The float64 reference of the large case
     # does not round gate_up before the activation: there an element within a bf16 rounding of
     # the limit gets the other side's gradient, so gate/up stay ~N(0, 1), rarely near 7.
-    w = torch.randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * (1 if large else 3)
+    w = randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * (1 if large else 3)
 
     def fn(x_: torch.Tensor, w_: torch.Tensor, off: torch.Tensor) -> object:
         return tops.grouped_gemm_gated(x_, w_, off, variant, 1.702, 7.0)
@@ -806,7 +818,7 @@ def test_grouped_gemm_gated_epilogue_equals_gemm_then_activation(routing: str) -
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
     rows = int(offsets[-1]) + 77
     x = torch.randn(rows, k, generator=gen).to(BF16).to(CUDA)
-    w = (torch.randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * 3).to(BF16).to(CUDA)
+    w = (randn(experts, 2 * inter, k, generator=gen) * k**-0.5 * 3).to(BF16).to(CUDA)
     off = offsets.to(CUDA)
     op = torch.ops.turbomoe.grouped_gemm_gated
     outs = {}
@@ -877,8 +889,8 @@ def test_moe_experts_qwen3(
     ids[torch.rand(tokens, top_k, generator=gen) < 0.05] = experts
     hidden_states = torch.randn(tokens, hidden, generator=gen)
     weights = torch.rand(tokens, top_k, generator=gen)
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
-    down = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
+    gate_up = randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    down = randn(experts, hidden, inter, generator=gen) * inter**-0.5
 
     def fn(h: torch.Tensor, i: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, d: torch.Tensor):
         return tops.moe_experts(h, i, w, gu, d, recompute=recompute)
@@ -894,9 +906,9 @@ def test_moe_experts_gpt_oss_style(dtype):
     tokens, hidden, inter, experts, top_k = 77, 136, 40, 8, 4
     ids = distinct_ids(tokens, top_k, experts, gen)
     weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1)
-    gate_up = torch.randn(experts, hidden, 2 * inter, generator=gen) * 0.5  # HF's [E, H, 2I]
+    gate_up = randn(experts, hidden, 2 * inter, generator=gen) * 0.5  # HF's [E, H, 2I]
     gate_up_bias = torch.randn(experts, 2 * inter, generator=gen)
-    down = torch.randn(experts, inter, hidden, generator=gen) * inter**-0.5
+    down = randn(experts, inter, hidden, generator=gen) * inter**-0.5
     down_bias = torch.randn(experts, hidden, generator=gen)
     x = torch.randn(tokens, hidden, generator=gen)
 
@@ -940,8 +952,8 @@ def test_moe_experts_routed_pairs(dtype):
     routed = int((ids < experts).sum())
     x = torch.randn(tokens, hidden, generator=gen)
     w = torch.rand(tokens, top_k, generator=gen)
-    gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
-    down = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
+    gate_up = randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    down = randn(experts, hidden, inter, generator=gen) * inter**-0.5
 
     def fn(x_, w_, gu, dn, ids_):
         return tops.moe_experts(x_, ids_, w_, gu, dn, routed_pairs=routed)
