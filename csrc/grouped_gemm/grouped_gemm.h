@@ -50,7 +50,14 @@ void backward_weight_gathered_cuda(const Arg& dy, const Arg& src, const Arg& sor
 void backward_weight_gathered_dy_cuda(const Arg& dy_src, const Arg& x, const Arg& sorted_pairs,
                                       int64_t top_k, const Arg& offsets, const Arg& dw,
                                       void* stream);
+// leave_empty_experts: dw's slices of experts without rows may be left unwritten (where the
+// kernel can skip them) instead of zeroed.
 void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
-                          void* stream);
+                          bool leave_empty_experts, void* stream);
+
+// dw[e] = 0 for every expert e without rows (offsets[e + 1] == offsets[e]); the other slices are
+// not touched. dw [E, ...] with each slice contiguous.
+void zero_empty_experts_cpu(const Arg& offsets, const Arg& dw);
+void zero_empty_experts_cuda(const Arg& offsets, const Arg& dw, void* stream);
 
 }  // namespace turbomoe::grouped_gemm

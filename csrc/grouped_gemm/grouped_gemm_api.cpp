@@ -1,5 +1,6 @@
 // C ABI of the grouped GEMM: validation, then the CPU reference or the CUDA dispatcher.
 #include <atomic>
+#include <limits>
 #include <string>
 
 #include "activation/activation.h"
@@ -97,6 +98,22 @@ void run(const char* op, std::initializer_list<const Arg*> args, const Arg& offs
   } else {
     cuda();
   }
+}
+
+// dw = dy_e^T x_e (tm_grouped_gemm_backward_weight and its _routed twin).
+void backward_weight(const char* op, const tm_tensor* dy, const tm_tensor* x,
+                     const tm_tensor* expert_offsets, tm_tensor* dw, bool leave_empty_experts,
+                     void* stream) {
+  const Arg dya(dy, "dy"), xa(x, "x"), off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
+  check_weight_grad(dya, xa, dwa, off);
+  xa.size_is(0, dya.size(0), "M, the rows of dy");
+  run(
+      op, {&dya, &xa, &off, &dwa}, off, dya.size(0), dwa,
+      [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
+      [&] {
+        TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa,
+                                                                  leave_empty_experts, stream));
+      });
 }
 
 std::atomic<int> g_sm_margin{0};
@@ -236,15 +253,35 @@ tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_tensor* 
                                           const tm_tensor* expert_offsets, tm_tensor* dw,
                                           void* workspace, size_t workspace_bytes, void* stream) {
   return turbomoe::guard(__func__, [&] {
-    const Arg dya(dy, "dy"), xa(x, "x"), off(expert_offsets, "expert_offsets"), dwa(dw, "dw");
-    check_weight_grad(dya, xa, dwa, off);
-    xa.size_is(0, dya.size(0), "M, the rows of dy");
-    run(
-        "tm_grouped_gemm_backward_weight", {&dya, &xa, &off, &dwa}, off, dya.size(0), dwa,
-        [&] { turbomoe::grouped_gemm::backward_weight_cpu(dya, xa, off, dwa); },
-        [&] {
-          TM_CUDA_ONLY(turbomoe::grouped_gemm::backward_weight_cuda(dya, xa, off, dwa, stream));
-        });
+    backward_weight(__func__, dy, x, expert_offsets, dw, /*leave_empty_experts=*/false, stream);
+  });
+}
+
+tm_status tm_grouped_gemm_backward_weight_routed(const tm_tensor* dy, const tm_tensor* x,
+                                                 const tm_tensor* expert_offsets, tm_tensor* dw,
+                                                 void* workspace, size_t workspace_bytes,
+                                                 void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    backward_weight(__func__, dy, x, expert_offsets, dw, /*leave_empty_experts=*/true, stream);
+  });
+}
+
+tm_status tm_zero_empty_experts(const tm_tensor* expert_offsets, tm_tensor* out, void* stream) {
+  return turbomoe::guard(__func__, [&] {
+    const Arg off(expert_offsets, "expert_offsets"), oa(out, "out");
+    oa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3).contiguous();
+    check_offsets(off, oa.size(0), "E + 1, E from out");
+    const int32_t device = turbomoe::common_device({&off, &oa});
+    turbomoe::require_cuda_build(device, __func__);
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::check_expert_offsets_values(off, std::numeric_limits<int32_t>::max());
+    }
+    if (oa.numel() == 0) return;
+    if (device == TM_DEVICE_CPU) {
+      turbomoe::grouped_gemm::zero_empty_experts_cpu(off, oa);
+    } else {
+      TM_CUDA_ONLY(turbomoe::grouped_gemm::zero_empty_experts_cuda(off, oa, stream));
+    }
   });
 }
 

@@ -124,10 +124,13 @@ void backward_input_cuda(const Arg& dy, const Arg& w, const Arg& offsets, const 
 }
 
 void backward_weight_cuda(const Arg& dy, const Arg& x, const Arg& offsets, const Arg& dw,
-                          void* stream) {
+                          bool leave_empty_experts, void* stream) {
   require_unit_last_stride(dw);
   cuda::DeviceGuard device(dy.t().device_index);
-  if (hopper_grouped_gemm_backward_weight(dy.t(), x.t(), offsets.t(), dw.t(), stream)) return;
+  if (hopper_grouped_gemm_backward_weight(dy.t(), x.t(), offsets.t(), dw.t(), leave_empty_experts,
+                                          stream)) {
+    return;
+  }
   launch_tiled({TM_GEMM_GRAD_WEIGHT, x.dtype(), dw.dtype(), dy.data(), dy.stride(0), x.data(),
                 x.stride(0), 0, dw.data(), dw.stride(1), dw.stride(0), offsets.ptr<const int32_t>(),
                 expert_count(offsets), dy.size(0), dw.size(2), 0, dw.size(1)},

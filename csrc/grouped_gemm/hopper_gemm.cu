@@ -718,7 +718,7 @@ bool hopper_grouped_gemm_backward_input(const tm_tensor& dy, const tm_tensor& w,
 
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
                                          const tm_tensor& expert_offsets, const tm_tensor& dw,
-                                         void* stream) {
+                                         bool leave_empty_experts, void* stream) {
   if (disabled_by_env()) return false;
   int64_t num_experts = 0;
   if (!tma_operand(dy, 2) || !tma_operand(x, 2) || !pair_store_output(dw, 3) ||
@@ -741,6 +741,7 @@ bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x
   const CUtensorMap map_b = matrix_map(x, 64);
 
   GradWeightLaunch l = grad_weight_launch(dw, expert_offsets, m, num_experts, sm_count);
+  l.p.leave_empty_experts = leave_empty_experts ? 1 : 0;
   const cudaStream_t s = cuda::as_stream(stream);
   // 2-CTA clusters sharing the x operand (hopper_gemm_kernel.cuh): bf16 through the quarter
   // epilogue (the default) or the whole-box one, dw's rows in whole pairs of tiles.

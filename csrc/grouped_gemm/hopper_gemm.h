@@ -77,9 +77,10 @@ bool hopper_grouped_gemm_backward_weight_gathered_dy(const tm_tensor& dy_src, co
                                                      const tm_tensor& expert_offsets,
                                                      const tm_tensor& dw, void* stream);
 
-// dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows).
+// dw [E,N,K] = dy_e^T . x_e for every expert (zero for experts without rows; with
+// leave_empty_experts, the slices of experts without rows may be left unwritten).
 bool hopper_grouped_gemm_backward_weight(const tm_tensor& dy, const tm_tensor& x,
                                          const tm_tensor& expert_offsets, const tm_tensor& dw,
-                                         void* stream);
+                                         bool leave_empty_experts, void* stream);
 
 }  // namespace turbomoe

@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // launches clusters only where out_rows is a multiple of kCluster * kBlockM).
     if (L::kZeroBox && balance) {
       total_tiles = active_experts * per_expert / kCluster;
-      zero_tiles = (num_experts - active_experts) * per_expert;
+      zero_tiles = p.leave_empty_experts != 0 ? 0 : (num_experts - active_experts) * per_expert;
     } else {
       total_tiles = num_experts * per_expert / kCluster;
     }

@@ -105,6 +105,9 @@ struct Params {
   // Grad-weight with a zero box: the zero tiles spread over the pass in step with the operand
   // loads (a share of them per stage loaded) instead of all stored at its start.
   int32_t pace_zero_tiles;
+  // Grad-weight with a zero box: the empty experts' slices of dw are not written at all (the
+  // caller zeroes them elsewhere, tm_zero_empty_experts, e.g. under another kernel's compute).
+  int32_t leave_empty_experts;
   // Forward + SwiGLU: out is gate_up [M, 2I] (the gate columns, then the up columns, as w's
   // rows), out2 the activation [M, I]; out_cols = gate_rows = I.
   void* out2;

@@ -339,6 +339,19 @@ TM_API tm_status tm_grouped_gemm_backward_weight(const tm_tensor* dy, const tm_t
                                                  const tm_tensor* expert_offsets, tm_tensor* dw,
                                                  void* workspace, size_t workspace_bytes,
                                                  void* stream);
+/* tm_grouped_gemm_backward_weight, except that the slices dw[e] of experts without rows are the
+ * caller's: they may be left unwritten (the Hopper kernel skips them) or written as zeros (the
+ * other paths). With tm_zero_empty_experts on another stream, their bytes (most of dw under
+ * skewed routing) need not hold up the GEMM. Same checks. */
+TM_API tm_status tm_grouped_gemm_backward_weight_routed(const tm_tensor* dy, const tm_tensor* x,
+                                                        const tm_tensor* expert_offsets,
+                                                        tm_tensor* dw, void* workspace,
+                                                        size_t workspace_bytes, void* stream);
+/* out[e] = 0 for every expert e without rows (expert_offsets[e + 1] == expert_offsets[e]); the
+ * other slices are not touched. out [E,N,K] contiguous, float32 or bfloat16; expert_offsets int32
+ * [E+1] (on the host: validated as everywhere else). Reads the offsets on the device: no sync. */
+TM_API tm_status tm_zero_empty_experts(const tm_tensor* expert_offsets, tm_tensor* out,
+                                       void* stream);
 
 /* ---------------------------------------------------------------- gated activations
  * out = act(gate) * up, element-wise over [M,I]; every tensor may be a strided 2-D view (so that
