@@ -143,6 +143,8 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_grouped_gemm_forward_gathered": (_I32, [_T, _T, _I64, _T, _T, _T, _P]),
     "tm_grouped_gemm_backward_input": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
     "tm_grouped_gemm_backward_weight": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
+    "tm_grouped_gemm_backward_weight_routed": (_I32, [_T, _T, _T, _T, _P, _SZ, _P]),
+    "tm_zero_empty_experts": (_I32, [_T, _T, _P]),
     "tm_grouped_gemm_backward_weight_gathered": (_I32, [_T, _T, _T, _I64, _T, _T, _P]),
     "tm_grouped_gemm_backward_input_gathered": (_I32, [_T, _T, _I64, _T, _T, _T, _P]),
     "tm_grouped_gemm_backward_weight_gathered_dy": (_I32, [_T, _T, _T, _I64, _T, _T, _P]),

@@ -131,3 +131,49 @@ def test_grouped_gemm_opcheck():
         torch.ops.turbomoe.grouped_gemm_backward_weight.default,
         (dy, x.detach(), offsets, torch.float32),
     )
+
+
+def test_zero_empty_experts_and_the_routed_grad_weight_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tm_zero_empty_experts zeroes only the slices of experts without rows and refuses a layout
+    it cannot write; on the CPU TURBOMOE_DW_ZEROS_ASIDE changes nothing (the side stream is a
+    CUDA matter), and the routed grad-weight with those zeros is the grad-weight."""
+    from turbomoe import _native
+
+    offsets = torch.tensor(make_offsets([2, 0, 3, 0]), dtype=torch.int32)
+    dw = torch.rand(4, 3, 6) + 1
+    before = dw.clone()
+    _native.call("tm_zero_empty_experts", _native.describe(offsets), _native.describe(dw), None)
+    assert torch.equal(dw[0], before[0]) and torch.equal(dw[2], before[2])
+    assert not dw[1].any() and not dw[3].any()
+    with pytest.raises(ValueError, match="out"):
+        _native.call(
+            "tm_zero_empty_experts",
+            _native.describe(offsets),
+            _native.describe(before.transpose(1, 2)),
+            None,
+        )
+    x = torch.randn(5, 6, requires_grad=True)
+    w = torch.randn(4, 3, 6, requires_grad=True)
+    g = torch.randn(5, 3)
+    grads = {}
+    for aside in ("0", "1"):
+        monkeypatch.setenv("TURBOMOE_DW_ZEROS_ASIDE", aside)
+        x.grad = w.grad = None
+        grouped_gemm(x, w, offsets).backward(g)
+        grads[aside] = (x.grad.clone(), w.grad.clone())
+    assert torch.equal(grads["0"][0], grads["1"][0]) and torch.equal(grads["0"][1], grads["1"][1])
+    routed = torch.full_like(w, float("nan"))
+    _native.call(
+        "tm_grouped_gemm_backward_weight_routed",
+        _native.describe(g),
+        _native.describe(x.detach()),
+        _native.describe(offsets),
+        _native.describe(routed),
+        None,
+        0,
+        None,
+    )
+    _native.call("tm_zero_empty_experts", _native.describe(offsets), _native.describe(routed), None)
+    assert torch.equal(routed, grads["0"][1])

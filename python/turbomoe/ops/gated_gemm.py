@@ -21,7 +21,7 @@ import torch
 from turbomoe import _native
 from turbomoe.ops._eager import differentiable
 from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eager
-from turbomoe.ops.grouped_gemm import _backward_input_eager, _backward_weight_eager, _weight_operand
+from turbomoe.ops.grouped_gemm import _backward_input_eager, _weight_operand, weight_gradient
 
 
 def _outputs(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +89,7 @@ def _backward(
         if grad_gate_up is not None:
             grad = grad + grad_gate_up
     dx = _backward_input_eager(grad, w, expert_offsets) if ctx.need_x else None
-    dw = _backward_weight_eager(grad, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
+    dw = weight_gradient(grad, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
     return dx, dw, None, None, None, None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops import empty_experts
 from turbomoe.ops._eager import differentiable, direct
 
 FORWARD = 1
@@ -46,14 +47,16 @@ def _run(
     expert_offsets: torch.Tensor,
     out: torch.Tensor,
     shape: tuple[int, int, int, int],
+    function: str | None = None,
 ) -> torch.Tensor:
-    """One pass through the C ABI (the three share a signature); shape is (M, N, K, E)."""
+    """One pass through the C ABI (the three share a signature); shape is (M, N, K, E).
+    function: another entry point of the same signature and workspace (the routed grad-weight)."""
     nbytes = _native.workspace_size(
         "tm_grouped_gemm_workspace_size", pass_, *shape, _native.device_code(a)
     )
     workspace = _native.workspace(nbytes, a)
     _native.call(
-        _FUNCTIONS[pass_],
+        function or _FUNCTIONS[pass_],
         _native.describe(a),
         _native.describe(b),
         _native.describe(expert_offsets),
@@ -124,13 +127,36 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     x, w, expert_offsets = ctx.saved_tensors
     dy = dy.contiguous()
     dx = _backward_input_eager(dy, w, expert_offsets) if ctx.need_x else None
-    dw = _backward_weight_eager(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
+    dw = weight_gradient(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
     return dx, dw, None
 
 
 _grouped_gemm_eager = differentiable(_grouped_gemm, _setup_context, _backward)
 _backward_input_eager = direct(_grouped_gemm_backward_input)
 _backward_weight_eager = direct(_grouped_gemm_backward_weight)
+
+
+def weight_gradient(
+    dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, w_dtype: torch.dtype
+) -> torch.Tensor:
+    """dw [E,N,K] = dy_eᵀ · x_e, for a backward: with TURBOMOE_DW_ZEROS_ASIDE=1 on CUDA the
+    empty experts' zeros are written on a side stream beside the next kernels
+    (ops/empty_experts.py); the values are the same either way."""
+    if not empty_experts.usable(x):
+        return _backward_weight_eager(dy, x, expert_offsets, w_dtype)
+    rows, n, k, experts = x.shape[0], dy.shape[1], x.shape[1], expert_offsets.shape[0] - 1
+    dw = torch.empty((experts, n, k), dtype=w_dtype, device=x.device)
+    _run(
+        GRAD_WEIGHT,
+        dy,
+        x,
+        expert_offsets,
+        dw,
+        (rows, n, k, experts),
+        "tm_grouped_gemm_backward_weight_routed",
+    )
+    empty_experts.zero_empty_experts_aside(expert_offsets, dw)
+    return dw
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:

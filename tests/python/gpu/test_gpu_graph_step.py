@@ -81,6 +81,17 @@ def test_one_qwen3_30b_layer_bf16_replays_match_eager_steps() -> None:
     assert step.stats.replays == 2 and step.stats.captures == 1
 
 
+def test_one_qwen3_30b_layer_with_zeros_aside_replays_match_eager_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TURBOMOE_DW_ZEROS_ASIDE=1: the empty experts' zeros on a side stream are captured as a
+    fork and a join of the step's graph, and the replays match the eager steps."""
+    monkeypatch.setenv("TURBOMOE_DW_ZEROS_ASIDE", "1")
+    model, batches = qwen3_30b_layer_and_batches(CUDA)
+    step = _compare_runs(model, batches, loss_rtol=1e-3, grad_rtol=2e-2)
+    assert step.stats.replays == 2 and step.stats.captures == 1
+
+
 def test_a_second_batch_shape_runs_eagerly_and_stays_correct() -> None:
     model = build_model("qwen3_moe").to(CUDA)
     batches = _tiny_batches(4)

@@ -501,6 +501,69 @@ def test_grouped_gemm_row_kernels_equal_cooperative(
     assert float(got[bounds[-1] :].abs().max()) == 0.0, f"seed {seed}: unrouted rows not zero"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 128, 256), (5, 3, 7)])  # 16-byte slices; odd byte counts
+def test_zero_empty_experts(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """tm_zero_empty_experts on CUDA zeroes exactly the slices of experts without rows."""
+    from turbomoe import _native
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    experts = shape[0]
+    counts = torch.randint(0, 3, (experts,), generator=gen)
+    counts[0], counts[1] = 0, 2
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    dw = (torch.rand(shape, generator=gen) + 1).to(dtype)  # no zeros to start with
+    want = dw.clone()
+    want[counts == 0] = 0
+    got, off_c = dw.to(CUDA), offsets.to(CUDA)
+    _native.call(
+        "tm_zero_empty_experts",
+        _native.describe(off_c),
+        _native.describe(got),
+        _native.stream_for(got),
+    )
+    assert torch.equal(got.cpu(), want), f"seed {seed}"
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_weight_gradient_with_zeros_aside_is_bitwise_the_same(
+    gated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TURBOMOE_DW_ZEROS_ASIDE=1 (the grad-weight GEMM skips the empty experts, whose zeros a
+    side stream writes) gives bitwise the same gradients as the GEMM writing them, at the Qwen3
+    expert shapes under routing that leaves most experts empty, from poisoned memory (a slice
+    neither wrote would read NaN); the side stream has joined when backward returns."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    experts, k, n = 128, 2048, 1536
+    counts = torch.zeros(experts, dtype=torch.int64)
+    busy = torch.randperm(experts, generator=gen)[:40]  # as the benchmark model's router
+    counts[busy] = torch.randint(1, 1500, (40,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    rows = int(offsets[-1])
+    x = torch.randn(rows, k, generator=gen).to(BF16).to(CUDA)
+    w = (randn(experts, n, k, generator=gen) * k**-0.5).to(BF16).to(CUDA)
+    g = torch.randn(rows, n // 2 if gated else n, generator=gen).to(BF16).to(CUDA)
+    off_c = offsets.to(CUDA)
+    grads = {}
+    for aside in ("0", "1"):
+        monkeypatch.setenv("TURBOMOE_DW_ZEROS_ASIDE", aside)
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if gated:
+            out = tops.grouped_gemm_gated(xx, ww, off_c, tops.activation.SILU)[1]
+        else:
+            out = tops.grouped_gemm(xx, ww, off_c)
+        poison()
+        out.backward(g)
+        grads[aside] = (xx.grad, ww.grad)
+    assert torch.isfinite(grads["1"][1]).all(), f"seed {seed}: unwritten weight gradient"
+    empty = (counts == 0).to(CUDA)
+    assert float(grads["1"][1][empty].abs().max()) == 0.0, f"seed {seed}: empty experts not zero"
+    assert torch.equal(grads["0"][0], grads["1"][0]), f"seed {seed}: dx differs"
+    assert torch.equal(grads["0"][1], grads["1"][1]), f"seed {seed}: dw differs"
+
+
 @pytest.mark.parametrize("pass_name", ["forward", "grad_input", "grad_weight"])
 @pytest.mark.parametrize(("n", "k"), [(1536, 2048), (2048, 768)])
 def test_grouped_gemm_epilogues_agree_bitwise(n: int, k: int, pass_name: str) -> None:
