@@ -58,8 +58,12 @@ __attribute__((visibility("default"))) int hs_backward_weight(const tm_tensor* d
                                                               const tm_tensor* offsets,
                                                               const tm_tensor* dw, void* stream,
                                                               char* msg, int msg_len) {
-  return run(turbomoe::hopper_grouped_gemm_backward_weight, dy, x, offsets, dw, stream, msg,
-             msg_len);
+  // Every expert's gradient, zeros included (the _routed entry point's skipping is not timed here).
+  const Entry every_expert = [](const tm_tensor& a, const tm_tensor& b, const tm_tensor& o,
+                                const tm_tensor& out, void* s) {
+    return turbomoe::hopper_grouped_gemm_backward_weight(a, b, o, out, false, s);
+  };
+  return run(every_expert, dy, x, offsets, dw, stream, msg, msg_len);
 }
 
 }  // extern "C"
