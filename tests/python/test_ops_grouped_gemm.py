@@ -177,3 +177,37 @@ def test_zero_empty_experts_and_the_routed_grad_weight_on_the_cpu(
     )
     _native.call("tm_zero_empty_experts", _native.describe(offsets), _native.describe(routed), None)
     assert torch.equal(routed, grads["0"][1])
+
+
+def test_zeros_are_deferred_only_where_nothing_reads_the_gradient_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The empty experts' zeros may be written after the gradient is handed to autograd only
+    for a leaf weight used once, with no .grad yet and no hooks, outside create_graph: anything
+    else (accumulation, a hook, a second use, whose gradients autograd sums) reads it at once."""
+    from turbomoe.ops import empty_experts
+
+    monkeypatch.setenv("TURBOMOE_DW_ZEROS_ASIDE", "1")
+    empty_experts._uses.clear()
+    w = torch.randn(3, 4, 5, requires_grad=True)
+    assert empty_experts.leaf_or_none(w * 2) is None  # not a leaf: its backward reads dw
+    assert empty_experts.leaf_or_none(w) is w
+    with torch.no_grad():  # inside a backward without create_graph
+        assert empty_experts.can_defer(w)
+        w.grad = torch.zeros_like(w)
+        assert not empty_experts.can_defer(w)  # accumulation reads the new gradient
+        w.grad = None
+        handle = w.register_hook(lambda g: g)
+        assert not empty_experts.can_defer(w)
+        handle.remove()
+        handle = w.register_post_accumulate_grad_hook(lambda p: None)
+        assert not empty_experts.can_defer(w)
+        handle.remove()
+        assert empty_experts.can_defer(w)
+        empty_experts.leaf_or_none(w)  # a second use in the same forward
+        assert not empty_experts.can_defer(w)
+    assert not empty_experts.can_defer(None)
+    empty_experts._uses.clear()
+    empty_experts.leaf_or_none(w)
+    assert not empty_experts.can_defer(w)  # under create_graph (grad mode on)
+    empty_experts._uses.clear()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from turbomoe import _native
+from turbomoe.ops import empty_experts
 from turbomoe.ops._eager import differentiable
 from turbomoe.ops.gated import _backward_eager as gated_activation_backward_eager
 from turbomoe.ops.grouped_gemm import _backward_input_eager, _weight_operand, weight_gradient
@@ -74,6 +75,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.need_x, ctx.need_w = need_x, need_w
     ctx.w_dtype = w.dtype
     ctx.args = (variant, alpha, limit)
+    ctx.weight_leaf = empty_experts.leaf_or_none(w) if need_w else None
 
 
 def _backward(
@@ -89,7 +91,11 @@ def _backward(
         if grad_gate_up is not None:
             grad = grad + grad_gate_up
     dx = _backward_input_eager(grad, w, expert_offsets) if ctx.need_x else None
-    dw = weight_gradient(grad, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
+    dw = (
+        weight_gradient(grad, x, expert_offsets, ctx.w_dtype, ctx.weight_leaf)
+        if ctx.need_w
+        else None
+    )
     return dx, dw, None, None, None, None
 
 

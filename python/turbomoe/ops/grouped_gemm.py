@@ -121,13 +121,16 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(x if need_w else None, w if need_x else None, expert_offsets)
     ctx.need_x, ctx.need_w = need_x, need_w
     ctx.w_dtype = w.dtype
+    ctx.weight_leaf = empty_experts.leaf_or_none(w) if need_w else None
 
 
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     x, w, expert_offsets = ctx.saved_tensors
     dy = dy.contiguous()
     dx = _backward_input_eager(dy, w, expert_offsets) if ctx.need_x else None
-    dw = weight_gradient(dy, x, expert_offsets, ctx.w_dtype) if ctx.need_w else None
+    dw = None
+    if ctx.need_w:
+        dw = weight_gradient(dy, x, expert_offsets, ctx.w_dtype, ctx.weight_leaf)
     return dx, dw, None
 
 
@@ -137,12 +140,20 @@ _backward_weight_eager = direct(_grouped_gemm_backward_weight)
 
 
 def weight_gradient(
-    dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, w_dtype: torch.dtype
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w_dtype: torch.dtype,
+    weight_leaf: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dw [E,N,K] = dy_eᵀ · x_e, for a backward: with TURBOMOE_DW_ZEROS_ASIDE=1 on CUDA the
-    empty experts' zeros are written on a side stream beside the next kernels
-    (ops/empty_experts.py); the values are the same either way."""
+    """dw [E,N,K] = dy_eᵀ · x_e, for a backward: with TURBOMOE_DW_ZEROS_ASIDE=1 on CUDA, and
+    where nothing reads the gradient before the backward ends (weight_leaf: the weight when it
+    is a leaf; see empty_experts.can_defer), the empty experts' zeros are written on a side
+    stream beside the next kernels (ops/empty_experts.py); the values are the same either way."""
     if not empty_experts.usable(x):
+        return _backward_weight_eager(dy, x, expert_offsets, w_dtype)
+    empty_experts.at_end_of_backward()  # resets the use counts even where nothing is deferred
+    if not empty_experts.can_defer(weight_leaf):
         return _backward_weight_eager(dy, x, expert_offsets, w_dtype)
     rows, n, k, experts = x.shape[0], dy.shape[1], x.shape[1], expert_offsets.shape[0] - 1
     dw = torch.empty((experts, n, k), dtype=w_dtype, device=x.device)

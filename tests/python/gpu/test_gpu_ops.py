@@ -546,6 +546,16 @@ def test_weight_gradient_with_zeros_aside_is_bitwise_the_same(
     w = (randn(experts, n, k, generator=gen) * k**-0.5).to(BF16).to(CUDA)
     g = torch.randn(rows, n // 2 if gated else n, generator=gen).to(BF16).to(CUDA)
     off_c = offsets.to(CUDA)
+    from turbomoe.ops import empty_experts
+
+    deferred = []
+    real_aside = empty_experts.zero_empty_experts_aside
+
+    def counting_aside(offsets_: torch.Tensor, dw: torch.Tensor) -> None:
+        deferred.append(dw.shape)
+        real_aside(offsets_, dw)
+
+    monkeypatch.setattr(empty_experts, "zero_empty_experts_aside", counting_aside)
     grads = {}
     for aside in ("0", "1"):
         monkeypatch.setenv("TURBOMOE_DW_ZEROS_ASIDE", aside)
@@ -557,6 +567,7 @@ def test_weight_gradient_with_zeros_aside_is_bitwise_the_same(
         poison()
         out.backward(g)
         grads[aside] = (xx.grad, ww.grad)
+    assert deferred == [w.shape], "the zeros were not deferred (or deferred with the switch off)"
     assert torch.isfinite(grads["1"][1]).all(), f"seed {seed}: unwritten weight gradient"
     empty = (counts == 0).to(CUDA)
     assert float(grads["1"][1][empty].abs().max()) == 0.0, f"seed {seed}: empty experts not zero"
