@@ -1,6 +1,5 @@
 // C ABI of the grouped GEMM: validation, then the CPU reference or the CUDA dispatcher.
 #include <atomic>
-#include <limits>
 #include <string>
 
 #include "activation/activation.h"
@@ -263,25 +262,6 @@ tm_status tm_grouped_gemm_backward_weight_routed(const tm_tensor* dy, const tm_t
                                                  void* stream) {
   return turbomoe::guard(__func__, [&] {
     backward_weight(__func__, dy, x, expert_offsets, dw, /*leave_empty_experts=*/true, stream);
-  });
-}
-
-tm_status tm_zero_empty_experts(const tm_tensor* expert_offsets, tm_tensor* out, void* stream) {
-  return turbomoe::guard(__func__, [&] {
-    const Arg off(expert_offsets, "expert_offsets"), oa(out, "out");
-    oa.dtype_in({TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}).ndim_is(3).contiguous();
-    check_offsets(off, oa.size(0), "E + 1, E from out");
-    const int32_t device = turbomoe::common_device({&off, &oa});
-    turbomoe::require_cuda_build(device, __func__);
-    if (device == TM_DEVICE_CPU) {
-      turbomoe::check_expert_offsets_values(off, std::numeric_limits<int32_t>::max());
-    }
-    if (oa.numel() == 0) return;
-    if (device == TM_DEVICE_CPU) {
-      turbomoe::grouped_gemm::zero_empty_experts_cpu(off, oa);
-    } else {
-      TM_CUDA_ONLY(turbomoe::grouped_gemm::zero_empty_experts_cuda(off, oa, stream));
-    }
   });
 }
 
