@@ -4,7 +4,8 @@
 #
 # Stages: build (cmake + ninja, CUDA required, sm_90a) -> ctest -> the grouped GEMM through the
 # library (bench/grouped_gemm_bench.py: edge cases, then each pass on the Qwen3-30B-A3B expert
-# shapes checked and timed against torch._grouped_mm) -> compute-sanitizer memcheck on
+# shapes checked and timed against torch._grouped_mm; then bench/l2_bandwidth.cu's L2 and DRAM
+# ceilings, printed beside it) -> compute-sanitizer memcheck on
 # a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark and the AdamW
 # step benchmark (bench/optim_bench.py) -> `turbomoe
 # finetune` with a model path on one GPU and under torchrun (scripts/finetune_device.sh). Each
@@ -248,6 +249,14 @@ print("; ".join(parts))
 PY
     )
     if [ "$RC" -eq 0 ]; then STATUS[gemm]=ok; else STATUS[gemm]=FAILED; fi
+    # The TMA unit's L2 and DRAM ceilings in the GEMM's stages (bench/l2_bandwidth.cu, seconds):
+    # printed beside gemm.txt, informational (it fails no stage).
+    if command -v nvcc >/dev/null 2>&1; then
+      mkdir -p "$BUILD_DIR"
+      { nvcc -std=c++20 -O3 -arch=sm_90a -I csrc -o "$BUILD_DIR/l2_bandwidth" \
+          bench/l2_bandwidth.cu && timeout 60 "$BUILD_DIR/l2_bandwidth"; } \
+        >"$OUT/l2_bandwidth.txt" 2>&1 || echo "l2_bandwidth: rc $?" >>"$OUT/l2_bandwidth.txt"
+    fi
   fi
 
   # compute-sanitizer memcheck on a subset of the GPU op tests. Without the caching allocator
@@ -477,6 +486,10 @@ if [ -s "$OUT/gemm.txt" ]; then
   echo
   sed -n '/^dense peak/,$p' "$OUT/gemm.txt"
 fi
+if [ -s "$OUT/l2_bandwidth.txt" ]; then
+  echo
+  cat "$OUT/l2_bandwidth.txt"
+fi
 for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
   if [ -s "$OUT/$f" ]; then
     echo
@@ -485,7 +498,8 @@ for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
 done
 # At most 8 files come back from the device: the logs travel as one archive.
 (cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt $(ls optim.json 2>/dev/null) 2>/dev/null &&
-  rm -f ./*.log env.txt gemm.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt optim.json)
+  rm -f ./*.log env.txt gemm.txt l2_bandwidth.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt \
+    optim.json)
 # The summary table also goes to $OUT/summary.txt (written after the archive, so that a caller
 # who sent this script's output into $OUT, where the archive step deletes *.log, still has it).
 failed=()
