@@ -190,8 +190,8 @@ def test_zeros_are_deferred_only_where_nothing_reads_the_gradient_early(
     monkeypatch.setenv("TURBOMOE_DW_ZEROS_ASIDE", "1")
     empty_experts._uses.clear()
     w = torch.randn(3, 4, 5, requires_grad=True)
-    assert empty_experts.leaf_or_none(w * 2) is None  # not a leaf: its backward reads dw
-    assert empty_experts.leaf_or_none(w) is w
+    assert empty_experts.track_weight(w * 2) is None  # not a leaf: its backward reads dw
+    assert empty_experts.track_weight(w) is w
     with torch.no_grad():  # inside a backward without create_graph
         assert empty_experts.can_defer(w)
         w.grad = torch.zeros_like(w)
@@ -204,10 +204,10 @@ def test_zeros_are_deferred_only_where_nothing_reads_the_gradient_early(
         assert not empty_experts.can_defer(w)
         handle.remove()
         assert empty_experts.can_defer(w)
-        empty_experts.leaf_or_none(w)  # a second use in the same forward
+        empty_experts.track_weight(w)  # a second use in the same forward
         assert not empty_experts.can_defer(w)
     assert not empty_experts.can_defer(None)
     empty_experts._uses.clear()
-    empty_experts.leaf_or_none(w)
+    empty_experts.track_weight(w)
     assert not empty_experts.can_defer(w)  # under create_graph (grad mode on)
     empty_experts._uses.clear()

@@ -34,7 +34,7 @@ _pending: set[torch.device] = set()
 # The backward (autograd graph task) whose end joins them; a backward that died before its end
 # left its callback unrun, so a later one queues its own.
 _join_task: int | None = None
-# Forward uses of each weight since the last backward ended (leaf_or_none).
+# Forward uses of each weight since the last backward ended (track_weight).
 _uses: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
@@ -42,17 +42,22 @@ def zeros_aside_requested() -> bool:
     return os.environ.get("TURBOMOE_DW_ZEROS_ASIDE", "0") == "1"
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether the zeros can go aside for a gradient on x's device: CUDA, plain eager mode."""
-    return (
+def defer_zeros(x: torch.Tensor, weight_leaf: torch.Tensor | None) -> bool:
+    """Whether the grad-weight of x's op leaves the empty experts to zero_empty_experts_aside:
+    switched on, CUDA, plain eager mode, and can_defer. With the switch on in a backward, also
+    queues the end-of-backward reset of the use counts, deferred or not."""
+    if not (
         x.is_cuda
         and zeros_aside_requested()
         and not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
-    )
+    ):
+        return False
+    at_end_of_backward()
+    return can_defer(weight_leaf)
 
 
-def leaf_or_none(weight: torch.Tensor) -> torch.Tensor | None:
+def track_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight if its gradient goes straight to AccumulateGrad (a leaf), else None; with the
     switch on, counts the use (a forward's setup records each op that will need its gradient)."""
     if not (weight.is_leaf and weight.requires_grad):
@@ -110,7 +115,8 @@ def at_end_of_backward() -> None:
 
 def zero_empty_experts_aside(expert_offsets: torch.Tensor, dw: torch.Tensor) -> None:
     """Zeroes dw[e] for the experts without rows on the side stream, after the work queued so far
-    on the current stream; joined at the end of the running backward (at once outside one)."""
+    on the current stream; joined at the end of the running backward, which defer_zeros has
+    queued (at once outside one)."""
     side = _side_stream(dw.device)
     side.wait_stream(torch.cuda.current_stream(dw.device))
     with torch.cuda.stream(side):
@@ -127,5 +133,3 @@ def zero_empty_experts_aside(expert_offsets: torch.Tensor, dw: torch.Tensor) -> 
     _pending.add(dw.device)
     if torch._C._current_graph_task_id() < 0:  # outside a backward: nothing to hide them behind
         join()
-    else:
-        at_end_of_backward()

@@ -75,7 +75,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.need_x, ctx.need_w = need_x, need_w
     ctx.w_dtype = w.dtype
     ctx.args = (variant, alpha, limit)
-    ctx.weight_leaf = empty_experts.leaf_or_none(w) if need_w else None
+    ctx.weight_leaf = empty_experts.track_weight(w) if need_w else None
 
 
 def _backward(
@@ -91,11 +91,9 @@ def _backward(
         if grad_gate_up is not None:
             grad = grad + grad_gate_up
     dx = _backward_input_eager(grad, w, expert_offsets) if ctx.need_x else None
-    dw = (
-        weight_gradient(grad, x, expert_offsets, ctx.w_dtype, ctx.weight_leaf)
-        if ctx.need_w
-        else None
-    )
+    dw = None
+    if ctx.need_w:
+        dw = weight_gradient(grad, x, expert_offsets, ctx.w_dtype, ctx.weight_leaf)
     return dx, dw, None, None, None, None
 
 

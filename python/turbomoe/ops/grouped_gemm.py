@@ -50,7 +50,8 @@ def _run(
     function: str | None = None,
 ) -> torch.Tensor:
     """One pass through the C ABI (the three share a signature); shape is (M, N, K, E).
-    function: another entry point of the same signature and workspace (the routed grad-weight)."""
+    function: the pass's entry point unless given (the routed grad-weight shares its signature
+    and workspace)."""
     nbytes = _native.workspace_size(
         "tm_grouped_gemm_workspace_size", pass_, *shape, _native.device_code(a)
     )
@@ -102,9 +103,16 @@ def _grouped_gemm_backward_weight(
     dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, w_dtype: torch.dtype
 ) -> torch.Tensor:
     """dw [E,N,K] = dy_eᵀ · x_e per expert (zero for experts without rows), in w's dtype."""
+    return _weight_pass(dy, x, expert_offsets, w_dtype, _FUNCTIONS[GRAD_WEIGHT])
+
+
+def _weight_pass(
+    dy: torch.Tensor, x: torch.Tensor, expert_offsets: torch.Tensor, w_dtype: torch.dtype, fn: str
+) -> torch.Tensor:
+    """A fresh dw [E,N,K] in w_dtype filled by the grad-weight entry point fn."""
     rows, n, k, experts = x.shape[0], dy.shape[1], x.shape[1], expert_offsets.shape[0] - 1
     dw = torch.empty((experts, n, k), dtype=w_dtype, device=x.device)
-    return _run(GRAD_WEIGHT, dy, x, expert_offsets, dw, (rows, n, k, experts))
+    return _run(GRAD_WEIGHT, dy, x, expert_offsets, dw, (rows, n, k, experts), fn)
 
 
 @_grouped_gemm_backward_weight.register_fake
@@ -121,7 +129,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(x if need_w else None, w if need_x else None, expert_offsets)
     ctx.need_x, ctx.need_w = need_x, need_w
     ctx.w_dtype = w.dtype
-    ctx.weight_leaf = empty_experts.leaf_or_none(w) if need_w else None
+    ctx.weight_leaf = empty_experts.track_weight(w) if need_w else None
 
 
 def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
@@ -150,22 +158,9 @@ def weight_gradient(
     where nothing reads the gradient before the backward ends (weight_leaf: the weight when it
     is a leaf; see empty_experts.can_defer), the empty experts' zeros are written on a side
     stream beside the next kernels (ops/empty_experts.py); the values are the same either way."""
-    if not empty_experts.usable(x):
+    if not empty_experts.defer_zeros(x, weight_leaf):
         return _backward_weight_eager(dy, x, expert_offsets, w_dtype)
-    empty_experts.at_end_of_backward()  # resets the use counts even where nothing is deferred
-    if not empty_experts.can_defer(weight_leaf):
-        return _backward_weight_eager(dy, x, expert_offsets, w_dtype)
-    rows, n, k, experts = x.shape[0], dy.shape[1], x.shape[1], expert_offsets.shape[0] - 1
-    dw = torch.empty((experts, n, k), dtype=w_dtype, device=x.device)
-    _run(
-        GRAD_WEIGHT,
-        dy,
-        x,
-        expert_offsets,
-        dw,
-        (rows, n, k, experts),
-        "tm_grouped_gemm_backward_weight_routed",
-    )
+    dw = _weight_pass(dy, x, expert_offsets, w_dtype, "tm_grouped_gemm_backward_weight_routed")
     empty_experts.zero_empty_experts_aside(expert_offsets, dw)
     return dw
 
