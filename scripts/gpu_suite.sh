@@ -38,6 +38,7 @@
 #   BENCH_ARGS="..."        extra `python -m turbomoe.bench` flags (word-split; later flags win,
 #                           e.g. BENCH_ARGS="--layers 4 --profile --record")
 #   SANITIZER_K="..."       pytest -k expression for the memcheck subset of test_gpu_ops.py
+#   SANITIZER_MIN_FREE_GIB=24  a fresh memcheck process once a test leaves less free memory
 #   PYTEST_ARGS="..."       extra pytest flags for the GPU suite (word-split)
 #   PYTEST_K="..."          a pytest -k expression for the GPU suite (one argument, spaces kept)
 #   JOBS=16  BUILD_DIR=build/gpu  CUDA_ARCHS=90a-real  PYTHON=python3
@@ -81,6 +82,7 @@ BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 CTEST_TIMEOUT=${CTEST_TIMEOUT:-120}
 GEMM_TIMEOUT=${GEMM_TIMEOUT:-150}
 SANITIZER_TIMEOUT=${SANITIZER_TIMEOUT:-240}
+SANITIZER_MIN_FREE_GIB=${SANITIZER_MIN_FREE_GIB:-24}
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
 FINETUNE_TIMEOUT=${FINETUNE_TIMEOUT:-260}
@@ -277,12 +279,15 @@ PY
     for opt in "--report-api-errors no" "--leak-check no" "--target-processes all"; do
       if grep -q -- "${opt% *}" <<<"$san_help"; then read -r -a kv <<<"$opt"; san_opts+=("${kv[@]}"); fi
     done
+    # In rounds of fresh processes (scripts/memcheck_rounds.py): under memcheck the memory of
+    # freed tensors did not come back within a process, and the subset outgrew the device.
     run_stage sanitizer "$SANITIZER_TIMEOUT" env TURBOMOE_GPU_TESTS=1 \
       TURBOMOE_TEST_MEMORY_LOG="$OUT/sanitizer_memory.log" \
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer "${san_opts[@]}" \
-      "$PYTHON" -m pytest "$ops_tests" -q -p no:cacheprovider -k "$SANITIZER_K"
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$PYTHON" scripts/memcheck_rounds.py \
+      --min-free-gib "$SANITIZER_MIN_FREE_GIB" --launcher "compute-sanitizer ${san_opts[*]}" \
+      -- "$ops_tests" -k "$SANITIZER_K"
     errors=$(grep -Eo "ERROR SUMMARY: [0-9]+" "$OUT/sanitizer.log" | tail -n 1 | grep -Eo "[0-9]+" || true)
-    summary=$(grep -E "^[0-9]+ (passed|failed)|[0-9]+ passed|no tests ran" "$OUT/sanitizer.log" | tail -n 1 || true)
+    summary=$(grep -E "^[0-9]+ passed, .* rounds$|no tests ran" "$OUT/sanitizer.log" | tail -n 1 || true)
     case $RC in
       0) STATUS[sanitizer]=ok; DETAIL[sanitizer]="clean; ${summary:-?}" ;;
       86) STATUS[sanitizer]=FAILED; DETAIL[sanitizer]="memcheck found ${errors:-some} error(s)" ;;
