@@ -16,9 +16,10 @@
 // refilled only when both have read it). 48 KiB land in each CTA a stage for 32 KiB read from L2.
 // If the pair's stage rate is ~1.5x the single CTA's, multicast lifts the L2 ceiling as the
 // bytes say and the pair kernel's loss (docs/perf-notes.md) is in its own code; if not, the
-// multicast path itself is the bound. With --spin, each consumer also holds every stage for a
-// fixed number of cycles (the WGMMAs' time at the dense peak: ~0.7 us), which shows what the
-// pair's coupling (each stage waits for the slower of two CTAs) costs a pipeline of 4 stages.
+// multicast path itself is the bound. Last, each consumer also holds every stage for a fixed
+// number of cycles (1000-1600: about the WGMMAs' time at the dense peak, ~0.7 us), which shows
+// what the pair's coupling (each stage waits for the slower of two CTAs) costs a pipeline of 4
+// stages.
 #include <cuda_runtime.h>
 
 #include <algorithm>
