@@ -24,6 +24,10 @@
 #   SKIP_CTEST=1 SKIP_GEMM=1 SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_FINETUNE=1 SKIP_MULTIGPU=1
 #     PYTEST_K="not fp32" PYTEST_TIMEOUT=570 SUITE_BUDGET=585
 #   SKIP_CTEST=1 SKIP_GEMM=1 SKIP_PYTEST=1 SUITE_BUDGET=585
+# Not yet tried on the device (twentieth session): the whole pytest in one call with
+# PYTEST_WORKERS=4 (pytest-xdist is on the device image; its time is mostly CPU-side references
+# on 16 cores), e.g. SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_FINETUNE=1 SKIP_MULTIGPU=1
+# PYTEST_WORKERS=4 PYTEST_TIMEOUT=480 SUITE_BUDGET=585.
 #
 # Knobs (environment):
 #   OUT=out                 output folder
@@ -41,6 +45,8 @@
 #   SANITIZER_MIN_FREE_GIB=24  a fresh memcheck process once a test leaves less free memory
 #   PYTEST_ARGS="..."       extra pytest flags for the GPU suite (word-split)
 #   PYTEST_K="..."          a pytest -k expression for the GPU suite (one argument, spaces kept)
+#   PYTEST_WORKERS=0        N > 0: the GPU pytest in N pytest-xdist processes sharing the GPU
+#                           (most of its time is CPU-side references; the device has 16 cores)
 #   JOBS=16  BUILD_DIR=build/gpu  CUDA_ARCHS=90a-real  PYTHON=python3
 #   PREBUILT_LIB=path       use this libturbomoe.so (built here for 90a, brought with `carry`)
 #                           instead of building, if it loads; a turbomoe_tests binary beside it
@@ -303,10 +309,19 @@ PY
   # The GPU pytest suite (marker gpu; the conftest runs it only with TURBOMOE_GPU_TESTS=1).
   read -r -a pytest_extra <<<"$PYTEST_ARGS"
   if [ -n "${PYTEST_K:-}" ]; then pytest_extra+=(-k "$PYTEST_K"); fi
+  if [ "${PYTEST_WORKERS:-0}" -gt 0 ]; then pytest_extra+=(-n "$PYTEST_WORKERS"); fi
   if [ "$SKIP_PYTEST" = 1 ]; then
     DETAIL[pytest]="SKIP_PYTEST=1"
+  elif [ "${PYTEST_WORKERS:-0}" -gt 0 ] && ! "$PYTHON" -c "import xdist" 2>/dev/null; then
+    STATUS[pytest]=FAILED
+    DETAIL[pytest]="PYTEST_WORKERS=$PYTEST_WORKERS but pytest-xdist is not installed"
   else
-  run_stage pytest "$PYTEST_TIMEOUT" env TURBOMOE_GPU_TESTS=1 \
+  # Workers share the cores: each one's CPU-side references get their share of the threads.
+  threads=()
+  if [ "${PYTEST_WORKERS:-0}" -gt 0 ]; then
+    threads=(OMP_NUM_THREADS=$(($(nproc) / PYTEST_WORKERS > 0 ? $(nproc) / PYTEST_WORKERS : 1)))
+  fi
+  run_stage pytest "$PYTEST_TIMEOUT" env TURBOMOE_GPU_TESTS=1 "${threads[@]}" \
     "$PYTHON" -m pytest tests/python/gpu -q -rfE -p no:cacheprovider \
     --junitxml="$OUT/gpu_pytest.xml" "${pytest_extra[@]}"
   DETAIL[pytest]=$("$PYTHON" - "$OUT/gpu_pytest.xml" <<'PY' 2>/dev/null || echo "no junit report (rc $RC)"

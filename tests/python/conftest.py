@@ -11,6 +11,8 @@
   (after a garbage collection) before each gpu test to path
   (the GPU suite's compute-sanitizer stage sets it, so that a run that runs out of memory says
   where the memory went).
+- Under pytest-xdist (PYTEST_XDIST_WORKER set; the GPU suite's PYTEST_WORKERS) each gpu test's
+  cached device memory is released when it ends, so that the workers share the device.
 """
 
 from __future__ import annotations
@@ -73,6 +75,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             f"free {free / 2**30:7.2f} of {total / 2**30:.2f} GiB, live tensors "
             f"{live / 2**30:7.2f} GiB before {item.nodeid}\n"
         )
+
+
+@pytest.hookimpl(trylast=True)  # after the fixtures' teardown
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Under pytest-xdist (several test processes on one device) a gpu test's cached blocks go
+    back to the driver when it ends: otherwise each worker keeps the largest test's peak (and
+    its poison) reserved, and together they outgrow the device."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or item.get_closest_marker("gpu") is None:
+        return
+    import gc
+
+    import torch
+
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture

@@ -53,10 +53,15 @@ def poison(byte: int = NAN_BYTE) -> None:
     the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING=1: the suite's compute-sanitizer stage)
     there is no pool to fill, only the freed range the next cudaMalloc is likely to reuse, so the
     big segment is capped at 1 GiB: with 16 GiB filled before every run the memcheck stage ran
-    out of device memory (nineteenth session) and spent most of its time in the fills.
+    out of device memory (nineteenth session) and spent most of its time in the fills. Under
+    pytest-xdist it is capped at 4 GiB, the device being shared by the workers.
     """
     free, _total = torch.cuda.mem_get_info()
+    # Under pytest-xdist (the suite's PYTEST_WORKERS) several workers share the device, and what
+    # one poisons stays in its cache until the test ends (the conftest empties it then).
     cap = 1 << 30 if caching_allocator_disabled() else 16 << 30
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cap = min(cap, 4 << 30)
     big = torch.empty(min(free // 2, cap), dtype=torch.uint8, device=CUDA).fill_(byte)
     small = [torch.empty(512 << 10, dtype=torch.uint8, device=CUDA).fill_(byte) for _ in range(128)]
     del big, small
