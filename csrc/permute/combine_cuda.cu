@@ -79,6 +79,11 @@ __device__ __forceinline__ float block_sum(float v, float* partial) {
   return total;  // valid in thread 0
 }
 
+// Slots whose rows a thread loads together before adding them up (in ascending k, as before):
+// with one slot at a time each thread had a single 16-byte load in flight, and the forward ran
+// at ~79% of its copy floor (H100 profile: 59 us a call for 32k x 4 KiB rows against ~47).
+constexpr int kSlotBatch = 8;
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     combine_forward_kernel(Rows rows, int64_t num_rows, const int32_t* pair_to_row,
@@ -87,14 +92,30 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int64_t h = int64_t(threadIdx.x) * V; h < hidden; h += int64_t(kThreads) * V) {
       float acc[V] = {};
-      for (int64_t k = 0; k < top_k; ++k) {
-        const int64_t r = pair_to_row[t * top_k + k];
-        if (r < 0 || r >= num_rows) continue;
-        const float w = read_slot(weights, t, k);
-        Pack<T, V> x;
-        x.load(static_cast<const T*>(rows.data) + r * rows.ld + h);
+      for (int64_t k0 = 0; k0 < top_k; k0 += kSlotBatch) {
+        // All the batch's row indices first (independent loads), then all its rows.
+        int64_t r[kSlotBatch];
 #pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += w * x.get(i);
+        for (int j = 0; j < kSlotBatch; ++j) {
+          r[j] = k0 + j < top_k ? pair_to_row[t * top_k + k0 + j] : -1;
+        }
+        Pack<T, V> x[kSlotBatch];
+        float w[kSlotBatch];
+        bool routed[kSlotBatch];
+#pragma unroll
+        for (int j = 0; j < kSlotBatch; ++j) {
+          routed[j] = r[j] >= 0 && r[j] < num_rows;
+          if (routed[j]) {
+            w[j] = read_slot(weights, t, k0 + j);
+            x[j].load(static_cast<const T*>(rows.data) + r[j] * rows.ld + h);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kSlotBatch; ++j) {
+          if (!routed[j]) continue;
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[i] += w[j] * x[j].get(i);
+        }
       }
       Pack<T, V> y;
 #pragma unroll

@@ -124,24 +124,47 @@ __global__ void plan_scatter_kernel(IdView ids, int64_t pairs, int experts, cons
   }
 }
 
-// Copies whole rows as raw units of R (the dtype does not matter to a copy).
+// Copies whole rows as raw units of R (the dtype does not matter to a copy), one warp a row.
+// Each lane issues all kGatherUnroll loads of a chunk before its stores, so that a warp keeps
+// up to 32 x 8 x 16 bytes of its row in flight: the earlier version (a 128-thread block a row,
+// loads and stores interleaved, one 16-byte load a thread in flight) ran at ~69% of the copy
+// floor (H100 profile: 68 us for the Qwen3 layer's 32k x 4 KiB rows against ~47).
+constexpr int kGatherThreads = 256;
+constexpr int kGatherUnroll = 8;
+
 template <typename R>
-__global__ void gather_kernel(const char* src, int64_t src_ld_bytes, int64_t tokens,
-                              const int32_t* sorted, const int32_t* offsets, int experts,
-                              int64_t top_k, char* dst, int64_t dst_ld_bytes, int64_t rows,
-                              int64_t units) {
+__global__ void __launch_bounds__(kGatherThreads)
+    gather_kernel(const char* src, int64_t src_ld_bytes, int64_t tokens, const int32_t* sorted,
+                  const int32_t* offsets, int experts, int64_t top_k, char* dst,
+                  int64_t dst_ld_bytes, int64_t rows, int64_t units) {
   int64_t used = offsets[experts];
   used = used < 0 ? 0 : (used > rows ? rows : used);
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kGatherThreads / kWarp);
+  for (int64_t r =
+           static_cast<int64_t>(blockIdx.x) * (kGatherThreads / kWarp) + threadIdx.x / kWarp;
+       r < rows; r += warps) {
     R* d = reinterpret_cast<R*>(dst + r * dst_ld_bytes);
     const int64_t pair = r < used ? sorted[r] : -1;
     const int64_t token = pair >= 0 ? pair / top_k : -1;
     if (token < 0 || token >= tokens) {
-      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) d[u] = R{};
+      for (int64_t u = lane; u < units; u += kWarp) d[u] = R{};
       continue;
     }
     const R* s = reinterpret_cast<const R*>(src + token * src_ld_bytes);
-    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) d[u] = s[u];
+    for (int64_t chunk = 0; chunk < units; chunk += kWarp * kGatherUnroll) {
+      R v[kGatherUnroll];
+#pragma unroll
+      for (int i = 0; i < kGatherUnroll; ++i) {
+        const int64_t u = chunk + i * kWarp + lane;
+        if (u < units) v[i] = s[u];
+      }
+#pragma unroll
+      for (int i = 0; i < kGatherUnroll; ++i) {
+        const int64_t u = chunk + i * kWarp + lane;
+        if (u < units) d[u] = v[i];
+      }
+    }
   }
 }
 
@@ -159,8 +182,11 @@ template <typename R>
 void launch_gather(const Arg& src, const Arg& sorted_pairs, const Arg& offsets, int64_t top_k,
                    const Arg& dst, int64_t elem, cudaStream_t stream) {
   const int64_t rows = dst.size(0);
-  const unsigned blocks = static_cast<unsigned>(rows < (1 << 20) ? rows : (1 << 20));
-  gather_kernel<R><<<blocks, 128, 0, stream>>>(
+  constexpr int64_t kRowsPerBlock = kGatherThreads / kWarp;
+  const int64_t wanted = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  const unsigned blocks = static_cast<unsigned>(wanted < (1 << 20) ? wanted : (1 << 20));
+  if (blocks == 0) return;
+  gather_kernel<R><<<blocks, kGatherThreads, 0, stream>>>(
       static_cast<const char*>(src.data()), src.stride(0) * elem, src.size(0),
       sorted_pairs.ptr<const int32_t>(), offsets.ptr<const int32_t>(),
       static_cast<int>(offsets.size(0) - 1), top_k, static_cast<char*>(dst.data()),
