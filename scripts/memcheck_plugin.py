@@ -4,7 +4,9 @@ Appends to $TURBOMOE_TEST_DONE_LOG one line per event: ``started ID`` when a tes
 ``passed|failed|skipped ID`` for its outcome (the call's, or a setup or teardown that did not
 pass), ``done ID`` when its teardown is over. After a test that leaves less than
 $TURBOMOE_TEST_MIN_FREE_GIB of device memory free it writes ``stopped: ...`` and ends the
-session, so that the next round can go on in a fresh process.
+session, so that the next round can go on in a fresh process. With $TURBOMOE_TEST_MEMORY_LOG
+it also appends there, after each test, the free device memory and torch's live-tensor bytes
+(live ~0 while free memory falls: the memory is held outside torch, e.g. by the sanitizer).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def free_gib() -> float | None:
     return torch.cuda.mem_get_info()[0] / 2**30
 
 
-def _write(line: str) -> None:
-    path = os.environ.get("TURBOMOE_TEST_DONE_LOG", "")
+def _write(line: str, variable: str = "TURBOMOE_TEST_DONE_LOG") -> None:
+    path = os.environ.get(variable, "")
     if path:
         with open(path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -46,10 +48,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     _write(f"done {item.nodeid}")
     floor = float(os.environ.get("TURBOMOE_TEST_MIN_FREE_GIB", "0") or 0)
-    if floor <= 0 or nextitem is None:
+    logged = bool(os.environ.get("TURBOMOE_TEST_MEMORY_LOG"))
+    if not logged and (floor <= 0 or nextitem is None):
         return
     free = free_gib()
-    if free is not None and free < floor:
+    if free is None:
+        return
+    if logged:
+        live = sys.modules["torch"].cuda.memory_allocated() / 2**30
+        line = f"free {free:7.2f} GiB, live tensors {live:7.2f} GiB after {item.nodeid}"
+        _write(line, "TURBOMOE_TEST_MEMORY_LOG")
+    if floor > 0 and nextitem is not None and free < floor:
         reason = f"{free:.2f} GiB free after {item.nodeid}, below {floor:g} GiB"
         _write(f"stopped: {reason}")
         item.session.shouldstop = reason

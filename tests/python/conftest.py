@@ -7,10 +7,6 @@
 - Tests marked ``gpu`` run only when TURBOMOE_GPU_TESTS=1. Without it they are deselected (so
   they are not counted as passed or skipped); with it but without a CUDA device the session
   stops with an error instead of skipping them silently.
-- TURBOMOE_TEST_MEMORY_LOG=path appends the device's free memory and torch's live-tensor bytes
-  (after a garbage collection) before each gpu test to path
-  (the GPU suite's compute-sanitizer stage sets it, so that a run that runs out of memory says
-  where the memory went).
 - Under pytest-xdist (PYTEST_XDIST_WORKER set; the GPU suite's PYTEST_WORKERS) each gpu test's
   cached device memory is released when it ends, so that the workers share the device.
 """
@@ -55,26 +51,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): the "
                 f"{len(gpu_items)} gpu tests cannot run"
             )
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    log = os.environ.get("TURBOMOE_TEST_MEMORY_LOG", "")
-    if not log or item.get_closest_marker("gpu") is None:
-        return
-    import gc
-
-    import torch
-
-    # Collected first, so that what the log shows held is held by live tensors (torch's count)
-    # or by the driver / a tool such as compute-sanitizer (the rest), not by unreachable cycles.
-    gc.collect()
-    free, total = torch.cuda.mem_get_info()
-    live = torch.cuda.memory_allocated()
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(
-            f"free {free / 2**30:7.2f} of {total / 2**30:.2f} GiB, live tensors "
-            f"{live / 2**30:7.2f} GiB before {item.nodeid}\n"
-        )
 
 
 @pytest.hookimpl(trylast=True)  # after the fixtures' teardown
