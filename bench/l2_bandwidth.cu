@@ -4,12 +4,14 @@
 // If this benchmark's L2 ceiling is about that, the passes are L2-bound and only loading each
 // operand once for two CTAs (cluster multicast) lifts them; if it is well above, the loss is
 // elsewhere (latency, the pipeline). Standalone (never part of the library):
-//   nvcc -std=c++20 -O3 -arch=sm_90a -I csrc -o /tmp/l2bw bench/l2_bandwidth.cu && /tmp/l2bw
+//   nvcc -std=c++20 -O3 -arch=sm_90a -I csrc -I include -o /tmp/l2bw bench/l2_bandwidth.cu &&
+//   /tmp/l2bw
 // Each CTA (one an SM) streams its share of a buffer through a ring of 4 stages of 48 KiB, as
 // the GEMM's producer does, with 1-D bulk copies (cp.async.bulk) of 16 KiB completing on the
 // stage's mbarrier; one warp waits on each stage and frees it at once (no computation), so the
 // copies are the only work. Buffers: 24 MiB (held in L2 after the first pass) and 4 GiB (DRAM).
 //
+// (Launched through the library's cluster_launch_config, one CTA a tile as clusters of 1.)
 // Then the same in 2-CTA clusters laid out as the row passes' `cluster_rows` kernel: a stage is
 // 16 KiB of this CTA's own (A) and 32 KiB shared by the pair (B), of which each CTA loads one half
 // and multicasts it into both; the consumer of each CTA frees the stage in both (a stage is
@@ -27,6 +29,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "common/cuda_utils.cuh"
 #include "grouped_gemm/sm90_ptx.cuh"
 
 namespace {
@@ -141,23 +144,20 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+// The stream kernel's launch: `ctas` CTAs in clusters of `cluster` (1: one CTA a tile, 2: pairs);
+// *attr must outlive the launch.
+cudaLaunchConfig_t pair_config(int ctas, unsigned cluster, cudaLaunchAttribute* attr) {
+  return turbomoe::cuda::cluster_launch_config(static_cast<unsigned>(ctas), kThreads,
+                                               kStages * kStageBytes, nullptr, cluster, attr);
+}
+
 // Median stages/s (all CTAs together) of `reps` launches streaming `stages_per_cta` stages per
 // CTA; pair: in 2-CTA clusters (ctas even).
 double stage_rate(const unsigned char* buffer, int64_t buffer_bytes, int ctas,
                   int64_t stages_per_cta, int64_t spin, bool pair, uint32_t* sink, int reps) {
   const int64_t buffer_stages = buffer_bytes / (pair ? kPairChunkBytes : kStageBytes);
-  const int smem = kStages * kStageBytes;
   cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 2;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(ctas));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
-  config.attrs = pair ? &cluster : nullptr;
-  config.numAttrs = pair ? 1 : 0;
+  const cudaLaunchConfig_t config = pair_config(ctas, pair ? 2 : 1, &cluster);
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "event");
   check(cudaEventCreate(&stop), "event");
@@ -210,16 +210,7 @@ int main() {
   {
     // Clusters live inside one GPC: fewer pairs than sms / 2 may be resident at once.
     cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 2;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(pair_ctas));
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = static_cast<size_t>(kStages * kStageBytes);
-    config.attrs = &cluster;
-    config.numAttrs = 1;
+    const cudaLaunchConfig_t config = pair_config(pair_ctas, 2, &cluster);
     int resident = 0;
     check(cudaOccupancyMaxActiveClusters(&resident, stream_kernel<true>, &config),
           "max active clusters");

@@ -261,7 +261,7 @@ PY
     # printed beside gemm.txt, informational (it fails no stage).
     if command -v nvcc >/dev/null 2>&1; then
       mkdir -p "$BUILD_DIR"
-      { nvcc -std=c++20 -O3 -arch=sm_90a -I csrc -o "$BUILD_DIR/l2_bandwidth" \
+      { nvcc -std=c++20 -O3 -arch=sm_90a -I csrc -I include -o "$BUILD_DIR/l2_bandwidth" \
           bench/l2_bandwidth.cu && timeout 60 "$BUILD_DIR/l2_bandwidth"; } \
         >"$OUT/l2_bandwidth.txt" 2>&1 || echo "l2_bandwidth: rc $?" >>"$OUT/l2_bandwidth.txt"
     fi
