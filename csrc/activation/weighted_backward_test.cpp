@@ -38,7 +38,7 @@ Composed composed(const tm_swiglu_params& p, HostTensor& grad_rows, HostTensor& 
   Composed c{HostTensor({rows, cols}, dtype), HostTensor({rows, cols}, dtype),
              HostTensor({rows, cols}, dtype), HostTensor({rows, 1}, TM_DTYPE_FLOAT32)};
   TM_CHECK_OK(tm_combine_backward(grad_rows.desc(), act.desc(), identity.desc(), weights.desc(),
-                                  grad_act.desc(), c.grad_weights.desc(), nullptr));
+                                  nullptr, grad_act.desc(), c.grad_weights.desc(), nullptr));
   // act * w with w rounded to act's dtype first (torch's `act * w.to(act.dtype)`).
   HostTensor w_rounded({1}, dtype), product({1}, dtype);
   for (int64_t r = 0; r < rows; ++r) {

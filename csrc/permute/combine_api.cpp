@@ -63,12 +63,14 @@ tm_status tm_combine_forward(const tm_tensor* rows, const tm_tensor* pair_to_row
 
 tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor* rows,
                               const tm_tensor* pair_to_row, const tm_tensor* weights,
-                              tm_tensor* grad_rows, tm_tensor* grad_weights, void* stream) {
+                              const tm_tensor* expert_offsets, tm_tensor* grad_rows,
+                              tm_tensor* grad_weights, void* stream) {
   return turbomoe::guard(__func__, [&] {
     const Arg go(grad_out, "grad_out"), p2r(pair_to_row, "pair_to_row");
     const Arg gr(grad_rows, "grad_rows");
     const auto r = turbomoe::optional_arg(rows, "rows");
     const auto w = turbomoe::optional_arg(weights, "weights");
+    const auto offsets = turbomoe::optional_arg(expert_offsets, "expert_offsets");
     const auto gw = turbomoe::optional_arg(grad_weights, "grad_weights");
     check_row_matrix(go);
     check_row_matrix(gr);
@@ -78,15 +80,21 @@ tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor* rows,
       check_row_matrix(*r);
       r->same_dtype(go).same_shape(gr);
     }
+    if (offsets) {
+      offsets->dtype_in({TM_DTYPE_INT32}).ndim_is(1).contiguous();
+      if (offsets->size(0) < 1) invalid("expert_offsets is empty; expected [E+1] offsets");
+    }
     const int64_t top_k = slots_per_token(p2r, go.size(0), {&w, &gw});
     if (top_k < 0) invalid("pair_to_row must be empty when grad_out has no token");
-    const int32_t device = turbomoe::common_device(
-        {&go, r ? &*r : nullptr, &p2r, w ? &*w : nullptr, &gr, gw ? &*gw : nullptr});
+    const int32_t device =
+        turbomoe::common_device({&go, r ? &*r : nullptr, &p2r, w ? &*w : nullptr,
+                                 offsets ? &*offsets : nullptr, &gr, gw ? &*gw : nullptr});
     turbomoe::require_cuda_build(device, "tm_combine_backward");
+    const turbomoe::permute::CombineBackward c{go, r, p2r, w, offsets, top_k, gr, gw};
     if (device == TM_DEVICE_CPU) {
-      turbomoe::permute::combine_backward_cpu(go, r, p2r, w, top_k, gr, gw);
+      turbomoe::permute::combine_backward_cpu(c);
     } else {
-      TM_CUDA_ONLY(turbomoe::permute::combine_backward_cuda(go, r, p2r, w, top_k, gr, gw, stream));
+      TM_CUDA_ONLY(turbomoe::permute::combine_backward_cuda(c, stream));
     }
   });
 }

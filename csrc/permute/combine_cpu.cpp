@@ -52,20 +52,40 @@ void combine_forward_cpu(const Arg& rows, const Arg& pair_to_row, const std::opt
   });
 }
 
-void combine_backward_cpu(const Arg& grad_out, const std::optional<Arg>& rows,
-                          const Arg& pair_to_row, const std::optional<Arg>& weights, int64_t top_k,
-                          const Arg& grad_rows, const std::optional<Arg>& grad_weights) {
+void combine_backward_cpu(const CombineBackward& c) {
+  const Arg& grad_out = c.grad_out;
+  const Arg& grad_rows = c.grad_rows;
+  const std::optional<Arg>& rows = c.rows;
+  const std::optional<Arg>& weights = c.weights;
+  const std::optional<Arg>& grad_weights = c.grad_weights;
+  const int64_t top_k = c.top_k;
   const int64_t num_rows = grad_rows.size(0), tokens = grad_out.size(0), hidden = grad_out.size(1);
-  check_rows(pair_to_row, num_rows);
-  const int32_t* p2r = pair_to_row.ptr<const int32_t>();
+  check_rows(c.pair_to_row, num_rows);
+  const int32_t* p2r = c.pair_to_row.ptr<const int32_t>();
   // A row reached twice would make "grad_rows[row] = ..." ambiguous.
   std::vector<char> seen(static_cast<size_t>(num_rows), 0);
-  for (int64_t p = 0; p < pair_to_row.size(0); ++p) {
+  for (int64_t p = 0; p < c.pair_to_row.size(0); ++p) {
     if (p2r[p] < 0) continue;
     if (seen[p2r[p]]) {
       invalid("pair_to_row maps two pairs to row " + std::to_string(p2r[p]));
     }
     seen[p2r[p]] = 1;
+  }
+  if (c.expert_offsets) {
+    // The CUDA kernel trusts this promise (it leaves rows below the count to the pairs).
+    const Arg& offsets = *c.expert_offsets;
+    const int64_t used = offsets.ptr<const int32_t>()[offsets.size(0) - 1];
+    if (used < 0 || used > num_rows) {
+      invalid("expert_offsets ends at " + std::to_string(used) + ", outside [0, " +
+              std::to_string(num_rows) + "] rows");
+    }
+    for (int64_t row = 0; row < num_rows; ++row) {
+      if (static_cast<bool>(seen[row]) != (row < used)) {
+        invalid("pair_to_row does not map onto rows [0, " + std::to_string(used) +
+                ") exactly, as expert_offsets promises: row " + std::to_string(row) + " is " +
+                (seen[row] ? "mapped" : "not mapped"));
+      }
+    }
   }
   dispatch_floating(grad_out.dtype(), [&](auto tag) {
     using T = decltype(tag);

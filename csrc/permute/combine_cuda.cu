@@ -67,18 +67,6 @@ struct Rows {
 
 Rows rows_of(const Arg& a) { return {a.data(), a.stride(0)}; }
 
-__device__ __forceinline__ float block_sum(float v, float* partial) {
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / kWarp; ++w) total += partial[w];
-  }
-  __syncthreads();
-  return total;  // valid in thread 0
-}
-
 // Slots whose rows a thread loads together before adding them up (in ascending k, as before):
 // with one slot at a time each thread had a single 16-byte load in flight, and the forward ran
 // at ~79% of its copy floor (H100 profile: 59 us a call for 32k x 4 KiB rows against ~47).
@@ -125,36 +113,86 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The backward walks a token's slots in batches of kSlotBatch as the forward does: the batch's
+// row indices, then each thread's vectors of all its rows (one load each in flight together),
+// then the scaled stores. The weight gradients' dot products keep their per-thread order (h
+// ascending) and their reduction shape (warp butterfly, then the warps' partials added in order
+// by one thread), so each is the same float as with one slot at a time.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     combine_backward_kernel(Rows grad_out, Rows rows, int64_t num_rows, const int32_t* pair_to_row,
                             SlotView weights, Rows grad_rows, SlotView grad_weights, int64_t tokens,
-                            int64_t top_k, int64_t hidden) {
-  __shared__ float partial[kThreads / kWarp];
+                            int64_t top_k, int64_t hidden, const int32_t* used_rows) {
+  __shared__ float partial[kThreads / kWarp][kSlotBatch];
   const bool want_dot = grad_weights.data != nullptr;
+  const int tid = static_cast<int>(threadIdx.x);
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    for (int64_t k = 0; k < top_k; ++k) {
-      const int64_t r = pair_to_row[t * top_k + k];
-      float dot = 0.0f;
-      if (r >= 0 && r < num_rows) {
-        const float w = read_slot(weights, t, k);
-        for (int64_t h = int64_t(threadIdx.x) * V; h < hidden; h += int64_t(kThreads) * V) {
-          Pack<T, V> g, d;
-          g.load(static_cast<const T*>(grad_out.data) + t * grad_out.ld + h);
+    const T* g_row = static_cast<const T*>(grad_out.data) + t * grad_out.ld;
+    for (int64_t k0 = 0; k0 < top_k; k0 += kSlotBatch) {
+      int64_t r[kSlotBatch];
+      bool routed[kSlotBatch];
+      float w[kSlotBatch];
+      float dot[kSlotBatch];
 #pragma unroll
-          for (int i = 0; i < V; ++i) d.set(i, w * g.get(i));
-          d.save(static_cast<T*>(grad_rows.data) + r * grad_rows.ld + h);
+      for (int j = 0; j < kSlotBatch; ++j) {
+        r[j] = k0 + j < top_k ? pair_to_row[t * top_k + k0 + j] : -1;
+      }
+#pragma unroll
+      for (int j = 0; j < kSlotBatch; ++j) {
+        routed[j] = r[j] >= 0 && r[j] < num_rows;
+        w[j] = routed[j] ? read_slot(weights, t, k0 + j) : 0.0f;
+        dot[j] = 0.0f;
+      }
+      for (int64_t h = int64_t(tid) * V; h < hidden; h += int64_t(kThreads) * V) {
+        Pack<T, V> g;
+        g.load(g_row + h);
+        Pack<T, V> x[kSlotBatch];
+        if (want_dot) {
+#pragma unroll
+          for (int j = 0; j < kSlotBatch; ++j) {
+            if (routed[j]) x[j].load(static_cast<const T*>(rows.data) + r[j] * rows.ld + h);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kSlotBatch; ++j) {
+          if (!routed[j]) continue;
+          Pack<T, V> d;
+#pragma unroll
+          for (int i = 0; i < V; ++i) d.set(i, w[j] * g.get(i));
+          d.save(static_cast<T*>(grad_rows.data) + r[j] * grad_rows.ld + h);
           if (want_dot) {
-            Pack<T, V> x;
-            x.load(static_cast<const T*>(rows.data) + r * rows.ld + h);
 #pragma unroll
-            for (int i = 0; i < V; ++i) dot += g.get(i) * x.get(i);
+            for (int i = 0; i < V; ++i) dot[j] += g.get(i) * x[j].get(i);
           }
         }
       }
       if (want_dot) {
-        dot = block_sum(dot, partial);
-        if (threadIdx.x == 0) write_slot(grad_weights, t, k, dot);
+#pragma unroll
+        for (int j = 0; j < kSlotBatch; ++j) {
+          float v = dot[j];
+          for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+          if (tid % kWarp == 0) partial[tid / kWarp][j] = v;
+        }
+        __syncthreads();
+        if (tid < kSlotBatch && k0 + tid < top_k) {
+          float total = 0.0f;
+          for (int wp = 0; wp < kThreads / kWarp; ++wp) total += partial[wp][tid];
+          write_slot(grad_weights, t, k0 + tid, total);
+        }
+        __syncthreads();  // partial is refilled by the next batch
+      }
+    }
+  }
+  // The rows no pair maps to (from *used_rows on, when the caller promised that the pairs fill
+  // the rows before it) are cleared here rather than by a memset of every row beforehand.
+  if (used_rows != nullptr) {
+    const int64_t first = min(max(int64_t(*used_rows), int64_t(0)), num_rows);
+    for (int64_t row = first + blockIdx.x; row < num_rows; row += gridDim.x) {
+      Pack<T, V> zero;
+#pragma unroll
+      for (int i = 0; i < V; ++i) zero.set(i, 0.0f);
+      for (int64_t h = int64_t(tid) * V; h < hidden; h += int64_t(kThreads) * V) {
+        zero.save(static_cast<T*>(grad_rows.data) + row * grad_rows.ld + h);
       }
     }
   }
@@ -194,20 +232,20 @@ void launch_forward(const Arg& rows, const Arg& p2r, const SlotView& w, int64_t 
 }
 
 template <typename T>
-void launch_backward(const Arg& grad_out, const std::optional<Arg>& rows, const Arg& p2r,
-                     const SlotView& w, int64_t top_k, const Arg& grad_rows, const SlotView& gw,
-                     cudaStream_t stream) {
-  const int64_t tokens = grad_out.size(0), hidden = grad_out.size(1);
-  const Rows r = rows ? rows_of(*rows) : Rows{nullptr, 0};
+void launch_backward(const CombineBackward& c, const int32_t* used_rows, cudaStream_t stream) {
+  const int64_t tokens = c.grad_out.size(0), hidden = c.grad_out.size(1);
+  const Rows r = c.rows ? rows_of(*c.rows) : Rows{nullptr, 0};
+  const SlotView w = slot_view(c.weights), gw = slot_view(c.grad_weights);
+  const int32_t* p2r = c.pair_to_row.ptr<const int32_t>();
   constexpr int kVec = 16 / sizeof(T);
-  if (vectorizable({&grad_out, &grad_rows, rows ? &*rows : nullptr}, hidden)) {
+  if (vectorizable({&c.grad_out, &c.grad_rows, c.rows ? &*c.rows : nullptr}, hidden)) {
     combine_backward_kernel<T, kVec><<<grid_for(tokens), kThreads, 0, stream>>>(
-        rows_of(grad_out), r, grad_rows.size(0), p2r.ptr<const int32_t>(), w, rows_of(grad_rows),
-        gw, tokens, top_k, hidden);
+        rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w, rows_of(c.grad_rows), gw, tokens,
+        c.top_k, hidden, used_rows);
   } else {
     combine_backward_kernel<T, 1><<<grid_for(tokens), kThreads, 0, stream>>>(
-        rows_of(grad_out), r, grad_rows.size(0), p2r.ptr<const int32_t>(), w, rows_of(grad_rows),
-        gw, tokens, top_k, hidden);
+        rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w, rows_of(c.grad_rows), gw, tokens,
+        c.top_k, hidden, used_rows);
   }
   cuda::check_launch("combine_backward_kernel");
 }
@@ -226,15 +264,15 @@ void combine_forward_cuda(const Arg& rows, const Arg& pair_to_row,
   }
 }
 
-void combine_backward_cuda(const Arg& grad_out, const std::optional<Arg>& rows,
-                           const Arg& pair_to_row, const std::optional<Arg>& weights, int64_t top_k,
-                           const Arg& grad_rows, const std::optional<Arg>& grad_weights,
-                           void* stream) {
+void combine_backward_cuda(const CombineBackward& c, void* stream) {
+  const Arg& grad_rows = c.grad_rows;
   cuda::DeviceGuard device(grad_rows.t().device_index);
   const cudaStream_t s = cuda::as_stream(stream);
-  // Rows that no pair reaches must read as zero; all rows are cleared first, then the mapped
-  // ones are overwritten (which rows are mapped is only known on the device).
-  if (grad_rows.numel() > 0) {
+  const bool launches = c.grad_out.size(0) > 0 && c.top_k > 0;
+  // Rows that no pair reaches must read as zero. Without the offsets' promise, which rows those
+  // are is only known on the device: all rows are cleared first, then the mapped ones
+  // overwritten. With it, the kernel clears the rows past the mapped ones itself.
+  if (grad_rows.numel() > 0 && (!c.expert_offsets || !launches)) {
     const size_t elem = dtype_size(grad_rows.dtype());
     const size_t width = static_cast<size_t>(grad_rows.size(1)) * elem;
     const size_t pitch =
@@ -243,12 +281,15 @@ void combine_backward_cuda(const Arg& grad_out, const std::optional<Arg>& rows,
                                   static_cast<size_t>(grad_rows.size(0)), s),
                 "cudaMemset2DAsync(grad_rows)");
   }
-  if (grad_out.size(0) == 0 || top_k == 0) return;
-  const SlotView w = slot_view(weights), gw = slot_view(grad_weights);
-  if (grad_out.dtype() == TM_DTYPE_FLOAT32) {
-    launch_backward<float>(grad_out, rows, pair_to_row, w, top_k, grad_rows, gw, s);
+  if (!launches) return;
+  const int32_t* used_rows = nullptr;
+  if (c.expert_offsets) {
+    used_rows = c.expert_offsets->ptr<const int32_t>() + (c.expert_offsets->size(0) - 1);
+  }
+  if (c.grad_out.dtype() == TM_DTYPE_FLOAT32) {
+    launch_backward<float>(c, used_rows, s);
   } else {
-    launch_backward<__nv_bfloat16>(grad_out, rows, pair_to_row, w, top_k, grad_rows, gw, s);
+    launch_backward<__nv_bfloat16>(c, used_rows, s);
   }
 }
 

@@ -78,8 +78,8 @@ TEST_P(CombineTest, BackwardMatchesDoubleReference) {
   gr.poison();
   gw.poison();
   tm_tensor* wd = weight_dtype ? w.desc() : nullptr;
-  TM_ASSERT_OK(
-      tm_combine_backward(go.desc(), r.desc(), p2r.desc(), wd, gr.desc(), gw.desc(), nullptr));
+  TM_ASSERT_OK(tm_combine_backward(go.desc(), r.desc(), p2r.desc(), wd, nullptr, gr.desc(),
+                                   gw.desc(), nullptr));
   std::vector<double> ref_gr(static_cast<size_t>(rows * hidden), 0.0), ref_gw;
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t k = 0; k < top_k; ++k) {
@@ -100,8 +100,8 @@ TEST_P(CombineTest, BackwardMatchesDoubleReference) {
   // Without grad_weights, rows may be NULL and grad_rows is unchanged.
   HostTensor gr2({rows, hidden}, dtype);
   gr2.poison();
-  TM_ASSERT_OK(
-      tm_combine_backward(go.desc(), nullptr, p2r.desc(), wd, gr2.desc(), nullptr, nullptr));
+  TM_ASSERT_OK(tm_combine_backward(go.desc(), nullptr, p2r.desc(), wd, nullptr, gr2.desc(), nullptr,
+                                   nullptr));
   EXPECT_EQ(gr2.values(), gr.values());
 }
 
@@ -124,8 +124,8 @@ TEST(Combine, WeightGradientMatchesFiniteDifferences) {
   go.fill_uniform(rng);
   w.fill_uniform(rng, 0, 1);
   gw.poison();
-  TM_ASSERT_OK(tm_combine_backward(go.desc(), r.desc(), p2r.desc(), w.desc(), gr.desc(), gw.desc(),
-                                   nullptr));
+  TM_ASSERT_OK(tm_combine_backward(go.desc(), r.desc(), p2r.desc(), w.desc(), nullptr, gr.desc(),
+                                   gw.desc(), nullptr));
   // loss(w) = <grad_out, combine(rows, w)>, evaluated through the library's forward.
   auto loss = [&]() {
     EXPECT_EQ(tm_combine_forward(r.desc(), p2r.desc(), w.desc(), out.desc(), nullptr), TM_OK);
@@ -152,8 +152,8 @@ TEST(Combine, ZeroTokens) {
   HostTensor gr({4, 8}, TM_DTYPE_FLOAT32);
   TM_ASSERT_OK(tm_combine_forward(r.desc(), p2r.desc(), nullptr, out.desc(), nullptr));
   gr.poison();
-  TM_ASSERT_OK(
-      tm_combine_backward(out.desc(), nullptr, p2r.desc(), nullptr, gr.desc(), nullptr, nullptr));
+  TM_ASSERT_OK(tm_combine_backward(out.desc(), nullptr, p2r.desc(), nullptr, nullptr, gr.desc(),
+                                   nullptr, nullptr));
   EXPECT_EQ(gr.values(), std::vector<double>(32, 0.0));  // no row is reached: all zero
 }
 
@@ -218,7 +218,7 @@ TEST(Combine, RejectsBadBackwardArguments) {
   HostTensor gr_h({rows, hidden + 1}, TM_DTYPE_FLOAT32);
   for (int64_t p = 0; p < 6; ++p) p2r.set(p, p);
   auto bwd = [&](tm_tensor* a, tm_tensor* b, tm_tensor* c, tm_tensor* d, tm_tensor* e,
-                 tm_tensor* f) { return tm_combine_backward(a, b, c, d, e, f, nullptr); };
+                 tm_tensor* f) { return tm_combine_backward(a, b, c, d, nullptr, e, f, nullptr); };
   TM_ASSERT_OK(bwd(go.desc(), r.desc(), p2r.desc(), w.desc(), gr.desc(), gw.desc()));
   TM_EXPECT_ERROR(bwd(nullptr, r.desc(), p2r.desc(), w.desc(), gr.desc(), gw.desc()),
                   TM_ERR_INVALID_ARGUMENT, "grad_out");
@@ -244,6 +244,80 @@ TEST(Combine, RejectsBadBackwardArguments) {
   p2r.set(3, 7);
   TM_EXPECT_ERROR(bwd(go.desc(), r.desc(), p2r.desc(), w.desc(), gr.desc(), gw.desc()),
                   TM_ERR_INVALID_ARGUMENT, "pair_to_row[3]");
+}
+
+// pair_to_row of a permutation plan: the routed pairs fill rows [0, used) in a random order,
+// dropped pairs are -1, and the rows from used on belong to no pair.
+HostTensor planned_pair_to_row(std::mt19937_64& rng, int64_t pairs, int64_t* used) {
+  std::uniform_real_distribution<double> coin(0, 1);
+  std::vector<char> dropped(static_cast<size_t>(pairs));
+  *used = 0;
+  for (int64_t p = 0; p < pairs; ++p) {
+    dropped[p] = coin(rng) < 0.25;
+    *used += dropped[p] ? 0 : 1;
+  }
+  std::vector<int32_t> perm(static_cast<size_t>(*used));
+  for (int64_t r = 0; r < *used; ++r) perm[r] = static_cast<int32_t>(r);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  HostTensor p2r({pairs}, TM_DTYPE_INT32);
+  for (int64_t p = 0, next = 0; p < pairs; ++p) p2r.set(p, dropped[p] ? -1.0 : perm[next++]);
+  return p2r;
+}
+
+TEST(Combine, BackwardWithOffsetsEqualsBackwardWithout) {
+  auto rng = turbomoe::testing::rng_for_test();
+  for (int32_t dtype : {TM_DTYPE_FLOAT32, TM_DTYPE_BFLOAT16}) {
+    // K = 11 spans two slot batches of the CUDA kernel.
+    for (auto [tokens, top_k, hidden] : {std::tuple{9, 3, 40}, std::tuple{6, 11, 24}}) {
+      const int64_t rows = tokens * top_k;
+      int64_t used = 0;
+      HostTensor p2r = planned_pair_to_row(rng, rows, &used);
+      HostTensor offsets({4}, TM_DTYPE_INT32);  // only the last entry counts
+      for (int64_t e = 0; e < 4; ++e) offsets.set(e, static_cast<double>(used * e / 3));
+      HostTensor r({rows, hidden}, dtype), go({tokens, hidden}, dtype);
+      HostTensor w({tokens, top_k}, TM_DTYPE_FLOAT32);
+      r.fill_uniform(rng);
+      go.fill_uniform(rng);
+      w.fill_uniform(rng, 0, 1);
+      HostTensor gr({rows, hidden}, dtype), gw({tokens, top_k}, TM_DTYPE_FLOAT32);
+      HostTensor gr_plain({rows, hidden}, dtype), gw_plain({tokens, top_k}, TM_DTYPE_FLOAT32);
+      for (HostTensor* t : {&gr, &gw, &gr_plain, &gw_plain}) t->poison();
+      TM_ASSERT_OK(tm_combine_backward(go.desc(), r.desc(), p2r.desc(), w.desc(), offsets.desc(),
+                                       gr.desc(), gw.desc(), nullptr));
+      TM_ASSERT_OK(tm_combine_backward(go.desc(), r.desc(), p2r.desc(), w.desc(), nullptr,
+                                       gr_plain.desc(), gw_plain.desc(), nullptr));
+      EXPECT_EQ(gr.values(), gr_plain.values());
+      EXPECT_EQ(gw.values(), gw_plain.values());
+      for (int64_t i = used * hidden; i < rows * hidden; ++i) ASSERT_EQ(gr.get(i), 0.0) << i;
+    }
+  }
+}
+
+TEST(Combine, BackwardRejectsOffsetsThatBreakTheirPromise) {
+  const int64_t tokens = 3, hidden = 8, rows = 7;
+  HostTensor go({tokens, hidden}, TM_DTYPE_FLOAT32), p2r({6}, TM_DTYPE_INT32);
+  HostTensor gr({rows, hidden}, TM_DTYPE_FLOAT32), offsets({2}, TM_DTYPE_INT32);
+  HostTensor offsets_64({2}, TM_DTYPE_INT64), offsets_empty({0}, TM_DTYPE_INT32);
+  for (int64_t p = 0; p < 6; ++p) p2r.set(p, static_cast<double>(p));  // rows [0, 6)
+  auto bwd = [&](tm_tensor* o) {
+    return tm_combine_backward(go.desc(), nullptr, p2r.desc(), nullptr, o, gr.desc(), nullptr,
+                               nullptr);
+  };
+  offsets.set(1, 6);
+  TM_ASSERT_OK(bwd(offsets.desc()));
+  offsets.set(1, 5);  // row 5 is mapped past the promised end
+  TM_EXPECT_ERROR(bwd(offsets.desc()), TM_ERR_INVALID_ARGUMENT, "row 5 is mapped");
+  offsets.set(1, 7);  // row 6 is promised but no pair maps to it
+  TM_EXPECT_ERROR(bwd(offsets.desc()), TM_ERR_INVALID_ARGUMENT, "row 6 is not mapped");
+  offsets.set(1, 8);
+  TM_EXPECT_ERROR(bwd(offsets.desc()), TM_ERR_INVALID_ARGUMENT, "outside [0, 7]");
+  offsets.set(1, -1);
+  TM_EXPECT_ERROR(bwd(offsets.desc()), TM_ERR_INVALID_ARGUMENT, "outside [0, 7]");
+  TM_EXPECT_ERROR(bwd(offsets_64.desc()), TM_ERR_INVALID_ARGUMENT, "expert_offsets");
+  TM_EXPECT_ERROR(bwd(offsets_empty.desc()), TM_ERR_INVALID_ARGUMENT, "expert_offsets");
+  tm_tensor on_cuda = *offsets.desc();
+  on_cuda.device_type = TM_DEVICE_CUDA;
+  TM_EXPECT_ERROR(bwd(&on_cuda), TM_ERR_INVALID_ARGUMENT, "expert_offsets");
 }
 
 }  // namespace

@@ -39,12 +39,19 @@ void combine_forward_cuda(const Arg& rows, const Arg& pair_to_row,
                           const std::optional<Arg>& weights, int64_t top_k, const Arg& out,
                           void* stream);
 
-void combine_backward_cpu(const Arg& grad_out, const std::optional<Arg>& rows,
-                          const Arg& pair_to_row, const std::optional<Arg>& weights, int64_t top_k,
-                          const Arg& grad_rows, const std::optional<Arg>& grad_weights);
-void combine_backward_cuda(const Arg& grad_out, const std::optional<Arg>& rows,
-                           const Arg& pair_to_row, const std::optional<Arg>& weights, int64_t top_k,
-                           const Arg& grad_rows, const std::optional<Arg>& grad_weights,
-                           void* stream);
+// The combine's backward; expert_offsets, when given, promises that the pairs map exactly onto
+// rows [0, expert_offsets[E]) (tm_combine_backward).
+struct CombineBackward {
+  const Arg& grad_out;
+  const std::optional<Arg>& rows;
+  const Arg& pair_to_row;
+  const std::optional<Arg>& weights;
+  const std::optional<Arg>& expert_offsets;
+  int64_t top_k;
+  const Arg& grad_rows;
+  const std::optional<Arg>& grad_weights;
+};
+void combine_backward_cpu(const CombineBackward& c);
+void combine_backward_cuda(const CombineBackward& c, void* stream);
 
 }  // namespace turbomoe::permute

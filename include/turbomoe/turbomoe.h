@@ -158,10 +158,16 @@ TM_API tm_status tm_combine_forward(const tm_tensor* rows, const tm_tensor* pair
 
 /* grad_rows[pair_to_row[t*K+k]] = weights[t,k] * grad_out[t] (rows no pair maps to are zeroed);
  * grad_weights[t,k] = <grad_out[t], rows[pair_to_row[t*K+k]]> (0 for dropped pairs).
- * weights NULL means all ones; grad_weights may be NULL (then rows may be NULL). */
+ * weights NULL means all ones; grad_weights may be NULL (then rows may be NULL).
+ * expert_offsets [E+1] int32 or NULL: when given (tm_permute_plan's), the pairs map exactly
+ * onto rows [0, expert_offsets[E]), so only the rows from there on are zeroed, in the kernel's
+ * own launch, instead of clearing every row before writing the mapped ones (a whole extra write
+ * of grad_rows). The CPU checks that promise; on CUDA it cannot be checked without a host sync.
+ */
 TM_API tm_status tm_combine_backward(const tm_tensor* grad_out, const tm_tensor* rows,
                                      const tm_tensor* pair_to_row, const tm_tensor* weights,
-                                     tm_tensor* grad_rows, tm_tensor* grad_weights, void* stream);
+                                     const tm_tensor* expert_offsets, tm_tensor* grad_rows,
+                                     tm_tensor* grad_weights, void* stream);
 
 /* ---------------------------------------------------------------- expert-parallel layout
  * Which tokens each rank receives when the E experts are owned in R contiguous blocks of E/R

@@ -126,7 +126,7 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "tm_permute_plan": (_I32, [_T, _I64, _T, _T, _T, _P, _SZ, _P]),
     "tm_gather_rows": (_I32, [_T, _T, _T, _I64, _T, _P]),
     "tm_combine_forward": (_I32, [_T, _T, _T, _T, _P]),
-    "tm_combine_backward": (_I32, [_T, _T, _T, _T, _T, _T, _P]),
+    "tm_combine_backward": (_I32, [_T, _T, _T, _T, _T, _T, _T, _P]),
     "tm_ep_layout_workspace_size": (_I32, [_I64, _I64, _I64, _I32, _SZP]),
     "tm_ep_layout": (_I32, [_T, _I64, _I64, _T, _T, _T, _T, _P, _SZ, _P]),
     "tm_ep_send_plan": (_I32, [_T, _T, _T, _T, _T, _I64, _I64, _T, _T, _T, _T, _P]),

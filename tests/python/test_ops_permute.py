@@ -142,13 +142,16 @@ def test_gather_rows_without_pair_to_row_rebuilds_it():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("with_weights", [True, False])
-def test_combine_forward_and_backward(case, with_weights):
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_combine_forward_and_backward(case, with_weights, with_offsets):
     ids = CASES[case]
     torch.manual_seed(2)
     rows = torch.randn(TOKENS * TOP_K, HIDDEN, requires_grad=True)
     weights = torch.rand(TOKENS, TOP_K, requires_grad=True) if with_weights else None
-    _, pair_to_row, _ = permute_plan(ids, EXPERTS)
-    out = combine(rows, pair_to_row, weights, TOP_K)
+    _, pair_to_row, offsets = permute_plan(ids, EXPERTS)
+    out = combine(
+        rows, pair_to_row, weights, TOP_K, expert_offsets=offsets if with_offsets else None
+    )
     ref_rows = rows.detach().double().requires_grad_(True)
     ref_weights = None if weights is None else weights.detach().double().requires_grad_(True)
     ref = reference_combine(ref_rows, ids, ref_weights)
@@ -164,6 +167,8 @@ def test_combine_forward_and_backward(case, with_weights):
         assert torch.count_nonzero(rows.grad) == 0
     else:
         assert rel(rows.grad, ref_rows.grad) < 1e-6
+    # The rows of the dropped pairs, past the routed ones, get an exact zero gradient.
+    assert torch.count_nonzero(rows.grad[int(offsets[-1]) :]) == 0
     if with_weights:
         if case == "all_dropped":
             assert torch.count_nonzero(weights.grad) == 0
@@ -212,6 +217,28 @@ def test_combine_rejects_bad_arguments():
         combine(rows[:-1], pair_to_row, None, TOP_K)  # a row index past the end
 
 
+def test_combine_rejects_offsets_that_do_not_describe_its_rows():
+    """The offsets promise that the pairs fill rows [0, offsets[-1]); the CPU backward checks."""
+    ids = CASES["sentinel_dropped"]
+    _, pair_to_row, offsets = permute_plan(ids, EXPERTS)
+    rows = torch.randn(TOKENS * TOP_K, HIDDEN, requires_grad=True)
+    routed = int(offsets[-1])
+    assert routed < TOKENS * TOP_K  # some pairs dropped, so some rows are unmapped
+    short = offsets.clone()
+    short[-1] = routed - 1
+    out = combine(rows, pair_to_row, None, TOP_K, expert_offsets=short)
+    with pytest.raises(ValueError, match=f"row {routed - 1} is mapped"):
+        out.sum().backward()
+    long = offsets.clone()
+    long[-1] = routed + 1
+    out = combine(rows, pair_to_row, None, TOP_K, expert_offsets=long)
+    with pytest.raises(ValueError, match=f"row {routed} is not mapped"):
+        out.sum().backward()
+    out = combine(rows, pair_to_row, None, TOP_K, expert_offsets=offsets.long())
+    with pytest.raises(TypeError, match="expert_offsets"):
+        out.sum().backward()
+
+
 def test_gather_rows_rejects_bad_arguments():
     sorted_pairs, _, offsets = permute_plan(CASES["random_with_idle_expert"], EXPERTS)
     x = torch.randn(TOKENS, HIDDEN)
@@ -246,17 +273,22 @@ def test_permute_opcheck():
     )
     rows = torch.randn(TOKENS * TOP_K, HIDDEN, requires_grad=True)
     weights = torch.rand(TOKENS, TOP_K, requires_grad=True)
-    torch.library.opcheck(torch.ops.turbomoe.combine.default, (rows, pair_to_row, weights, TOP_K))
-    torch.library.opcheck(torch.ops.turbomoe.combine.default, (rows, pair_to_row, None, TOP_K))
-    grad_out = torch.randn(TOKENS, HIDDEN)
-    torch.library.opcheck(
-        torch.ops.turbomoe.combine_backward.default,
-        (grad_out, rows.detach(), pair_to_row, weights.detach()),
-    )
-    torch.library.opcheck(
-        torch.ops.turbomoe.combine_backward_rows.default,
-        (grad_out, pair_to_row, None, TOKENS * TOP_K),
-    )
+    for plan_offsets in (None, offsets):
+        torch.library.opcheck(
+            torch.ops.turbomoe.combine.default, (rows, pair_to_row, weights, TOP_K, plan_offsets)
+        )
+        torch.library.opcheck(
+            torch.ops.turbomoe.combine.default, (rows, pair_to_row, None, TOP_K, plan_offsets)
+        )
+        grad_out = torch.randn(TOKENS, HIDDEN)
+        torch.library.opcheck(
+            torch.ops.turbomoe.combine_backward.default,
+            (grad_out, rows.detach(), pair_to_row, weights.detach(), plan_offsets),
+        )
+        torch.library.opcheck(
+            torch.ops.turbomoe.combine_backward_rows.default,
+            (grad_out, pair_to_row, None, TOKENS * TOP_K, plan_offsets),
+        )
 
 
 def test_gather_rows_pairs_past_the_tokens_give_zero_rows_and_no_gradient():

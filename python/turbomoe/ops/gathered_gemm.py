@@ -167,7 +167,7 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
     grad_src = grad_w = None
     if ctx.need_src:
         grad_rows = _backward_input_eager(dy, w, expert_offsets)
-        grad_src = _combine_eager(grad_rows, pair_to_row, None, ctx.top_k)
+        grad_src = _combine_eager(grad_rows, pair_to_row, None, ctx.top_k, None)
     if ctx.need_w:
         grad_w = _backward_weight_gathered_eager(
             dy, src, sorted_pairs, expert_offsets, ctx.top_k, ctx.w_dtype, False

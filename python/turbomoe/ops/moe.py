@@ -141,4 +141,7 @@ def _down_and_combine(
     out_rows = grouped_gemm(act, down_proj, offsets)
     if down_bias is not None:
         out_rows = out_rows + _row_bias(down_bias.to(out_rows.dtype), offsets, act.shape[0])
-    return combine(out_rows, pair_to_row, top_k_weights, top_k_weights.shape[1])
+    # The plan's offsets let the backward skip clearing the rows that the pairs fill anyway.
+    return combine(
+        out_rows, pair_to_row, top_k_weights, top_k_weights.shape[1], expert_offsets=offsets
+    )

@@ -90,7 +90,7 @@ class _LeanExperts(torch.autograd.Function):
             del x
         out_rows = grouped_gemm_eager(act, down_proj, offsets)
         del act
-        out = combine_eager(out_rows, pair_to_row, weights, top_k)
+        out = combine_eager(out_rows, pair_to_row, weights, top_k, None)
         ctx.save_for_backward(
             hidden, weights, gate_up_proj, down_proj, gate_up, sorted_pairs, pair_to_row, offsets
         )
@@ -147,7 +147,7 @@ class _LeanExperts(torch.autograd.Function):
             )
             del x
         grad_x = grouped_gemm_backward_input_eager(grad_gate_up, w_gate_up, offsets)
-        grad_hidden = combine_eager(grad_x, pair_to_row, None, top_k)
+        grad_hidden = combine_eager(grad_x, pair_to_row, None, top_k, None)
         # Back to (token, slot) order; dropped pairs (pair_to_row -1) get no gradient.
         # A zero past the last row serves the dropped pairs (and an owner without any rows).
         padded = torch.cat([grad_row_weights.reshape(-1), grad_row_weights.new_zeros(1)])
@@ -210,7 +210,7 @@ def _activation_backward(
     identity = torch.arange(act.shape[0], dtype=torch.int32, device=act.device)
     # K = 1 over the rows: grad_act[r] = w_r·U_r and ⟨U_r, act_r⟩ in one pass.
     grad_act, grad_row_weights = combine_backward_eager(
-        unweighted, act, identity, row_weights.unsqueeze(1)
+        unweighted, act, identity, row_weights.unsqueeze(1), None
     )
     weighted_act = act * row_weights.unsqueeze(1).to(act.dtype) if want_weighted_act else None
     del act

@@ -77,8 +77,13 @@ def permute_plan(
 
 @torch.library.custom_op("turbomoe::combine", mutates_args=())
 def _combine(
-    rows: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor | None, top_k: int
+    rows: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    top_k: int,
+    expert_offsets: torch.Tensor | None,
 ) -> torch.Tensor:
+    # expert_offsets is for the backward only (see combine).
     tokens = pair_to_row.shape[0] // top_k
     out = torch.empty((tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     _native.call(
@@ -94,14 +99,22 @@ def _combine(
 
 @_combine.register_fake
 def _(
-    rows: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor | None, top_k: int
+    rows: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    top_k: int,
+    expert_offsets: torch.Tensor | None,
 ) -> torch.Tensor:
     return rows.new_empty((pair_to_row.shape[0] // top_k, rows.shape[1]))
 
 
 @torch.library.custom_op("turbomoe::combine_backward", mutates_args=())
 def _combine_backward(
-    grad_out: torch.Tensor, rows: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor
+    grad_out: torch.Tensor,
+    rows: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor,
+    expert_offsets: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_rows [M,H], grad_weights [T,K]) of a weighted combine."""
     grad_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
@@ -112,6 +125,7 @@ def _combine_backward(
         _native.describe(rows),
         _native.describe(pair_to_row),
         _native.describe(weights),
+        _native.describe(expert_offsets),
         _native.describe(grad_rows),
         _native.describe(grad_weights),
         _native.stream_for(grad_out),
@@ -121,14 +135,22 @@ def _combine_backward(
 
 @_combine_backward.register_fake
 def _(
-    grad_out: torch.Tensor, rows: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor
+    grad_out: torch.Tensor,
+    rows: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor,
+    expert_offsets: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.new_empty(rows.shape), weights.new_empty(weights.shape)
 
 
 @torch.library.custom_op("turbomoe::combine_backward_rows", mutates_args=())
 def _combine_backward_rows(
-    grad_out: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor | None, num_rows: int
+    grad_out: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_rows: int,
+    expert_offsets: torch.Tensor | None,
 ) -> torch.Tensor:
     """grad_rows [M,H] only: the routing weights are absent or need no gradient."""
     grad_rows = torch.empty(
@@ -140,6 +162,7 @@ def _combine_backward_rows(
         None,
         _native.describe(pair_to_row),
         _native.describe(weights),
+        _native.describe(expert_offsets),
         _native.describe(grad_rows),
         None,
         _native.stream_for(grad_out),
@@ -149,27 +172,35 @@ def _combine_backward_rows(
 
 @_combine_backward_rows.register_fake
 def _(
-    grad_out: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor | None, num_rows: int
+    grad_out: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    num_rows: int,
+    expert_offsets: torch.Tensor | None,
 ) -> torch.Tensor:
     return grad_out.new_empty((num_rows, grad_out.shape[1]))
 
 
 def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    rows, pair_to_row, weights, _top_k = inputs
+    rows, pair_to_row, weights, _top_k, expert_offsets = inputs
     ctx.num_rows = rows.shape[0]
     ctx.weights_grad = weights is not None and ctx.needs_input_grad[2]
     # rows are only needed for the weights' gradient; keep them alive only then.
-    ctx.save_for_backward(rows if ctx.weights_grad else None, pair_to_row, weights)
+    ctx.save_for_backward(rows if ctx.weights_grad else None, pair_to_row, weights, expert_offsets)
 
 
 def _combine_backward_fn(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-    rows, pair_to_row, weights = ctx.saved_tensors
+    rows, pair_to_row, weights, expert_offsets = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     if ctx.weights_grad:
-        grad_rows, grad_weights = _combine_backward_eager(grad_out, rows, pair_to_row, weights)
-        return grad_rows, None, grad_weights, None
-    grad_rows = _combine_backward_rows_eager(grad_out, pair_to_row, weights, ctx.num_rows)
-    return grad_rows, None, None, None
+        grad_rows, grad_weights = _combine_backward_eager(
+            grad_out, rows, pair_to_row, weights, expert_offsets
+        )
+        return grad_rows, None, grad_weights, None, None
+    grad_rows = _combine_backward_rows_eager(
+        grad_out, pair_to_row, weights, ctx.num_rows, expert_offsets
+    )
+    return grad_rows, None, None, None, None
 
 
 _combine_eager = differentiable(_combine, _combine_setup, _combine_backward_fn)
@@ -178,12 +209,21 @@ _combine_backward_rows_eager = direct(_combine_backward_rows)
 
 
 def combine(
-    rows: torch.Tensor, pair_to_row: torch.Tensor, weights: torch.Tensor | None, top_k: int
+    rows: torch.Tensor,
+    pair_to_row: torch.Tensor,
+    weights: torch.Tensor | None,
+    top_k: int,
+    *,
+    expert_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[t] = Σ_k weights[t,k] · rows[pair_to_row[t*K+k]] → [T,H] (dropped pairs skipped).
 
     weights None means all ones (then this is the backward of gather_rows). Differentiable with
     respect to rows and weights; the k-sum runs in ascending slot order, so it is deterministic.
+    ``expert_offsets``: permute_plan's offsets when pair_to_row is its plan's. They promise that
+    the pairs fill rows [0, offsets[-1]) exactly, so the backward clears only the rows after
+    those instead of writing zeros over the whole [M, H] gradient before the mapped rows (the
+    CPU checks the promise; CUDA cannot without a host sync).
     """
     if top_k <= 0:
         raise ValueError(f"top_k must be > 0, got {top_k}")
@@ -192,6 +232,7 @@ def combine(
         pair_to_row.contiguous(),
         None if weights is None else weights.contiguous(),
         int(top_k),
+        None if expert_offsets is None else expert_offsets.contiguous(),
     )
 
 
@@ -243,7 +284,7 @@ def _gather_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _gather_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
     (pair_to_row,) = ctx.saved_tensors
     # The adjoint of a row gather is an unweighted combine (each token sums its K rows).
-    grad_x = _combine_eager(grad_out.contiguous(), pair_to_row, None, ctx.top_k)
+    grad_x = _combine_eager(grad_out.contiguous(), pair_to_row, None, ctx.top_k, None)
     return grad_x, None, None, None, None, None
 
 

@@ -280,6 +280,13 @@ def test_gather_rows_and_combine(tokens, hidden, top_k, experts, dtype):
 
     check(combine_plain, [rows, pair_to_row], [0], dtype, seed)
 
+    # With the plan's offsets the backward clears only the dropped pairs' rows (the ~10% past
+    # offsets[E]) in its own launch; poisoned, they must still come back as zeros.
+    def combine_planned(r: torch.Tensor, p2r: torch.Tensor, w: torch.Tensor, off: torch.Tensor):
+        return tops.combine(r, p2r, w.float(), top_k, expert_offsets=off)
+
+    check(combine_planned, [rows, pair_to_row, weights, offsets], [0, 2], dtype, seed)
+
 
 @pytest.mark.parametrize(
     "weights_dtype", [pytest.param(F32, id="w_fp32"), pytest.param(BF16, id="w_bf16")]
@@ -302,6 +309,34 @@ def test_combine_bf16_rows(tokens, hidden, top_k, experts, weights_dtype):
         return tops.combine(r, p2r, w.to(weights_dtype), top_k)
 
     check(fn, [rows, pair_to_row, weights], [0, 2], BF16, seed)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "top_k", "experts"),
+    [(77, 13, 4, 8), (300, 72, 11, 16), (512, 2048, 8, 128)],
+)
+def test_combine_backward_with_offsets_is_bitwise_the_cleared_one(tokens, hidden, top_k, experts):
+    """The batched backward with the plan's offsets (tail rows cleared in the kernel) against
+    the same kernel after a memset of every row: the same bits, the dropped pairs' rows zero.
+    K = 11 spans two slot batches; hidden 13 takes the element-wise kernel."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    ids = distinct_ids(tokens, top_k, experts, gen)
+    ids[torch.rand(tokens, top_k, generator=gen) < 0.1] = experts
+    _sorted, pair_to_row, offsets = (t.to(CUDA) for t in tops.permute_plan(ids, experts))
+    rows = torch.randn(tokens * top_k, hidden, generator=gen).to(CUDA, BF16)
+    weights = torch.rand(tokens, top_k, generator=gen).to(CUDA)
+    grad_out = torch.randn(tokens, hidden, generator=gen).to(CUDA, BF16)
+    backward = torch.ops.turbomoe.combine_backward.default
+    poison()
+    planned = backward(grad_out, rows, pair_to_row, weights, offsets)
+    poison()
+    cleared = backward(grad_out, rows, pair_to_row, weights, None)
+    for a, b in zip(planned, cleared, strict=True):
+        assert torch.equal(a, b), f"seed {seed}"
+    routed = int(offsets[-1])
+    assert routed < tokens * top_k, f"seed {seed}: no dropped pair, nothing cleared"
+    assert torch.count_nonzero(planned[0][routed:]) == 0
 
 
 # ------------------------------------------------------------------------------- grouped GEMM
