@@ -20,6 +20,11 @@ inline constexpr int64_t kVectorElems = 8;
 inline constexpr int kBackwardCached = 2;
 inline constexpr int64_t kBackwardThreadsTarget = 65536;  // enough rows in flight to fill a GPU
 inline constexpr int64_t kReduceSliceRows = 64;           // partial rows per first-stage block
+// Up to this many partial rows the reduction is one stage: one block a column chunk adds all the
+// rows (the decoder norms at 4096 x 2048: 512 rows, 64 KiB a block), where a second launch
+// would cost more than the parallel adds it buys. Beyond it (the per-head q/k norms: 16,384
+// rows of 128 columns, only 4 column chunks) the rows are first split into slices.
+inline constexpr int64_t kSingleStageRows = 1024;
 
 inline int team_size(int64_t hidden, int cached) {
   const int64_t vectors = (hidden + kVectorElems - 1) / kVectorElems;
@@ -44,7 +49,7 @@ inline BackwardPlan backward_plan(int64_t rows, int64_t hidden) {
   p.rows_per_team = rows <= max_partials ? 1 : (rows + max_partials - 1) / max_partials;
   p.partials = (rows + p.rows_per_team - 1) / p.rows_per_team;
   p.slices =
-      p.partials <= kReduceSliceRows ? 1 : (p.partials + kReduceSliceRows - 1) / kReduceSliceRows;
+      p.partials <= kSingleStageRows ? 1 : (p.partials + kReduceSliceRows - 1) / kReduceSliceRows;
   // With one slice, the first stage writes grad_weight directly and needs no slice rows.
   p.workspace_floats = (p.partials + (p.slices > 1 ? p.slices : 0)) * hidden;
   return p;

@@ -90,6 +90,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t end = begin + slice_rows < total_rows ? begin + slice_rows : total_rows;
   float s = 0.0f;
   if (c < hidden) {
+    // Unrolled so that several rows' loads are in flight; the adds keep their order.
+#pragma unroll 8
     for (int64_t p = begin + group; p < end; p += kReduceGroups) s += in[p * hidden + c];
   }
   sums[group][col] = s;
@@ -198,7 +200,8 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
 
 void reduce_partials_cuda(const BackwardPlan& plan, int64_t hidden, float* workspace,
                           float* grad_weight, void* stream) {
-  // Stage one adds slices of kReduceSliceRows partial rows; stage two adds the slices. With no
+  // Stage one adds slices of kReduceSliceRows partial rows; stage two adds the slices. With one
+  // slice (up to kSingleStageRows partial rows) stage one adds them all into grad_weight. With no
   // row at all, stage one writes zeros. The slices live in the workspace past the partial rows.
   const unsigned column_blocks =
       static_cast<unsigned>((hidden + kReduceColumns - 1) / kReduceColumns);
@@ -206,8 +209,9 @@ void reduce_partials_cuda(const BackwardPlan& plan, int64_t hidden, float* works
   float* slices = workspace + plan.partials * hidden;
   float* stage_one_out = plan.slices == 1 ? grad_weight : slices;
   reduce_rows_kernel<<<dim3(column_blocks, static_cast<unsigned>(plan.slices)), kThreads, 0,
-                       cuda::as_stream(stream)>>>(plan.partials, kReduceSliceRows, hidden, partial,
-                                                  stage_one_out);
+                       cuda::as_stream(stream)>>>(
+      plan.partials, plan.slices == 1 ? plan.partials : kReduceSliceRows, hidden, partial,
+      stage_one_out);
   cuda::check_launch("rmsnorm reduce_rows_kernel");
   if (plan.slices == 1) return;
   reduce_rows_kernel<<<dim3(column_blocks, 1), kThreads, 0, cuda::as_stream(stream)>>>(

@@ -233,12 +233,17 @@ TEST(RmsNorm, WorkspaceSize) {
   TM_ASSERT_OK(tm_rmsnorm_backward_workspace_size(13, 72, TM_DEVICE_CPU, &bytes));
   EXPECT_EQ(bytes, 0u);
   // CUDA: float32 partial sums of grad_weight, one row per team of rows (one row each while rows
-  // are few) plus, past 64 partial rows, one row per reduction slice; bounded whatever the rows.
+  // are few) plus, past 1024 partial rows, one row per 64-row reduction slice; bounded whatever
+  // the rows.
   TM_ASSERT_OK(tm_rmsnorm_backward_workspace_size(13, 72, TM_DEVICE_CUDA, &bytes));
   EXPECT_EQ(bytes, 13u * 72u * 4u);
   TM_ASSERT_OK(tm_rmsnorm_backward_workspace_size(10000000, 72, TM_DEVICE_CUDA, &bytes));
   EXPECT_GT(bytes, 0u);
   EXPECT_LE(bytes, (16384u + 256u) * 72u * 4u);
+  TM_ASSERT_OK(tm_rmsnorm_backward_workspace_size(1000, 72, TM_DEVICE_CUDA, &bytes));
+  EXPECT_EQ(bytes, 1000u * 72u * 4u);  // one stage: no slice rows
+  TM_ASSERT_OK(tm_rmsnorm_backward_workspace_size(2000, 72, TM_DEVICE_CUDA, &bytes));
+  EXPECT_EQ(bytes, (2000u + 32u) * 72u * 4u);  // 32 slices of 64 partial rows
   TM_ASSERT_OK(tm_rmsnorm_backward_workspace_size(0, 72, TM_DEVICE_CUDA, &bytes));
   EXPECT_EQ(bytes, 0u);
   TM_EXPECT_ERROR(tm_rmsnorm_backward_workspace_size(13, 72, TM_DEVICE_CPU, nullptr),
