@@ -36,7 +36,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature, enum value or struct layout below changes. */
-#define TM_ABI_VERSION 1
+#define TM_ABI_VERSION 2
 
 typedef enum tm_status {
   TM_OK = 0,

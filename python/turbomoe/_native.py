@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_DIMS = 6
 
 # tm_status
