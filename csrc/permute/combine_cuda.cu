@@ -7,6 +7,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "permute/permute.h"
+#include "permute/plan_rows.cuh"
 #include "permute/raw_bits.cuh"
 
 namespace turbomoe::permute {
@@ -122,7 +123,7 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     combine_backward_kernel(Rows grad_out, Rows rows, int64_t num_rows, const int32_t* pair_to_row,
                             SlotView weights, Rows grad_rows, SlotView grad_weights, int64_t tokens,
-                            int64_t top_k, int64_t hidden, const int32_t* used_rows) {
+                            int64_t top_k, int64_t hidden, const int32_t* offsets, int experts) {
   __shared__ float partial[kThreads / kWarp][kSlotBatch];
   const bool want_dot = grad_weights.data != nullptr;
   const int tid = static_cast<int>(threadIdx.x);
@@ -183,10 +184,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  // The rows no pair maps to (from *used_rows on, when the caller promised that the pairs fill
-  // the rows before it) are cleared here rather than by a memset of every row beforehand.
-  if (used_rows != nullptr) {
-    const int64_t first = min(max(int64_t(*used_rows), int64_t(0)), num_rows);
+  // The rows no pair maps to (past the plan's rows, when the caller gave its offsets) are
+  // cleared here rather than by a memset of every row beforehand.
+  if (offsets != nullptr) {
+    const int64_t first = planned_rows(offsets, experts, num_rows);
     for (int64_t row = first + blockIdx.x; row < num_rows; row += gridDim.x) {
       Pack<T, V> zero;
 #pragma unroll
@@ -232,20 +233,22 @@ void launch_forward(const Arg& rows, const Arg& p2r, const SlotView& w, int64_t 
 }
 
 template <typename T>
-void launch_backward(const CombineBackward& c, const int32_t* used_rows, cudaStream_t stream) {
+void launch_backward(const CombineBackward& c, cudaStream_t stream) {
   const int64_t tokens = c.grad_out.size(0), hidden = c.grad_out.size(1);
   const Rows r = c.rows ? rows_of(*c.rows) : Rows{nullptr, 0};
   const SlotView w = slot_view(c.weights), gw = slot_view(c.grad_weights);
   const int32_t* p2r = c.pair_to_row.ptr<const int32_t>();
+  const int32_t* offsets = c.expert_offsets ? c.expert_offsets->ptr<const int32_t>() : nullptr;
+  const int experts = c.expert_offsets ? static_cast<int>(c.expert_offsets->size(0) - 1) : 0;
   constexpr int kVec = 16 / sizeof(T);
   if (vectorizable({&c.grad_out, &c.grad_rows, c.rows ? &*c.rows : nullptr}, hidden)) {
     combine_backward_kernel<T, kVec><<<grid_for(tokens), kThreads, 0, stream>>>(
         rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w, rows_of(c.grad_rows), gw, tokens,
-        c.top_k, hidden, used_rows);
+        c.top_k, hidden, offsets, experts);
   } else {
     combine_backward_kernel<T, 1><<<grid_for(tokens), kThreads, 0, stream>>>(
         rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w, rows_of(c.grad_rows), gw, tokens,
-        c.top_k, hidden, used_rows);
+        c.top_k, hidden, offsets, experts);
   }
   cuda::check_launch("combine_backward_kernel");
 }
@@ -282,14 +285,10 @@ void combine_backward_cuda(const CombineBackward& c, void* stream) {
                 "cudaMemset2DAsync(grad_rows)");
   }
   if (!launches) return;
-  const int32_t* used_rows = nullptr;
-  if (c.expert_offsets) {
-    used_rows = c.expert_offsets->ptr<const int32_t>() + (c.expert_offsets->size(0) - 1);
-  }
   if (c.grad_out.dtype() == TM_DTYPE_FLOAT32) {
-    launch_backward<float>(c, used_rows, s);
+    launch_backward<float>(c, s);
   } else {
-    launch_backward<__nv_bfloat16>(c, used_rows, s);
+    launch_backward<__nv_bfloat16>(c, s);
   }
 }
 

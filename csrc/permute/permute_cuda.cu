@@ -14,6 +14,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "permute/permute.h"
+#include "permute/plan_rows.cuh"
 #include "permute/raw_bits.cuh"
 
 namespace turbomoe::permute {
@@ -137,8 +138,7 @@ __global__ void __launch_bounds__(kGatherThreads)
     gather_kernel(const char* src, int64_t src_ld_bytes, int64_t tokens, const int32_t* sorted,
                   const int32_t* offsets, int experts, int64_t top_k, char* dst,
                   int64_t dst_ld_bytes, int64_t rows, int64_t units) {
-  int64_t used = offsets[experts];
-  used = used < 0 ? 0 : (used > rows ? rows : used);
+  const int64_t used = planned_rows(offsets, experts, rows);
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kGatherThreads / kWarp);
   for (int64_t r =
