@@ -149,7 +149,7 @@ class Ours:
         self.msg = ctypes.create_string_buffer(1024)
         if impl == "hopper":
             self.lib = ctypes.CDLL(lib_path or str(REPO / "build-hopper-so/libhopper_selftest.so"))
-            T = ctypes.POINTER(self.native.TmTensor)
+            T = self.native._T  # describe()'s packed tm_tensor bytes
             for name in ("hs_forward", "hs_backward_input", "hs_backward_weight"):
                 fn = getattr(self.lib, name)
                 fn.restype = ctypes.c_int

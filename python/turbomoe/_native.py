@@ -104,7 +104,7 @@ def make_params(cls: type[ctypes.Structure], **fields: Any) -> ctypes.Structure:
     return cls(struct_size=ctypes.sizeof(cls), **fields)
 
 
-_T = ctypes.POINTER(TmTensor)
+_T = ctypes.c_char_p  # a tm_tensor: describe()'s packed bytes, see there
 _P = ctypes.c_void_p
 _I32 = ctypes.c_int32
 _I64 = ctypes.c_int64
@@ -278,17 +278,20 @@ def call(name: str, *args: Any) -> None:
         _raise_for(status, name)
 
 
-# tm_tensor's bytes: data, dtype, device_type, device_index, ndim, sizes[6], strides[6]. Packing
-# all fields in one call is half the host time of setting them one by one on the structure,
-# and a step describes over a thousand tensors.
-_TENSOR_LAYOUT = struct.Struct(f"<qiiii{MAX_DIMS}q{MAX_DIMS}q")
+# A tm_tensor travels as its packed bytes: data, dtype, device_type, device_index, ndim,
+# sizes[6], strides[6]. Everything after the data pointer depends only on the tensor's metadata,
+# so it is packed once per (dtype, device, shape, strides) and cached; a call then costs the
+# metadata reads, a dict lookup and one 8-byte pack (~1 µs against ~2.3 µs packing all fields,
+# and a step describes ~130 tensors a layer: that is host time of the eager expert-parallel step).
+_POINTER_LAYOUT = struct.Struct("<q")
+_TAIL_LAYOUT = struct.Struct(f"<iiii{MAX_DIMS}q{MAX_DIMS}q")
 _ZEROS = (0,) * MAX_DIMS
+_MAX_CACHED_TAILS = 4096  # many distinct shapes (packed batches): start over rather than grow
+_tails: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
 
 
-def describe(t: torch.Tensor | None) -> Any:
-    """A tm_tensor descriptor of t (a pointer for ctypes), or None for an absent optional."""
-    if t is None:
-        return None
+def _tail(t: torch.Tensor) -> tuple[bytes, bool]:
+    """The packed fields after the data pointer, and whether the tensor is empty (null data)."""
     ndim = t.dim()
     if ndim > MAX_DIMS:
         raise ValueError(f"tensors of rank {ndim} exceed turbomoe's limit of {MAX_DIMS}")
@@ -302,18 +305,29 @@ def describe(t: torch.Tensor | None) -> Any:
     else:
         raise ValueError(f"turbomoe runs on cpu and cuda tensors, not {t.device}")
     pad = _ZEROS[ndim:]
-    packed = _TENSOR_LAYOUT.pack(
-        t.data_ptr() if t.numel() > 0 else 0,
-        code,
-        device_type,
-        device_index,
-        ndim,
-        *t.shape,
-        *pad,
-        *t.stride(),
-        *pad,
+    tail = _TAIL_LAYOUT.pack(
+        code, device_type, device_index, ndim, *t.shape, *pad, *t.stride(), *pad
     )
-    return ctypes.byref(TmTensor.from_buffer_copy(packed))
+    return tail, t.numel() == 0
+
+
+def describe(t: torch.Tensor | None) -> bytes | None:
+    """The packed tm_tensor of t, or None for an absent optional (a null pointer).
+
+    The bytes are what a ``const tm_tensor*`` parameter points at (SIGNATURES binds those as
+    ``c_char_p``, which passes a bytes object's own buffer): the library only reads descriptors.
+    """
+    if t is None:
+        return None
+    key = (t.dtype, t.device, t.shape, t.stride())
+    entry = _tails.get(key)
+    if entry is None:
+        entry = _tail(t)
+        if len(_tails) >= _MAX_CACHED_TAILS:
+            _tails.clear()
+        _tails[key] = entry
+    tail, empty = entry
+    return _POINTER_LAYOUT.pack(0 if empty else t.data_ptr()) + tail
 
 
 def stream_for(t: torch.Tensor) -> int | None:

@@ -86,6 +86,8 @@ def expected_ctype(c_type: str) -> object:
         return ctypes.c_void_p
     if c_type.endswith("**"):
         return ctypes.POINTER(expected_ctype(c_type[:-1]))
+    if c_type == "tm_tensor*":  # passed as describe()'s packed bytes
+        return ctypes.c_char_p
     if c_type.endswith("*"):
         base = c_type[:-1]
         target = STRUCT_CLASSES.get(base) or SCALARS.get(base)
