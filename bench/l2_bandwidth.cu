@@ -11,7 +11,7 @@
 // stage's mbarrier; one warp waits on each stage and frees it at once (no computation), so the
 // copies are the only work. Buffers: 24 MiB (held in L2 after the first pass) and 4 GiB (DRAM).
 //
-// (Launched through the library's cluster_launch_config, one CTA a tile as clusters of 1.)
+// (Launched through the library's launch_config, one CTA a tile as clusters of 1.)
 // Then the same in 2-CTA clusters laid out as the row passes' `cluster_rows` kernel: a stage is
 // 16 KiB of this CTA's own (A) and 32 KiB shared by the pair (B), of which each CTA loads one half
 // and multicasts it into both; the consumer of each CTA frees the stage in both (a stage is
@@ -25,11 +25,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
 
-#include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "grouped_gemm/sm90_ptx.cuh"
 
 namespace {
@@ -145,10 +146,11 @@ void check(cudaError_t err, const char* what) {
 }
 
 // The stream kernel's launch: `ctas` CTAs in clusters of `cluster` (1: one CTA a tile, 2: pairs);
-// *attr must outlive the launch.
-cudaLaunchConfig_t pair_config(int ctas, unsigned cluster, cudaLaunchAttribute* attr) {
-  return turbomoe::cuda::cluster_launch_config(static_cast<unsigned>(ctas), kThreads,
-                                               kStages * kStageBytes, nullptr, cluster, attr);
+// *attrs must outlive the launch.
+cudaLaunchConfig_t pair_config(int ctas, unsigned cluster,
+                               std::array<cudaLaunchAttribute, 2>* attrs) {
+  return turbomoe::cuda::launch_config(dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
+                                       kStages * kStageBytes, nullptr, cluster, false, attrs);
 }
 
 // Median stages/s (all CTAs together) of `reps` launches streaming `stages_per_cta` stages per
@@ -156,7 +158,7 @@ cudaLaunchConfig_t pair_config(int ctas, unsigned cluster, cudaLaunchAttribute* 
 double stage_rate(const unsigned char* buffer, int64_t buffer_bytes, int ctas,
                   int64_t stages_per_cta, int64_t spin, bool pair, uint32_t* sink, int reps) {
   const int64_t buffer_stages = buffer_bytes / (pair ? kPairChunkBytes : kStageBytes);
-  cudaLaunchAttribute cluster{};
+  std::array<cudaLaunchAttribute, 2> cluster{};
   const cudaLaunchConfig_t config = pair_config(ctas, pair ? 2 : 1, &cluster);
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "event");
@@ -209,7 +211,7 @@ int main() {
   int pair_ctas = sms / 2 * 2;
   {
     // Clusters live inside one GPC: fewer pairs than sms / 2 may be resident at once.
-    cudaLaunchAttribute cluster{};
+    std::array<cudaLaunchAttribute, 2> cluster{};
     const cudaLaunchConfig_t config = pair_config(pair_ctas, 2, &cluster);
     int resident = 0;
     check(cudaOccupancyMaxActiveClusters(&resident, stream_kernel<true>, &config),

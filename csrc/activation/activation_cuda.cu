@@ -8,6 +8,7 @@
 #include "activation/swiglu_math.h"
 #include "activation/vector_io.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 
 namespace turbomoe::activation {
 namespace {
@@ -15,6 +16,8 @@ namespace {
 template <typename In, typename Out>
 __global__ void swiglu_forward_kernel(tm_swiglu_params p, int64_t rows, int64_t cols, View2d g,
                                       View2d u, View2d o) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -29,6 +32,8 @@ __global__ void swiglu_forward_kernel(tm_swiglu_params p, int64_t rows, int64_t 
 template <typename In, typename Go, typename Out>
 __global__ void swiglu_backward_kernel(tm_swiglu_params p, int64_t rows, int64_t cols, View2d go,
                                        View2d g, View2d u, View2d dg, View2d du) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -48,6 +53,8 @@ __global__ void swiglu_backward_kernel(tm_swiglu_params p, int64_t rows, int64_t
 template <typename In, typename Out, int V>
 __global__ void swiglu_forward_vec_kernel(tm_swiglu_params p, int64_t rows, int64_t cols, View2d g,
                                           View2d u, View2d o) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t per_row = cols / V;
   const int64_t n = rows * per_row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -65,6 +72,8 @@ __global__ void swiglu_forward_vec_kernel(tm_swiglu_params p, int64_t rows, int6
 template <typename In, typename Go, typename Out, int V>
 __global__ void swiglu_backward_vec_kernel(tm_swiglu_params p, int64_t rows, int64_t cols,
                                            View2d go, View2d g, View2d u, View2d dg, View2d du) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t per_row = cols / V;
   const int64_t n = rows * per_row;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -99,8 +108,9 @@ void swiglu_forward_cuda(const tm_swiglu_params& p, const Arg& gate, const Arg& 
     cuda::dispatch_floating(out.dtype(), [&](auto out_tag) {
       using Out = std::remove_pointer_t<decltype(out_tag)>;
       const auto launch = [&](auto kernel, int v) {
-        kernel<<<cuda::blocks_for(n / v, kThreads), kThreads, 0, cuda::as_stream(stream)>>>(
-            p, gate.size(0), gate.size(1), view(gate), view(up), view(out));
+        cuda::launch("swiglu_forward_kernel", kernel, cuda::blocks_for(n / v, kThreads), kThreads,
+                     0, cuda::as_stream(stream), p, gate.size(0), gate.size(1), view(gate),
+                     view(up), view(out));
       };
       switch (vector_width({&gate, &up, &out})) {
         case 8:
@@ -114,7 +124,6 @@ void swiglu_forward_cuda(const tm_swiglu_params& p, const Arg& gate, const Arg& 
       }
     });
   });
-  cuda::check_launch("swiglu_forward_kernel");
 }
 
 void swiglu_backward_cuda(const tm_swiglu_params& p, const Arg& grad_out, const Arg& gate,
@@ -128,9 +137,9 @@ void swiglu_backward_cuda(const tm_swiglu_params& p, const Arg& grad_out, const 
       cuda::dispatch_floating(grad_gate.dtype(), [&](auto out_tag) {
         using Out = std::remove_pointer_t<decltype(out_tag)>;
         const auto launch = [&](auto kernel, int v) {
-          kernel<<<cuda::blocks_for(n / v, kThreads), kThreads, 0, cuda::as_stream(stream)>>>(
-              p, gate.size(0), gate.size(1), view(grad_out), view(gate), view(up), view(grad_gate),
-              view(grad_up));
+          cuda::launch("swiglu_backward_kernel", kernel, cuda::blocks_for(n / v, kThreads),
+                       kThreads, 0, cuda::as_stream(stream), p, gate.size(0), gate.size(1),
+                       view(grad_out), view(gate), view(up), view(grad_gate), view(grad_up));
         };
         switch (vector_width({&grad_out, &gate, &up, &grad_gate, &grad_up})) {
           case 8:
@@ -145,7 +154,6 @@ void swiglu_backward_cuda(const tm_swiglu_params& p, const Arg& grad_out, const 
       });
     });
   });
-  cuda::check_launch("swiglu_backward_kernel");
 }
 
 }  // namespace turbomoe::activation

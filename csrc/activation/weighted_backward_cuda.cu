@@ -7,6 +7,7 @@
 #include "activation/swiglu_math.h"
 #include "activation/vector_io.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 
 namespace turbomoe::activation {
 namespace {
@@ -55,6 +56,8 @@ constexpr int kThreads = 256;
 template <typename T, typename W, int V>
 __global__ void __launch_bounds__(kThreads, 4)
     swiglu_weighted_backward_kernel(tm_swiglu_params p, int64_t rows, int64_t cols, RowArgs a) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int64_t warps_per_block = blockDim.x / 32;
   const int64_t warps = gridDim.x * warps_per_block;
@@ -118,7 +121,8 @@ void swiglu_weighted_backward_cuda(const tm_swiglu_params& p, const Arg& grad_ro
     cuda::dispatch_floating(row_weights.dtype(), [&](auto w_tag) {
       using W = std::remove_pointer_t<decltype(w_tag)>;
       const auto launch = [&](auto kernel) {
-        kernel<<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(p, gate.size(0), gate.size(1), a);
+        cuda::launch("swiglu_weighted_backward_kernel", kernel, blocks, kThreads, 0,
+                     cuda::as_stream(stream), p, gate.size(0), gate.size(1), a);
       };
       // Every view has T's dtype, so the width is 16 bytes of T or 1.
       if (width > 1) {
@@ -128,7 +132,6 @@ void swiglu_weighted_backward_cuda(const tm_swiglu_params& p, const Arg& grad_ro
       }
     });
   });
-  cuda::check_launch("swiglu_weighted_backward_kernel");
 }
 
 }  // namespace turbomoe::activation

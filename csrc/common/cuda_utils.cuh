@@ -19,9 +19,6 @@ inline void check(cudaError_t err, const char* what) {
   fail(status, std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-// Call after every launch: reports configuration errors at the call that caused them.
-inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
-
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
 // Makes the tensor's device current for the lifetime of the guard.
@@ -64,25 +61,6 @@ decltype(auto) dispatch_floating(int32_t dtype, Fn&& fn) {
     default:
       invalid(std::string("unsupported floating dtype ") + dtype_name(dtype));
   }
-}
-
-// Launch configuration of `grid` CTAs of `threads` threads in clusters of `cluster` CTAs along
-// x, for cudaLaunchKernelEx (which reads `*attr`: it must outlive the launch call).
-inline cudaLaunchConfig_t cluster_launch_config(unsigned grid, unsigned threads, size_t smem,
-                                                cudaStream_t stream, unsigned cluster,
-                                                cudaLaunchAttribute* attr) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = cluster;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return config;
 }
 
 inline unsigned blocks_for(int64_t n, int threads) {

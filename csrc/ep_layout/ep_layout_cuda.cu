@@ -12,6 +12,7 @@
 // scatters every token t with token_rank_slot[t, r] >= 0 to send_order[start[r] + slot].
 // Ids outside [0, E] cannot be reported without a host sync: the layout treats them as dropped.
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "ep_layout/ep_layout.h"
 
 namespace turbomoe::ep_layout {
@@ -39,6 +40,8 @@ struct Outputs {
 template <typename Id>
 __global__ void __launch_bounds__(kThreads)
     layout_kernel(IdView ids, int64_t tokens, int experts, int ranks, Outputs out) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   __shared__ int32_t warp_base[kWarps][kMaxRanks];  // per chunk: warp count, then its base
   __shared__ int32_t cursor[kMaxRanks];             // tokens placed per rank so far
   __shared__ int32_t start[kMaxRanks];              // exclusive prefix of rank_counts
@@ -118,11 +121,12 @@ void layout_cuda(const Arg& ids, int64_t experts, int64_t ranks, const Arg& rank
   const int e = static_cast<int>(experts), r = static_cast<int>(ranks);
   const cudaStream_t s = cuda::as_stream(stream);
   if (ids.dtype() == TM_DTYPE_INT32) {
-    layout_kernel<int32_t><<<1, kThreads, 0, s>>>(view, ids.size(0), e, r, out);
+    cuda::launch("layout_kernel", layout_kernel<int32_t>, 1, kThreads, 0, s, view, ids.size(0), e,
+                 r, out);
   } else {
-    layout_kernel<int64_t><<<1, kThreads, 0, s>>>(view, ids.size(0), e, r, out);
+    cuda::launch("layout_kernel", layout_kernel<int64_t>, 1, kThreads, 0, s, view, ids.size(0), e,
+                 r, out);
   }
-  cuda::check_launch("layout_kernel");
 }
 
 }  // namespace turbomoe::ep_layout

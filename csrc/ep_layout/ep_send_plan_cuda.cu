@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "common/numeric.h"
 #include "ep_layout/ep_layout.h"
 
@@ -29,6 +30,8 @@ struct PlanView {
 
 template <typename Id, typename W>
 __global__ void send_plan_kernel(PlanView v) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t per_rank = v.experts / v.ranks, zero_cell = v.tokens * v.ranks;
   const int64_t cells = (v.cap + 1) * v.ranks, id_pairs = v.tokens * v.top_k;
   const int64_t n = cells > id_pairs ? cells : id_pairs;
@@ -78,6 +81,8 @@ __global__ void send_plan_backward_kernel(const float* grad_meta, int64_t g_row,
                                           int64_t id_s0, int64_t id_s1, const int32_t* slot,
                                           int64_t tokens, int64_t top_k, int64_t ranks, int64_t cap,
                                           int64_t experts, W* out) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t per_rank = experts / ranks;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < tokens * top_k;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -123,10 +128,9 @@ void send_plan_cuda(const SendPlanArgs& a, void* stream) {
     using Id = decltype(id_tag);
     cuda::dispatch_floating(a.weights.dtype(), [&](auto w_ptr) {
       using W = std::remove_pointer_t<decltype(w_ptr)>;
-      send_plan_kernel<Id, W><<<blocks, kThreads, 0, s>>>(v);
+      cuda::launch("send_plan_kernel", send_plan_kernel<Id, W>, blocks, kThreads, 0, s, v);
     });
   });
-  cuda::check_launch("send_plan_kernel");
 }
 
 void send_plan_backward_cuda(const Arg& grad_meta, const Arg& ids, const Arg& token_rank_slot,
@@ -141,13 +145,12 @@ void send_plan_backward_cuda(const Arg& grad_meta, const Arg& ids, const Arg& to
     using Id = decltype(id_tag);
     cuda::dispatch_floating(grad_weights.dtype(), [&](auto w_ptr) {
       using W = std::remove_pointer_t<decltype(w_ptr)>;
-      send_plan_backward_kernel<Id, W><<<blocks, kThreads, 0, s>>>(
-          grad_meta.ptr<const float>(), grad_meta.stride(0), ids.ptr<const Id>(), ids.stride(0),
-          ids.stride(1), token_rank_slot.ptr<const int32_t>(), tokens, top_k,
-          token_rank_slot.size(1), capacity, experts, grad_weights.ptr<W>());
+      cuda::launch("send_plan_backward_kernel", send_plan_backward_kernel<Id, W>, blocks, kThreads,
+                   0, s, grad_meta.ptr<const float>(), grad_meta.stride(0), ids.ptr<const Id>(),
+                   ids.stride(0), ids.stride(1), token_rank_slot.ptr<const int32_t>(), tokens,
+                   top_k, token_rank_slot.size(1), capacity, experts, grad_weights.ptr<W>());
     });
   });
-  cuda::check_launch("send_plan_backward_kernel");
 }
 
 }  // namespace turbomoe::ep_layout

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "grouped_gemm/grouped_gemm.h"
 
 namespace turbomoe::grouped_gemm {
@@ -24,6 +25,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     zero_empty_experts_kernel(const int32_t* offsets, unsigned char* dw, int64_t slice_bytes,
                               int64_t chunks_per_expert) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t e = blockIdx.x / chunks_per_expert;
   if (offsets[e + 1] != offsets[e]) return;
   const int64_t begin = (blockIdx.x - e * chunks_per_expert) * kChunkBytes;
@@ -48,9 +51,8 @@ void zero_empty_experts_cuda(const Arg& offsets, const Arg& dw, void* stream) {
   auto* base = static_cast<unsigned char*>(dw.t().data);
   const bool vec = slice_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
   auto kernel = vec ? zero_empty_experts_kernel<uint4> : zero_empty_experts_kernel<unsigned char>;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, cuda::as_stream(stream)>>>(
-      off, base, slice_bytes, chunks);
-  cuda::check_launch("zero_empty_experts_kernel");
+  cuda::launch("zero_empty_experts_kernel", kernel, static_cast<unsigned>(blocks), kThreads, 0,
+               cuda::as_stream(stream), off, base, slice_bytes, chunks);
 }
 
 }  // namespace turbomoe::grouped_gemm

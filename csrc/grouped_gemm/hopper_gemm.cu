@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "grouped_gemm/grouped_gemm.h"
 #include "grouped_gemm/hopper_gemm.h"
 #include "grouped_gemm/hopper_gemm_kernel.cuh"
@@ -207,14 +208,6 @@ void ensure_smem_limit(Kernel kernel, int smem, std::atomic<int>* known) {
   }
 }
 
-// Launch configuration of kCluster-CTA clusters of the kernel's block size.
-template <int kCluster>
-cudaLaunchConfig_t cluster_config(int grid, int smem, cudaStream_t stream,
-                                  cudaLaunchAttribute* attr) {
-  return cuda::cluster_launch_config(static_cast<unsigned>(grid), hopper_gemm::kThreads,
-                                     static_cast<size_t>(smem), stream, kCluster, attr);
-}
-
 // `device`: the current device (the caller's guard has set it), which keys the attribute record.
 // With kCluster > 1, `grid` is a multiple of kCluster (cluster_grid).
 template <Pass P, typename OutT, int kEpi, int kCluster = 1, int kGather = hopper_gemm::kGatherNone>
@@ -227,13 +220,11 @@ void launch(const CUtensorMap& a, const CUtensorMap& b, const CUtensorMap& out, 
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
   if constexpr (kCluster == 1) {
-    kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
-    cuda::check_launch("hopper grouped_gemm_kernel");
+    cuda::launch("hopper grouped_gemm_kernel", kernel, grid, hopper_gemm::kThreads, smem, stream, a,
+                 b, out, p);
   } else {
-    cudaLaunchAttribute attr{};
-    const cudaLaunchConfig_t config = cluster_config<kCluster>(grid, smem, stream, &attr);
-    cuda::check(cudaLaunchKernelEx(&config, kernel, a, b, out, p),
-                "cudaLaunchKernelEx (hopper grouped_gemm_kernel, clusters)");
+    cuda::launch_clusters("hopper grouped_gemm_kernel (clusters)", kernel, kCluster, grid,
+                          hopper_gemm::kThreads, smem, stream, a, b, out, p);
   }
 }
 
@@ -256,10 +247,11 @@ int cluster_grid(int sm_count, int num_experts, int64_t cluster_tiles, int devic
                      ? resident[device].load(std::memory_order_relaxed)
                      : 0;
   if (clusters <= 0) {
-    cudaLaunchAttribute attr{};
+    std::array<cudaLaunchAttribute, 2> attrs{};
     const int full = (sm_count / kCluster) * kCluster;
     const cudaLaunchConfig_t config =
-        cluster_config<kCluster>(full > 0 ? full : kCluster, smem, stream, &attr);
+        cuda::launch_config(dim3(full > 0 ? full : kCluster), dim3(hopper_gemm::kThreads),
+                            static_cast<size_t>(smem), stream, kCluster, false, &attrs);
     cuda::check(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config),
                 "cudaOccupancyMaxActiveClusters");
     if (device >= 0 && device < kMaxCachedDevices) resident[device].store(clusters);
@@ -469,8 +461,8 @@ void launch_pingpong(const CUtensorMap& a, const CUtensorMap& b, const CUtensorM
   static std::array<std::atomic<int>, kMaxCachedDevices> configured{};
   ensure_smem_limit(kernel, smem,
                     device >= 0 && device < kMaxCachedDevices ? &configured[device] : nullptr);
-  kernel<<<grid, hopper_gemm::kThreads, smem, stream>>>(a, b, out, p);
-  cuda::check_launch("hopper pingpong_row_kernel");
+  cuda::launch("hopper pingpong_row_kernel", kernel, grid, hopper_gemm::kThreads, smem, stream, a,
+               b, out, p);
 }
 
 // A row pass through the ping-pong kernel: A as 64-row boxes (one tile's rows), B as the

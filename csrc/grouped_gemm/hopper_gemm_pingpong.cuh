@@ -28,6 +28,7 @@
 
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "grouped_gemm/hopper_gemm_epilogue.cuh"
 #include "grouped_gemm/hopper_gemm_layout.cuh"
 #include "grouped_gemm/hopper_gemm_loads.cuh"
@@ -72,6 +73,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     pingpong_row_kernel(const __grid_constant__ CUtensorMap map_a,
                         const __grid_constant__ CUtensorMap map_b,
                         const __grid_constant__ CUtensorMap map_out, const Params p) {
+  cuda::wait_for_prior_grids();
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   static_assert(P == Pass::kForward || P == Pass::kGradInput, "the plain row passes");
   using L = PingPongLayout<kEpi>;

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "grouped_gemm/tiled_gemm.h"
 
 namespace turbomoe::grouped_gemm {
@@ -330,6 +331,8 @@ __device__ __forceinline__ bool chunks_aligned(const void* base, int64_t ld, int
 
 template <typename T, typename Out, tm_gemm_pass P>
 __global__ void __launch_bounds__(Shape<T>::kThreads) tiled_gemm_kernel(TiledProblem p) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   using S = Shape<T>;
   using L = Layout<P>;
   using X = Tiles<T, P>;
@@ -418,6 +421,8 @@ __global__ void __launch_bounds__(Shape<T>::kThreads) tiled_gemm_kernel(TiledPro
 template <typename Out>
 __global__ void zero_tail_rows_kernel(Out* c, int64_t ldc, int64_t rows, int64_t cols,
                                       const int32_t* offsets, int experts) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t first = clamp64(offsets[experts], 0, rows);
   for (int64_t r = first + blockIdx.x; r < rows; r += gridDim.x) {
     for (int64_t col = threadIdx.x; col < cols; col += blockDim.x) {
@@ -445,14 +450,13 @@ void launch(const TiledProblem& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(first), static_cast<unsigned>(col_tiles),
                   static_cast<unsigned>(depth));
   if (first > 0 && col_tiles > 0 && depth > 0) {
-    tiled_gemm_kernel<T, Out, P><<<grid, S::kThreads, 0, stream>>>(p);
-    cuda::check_launch("tiled_gemm_kernel");
+    cuda::launch("tiled_gemm_kernel", tiled_gemm_kernel<T, Out, P>, grid, S::kThreads, 0, stream,
+                 p);
   }
   if (P != TM_GEMM_GRAD_WEIGHT && p.rows > 0 && p.n > 0) {
     const unsigned blocks = static_cast<unsigned>(p.rows < 1024 ? p.rows : 1024);
-    zero_tail_rows_kernel<Out><<<blocks, 256, 0, stream>>>(static_cast<Out*>(p.c), p.c_ld, p.rows,
-                                                           p.n, p.offsets, p.experts);
-    cuda::check_launch("zero_tail_rows_kernel");
+    cuda::launch("zero_tail_rows_kernel", zero_tail_rows_kernel<Out>, blocks, 256, 0, stream,
+                 static_cast<Out*>(p.c), p.c_ld, p.rows, p.n, p.offsets, p.experts);
   }
 }
 

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/launch.cuh"
 #include "loss/ce_math.cuh"
 #include "loss/loss.h"
 #include "rmsnorm/vector_io.cuh"
@@ -48,6 +49,8 @@ __global__ void __launch_bounds__(kThreads)
                             Labels labels, int64_t ignore_index, const float* grad_loss,
                             int64_t gl_stride, float* loss, int64_t loss_stride, float* lse,
                             int64_t lse_stride, G* grad, int64_t grad_stride) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(128) uint8_t slice_smem[];
   T* held = reinterpret_cast<T*>(slice_smem);
@@ -180,16 +183,12 @@ void ce_forward_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg
         cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)),
                     "cudaFuncSetAttribute");
-        cudaLaunchAttribute attr{};
-        const cudaLaunchConfig_t config = cuda::cluster_launch_config(
-            static_cast<unsigned>(rows * ctas), kThreads, smem, cuda::as_stream(stream),
-            static_cast<unsigned>(ctas), &attr);
-        cuda::check(cudaLaunchKernelEx(&config, kernel, vocab, slice, logits.ptr<const T>(),
-                                       logits.stride(0), labels_of(labels), ignore_index,
-                                       grad_loss.ptr<const float>(), grad_loss.stride(0),
-                                       loss.ptr<float>(), loss.stride(0), lse.ptr<float>(),
-                                       lse.stride(0), grad_logits.ptr<G>(), grad_logits.stride(0)),
-                    "cudaLaunchKernelEx (cross-entropy forward_backward_kernel)");
+        cuda::launch_clusters(
+            "cross-entropy forward_backward_kernel", kernel, static_cast<unsigned>(ctas),
+            static_cast<unsigned>(rows * ctas), kThreads, smem, cuda::as_stream(stream), vocab,
+            slice, logits.ptr<const T>(), logits.stride(0), labels_of(labels), ignore_index,
+            grad_loss.ptr<const float>(), grad_loss.stride(0), loss.ptr<float>(), loss.stride(0),
+            lse.ptr<float>(), lse.stride(0), grad_logits.ptr<G>(), grad_logits.stride(0));
         fused = true;
       });
     });

@@ -6,6 +6,7 @@
 #include <climits>
 #include <type_traits>
 
+#include "common/launch.cuh"
 #include "loss/ce_math.cuh"
 #include "loss/loss.h"
 #include "rmsnorm/vector_io.cuh"
@@ -20,6 +21,8 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(int64_t vocab, const T* logits, int64_t row_stride, Labels labels,
                    int64_t ignore_index, float* loss, int64_t loss_stride, float* lse,
                    int64_t lse_stride) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t row = blockIdx.x;
   const int64_t label = label_at(labels, row);
   if (label == ignore_index) {  // the whole block leaves together
@@ -50,6 +53,8 @@ __global__ void __launch_bounds__(kThreads)
     backward_kernel(int64_t vocab, const T* logits, int64_t row_stride, Labels labels,
                     int64_t ignore_index, const float* grad_loss, int64_t gl_stride,
                     const float* lse, int64_t lse_stride, G* grad, int64_t grad_stride) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t row = blockIdx.x;
   const int64_t label = label_at(labels, row);
   G* d = grad + row * grad_stride;
@@ -98,11 +103,11 @@ void ce_forward_cuda(const Arg& logits, const Arg& labels, int64_t ignore_index,
   cuda::dispatch_f32_bf16(logits.dtype(), [&](auto tag) {
     using T = Elem<decltype(tag)>;
     auto kernel = vec ? forward_kernel<T, cuda::kVecElems> : forward_kernel<T, 1>;
-    kernel<<<static_cast<unsigned>(rows), kThreads, 0, cuda::as_stream(stream)>>>(
-        vocab, logits.ptr<const T>(), logits.stride(0), labels_of(labels), ignore_index,
-        loss.ptr<float>(), loss.stride(0), lse.ptr<float>(), lse.stride(0));
+    cuda::launch("cross-entropy forward_kernel", kernel, static_cast<unsigned>(rows), kThreads, 0,
+                 cuda::as_stream(stream), vocab, logits.ptr<const T>(), logits.stride(0),
+                 labels_of(labels), ignore_index, loss.ptr<float>(), loss.stride(0),
+                 lse.ptr<float>(), lse.stride(0));
   });
-  cuda::check_launch("cross-entropy forward_kernel");
 }
 
 void ce_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg& labels, const Arg& lse,
@@ -117,13 +122,13 @@ void ce_backward_cuda(const Arg& grad_loss, const Arg& logits, const Arg& labels
     cuda::dispatch_f32_bf16(grad_logits.dtype(), [&](auto g_tag) {
       using G = Elem<decltype(g_tag)>;
       auto kernel = vec ? backward_kernel<T, G, cuda::kVecElems> : backward_kernel<T, G, 1>;
-      kernel<<<static_cast<unsigned>(rows), kThreads, 0, cuda::as_stream(stream)>>>(
-          vocab, logits.ptr<const T>(), logits.stride(0), labels_of(labels), ignore_index,
-          grad_loss.ptr<const float>(), grad_loss.stride(0), lse.ptr<const float>(), lse.stride(0),
-          grad_logits.ptr<G>(), grad_logits.stride(0));
+      cuda::launch("cross-entropy backward_kernel", kernel, static_cast<unsigned>(rows), kThreads,
+                   0, cuda::as_stream(stream), vocab, logits.ptr<const T>(), logits.stride(0),
+                   labels_of(labels), ignore_index, grad_loss.ptr<const float>(),
+                   grad_loss.stride(0), lse.ptr<const float>(), lse.stride(0), grad_logits.ptr<G>(),
+                   grad_logits.stride(0));
     });
   });
-  cuda::check_launch("cross-entropy backward_kernel");
 }
 
 }  // namespace turbomoe::loss

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "loss/loss.h"
 #include "rmsnorm/vector_io.cuh"
 
@@ -16,6 +17,8 @@ constexpr unsigned kMaxBlocks = 1024;
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     scale_unless_one_kernel(const float* scale, T* x, int64_t vectors) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const float s = *scale;
   if (s == 1.0f) return;
   const float rounded = cuda::round_to<T>(s);
@@ -42,10 +45,9 @@ void scale_unless_one_cuda(const Arg& scale, const Arg& x, void* stream) {
   cuda::dispatch_f32_bf16(x.dtype(), [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     auto kernel = vec ? scale_unless_one_kernel<T, cuda::kVecElems> : scale_unless_one_kernel<T, 1>;
-    kernel<<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(scale.ptr<const float>(), x.ptr<T>(),
-                                                             vectors);
+    cuda::launch("scale_unless_one_kernel", kernel, blocks, kThreads, 0, cuda::as_stream(stream),
+                 scale.ptr<const float>(), x.ptr<T>(), vectors);
   });
-  cuda::check_launch("scale_unless_one_kernel");
 }
 
 }  // namespace turbomoe::loss

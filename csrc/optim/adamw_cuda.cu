@@ -1,6 +1,7 @@
 // CUDA kernel of the AdamW step: a memory-bound pass reading param, grad and both moments and
 // writing param and the moments once (22 bytes an element with bf16 parameters and float32
 // moments), eight elements a thread per access where every pointer allows it.
+#include "common/launch.cuh"
 #include "optim/adamw.h"
 #include "rmsnorm/vector_io.cuh"
 
@@ -14,6 +15,8 @@ __global__ void __launch_bounds__(kThreads)
     adamw_kernel(AdamwConstants c, int64_t n, P* __restrict__ param, const G* __restrict__ grad,
                  S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,
                  const float* __restrict__ grad_scale) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x * N;
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * N; i < n; i += stride) {
@@ -62,15 +65,14 @@ void adamw_cuda(const AdamwConstants& c, const Arg& param, const Arg& grad, cons
         S* v = exp_avg_sq.ptr<S>();
         const cudaStream_t s = cuda::as_stream(stream);
         if (body > 0) {
-          adamw_kernel<P, G, S, cuda::kVecElems>
-              <<<cuda::blocks_for(body / cuda::kVecElems, kThreads), kThreads, 0, s>>>(
-                  c, body, p, g, m, v, grad_scale);
-          cuda::check_launch("adamw_kernel");
+          cuda::launch("adamw_kernel", adamw_kernel<P, G, S, cuda::kVecElems>,
+                       cuda::blocks_for(body / cuda::kVecElems, kThreads), kThreads, 0, s, c, body,
+                       p, g, m, v, grad_scale);
         }
         if (n > body) {
-          adamw_kernel<P, G, S, 1><<<cuda::blocks_for(n - body, kThreads), kThreads, 0, s>>>(
-              c, n - body, p + body, g + body, m + body, v + body, grad_scale);
-          cuda::check_launch("adamw_kernel");
+          cuda::launch("adamw_kernel", adamw_kernel<P, G, S, 1>,
+                       cuda::blocks_for(n - body, kThreads), kThreads, 0, s, c, n - body, p + body,
+                       g + body, m + body, v + body, grad_scale);
         }
       });
     });

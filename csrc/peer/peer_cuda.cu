@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "peer/peer.h"
 
 namespace turbomoe::peer {
@@ -38,6 +39,8 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
 // the next barrier (count + 1) also satisfies this one.
 __global__ void barrier_kernel(Peers peers, int world, int rank, uint64_t timeout_ns,
                                double timeout_s) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   auto* const own = reinterpret_cast<uint64_t*>(peers.base[rank]);
   uint64_t* const epoch = own + kEpochOffset / sizeof(uint64_t);
   const uint64_t next = *epoch + 1;
@@ -72,6 +75,8 @@ constexpr int kPushUnroll = 4;  // 16-byte loads in flight per thread before the
 __global__ void __launch_bounds__(kPushThreads)
     push_kernel(const uint4* __restrict__ src, Peers peers, int world, int rank, size_t block_vecs,
                 size_t offset) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const size_t step = static_cast<size_t>(gridDim.x) * kPushThreads * kPushUnroll;
   const size_t first = static_cast<size_t>(blockIdx.x) * kPushThreads * kPushUnroll + threadIdx.x;
   for (int d = 0; d < world; ++d) {
@@ -165,9 +170,8 @@ void Comm::barrier(double timeout_s, void* stream) {
   cuda::DeviceGuard guard(device_);
   const double ns = timeout_s * 1e9;
   const auto timeout_ns = ns > 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(ns);
-  barrier_kernel<<<1, 32, 0, cuda::as_stream(stream)>>>(peer_table(peers_), world_, rank_,
-                                                        timeout_ns, timeout_s);
-  cuda::check_launch("peer barrier_kernel");
+  cuda::launch("peer barrier_kernel", barrier_kernel, 1, 32, 0, cuda::as_stream(stream),
+               peer_table(peers_), world_, rank_, timeout_ns, timeout_s);
 }
 
 void Comm::push(const void* src, size_t block_bytes, size_t offset, int32_t ctas, void* stream) {
@@ -177,9 +181,9 @@ void Comm::push(const void* src, size_t block_bytes, size_t offset, int32_t ctas
   const size_t needed =
       (block_vecs + kPushThreads * kPushUnroll - 1) / (kPushThreads * kPushUnroll);
   const int grid = static_cast<int>(needed < static_cast<size_t>(ctas) ? needed : ctas);
-  push_kernel<<<grid, kPushThreads, 0, cuda::as_stream(stream)>>>(
-      static_cast<const uint4*>(src), peer_table(peers_), world_, rank_, block_vecs, offset);
-  cuda::check_launch("peer push_kernel");
+  cuda::launch("peer push_kernel", push_kernel, grid, kPushThreads, 0, cuda::as_stream(stream),
+               static_cast<const uint4*>(src), peer_table(peers_), world_, rank_, block_vecs,
+               offset);
 }
 
 }  // namespace turbomoe::peer

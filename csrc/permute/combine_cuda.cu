@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "permute/permute.h"
 #include "permute/plan_rows.cuh"
 #include "permute/raw_bits.cuh"
@@ -78,6 +79,8 @@ __global__ void __launch_bounds__(kThreads)
     combine_forward_kernel(Rows rows, int64_t num_rows, const int32_t* pair_to_row,
                            SlotView weights, Rows out, int64_t tokens, int64_t top_k,
                            int64_t hidden) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
     for (int64_t h = int64_t(threadIdx.x) * V; h < hidden; h += int64_t(kThreads) * V) {
       float acc[V] = {};
@@ -124,6 +127,8 @@ __global__ void __launch_bounds__(kThreads)
     combine_backward_kernel(Rows grad_out, Rows rows, int64_t num_rows, const int32_t* pair_to_row,
                             SlotView weights, Rows grad_rows, SlotView grad_weights, int64_t tokens,
                             int64_t top_k, int64_t hidden, const int32_t* offsets, int experts) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   __shared__ float partial[kThreads / kWarp][kSlotBatch];
   const bool want_dot = grad_weights.data != nullptr;
   const int tid = static_cast<int>(threadIdx.x);
@@ -221,15 +226,14 @@ void launch_forward(const Arg& rows, const Arg& p2r, const SlotView& w, int64_t 
   const int64_t tokens = out.size(0), hidden = out.size(1);
   constexpr int kVec = 16 / sizeof(T);
   if (vectorizable({&rows, &out}, hidden)) {
-    combine_forward_kernel<T, kVec><<<grid_for(tokens), kThreads, 0, stream>>>(
-        rows_of(rows), rows.size(0), p2r.ptr<const int32_t>(), w, rows_of(out), tokens, top_k,
-        hidden);
+    cuda::launch("combine_forward_kernel", combine_forward_kernel<T, kVec>, grid_for(tokens),
+                 kThreads, 0, stream, rows_of(rows), rows.size(0), p2r.ptr<const int32_t>(), w,
+                 rows_of(out), tokens, top_k, hidden);
   } else {
-    combine_forward_kernel<T, 1><<<grid_for(tokens), kThreads, 0, stream>>>(
-        rows_of(rows), rows.size(0), p2r.ptr<const int32_t>(), w, rows_of(out), tokens, top_k,
-        hidden);
+    cuda::launch("combine_forward_kernel", combine_forward_kernel<T, 1>, grid_for(tokens), kThreads,
+                 0, stream, rows_of(rows), rows.size(0), p2r.ptr<const int32_t>(), w, rows_of(out),
+                 tokens, top_k, hidden);
   }
-  cuda::check_launch("combine_forward_kernel");
 }
 
 template <typename T>
@@ -242,15 +246,14 @@ void launch_backward(const CombineBackward& c, cudaStream_t stream) {
   const int experts = c.expert_offsets ? static_cast<int>(c.expert_offsets->size(0) - 1) : 0;
   constexpr int kVec = 16 / sizeof(T);
   if (vectorizable({&c.grad_out, &c.grad_rows, c.rows ? &*c.rows : nullptr}, hidden)) {
-    combine_backward_kernel<T, kVec><<<grid_for(tokens), kThreads, 0, stream>>>(
-        rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w, rows_of(c.grad_rows), gw, tokens,
-        c.top_k, hidden, offsets, experts);
+    cuda::launch("combine_backward_kernel", combine_backward_kernel<T, kVec>, grid_for(tokens),
+                 kThreads, 0, stream, rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w,
+                 rows_of(c.grad_rows), gw, tokens, c.top_k, hidden, offsets, experts);
   } else {
-    combine_backward_kernel<T, 1><<<grid_for(tokens), kThreads, 0, stream>>>(
-        rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w, rows_of(c.grad_rows), gw, tokens,
-        c.top_k, hidden, offsets, experts);
+    cuda::launch("combine_backward_kernel", combine_backward_kernel<T, 1>, grid_for(tokens),
+                 kThreads, 0, stream, rows_of(c.grad_out), r, c.grad_rows.size(0), p2r, w,
+                 rows_of(c.grad_rows), gw, tokens, c.top_k, hidden, offsets, experts);
   }
-  cuda::check_launch("combine_backward_kernel");
 }
 
 }  // namespace

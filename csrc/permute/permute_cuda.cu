@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "permute/permute.h"
 #include "permute/plan_rows.cuh"
 #include "permute/raw_bits.cuh"
@@ -41,6 +42,8 @@ __device__ __forceinline__ int expert_of(const IdView& v, int64_t p, int experts
 
 template <typename Id>
 __global__ void plan_count_kernel(IdView ids, int64_t pairs, int experts, int32_t* counts) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   extern __shared__ int32_t hist[];
   for (int e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
   __syncthreads();
@@ -57,6 +60,8 @@ __global__ void plan_count_kernel(IdView ids, int64_t pairs, int experts, int32_
 
 // Single block. Thread i owns the contiguous experts [i*per, (i+1)*per).
 __global__ void plan_scan_kernel(int32_t* counts, int64_t blocks, int experts, int32_t* offsets) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   __shared__ int32_t scan[kScanThreads];
   const int per = (experts + kScanThreads - 1) / kScanThreads;
   const int e0 = threadIdx.x * per;
@@ -93,6 +98,8 @@ __global__ void plan_scan_kernel(int32_t* counts, int64_t blocks, int experts, i
 template <typename Id>
 __global__ void plan_scatter_kernel(IdView ids, int64_t pairs, int experts, const int32_t* prefix,
                                     const int32_t* offsets, int32_t* sorted, int32_t* pair_to_row) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   extern __shared__ int32_t cursor[];
   const int lane = threadIdx.x;
   const int32_t* mine = prefix + int64_t(blockIdx.x) * experts;
@@ -138,6 +145,8 @@ __global__ void __launch_bounds__(kGatherThreads)
     gather_kernel(const char* src, int64_t src_ld_bytes, int64_t tokens, const int32_t* sorted,
                   const int32_t* offsets, int experts, int64_t top_k, char* dst,
                   int64_t dst_ld_bytes, int64_t rows, int64_t units) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int64_t used = planned_rows(offsets, experts, rows);
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (kGatherThreads / kWarp);
@@ -186,12 +195,11 @@ void launch_gather(const Arg& src, const Arg& sorted_pairs, const Arg& offsets, 
   const int64_t wanted = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   const unsigned blocks = static_cast<unsigned>(wanted < (1 << 20) ? wanted : (1 << 20));
   if (blocks == 0) return;
-  gather_kernel<R><<<blocks, kGatherThreads, 0, stream>>>(
-      static_cast<const char*>(src.data()), src.stride(0) * elem, src.size(0),
-      sorted_pairs.ptr<const int32_t>(), offsets.ptr<const int32_t>(),
-      static_cast<int>(offsets.size(0) - 1), top_k, static_cast<char*>(dst.data()),
-      dst.stride(0) * elem, rows, dst.size(1) * elem / static_cast<int64_t>(sizeof(R)));
-  cuda::check_launch("gather_kernel");
+  cuda::launch("gather_kernel", gather_kernel<R>, blocks, kGatherThreads, 0, stream,
+               static_cast<const char*>(src.data()), src.stride(0) * elem, src.size(0),
+               sorted_pairs.ptr<const int32_t>(), offsets.ptr<const int32_t>(),
+               static_cast<int>(offsets.size(0) - 1), top_k, static_cast<char*>(dst.data()),
+               dst.stride(0) * elem, rows, dst.size(1) * elem / static_cast<int64_t>(sizeof(R)));
 }
 
 template <typename Id>
@@ -201,17 +209,15 @@ void launch_plan(const IdView& view, int64_t pairs, int experts, int32_t* counts
   const int64_t blocks = (pairs + kPlanChunk - 1) / kPlanChunk;
   const size_t shared = static_cast<size_t>(experts) * sizeof(int32_t);
   if (blocks > 0) {
-    plan_count_kernel<Id><<<static_cast<unsigned>(blocks), kCountThreads, shared, stream>>>(
-        view, pairs, experts, counts);
-    cuda::check_launch("plan_count_kernel");
+    cuda::launch("plan_count_kernel", plan_count_kernel<Id>, static_cast<unsigned>(blocks),
+                 kCountThreads, shared, stream, view, pairs, experts, counts);
   }
-  plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, blocks, experts, offsets.ptr<int32_t>());
-  cuda::check_launch("plan_scan_kernel");
+  cuda::launch("plan_scan_kernel", plan_scan_kernel, 1, kScanThreads, 0, stream, counts, blocks,
+               experts, offsets.ptr<int32_t>());
   if (blocks > 0) {
-    plan_scatter_kernel<Id><<<static_cast<unsigned>(blocks), kWarp, shared, stream>>>(
-        view, pairs, experts, counts, offsets.ptr<const int32_t>(), sorted_pairs.ptr<int32_t>(),
-        pair_to_row.ptr<int32_t>());
-    cuda::check_launch("plan_scatter_kernel");
+    cuda::launch("plan_scatter_kernel", plan_scatter_kernel<Id>, static_cast<unsigned>(blocks),
+                 kWarp, shared, stream, view, pairs, experts, counts, offsets.ptr<const int32_t>(),
+                 sorted_pairs.ptr<int32_t>(), pair_to_row.ptr<int32_t>());
   }
 }
 

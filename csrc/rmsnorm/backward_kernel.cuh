@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "rmsnorm/rmsnorm.h"
 #include "rmsnorm/vector_io.cuh"
 #include "rope/rope_math.h"
@@ -101,6 +102,8 @@ __global__ void __launch_bounds__(kThreads)
                     const W* weight, const float* rstd, int64_t rstd_stride, DX* grad_x,
                     int64_t gx_stride, float* partial, RopeRows rope, const DX* grad_residual,
                     int64_t gr_stride) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   constexpr int kCached = kBackwardCached;
   __shared__ float warp_sums[kThreads / 32];
   const int lane = static_cast<int>(threadIdx.x) % team;

@@ -5,6 +5,7 @@
 // D/8 lanes (its first butterfly step adds exactly those two vectors): the fused forward is
 // bitwise tm_rmsnorm_forward followed by tm_rope_forward. The backward is the RMSNorm backward
 // kernel with RoPE's transpose applied to each row as it is loaded (backward_kernel.cuh).
+#include "common/launch.cuh"
 #include "rmsnorm/backward_kernel.cuh"
 #include "rmsnorm/qk_norm_rope.h"
 #include "rmsnorm/rmsnorm.h"
@@ -23,6 +24,8 @@ template <typename X, typename Cs>
 __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_forward_kernel(int team, int64_t rows, int64_t hidden, float eps, const X* x,
                                 const X* weight, RopeRows rope, X* y, float* rstd) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int lane = static_cast<int>(threadIdx.x) % team;
   const int64_t r = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / team;
   const bool active = r < rows;
@@ -101,12 +104,11 @@ void qk_norm_rope_forward_cuda(const Arg& x, const std::optional<Arg>& weight, f
     using X = Elem<decltype(x_tag)>;
     cuda::dispatch_f32_bf16(cos.dtype(), [&](auto cs_tag) {
       using Cs = Elem<decltype(cs_tag)>;
-      qk_norm_rope_forward_kernel<X, Cs><<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(
-          team, rows, hidden, eps, x.ptr<const X>(), weight ? weight->ptr<const X>() : nullptr,
-          rope, y.ptr<X>(), rstd.ptr<float>());
+      cuda::launch("qk_norm_rope_forward_kernel", qk_norm_rope_forward_kernel<X, Cs>, blocks,
+                   kThreads, 0, cuda::as_stream(stream), team, rows, hidden, eps, x.ptr<const X>(),
+                   weight ? weight->ptr<const X>() : nullptr, rope, y.ptr<X>(), rstd.ptr<float>());
     });
   });
-  cuda::check_launch("qk_norm_rope_forward_kernel");
 }
 
 void qk_norm_rope_backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& weight,
@@ -129,16 +131,15 @@ void qk_norm_rope_backward_cuda(const Arg& grad_y, const Arg& x, const std::opti
         using G = Elem<decltype(g_tag)>;
         cuda::dispatch_f32_bf16(cos.dtype(), [&](auto cs_tag) {
           using Cs = Elem<decltype(cs_tag)>;
-          backward_kernel<X, X, G, X, kN, false, true, Cs>
-              <<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(
-                  plan.team, plan.partials, plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(),
-                  hidden, x.ptr<const X>(), hidden, weight ? weight->ptr<const X>() : nullptr,
-                  rstd.ptr<const float>(), rstd.stride(0), grad_x.ptr<X>(), hidden, partial, rope,
-                  nullptr, 0);
+          cuda::launch("backward_kernel", backward_kernel<X, X, G, X, kN, false, true, Cs>, blocks,
+                       kThreads, 0, cuda::as_stream(stream), plan.team, plan.partials,
+                       plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(), hidden,
+                       x.ptr<const X>(), hidden, weight ? weight->ptr<const X>() : nullptr,
+                       rstd.ptr<const float>(), rstd.stride(0), grad_x.ptr<X>(), hidden, partial,
+                       rope, nullptr, 0);
         });
       });
     });
-    cuda::check_launch("qk_norm_rope backward_kernel");
   }
   if (grad_weight) reduce_partials_cuda(plan, hidden, partial, grad_weight->ptr<float>(), stream);
 }

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/launch.cuh"
 #include "rmsnorm/backward_kernel.cuh"
 #include "rmsnorm/rmsnorm.h"
 #include "rmsnorm/vector_io.cuh"
@@ -33,6 +34,8 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
     forward_kernel(int team, int64_t rows, int64_t hidden, float eps, const X* x, int64_t x_stride,
                    const W* weight, Y* y, int64_t y_stride, float* rstd, int64_t rstd_stride,
                    const X* residual, int64_t res_stride, X* sum, int64_t sum_stride) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   const int warp_lane = static_cast<int>(threadIdx.x) % 32;
   const int lane = warp_lane % team;
   const int64_t r =
@@ -82,6 +85,8 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(int64_t total_rows, int64_t slice_rows, int64_t hidden, const float* in,
                        float* out) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   __shared__ float sums[kReduceGroups][kReduceColumns];
   const int col = static_cast<int>(threadIdx.x) % kReduceColumns;
   const int group = static_cast<int>(threadIdx.x) / kReduceColumns;
@@ -139,16 +144,16 @@ void forward_cuda(const Arg& x, const std::optional<Arg>& weight, float eps, con
             vec ? (add ? forward_kernel<X, W, Y, cuda::kVecElems, true>
                        : forward_kernel<X, W, Y, cuda::kVecElems, false>)
                 : (add ? forward_kernel<X, W, Y, 1, true> : forward_kernel<X, W, Y, 1, false>);
-        kernel<<<blocks, kForwardWarps * 32, 0, cuda::as_stream(stream)>>>(
-            team, rows, hidden, eps, x.ptr<const X>(), x.stride(0),
-            static_cast<const W*>(data_or_null(weight)), y.ptr<Y>(), y.stride(0), rstd_ptr,
-            rstd_stride, add ? add->residual.ptr<const X>() : nullptr,
-            add ? add->residual.stride(0) : 0, add ? add->sum.ptr<X>() : nullptr,
-            add ? add->sum.stride(0) : 0);
+        cuda::launch("rmsnorm forward_kernel", kernel, blocks, kForwardWarps * 32, 0,
+                     cuda::as_stream(stream), team, rows, hidden, eps, x.ptr<const X>(),
+                     x.stride(0), static_cast<const W*>(data_or_null(weight)), y.ptr<Y>(),
+                     y.stride(0), rstd_ptr, rstd_stride,
+                     add ? add->residual.ptr<const X>() : nullptr,
+                     add ? add->residual.stride(0) : 0, add ? add->sum.ptr<X>() : nullptr,
+                     add ? add->sum.stride(0) : 0);
       });
     });
   });
-  cuda::check_launch("rmsnorm forward_kernel");
 }
 
 void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& weight,
@@ -183,18 +188,18 @@ void backward_cuda(const Arg& grad_y, const Arg& x, const std::optional<Arg>& we
             auto kernel = vec ? (prefetch ? backward_kernel<X, W, G, DX, cuda::kVecElems, true>
                                           : backward_kernel<X, W, G, DX, cuda::kVecElems, false>)
                               : backward_kernel<X, W, G, DX, 1, false>;
-            kernel<<<blocks, kThreads, 0, cuda::as_stream(stream)>>>(
-                plan.team, plan.partials, plan.rows_per_team, rows, hidden, grad_y.ptr<const G>(),
-                grad_y.stride(0), x.ptr<const X>(), x.stride(0),
-                static_cast<const W*>(data_or_null(weight)), rstd.ptr<const float>(),
-                rstd.stride(0), grad_x.ptr<DX>(), grad_x.stride(0), partial, RopeRows{},
-                grad_residual ? grad_residual->ptr<const DX>() : nullptr,
-                grad_residual ? grad_residual->stride(0) : 0);
+            cuda::launch("rmsnorm backward_kernel", kernel, blocks, kThreads, 0,
+                         cuda::as_stream(stream), plan.team, plan.partials, plan.rows_per_team,
+                         rows, hidden, grad_y.ptr<const G>(), grad_y.stride(0), x.ptr<const X>(),
+                         x.stride(0), static_cast<const W*>(data_or_null(weight)),
+                         rstd.ptr<const float>(), rstd.stride(0), grad_x.ptr<DX>(),
+                         grad_x.stride(0), partial, RopeRows{},
+                         grad_residual ? grad_residual->ptr<const DX>() : nullptr,
+                         grad_residual ? grad_residual->stride(0) : 0);
           });
         });
       });
     });
-    cuda::check_launch("rmsnorm backward_kernel");
   }
   if (grad_weight) reduce_partials_cuda(plan, hidden, partial, grad_weight->ptr<float>(), stream);
 }
@@ -209,15 +214,13 @@ void reduce_partials_cuda(const BackwardPlan& plan, int64_t hidden, float* works
   const float* partial = workspace;
   float* slices = workspace + plan.partials * hidden;
   float* stage_one_out = plan.slices == 1 ? grad_weight : slices;
-  reduce_rows_kernel<<<dim3(column_blocks, static_cast<unsigned>(plan.slices)), kThreads, 0,
-                       cuda::as_stream(stream)>>>(
-      plan.partials, plan.slices == 1 ? plan.partials : kReduceSliceRows, hidden, partial,
-      stage_one_out);
-  cuda::check_launch("rmsnorm reduce_rows_kernel");
+  cuda::launch("rmsnorm reduce_rows_kernel", reduce_rows_kernel,
+               dim3(column_blocks, static_cast<unsigned>(plan.slices)), kThreads, 0,
+               cuda::as_stream(stream), plan.partials,
+               plan.slices == 1 ? plan.partials : kReduceSliceRows, hidden, partial, stage_one_out);
   if (plan.slices == 1) return;
-  reduce_rows_kernel<<<dim3(column_blocks, 1), kThreads, 0, cuda::as_stream(stream)>>>(
-      plan.slices, plan.slices, hidden, slices, grad_weight);
-  cuda::check_launch("rmsnorm reduce_rows_kernel");
+  cuda::launch("rmsnorm reduce_rows_kernel", reduce_rows_kernel, dim3(column_blocks, 1), kThreads,
+               0, cuda::as_stream(stream), plan.slices, plan.slices, hidden, slices, grad_weight);
 }
 
 }  // namespace turbomoe::rmsnorm

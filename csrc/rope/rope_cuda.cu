@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "rmsnorm/vector_io.cuh"
 #include "rope/rope.h"
 #include "rope/rope_math.h"
@@ -61,6 +62,8 @@ template <typename In, typename Cs, typename Out, int N>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(bool interleaved, bool backward, int64_t seq, int64_t dim, int64_t rot,
                 bool broadcast, int rows_per_block, View4d in, View3d cos, View3d sin, View4d out) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   constexpr bool kVector = N > 1;
   const int64_t half = rot / 2;
   const int rot_groups = static_cast<int>(half / N);
@@ -174,13 +177,12 @@ void apply_cuda(bool interleaved, bool backward, const Arg& in, const Arg& cos, 
       cuda::dispatch_f32_bf16(out.dtype(), [&](auto out_tag) {
         using Out = std::remove_pointer_t<decltype(out_tag)>;
         auto kernel = vec ? rope_kernel<In, Cs, Out, kVec> : rope_kernel<In, Cs, Out, 1>;
-        kernel<<<grid, kThreads, 0, cuda::as_stream(stream)>>>(
-            interleaved, backward, seq, dim, rot, cos.size(0) == 1, rows_per_block, view4(in),
-            view3(cos), view3(sin), view4(out));
+        cuda::launch("rope_kernel", kernel, grid, kThreads, 0, cuda::as_stream(stream), interleaved,
+                     backward, seq, dim, rot, cos.size(0) == 1, rows_per_block, view4(in),
+                     view3(cos), view3(sin), view4(out));
       });
     });
   });
-  cuda::check_launch("rope_kernel");
 }
 
 }  // namespace turbomoe::rope

@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "common/cuda_utils.cuh"
+#include "common/launch.cuh"
 #include "routing/routing.h"
 #include "routing/routing_math.h"
 
@@ -104,6 +105,8 @@ __global__ void routing_forward_kernel(tm_routing_params p, int64_t tokens, int 
                                        View2d logits, const float* bias, int64_t bias_stride,
                                        View2d weights, View2d ids, View2d scores,
                                        int floats_per_warp) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   extern __shared__ float smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t t = int64_t(blockIdx.x) * (blockDim.x / kWarp) + warp;
@@ -167,6 +170,8 @@ template <typename Id, typename Out>
 __global__ void routing_backward_kernel(tm_routing_params p, int64_t tokens, int experts,
                                         View2d grad_weights, View2d scores, View2d ids,
                                         View2d grad_logits) {
+  cuda::wait_for_prior_grids();
+  cuda::allow_next_grid();
   extern __shared__ float smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t t = int64_t(blockIdx.x) * (blockDim.x / kWarp) + warp;
@@ -240,18 +245,17 @@ void forward_cuda(const tm_routing_params& p, const Arg& logits, const std::opti
   cuda::dispatch_floating(logits.dtype(), [&](auto in_tag) {
     using In = std::remove_pointer_t<decltype(in_tag)>;
     if (ids.dtype() == TM_DTYPE_INT32) {
-      routing_forward_kernel<In, int32_t>
-          <<<s.blocks, s.threads, s.shared_bytes, cuda::as_stream(stream)>>>(
-              p, tokens, experts, view(logits), bias_ptr, bias_stride, view(weights), view(ids),
-              view(scores), floats_per_warp);
+      cuda::launch("routing_forward_kernel", routing_forward_kernel<In, int32_t>, s.blocks,
+                   s.threads, s.shared_bytes, cuda::as_stream(stream), p, tokens, experts,
+                   view(logits), bias_ptr, bias_stride, view(weights), view(ids), view(scores),
+                   floats_per_warp);
     } else {
-      routing_forward_kernel<In, int64_t>
-          <<<s.blocks, s.threads, s.shared_bytes, cuda::as_stream(stream)>>>(
-              p, tokens, experts, view(logits), bias_ptr, bias_stride, view(weights), view(ids),
-              view(scores), floats_per_warp);
+      cuda::launch("routing_forward_kernel", routing_forward_kernel<In, int64_t>, s.blocks,
+                   s.threads, s.shared_bytes, cuda::as_stream(stream), p, tokens, experts,
+                   view(logits), bias_ptr, bias_stride, view(weights), view(ids), view(scores),
+                   floats_per_warp);
     }
   });
-  cuda::check_launch("routing_forward_kernel");
 }
 
 void backward_cuda(const tm_routing_params& p, const Arg& grad_weights, const Arg& scores,
@@ -263,16 +267,15 @@ void backward_cuda(const tm_routing_params& p, const Arg& grad_weights, const Ar
   cuda::dispatch_floating(grad_logits.dtype(), [&](auto out_tag) {
     using Out = std::remove_pointer_t<decltype(out_tag)>;
     if (ids.dtype() == TM_DTYPE_INT32) {
-      routing_backward_kernel<int32_t, Out>
-          <<<s.blocks, s.threads, s.shared_bytes, cuda::as_stream(stream)>>>(
-              p, tokens, experts, view(grad_weights), view(scores), view(ids), view(grad_logits));
+      cuda::launch("routing_backward_kernel", routing_backward_kernel<int32_t, Out>, s.blocks,
+                   s.threads, s.shared_bytes, cuda::as_stream(stream), p, tokens, experts,
+                   view(grad_weights), view(scores), view(ids), view(grad_logits));
     } else {
-      routing_backward_kernel<int64_t, Out>
-          <<<s.blocks, s.threads, s.shared_bytes, cuda::as_stream(stream)>>>(
-              p, tokens, experts, view(grad_weights), view(scores), view(ids), view(grad_logits));
+      cuda::launch("routing_backward_kernel", routing_backward_kernel<int64_t, Out>, s.blocks,
+                   s.threads, s.shared_bytes, cuda::as_stream(stream), p, tokens, experts,
+                   view(grad_weights), view(scores), view(ids), view(grad_logits));
     }
   });
-  cuda::check_launch("routing_backward_kernel");
 }
 
 }  // namespace turbomoe::routing
