@@ -15,6 +15,7 @@ Prints one line a row count: µs a kernel without and with PDL, and the saving.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -55,11 +56,13 @@ def main() -> None:
     parser.add_argument("--rows", default="16,256,4096", help="comma-separated row counts")
     parser.add_argument("--length", type=int, default=200, help="kernels in the chain")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--json", type=Path, help="also write the results as one JSON object")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("launch_gap_bench needs a CUDA device")
     print(f"{torch.cuda.get_device_name()}: RMSNorm chains of {args.length}, bf16, hidden 2048")
     print(f"{'rows':>6} {'no PDL µs/kernel':>17} {'PDL µs/kernel':>14} {'saved µs':>9}")
+    results: dict[str, dict[str, float]] = {}
     for rows in (int(r) for r in args.rows.split(",")):
         x = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
         w = torch.ones(2048, device="cuda", dtype=torch.bfloat16)
@@ -71,6 +74,10 @@ def main() -> None:
             per_kernel[pdl] = median_ms(graph.replay, args.reps) * 1e3 / args.length
         saved = per_kernel[False] - per_kernel[True]
         print(f"{rows:>6} {per_kernel[False]:>17.2f} {per_kernel[True]:>14.2f} {saved:>9.2f}")
+        results[str(rows)] = {"no_pdl_us": per_kernel[False], "pdl_us": per_kernel[True]}
+    if args.json is not None:
+        config = {"length": args.length, "reps": args.reps, "device": torch.cuda.get_device_name()}
+        args.json.write_text(json.dumps({"config": config, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 # library (bench/grouped_gemm_bench.py: edge cases, then each pass on the Qwen3-30B-A3B expert
 # shapes checked and timed against torch._grouped_mm; then bench/l2_bandwidth.cu's L2 and DRAM
 # ceilings, printed beside it) -> compute-sanitizer memcheck on
-# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark and the AdamW
-# step benchmark (bench/optim_bench.py) -> `turbomoe
+# a subset of the GPU op tests -> the GPU pytest suite -> the 12-layer benchmark, the AdamW
+# step benchmark (bench/optim_bench.py) and a kernel boundary's cost with and without
+# programmatic dependent launch (bench/launch_gap_bench.py) -> `turbomoe
 # finetune` with a model path on one GPU and under torchrun (scripts/finetune_device.sh). Each
 # stage's
 # exit status is recorded and a failing stage does not stop the later ones (except that nothing
@@ -404,6 +405,17 @@ print(f"; activation backward: one pass {r['fused_ms']:.3f} ms, four passes "
       f"{r['four_passes_ms']:.3f}, floor {r['floor_ms']:.3f}, same values {r['same_values']}")
 PY
   )
+  # A kernel boundary inside a CUDA graph, with and without programmatic dependent launch.
+  run_stage launch_gap 60 "$PYTHON" bench/launch_gap_bench.py --json "$OUT/launch_gap.json"
+  DETAIL[bench]+=$("$PYTHON" - "$OUT/launch_gap.json" <<'PY' 2>/dev/null || echo "; no launch_gap.json"
+import json
+import sys
+
+rows = json.load(open(sys.argv[1]))["rows"]
+print("; µs a chained RMSNorm in a graph without / with TURBOMOE_PDL: " + ", ".join(
+    f"{n} rows {r['no_pdl_us']:.2f}/{r['pdl_us']:.2f}" for n, r in rows.items()))
+PY
+  )
   if [ "$bench_rc" -eq 0 ] && [ "$optim_rc" -eq 0 ]; then STATUS[bench]=ok; else
     STATUS[bench]=FAILED
     DETAIL[bench]+=" (bench rc $bench_rc, optim bench rc $optim_rc)"
@@ -517,9 +529,10 @@ for f in ep_dispatch.txt bench_multi.txt bench_multi2.txt; do
   fi
 done
 # At most 8 files come back from the device: the logs travel as one archive.
-(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt $(ls optim.json 2>/dev/null) 2>/dev/null &&
+(cd "$OUT" && tar czf logs.tar.gz ./*.log ./*.txt $(ls optim.json launch_gap.json 2>/dev/null) \
+  2>/dev/null &&
   rm -f ./*.log env.txt gemm.txt l2_bandwidth.txt ep_dispatch.txt bench_multi.txt bench_multi2.txt \
-    optim.json)
+    optim.json launch_gap.json)
 # The summary table also goes to $OUT/summary.txt (written after the archive, so that a caller
 # who sent this script's output into $OUT, where the archive step deletes *.log, still has it).
 failed=()
