@@ -41,24 +41,28 @@ def _assert_bitwise(got: Outputs, want: Outputs, seed: int) -> None:
 
 
 def test_a_chain_of_short_dependent_kernels_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """400 norms, each reading the one before: the kernels are a few µs, so with PDL each next
-    grid is already resident when its predecessor ends, which is where a missing wait shows."""
+    """400 of turbomoe's kernels in a row, each reading the one before: a row permutation
+    (gather) then an RMSNorm, 200 times. The kernels are a few µs, so with PDL each next grid
+    is already resident when its predecessor ends, which is where a missing wait shows; the
+    permutation keeps the chain from settling on values a stale read would also give."""
     seed = int(torch.randint(0, 2**31, (1,)))
     gen = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(64, 2048, generator=gen).to(BF16).to(CUDA)
-    w = (1.0 + 0.1 * torch.randn(2048, generator=gen)).to(BF16).to(CUDA)
+    rows, hidden = 64, 2048
+    x0 = torch.randn(rows, hidden, generator=gen).to(BF16).to(CUDA)
+    w = (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(BF16).to(CUDA)
+    perm = torch.randperm(rows, generator=gen).to(torch.int32).to(CUDA)
+    offsets = torch.tensor([0, rows], dtype=torch.int32, device=CUDA)
 
     def chain() -> Outputs:
         x, seen = x0, []
-        for i in range(400):
-            x = tops.rms_norm(x * 1.5, w, 1e-6)  # the scale keeps the chain from a fixed point
-            if i % 50 == 49:
+        for i in range(200):
+            x = tops.rms_norm(tops.gather_rows(x, perm, offsets, 1), w, 1e-6)
+            if i % 25 == 24:
                 seen.append(x)
         return seen
 
-    _assert_bitwise(
-        _under_switch(monkeypatch, "1", chain), _under_switch(monkeypatch, "0", chain), seed
-    )
+    want = _under_switch(monkeypatch, "0", chain)
+    _assert_bitwise(_under_switch(monkeypatch, "1", chain), want, seed)
 
 
 def _moe_layer(seed: int) -> Callable[[], Outputs]:
